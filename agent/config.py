@@ -1,0 +1,597 @@
+"""The configuration model, its one validation, and the cache that keeps TOML parsing off the hot path.
+
+Sources, in order: the main file (/etc/gpu-router/config.toml, or --config / GPU_ROUTER_CONFIG), then the drop-ins
+``workloads.d/*.toml`` beside it, each holding ``[workloads.NAME]`` tables. Defaults live here, in the schema.
+
+Every value goes through ``validate()``; an error names the file, the key and what is allowed, and is raised before
+anything runs, so a bad config never runs a job on the wrong device.
+
+The records below are slotted classes rather than dataclasses: ``import dataclasses`` costs ~20 ms here, more
+than the wrapper's whole budget. A validated config is stored as a marshal'd dict keyed by the sources' stat
+data; a hit costs ~0.2 ms instead of ~15 ms of tomllib. Only a cache owned by root or by the caller, and not
+writable by anyone else, is trusted.
+"""
+
+import marshal
+import os
+import stat as _stat
+
+DEFAULT_PATH = "/etc/gpu-router/config.toml"
+DEFAULT_CACHE_DIR = "/run/gpu-router/cache"
+CACHE_FORMAT = 3
+
+PROBES = ("ffprobe-duration", "mediainfo-duration", "media-duration", "file-size", "image-pixels",
+          "video-pixels", "line-count", "command")
+
+
+class ConfigError(Exception):
+    """A config problem, already phrased for the operator: file, key, what is allowed."""
+
+    def __init__(self, message, path=None, key=None):
+        self.path = path
+        self.key = key
+        where = ": ".join(x for x in (path, key) if x)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class Record:
+    """A minimal record: fields named by __slots__, built from keyword arguments, comparable, printable."""
+
+    __slots__ = ()
+
+    def __init__(self, **values):
+        for name in self.__slots__:
+            setattr(self, name, values[name])
+
+    def asdict(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.asdict() == other.asdict()
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.asdict().items())})"
+
+
+class Router(Record):
+    __slots__ = ("lock_dir", "retry_exit_code", "wait", "probe_error_exit_code")
+
+
+class Host(Record):
+    __slots__ = ("gpu_vram_mb", "ram_mb", "other_ram_mb", "gpus")
+
+
+class Gpu(Record):
+    __slots__ = ("backend", "sample_interval", "snapshot", "snapshot_max_age", "call_timeout", "xid_holdoff",
+                 "ignored_xids", "reserve_mb", "visible_devices")
+
+
+class Agent(Record):
+    __slots__ = ("socket", "state_dir", "metrics_dir")
+
+
+class Workload(Record):
+    __slots__ = ("name", "source", "binary", "probe", "probe_command", "probe_timeout", "combine", "input",
+                 "threshold", "threshold_unit", "on_probe_error", "admission", "gpu_vram_mb", "vram_model",
+                 "vram_base_mb", "vram_per_unit_mb", "cpu_ram_mb", "gpu_ram_mb", "max_gpu_jobs", "max_cpu_jobs",
+                 "gpu_args", "cpu_args", "spill_to_cpu", "retry_exit_code", "wait", "scope", "gpu_memory_max",
+                 "cpu_memory_max", "memory_margin", "runtime_max", "bind_to_caller", "env")
+
+
+class Config(Record):
+    __slots__ = ("path", "router", "host", "gpu", "agent", "workloads")
+
+    def workload(self, name):
+        try:
+            return self.workloads[name]
+        except KeyError:
+            known = ", ".join(sorted(self.workloads)) or "none"
+            raise ConfigError(f"no workload profile named {name!r} (configured: {known})", self.path) from None
+
+
+# ---- value parsing (shared by validation and by the CLI) ----------------------------------------------------
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value):
+    """'30s', '5m', '1h30m', '250ms' or a plain number of seconds → float seconds; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("not a duration")
+    if isinstance(value, (int, float)):
+        if value < 0 or value != value:
+            raise ValueError("negative")
+        return float(value)
+    text = str(value).strip().lower().replace(" ", "")
+    if not text:
+        raise ValueError("empty")
+    total, number, i = 0.0, "", 0
+    while i < len(text):
+        ch = text[i]
+        if ch.isdigit() or ch == ".":
+            number += ch
+            i += 1
+            continue
+        unit = ""
+        while i < len(text) and text[i].isalpha():
+            unit += text[i]
+            i += 1
+        if not number or unit not in _DURATION_UNITS:
+            raise ValueError(f"bad unit {unit!r}")
+        total += float(number) * _DURATION_UNITS[unit]
+        number = ""
+    if number:
+        total += float(number)
+    return total
+
+
+# ---- the schema ---------------------------------------------------------------------------------------------
+# Each entry: key → (checker, default). A checker takes the raw value and returns the clean one or raises
+# ValueError with what is allowed.
+
+def _int(lo=None, hi=None):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"expected a whole number{_range(lo, hi)}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ValueError(f"expected a whole number{_range(lo, hi)}, got {v}")
+        return v
+    return check
+
+
+def _range(lo, hi):
+    if lo is not None and hi is not None:
+        return f" from {lo} to {hi}"
+    if lo is not None:
+        return f" >= {lo}"
+    return ""
+
+
+def _number(positive=True):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+            raise ValueError("expected a finite number")
+        if positive and v <= 0:
+            raise ValueError(f"expected a number > 0, got {v}")
+        if not positive and v < 0:
+            raise ValueError(f"expected a number >= 0, got {v}")
+        return float(v) if isinstance(v, float) else v
+    return check
+
+
+def _optional(check):
+    def wrapped(v):
+        return None if v is None else check(v)
+    return wrapped
+
+
+def _choice(*allowed):
+    def check(v):
+        if v not in allowed:
+            raise ValueError(f"expected one of {', '.join(repr(a) for a in allowed)}, got {v!r}")
+        return v
+    return check
+
+
+def _bool(v):
+    if not isinstance(v, bool):
+        raise ValueError("expected true or false")
+    return v
+
+
+def _abspath(v):
+    if not isinstance(v, str) or not v.startswith("/") or "\0" in v:
+        raise ValueError(f"expected an absolute path, got {v!r}")
+    return os.path.normpath(v)
+
+
+def _string(v):
+    if not isinstance(v, str) or not v:
+        raise ValueError("expected a non-empty string")
+    return v
+
+
+def _strlist(v):
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError("expected a list of strings")
+    return list(v)
+
+
+def _intlist(v):
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        raise ValueError("expected a list of whole numbers")
+    return list(v)
+
+
+def _duration(v):
+    try:
+        return parse_duration(v)
+    except ValueError:
+        raise ValueError(f"expected a duration such as \"30s\", \"5m\" or a number of seconds, got {v!r}") from None
+
+
+def _positive_duration(v):
+    seconds = _duration(v)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration > 0, got {v!r}")
+    return seconds
+
+
+def _probes(v):
+    names = [v] if isinstance(v, str) else v
+    if not isinstance(names, list) or not names or not all(isinstance(x, str) for x in names):
+        raise ValueError(f"expected a probe name or a list of them ({', '.join(PROBES)})")
+    for name in names:
+        if name not in PROBES:
+            raise ValueError(f"unknown probe {name!r}; expected one of {', '.join(PROBES)}")
+    return names
+
+
+def _thresholds(v):
+    values = v if isinstance(v, list) else [v]
+    return [_number(positive=True)(x) for x in values]
+
+
+def _units(v):
+    values = v if isinstance(v, list) else [v]
+    return [_string(x) for x in values]
+
+
+def _input(v):
+    if v == "last-file":
+        return v
+    if isinstance(v, str) and v.startswith("arg:"):
+        try:
+            int(v[4:])
+            return v
+        except ValueError:
+            pass
+    if isinstance(v, str) and v.startswith("option:") and len(v) > 7:
+        return v
+    raise ValueError(f"expected \"last-file\", \"arg:N\" (N counts from 1, negative from the end) or "
+                     f"\"option:--name\", got {v!r}")
+
+
+def _memory_max(v):
+    if v in ("auto", "off"):
+        return v
+    if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+        return v
+    raise ValueError(f"expected \"auto\", \"off\" or a number of MiB > 0, got {v!r}")
+
+
+def _env(v):
+    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
+        raise ValueError("expected a table of strings")
+    return dict(v)
+
+
+ROUTER = {
+    "lock_dir": (_abspath, "/run/gpu-router/locks"),
+    "retry_exit_code": (_int(1, 255), 75),
+    "wait": (_duration, 0.0),
+    "probe_error_exit_code": (_int(1, 255), 65),
+}
+HOST = {
+    "gpu_vram_mb": (_optional(_int(1)), None),
+    "ram_mb": (_optional(_int(1)), None),
+    "other_ram_mb": (_int(0), 3072),
+    "gpus": (_optional(_int(0, 64)), None),
+}
+GPU = {
+    "backend": (_choice("auto", "nvml", "nvidia-smi", "none"), "auto"),
+    "sample_interval": (_positive_duration, 1.0),
+    "snapshot": (_abspath, "/run/gpu-router/gpus.json"),
+    "snapshot_max_age": (_positive_duration, 5.0),
+    "call_timeout": (_positive_duration, 5.0),
+    "xid_holdoff": (_duration, 300.0),
+    "ignored_xids": (_intlist, [13, 31, 43, 45, 68]),
+    "reserve_mb": (_int(0), 0),
+    "visible_devices": (_choice("uuid", "index"), "uuid"),
+}
+AGENT = {
+    "socket": (_abspath, "/run/gpu-router/agent.sock"),
+    "state_dir": (_abspath, "/var/lib/gpu-router"),
+    "metrics_dir": (_optional(_abspath), None),
+}
+_REQUIRED = object()
+WORKLOAD = {
+    "binary": (_abspath, _REQUIRED),
+    "probe": (_probes, ["file-size"]),
+    "probe_command": (_strlist, []),
+    "probe_timeout": (_positive_duration, 10.0),
+    "combine": (_choice("all", "product"), "all"),
+    "input": (_input, "last-file"),
+    "threshold": (_thresholds, _REQUIRED),
+    "threshold_unit": (_units, None),
+    "on_probe_error": (_choice("cpu", "fail"), "cpu"),
+    "admission": (_choice("slots", "vram"), "slots"),
+    "gpu_vram_mb": (_int(0), 0),
+    "vram_model": (_choice("constant", "linear"), "constant"),
+    "vram_base_mb": (_number(positive=False), 0),
+    "vram_per_unit_mb": (_number(positive=False), 0),
+    "cpu_ram_mb": (_int(0), 0),
+    "gpu_ram_mb": (_optional(_int(0)), None),
+    "max_gpu_jobs": (_int(0, 4096), 1),
+    "max_cpu_jobs": (_int(0, 4096), 1),
+    "gpu_args": (_strlist, []),
+    "cpu_args": (_strlist, []),
+    "spill_to_cpu": (_bool, False),
+    "retry_exit_code": (_optional(_int(1, 255)), None),
+    "wait": (_optional(_duration), None),
+    "scope": (_choice("required", "best-effort", "off"), "best-effort"),
+    "gpu_memory_max": (_memory_max, "auto"),
+    "cpu_memory_max": (_memory_max, "auto"),
+    "memory_margin": (_number(positive=False), 0.2),
+    "runtime_max": (_optional(_positive_duration), None),
+    "bind_to_caller": (_bool, False),
+    "env": (_env, {}),
+}
+
+
+def _section(schema, raw, path, prefix):
+    if not isinstance(raw, dict):
+        raise ConfigError("expected a table", path, prefix)
+    unknown = sorted(set(raw) - set(schema))
+    if unknown:
+        import difflib
+
+        key = unknown[0]
+        near = difflib.get_close_matches(key, schema, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else f"; allowed: {', '.join(sorted(schema))}"
+        raise ConfigError(f"unknown key{hint}", path, f"{prefix}.{key}")
+    out = {}
+    for key, (check, default) in schema.items():
+        if key not in raw:
+            if default is _REQUIRED:
+                raise ConfigError("required key is missing", path, f"{prefix}.{key}")
+            out[key] = list(default) if isinstance(default, list) else (
+                dict(default) if isinstance(default, dict) else default)
+            continue
+        try:
+            out[key] = check(raw[key])
+        except ValueError as exc:
+            raise ConfigError(str(exc), path, f"{prefix}.{key}") from None
+    return out
+
+
+def _workload(name, raw, path, router):
+    prefix = f"workloads.{name}"
+    w = _section(WORKLOAD, raw, path, prefix)
+    n = 1 if w["combine"] == "product" else len(w["probe"])
+    if len(w["threshold"]) != n:
+        what = "one threshold (combine = \"product\")" if w["combine"] == "product" else \
+            f"{n} thresholds, one per probe"
+        raise ConfigError(f"expected {what}, got {len(w['threshold'])}", path, f"{prefix}.threshold")
+    if w["threshold_unit"] is None:
+        w["threshold_unit"] = [_default_unit(p) for p in w["probe"]] if w["combine"] == "all" else \
+            ["*".join(_default_unit(p) for p in w["probe"])]
+    elif len(w["threshold_unit"]) != n:
+        raise ConfigError(f"expected {n} unit(s) to match the thresholds", path, f"{prefix}.threshold_unit")
+    if "command" in w["probe"]:
+        if not w["probe_command"]:
+            raise ConfigError("probe = \"command\" needs probe_command, an argv list using \"{input}\"",
+                              path, f"{prefix}.probe_command")
+    elif w["probe_command"]:
+        raise ConfigError("probe_command is only used with probe = \"command\"", path, f"{prefix}.probe_command")
+    if w["admission"] == "vram":
+        if w["vram_model"] == "constant" and w["gpu_vram_mb"] <= 0:
+            raise ConfigError("admission = \"vram\" with vram_model = \"constant\" needs gpu_vram_mb > 0",
+                              path, f"{prefix}.gpu_vram_mb")
+        if w["vram_model"] == "linear" and w["vram_base_mb"] <= 0 and w["vram_per_unit_mb"] <= 0:
+            raise ConfigError("vram_model = \"linear\" needs vram_base_mb or vram_per_unit_mb > 0",
+                              path, f"{prefix}.vram_per_unit_mb")
+    if w["max_gpu_jobs"] == 0 and w["max_cpu_jobs"] == 0:
+        raise ConfigError("max_gpu_jobs and max_cpu_jobs are both 0: no job could ever run", path,
+                          f"{prefix}.max_cpu_jobs")
+    if w["retry_exit_code"] is None:
+        w["retry_exit_code"] = router["retry_exit_code"]
+    if w["wait"] is None:
+        w["wait"] = router["wait"]
+    for key in ("gpu_args", "cpu_args"):
+        if any("\0" in a for a in w[key]):
+            raise ConfigError("arguments cannot contain NUL", path, f"{prefix}.{key}")
+    w["name"] = name
+    w["source"] = path
+    return w
+
+
+def _default_unit(probe):
+    return {"ffprobe-duration": "seconds", "mediainfo-duration": "seconds", "media-duration": "seconds",
+            "file-size": "bytes", "image-pixels": "pixels", "video-pixels": "pixels",
+            "line-count": "lines"}.get(probe, "units")
+
+
+def validate(main_raw, main_path, dropins):
+    """One place that checks everything: (main file dict, its path, [(path, dict), …]) → plain dict config."""
+    allowed = {"router", "host", "gpu", "agent", "workloads"}
+    unknown = sorted(set(main_raw) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown section; allowed: {', '.join(sorted(allowed))}", main_path, unknown[0])
+    out = {"path": main_path}
+    out["router"] = _section(ROUTER, main_raw.get("router", {}), main_path, "router")
+    out["host"] = _section(HOST, main_raw.get("host", {}), main_path, "host")
+    out["gpu"] = _section(GPU, main_raw.get("gpu", {}), main_path, "gpu")
+    out["agent"] = _section(AGENT, main_raw.get("agent", {}), main_path, "agent")
+    workloads, seen = {}, {}
+    for path, raw in [(main_path, main_raw)] + list(dropins):
+        if path != main_path:
+            extra = sorted(set(raw) - {"workloads"})
+            if extra:
+                raise ConfigError("a drop-in holds only [workloads.NAME] tables", path, extra[0])
+        tables = raw.get("workloads", {})
+        if not isinstance(tables, dict):
+            raise ConfigError("expected [workloads.NAME] tables", path, "workloads")
+        for name, table in tables.items():
+            if not name or name.startswith(".") or not all(c.isascii() and (c.isalnum() or c in "_.-")
+                                                             for c in name):
+                raise ConfigError("a workload name is letters, digits, '_', '.' and '-' (it names lock files "
+                                  "and systemd scopes)", path, f"workloads.{name}")
+            if name in seen:
+                raise ConfigError(f"workload defined twice (also in {seen[name]})", path, f"workloads.{name}")
+            seen[name] = path
+            workloads[name] = _workload(name, table, path, out["router"])
+    out["workloads"] = workloads
+    return out
+
+
+def build(plain):
+    """Records from a validated plain dict (a cache hit goes straight here)."""
+    return Config(
+        path=plain["path"], router=Router(**plain["router"]), host=Host(**plain["host"]),
+        gpu=Gpu(**plain["gpu"]), agent=Agent(**plain["agent"]),
+        workloads={name: Workload(**w) for name, w in plain["workloads"].items()},
+    )
+
+
+# ---- loading, with the cache ----------------------------------------------------------------------------------
+
+def config_path(explicit=None):
+    return os.path.abspath(explicit or os.environ.get("GPU_ROUTER_CONFIG") or DEFAULT_PATH)
+
+
+def dropin_dir(main_path):
+    return os.path.join(os.path.dirname(main_path), "workloads.d")
+
+
+def _sources(main_path):
+    """Stat identity of every source: any edit, addition or removal changes it."""
+    out = []
+    for path in (main_path, dropin_dir(main_path)):
+        try:
+            st = os.stat(path)
+            out.append((path, st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns))
+        except FileNotFoundError:
+            out.append((path, None))
+    ddir = dropin_dir(main_path)
+    try:
+        names = sorted(n for n in os.listdir(ddir) if n.endswith(".toml") and not n.startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    for name in names:
+        path = os.path.join(ddir, name)
+        st = os.stat(path)
+        out.append((path, st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns))
+    return out
+
+
+def _cache_file(main_path):
+    cache_dir = os.environ.get("GPU_ROUTER_CACHE_DIR") or DEFAULT_CACHE_DIR
+    return os.path.join(cache_dir, "config" + main_path.replace("%", "%25").replace("/", "%2F") + ".marshal")
+
+
+def _trusted(st):
+    return st.st_uid in (0, os.geteuid()) and not st.st_mode & (_stat.S_IWGRP | _stat.S_IWOTH) \
+        and _stat.S_ISREG(st.st_mode)
+
+
+def _read_cache(cache_file, sources):
+    try:
+        fd = os.open(cache_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not _trusted(os.fstat(fd)):
+            return None
+        data = b""
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    try:
+        blob = marshal.loads(data)
+    except (EOFError, ValueError, TypeError):
+        return None
+    if not isinstance(blob, dict) or blob.get("format") != CACHE_FORMAT or blob.get("sources") != sources:
+        return None
+    return blob.get("config")
+
+
+def _write_cache(cache_file, sources, plain):
+    """Best effort: only where this process may write the cache dir (root in production)."""
+    cache_dir = os.path.dirname(cache_file)
+    try:
+        st = os.lstat(cache_dir)
+    except OSError:
+        return False
+    if not _stat.S_ISDIR(st.st_mode) or not _trusted_dir(st) or not os.access(cache_dir, os.W_OK):
+        return False
+    tmp = f"{cache_file}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, marshal.dumps({"format": CACHE_FORMAT, "sources": sources, "config": plain}))
+        finally:
+            os.close(fd)
+        os.rename(tmp, cache_file)
+        return True
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return False
+
+
+def _trusted_dir(st):
+    return st.st_uid in (0, os.geteuid()) and not st.st_mode & (_stat.S_IWGRP | _stat.S_IWOTH)
+
+
+def _read_toml(path):
+    import tomllib
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", path) from None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"TOML syntax error: {exc}", path) from None
+
+
+def parse(main_path):
+    """The slow path: read and validate every source (no cache)."""
+    main_raw = _read_toml(main_path)
+    if main_raw is None:
+        if main_path != DEFAULT_PATH:
+            raise ConfigError("no such config file", main_path)
+        main_raw = {}
+    ddir = dropin_dir(main_path)
+    dropins = []
+    try:
+        names = sorted(n for n in os.listdir(ddir) if n.endswith(".toml") and not n.startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    except OSError as exc:
+        raise ConfigError(f"cannot list: {exc.strerror}", ddir) from None
+    for name in names:
+        path = os.path.join(ddir, name)
+        dropins.append((path, _read_toml(path) or {}))
+    return validate(main_raw, main_path, dropins)
+
+
+def load(explicit=None, use_cache=True):
+    """The config as records; from the cache when every source is unchanged."""
+    main_path = config_path(explicit)
+    if not use_cache:
+        return build(parse(main_path))
+    try:
+        sources = _sources(main_path)
+    except OSError as exc:
+        raise ConfigError(f"cannot stat config sources: {exc}", main_path) from None
+    cache_file = _cache_file(main_path)
+    plain = _read_cache(cache_file, sources)
+    if plain is None:
+        plain = parse(main_path)
+        _write_cache(cache_file, sources, plain)
+    return build(plain)

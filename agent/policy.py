@@ -1,0 +1,181 @@
+"""Pure routing decisions: no I/O, no clock, no processes — everything arrives as arguments.
+
+``plan()`` answers where a job should go and in which order to try the places; ``slots`` then tries them with
+flock, because whether a slot is free is a fact only the kernel knows at that instant. Reasons are short tokens
+(they become ``GPU_ROUTER_REASON``), so ``journalctl GPU_ROUTER_REASON=gpu-unhealthy`` works.
+"""
+
+
+class Gpu:
+    """One GPU as the policy sees it (from the agent's snapshot, or assumed when the state is unknown)."""
+
+    __slots__ = ("index", "uuid", "total_mb", "free_mb", "foreign_mb", "ours_mb", "healthy", "health", "usage")
+
+    def __init__(self, index, uuid=None, total_mb=None, free_mb=None, foreign_mb=0, ours_mb=0, healthy=True,
+                 health="ok", usage=None):
+        self.index = index
+        self.uuid = uuid
+        self.total_mb = total_mb
+        self.free_mb = free_mb
+        self.foreign_mb = foreign_mb
+        self.ours_mb = ours_mb
+        self.healthy = healthy
+        self.health = health
+        self.usage = usage or {}  # pid → MiB used by that process on this GPU
+
+    @property
+    def key(self):
+        """The name of this GPU in lock files and the ledger: the index, stable under CUDA_DEVICE_ORDER=PCI_BUS_ID."""
+        return f"gpu{self.index}"
+
+    @classmethod
+    def from_snapshot(cls, entry):
+        return cls(index=entry["index"], uuid=entry.get("uuid"), total_mb=entry.get("total_mb"),
+                   free_mb=entry.get("free_mb"), foreign_mb=entry.get("foreign_mb", entry.get("used_mb", 0)),
+                   ours_mb=entry.get("ours_mb", 0), healthy=entry.get("healthy", True),
+                   health=entry.get("health", "ok"),
+                   usage={p["pid"]: p.get("used_mb", 0) for p in entry.get("processes", ())})
+
+
+class Plan:
+    """Where to try to place a job: ``mode`` GPU or CPU, GPUs in order of preference, and a CPU fallback if any."""
+
+    __slots__ = ("mode", "gpus", "reason", "spill", "predicted_vram_mb", "full_reason")
+
+    def __init__(self, mode, reason, gpus=(), spill=False, predicted_vram_mb=None, full_reason=None):
+        self.mode = mode
+        self.reason = reason
+        self.gpus = list(gpus)
+        self.spill = spill
+        self.predicted_vram_mb = predicted_vram_mb
+        self.full_reason = full_reason  # why the GPU list is empty when mode is GPU (e.g. no VRAM room)
+
+    def __repr__(self):
+        return (f"Plan({self.mode}, {self.reason}, gpus={[g.index for g in self.gpus]}, spill={self.spill}, "
+                f"vram={self.predicted_vram_mb}, full={self.full_reason})")
+
+
+def combined_metric(workload, values):
+    """The values compared with the thresholds: each on its own ("all"), or their product ("product")."""
+    if workload.combine == "product":
+        product = 1.0
+        for v in values:
+            product *= v
+        return [product]
+    return list(values)
+
+
+def over_threshold(workload, values):
+    """The first (index, value, threshold) at or over its threshold, or None when every metric is under."""
+    for i, (value, limit) in enumerate(zip(combined_metric(workload, values), workload.threshold)):
+        if value >= limit:
+            return i, value, limit
+    return None
+
+
+def predict_vram_mb(workload, values):
+    """VRAM a GPU job of this size needs: a constant, or base + per_unit × metric (fitted by calibration)."""
+    if workload.vram_model == "linear":
+        metric = combined_metric(workload, values)[0] if values else 0.0
+        return int(workload.vram_base_mb + workload.vram_per_unit_mb * metric + 0.999)
+    return workload.gpu_vram_mb
+
+
+def room_mb(gpu, reservations, reserve_mb):
+    """VRAM still ours to give on ``gpu``: total − reserve − foreign use − what live admitted jobs hold or use.
+
+    A job counts at max(its reservation, its measured use), so a job that outgrew its prediction is not
+    undercounted; our processes that hold no reservation (a job's children) count at their use.
+    """
+    if gpu.total_mb is None:
+        return None
+    committed = 0
+    attributed = 0
+    for pid, mb in reservations:
+        used = gpu.usage.get(pid, 0)
+        attributed += used
+        committed += max(mb, used)
+    unattributed = max(0, gpu.ours_mb - attributed)
+    return gpu.total_mb - reserve_mb - gpu.foreign_mb - committed - unattributed
+
+
+def plan(workload, values, gpus, reservations=None, reserve_mb=0):
+    """Decide GPU or CPU for a job.
+
+    ``values``: the probe's metric values, or None when unknown (the caller already chose CPU-or-fail).
+    ``gpus``: list of Gpu, or None when the GPU state is unknown (no/stale snapshot): then the profile's
+    threshold alone decides, as the original router did, over the GPUs assumed by the caller.
+    ``reservations``: {gpu key: [(pid, MiB), …]} of live admitted jobs (vram mode).
+    """
+    if values is None:
+        return Plan("CPU", "probe-failed")
+    if workload.max_gpu_jobs == 0:
+        return Plan("CPU", "gpu-disabled")
+    over = over_threshold(workload, values)
+    if over is not None:
+        return Plan("CPU", "over-threshold")
+    if gpus is not None and not gpus:
+        return Plan("CPU", "no-gpu")
+    usable = [g for g in gpus] if gpus is not None else None
+    if usable is not None:
+        usable = [g for g in usable if g.healthy]
+        if not usable:
+            return Plan("CPU", "gpu-unhealthy")
+    spill = workload.spill_to_cpu and workload.max_cpu_jobs > 0
+    if workload.admission == "vram":
+        predicted = predict_vram_mb(workload, values)
+        if usable is None or any(g.total_mb is None for g in usable):
+            # Unknown VRAM: threshold routing with the slot cap, as in slots mode.
+            return Plan("GPU", "under-threshold", gpus=usable or [], spill=spill, predicted_vram_mb=predicted)
+        reservations = reservations or {}
+        rooms = [(room_mb(g, reservations.get(g.key, ()), reserve_mb), g) for g in usable]
+        fitting = [(r, g) for r, g in rooms if r >= predicted]
+        fitting.sort(key=lambda rg: (-rg[0], rg[1].index))
+        full = None if fitting else ("vram-too-large" if all(predicted > g.total_mb - reserve_mb - g.foreign_mb
+                                                             for g in usable) else "no-vram-room")
+        if full == "vram-too-large":
+            # No GPU could ever hold it: the CPU is the only place, like a job over the threshold.
+            return Plan("CPU", "vram-too-large", predicted_vram_mb=predicted)
+        return Plan("GPU", "under-threshold", gpus=[g for _, g in fitting], spill=spill,
+                    predicted_vram_mb=predicted, full_reason=full)
+    if usable is not None:
+        usable = sorted(usable, key=lambda g: (-(g.free_mb if g.free_mb is not None else 0), g.index))
+    return Plan("GPU", "under-threshold", gpus=usable or [], spill=spill)
+
+
+def assumed_gpus(count):
+    """GPUs to try when the state is unknown: the configured count (host.gpus), else one."""
+    return [Gpu(index=i, total_mb=None) for i in range(1 if count is None else count)]
+
+
+def memory_max_mb(workload, mode):
+    """MemoryMax of the job's scope in MiB, or None for no limit: a number, or "auto" = RAM per job + margin."""
+    setting = workload.gpu_memory_max if mode == "GPU" else workload.cpu_memory_max
+    if setting == "off":
+        return None
+    if setting != "auto":
+        return setting
+    ram = workload.cpu_ram_mb if mode == "CPU" else (workload.gpu_ram_mb if workload.gpu_ram_mb is not None
+                                                       else workload.cpu_ram_mb)
+    if not ram:
+        return None
+    return int(ram * (1 + workload.memory_margin) + 0.999)
+
+
+def budget(workload, host_gpu_vram_mb, gpus_count, ram_mb, other_ram_mb):
+    """The runbook's memory budget worksheet as numbers (``gpu-router check``)."""
+    vram_per_job = workload.gpu_vram_mb if workload.vram_model == "constant" else None
+    vram_headroom = None
+    if host_gpu_vram_mb is not None and vram_per_job is not None:
+        vram_headroom = host_gpu_vram_mb - vram_per_job * workload.max_gpu_jobs
+    ram_headroom = None
+    if ram_mb is not None:
+        ram_headroom = ram_mb - other_ram_mb - workload.cpu_ram_mb * workload.max_cpu_jobs
+        if workload.gpu_ram_mb is not None and gpus_count:
+            ram_headroom -= workload.gpu_ram_mb * workload.max_gpu_jobs * gpus_count
+    gpu_peak = workload.gpu_ram_mb if workload.gpu_ram_mb is not None else 0
+    suggested = int(max(gpu_peak, workload.cpu_ram_mb) * 1.2 + 0.999) or None
+    return {"vram_per_job_mb": vram_per_job, "gpu_vram_mb": host_gpu_vram_mb, "max_gpu_jobs": workload.max_gpu_jobs,
+            "vram_headroom_mb": vram_headroom, "ram_per_job_mb": workload.cpu_ram_mb,
+            "max_cpu_jobs": workload.max_cpu_jobs, "ram_mb": ram_mb, "other_ram_mb": other_ram_mb,
+            "ram_headroom_mb": ram_headroom, "suggested_memory_max_mb": suggested}

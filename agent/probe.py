@@ -1,0 +1,340 @@
+"""Measure a job's input before it runs: duration, size, pixels, lines, or an operator's command.
+
+A probe that fails, times out, or prints nothing usable yields *unknown* — never 0 — with a reason the event
+carries. External probes run through posix_spawn in their own process group, so a hung probe (and anything it
+forked) is killed whole at the deadline; ``subprocess`` is not used because its import costs ~14 ms on the hot path.
+
+The input is opened once, non-blocking and without a controlling tty, then checked with fstat: a FIFO is never
+read (that would steal the job's data or hang), a directory or device is refused, an empty file is unknown.
+"""
+
+import os
+import select
+import signal
+import stat as _stat
+import time
+
+OUTPUT_LIMIT = 64 * 1024
+
+
+class ProbeFailed(Exception):
+    """An unknown metric: ``reason`` is a short token for the journal, the message says what happened."""
+
+    def __init__(self, reason, message):
+        self.reason = reason
+        super().__init__(message)
+
+
+# ---- finding the input among the arguments ----------------------------------------------------------------
+
+def find_input(spec, args):
+    """The input path named by ``spec`` ("last-file", "arg:N", "option:--name") in the job's arguments, or None."""
+    if spec == "last-file":
+        for arg in reversed(args):
+            if arg and not arg.startswith("-") and os.path.lexists(arg):
+                return arg
+        for arg in reversed(args):  # a file whose name starts with "-" is still a file
+            if arg.startswith("-") and os.path.lexists(arg):
+                return arg
+        return None
+    if spec.startswith("arg:"):
+        n = int(spec[4:])
+        index = n - 1 if n > 0 else n
+        try:
+            return args[index]
+        except IndexError:
+            return None
+    option = spec[len("option:"):]
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(option + "="):
+            return arg[len(option) + 1:]
+    return None
+
+
+# ---- the input file -----------------------------------------------------------------------------------------
+
+def open_input(path):
+    """An fd on a regular, non-empty, readable file, with its size; ProbeFailed otherwise."""
+    if path is None:
+        raise ProbeFailed("no-input", "no input file found among the arguments")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ProbeFailed("input-missing", f"input {path!r} does not exist") from None
+    except PermissionError:
+        raise ProbeFailed("input-unreadable", f"input {path!r} is not readable") from None
+    except OSError as exc:
+        raise ProbeFailed("input-unreadable", f"input {path!r}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not _stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = "a directory" if _stat.S_ISDIR(st.st_mode) else "a FIFO" if _stat.S_ISFIFO(st.st_mode) else \
+            "not a regular file"
+        raise ProbeFailed("input-not-regular", f"input {path!r} is {kind}")
+    if st.st_size == 0:
+        os.close(fd)
+        raise ProbeFailed("input-empty", f"input {path!r} is empty")
+    return fd, st.st_size
+
+
+# ---- running an external probe --------------------------------------------------------------------------------
+
+def which(name, path=None):
+    for folder in (path or os.environ.get("PATH") or "/usr/bin:/bin").split(os.pathsep):
+        candidate = os.path.join(folder or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def run_command(argv, timeout):
+    """(exit status, stdout bytes, stderr tail) of argv, killed with its process group at ``timeout``."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        pid = os.posix_spawn(argv[0], argv, os.environ, setpgroup=0, setsigdef=(signal.SIGPIPE,),
+                             file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
+                                           (os.POSIX_SPAWN_DUP2, err_w, 2)])
+    except OSError as exc:
+        for fd in (out_r, out_w, err_r, err_w, devnull):
+            os.close(fd)
+        raise ProbeFailed("probe-not-runnable", f"cannot run {argv[0]!r}: {exc.strerror}") from None
+    for fd in (out_w, err_w, devnull):
+        os.close(fd)
+    deadline = time.monotonic() + timeout
+    buffers = {out_r: b"", err_r: b""}
+    poller = select.poll()
+    for fd in buffers:
+        poller.register(fd, select.POLLIN)
+    open_fds = set(buffers)
+    timed_out = False
+    try:
+        while open_fds:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            for fd, _ in poller.poll(left * 1000):
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    poller.unregister(fd)
+                    open_fds.discard(fd)
+                elif len(buffers[fd]) < OUTPUT_LIMIT:
+                    buffers[fd] += chunk
+        if timed_out:
+            _kill_group(pid)
+            os.waitpid(pid, 0)
+            raise ProbeFailed("probe-timeout", f"{os.path.basename(argv[0])} did not answer within {timeout:g}s")
+        status = _wait(pid, deadline)
+        if status is None:
+            _kill_group(pid)
+            os.waitpid(pid, 0)
+            raise ProbeFailed("probe-timeout", f"{os.path.basename(argv[0])} did not exit within {timeout:g}s")
+    finally:
+        os.close(out_r)
+        os.close(err_r)
+    return status, buffers[out_r], buffers[err_r][-400:]
+
+
+def _kill_group(pid):
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _wait(pid, deadline):
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.002)
+
+
+def _number(text, what):
+    """A finite, non-negative float from a probe's output; ProbeFailed otherwise."""
+    token = text.strip().split()[0] if text.strip() else ""
+    try:
+        value = float(token)
+    except ValueError:
+        shown = text.strip()[:80]
+        raise ProbeFailed("probe-bad-output", f"{what} printed {shown!r}, not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ProbeFailed("probe-bad-output", f"{what} printed {token!r}")
+    if value < 0:
+        raise ProbeFailed("probe-bad-output", f"{what} printed a negative value {token!r}")
+    return value
+
+
+def _external(argv, timeout, what):
+    status, out, err = run_command(argv, timeout)
+    text = out.decode("utf-8", "replace")
+    if status != 0:
+        detail = err.decode("utf-8", "replace").strip().splitlines()
+        raise ProbeFailed("probe-failed", f"{what} exited {status}" + (f": {detail[-1]}" if detail else ""))
+    return text
+
+
+def _tool(name):
+    path = which(name)
+    if path is None:
+        raise ProbeFailed("probe-not-found", f"{name} is not installed (or not on PATH)")
+    return path
+
+
+def _ff_path(path):
+    # "file:" keeps ffprobe from reading a name like "concat:a|b" or "http://…" as a protocol
+    return "file:" + os.path.abspath(path)
+
+
+# ---- the built-in probes (each takes path, fd, size, timeout, workload) --------------------------------------
+
+def _ffprobe_duration(path, fd, size, timeout, workload):
+    text = _external([_tool("ffprobe"), "-v", "error", "-show_entries", "format=duration",
+                      "-of", "default=noprint_wrappers=1:nokey=1", _ff_path(path)], timeout, "ffprobe")
+    value = _number(text, "ffprobe")
+    if value == 0:
+        raise ProbeFailed("probe-bad-output", "ffprobe reports a duration of 0")
+    return value
+
+
+def _mediainfo_duration(path, fd, size, timeout, workload):
+    text = _external([_tool("mediainfo"), "--Output=General;%Duration%", os.path.abspath(path)], timeout,
+                     "mediainfo")
+    if not text.strip():
+        raise ProbeFailed("probe-bad-output", "mediainfo found no duration (not a media file?)")
+    value = _number(text, "mediainfo") / 1000.0
+    if value == 0:
+        raise ProbeFailed("probe-bad-output", "mediainfo reports a duration of 0")
+    return value
+
+
+def _media_duration(path, fd, size, timeout, workload):
+    if which("mediainfo"):
+        return _mediainfo_duration(path, fd, size, timeout, workload)
+    return _ffprobe_duration(path, fd, size, timeout, workload)
+
+
+def _file_size(path, fd, size, timeout, workload):
+    return float(size)
+
+
+def _line_count(path, fd, size, timeout, workload):
+    deadline = time.monotonic() + timeout
+    os.set_blocking(fd, True)
+    lines, last = 0, b""
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            break
+        lines += chunk.count(b"\n")
+        last = chunk[-1:]
+        if time.monotonic() > deadline:
+            raise ProbeFailed("probe-timeout", f"counting lines took longer than {timeout:g}s")
+    return float(lines + (1 if last and last != b"\n" else 0))
+
+
+def _image_pixels(path, fd, size, timeout, workload):
+    os.set_blocking(fd, True)
+    head = os.pread(fd, 65536, 0)
+    dims = image_size(head, fd)
+    if dims is None:
+        return _video_pixels(path, fd, size, timeout, workload)
+    width, height = dims
+    if width <= 0 or height <= 0:
+        raise ProbeFailed("probe-bad-output", f"image header says {width}x{height}")
+    return float(width * height)
+
+
+def _video_pixels(path, fd, size, timeout, workload):
+    text = _external([_tool("ffprobe"), "-v", "error", "-select_streams", "v:0", "-show_entries",
+                      "stream=width,height", "-of", "csv=p=0:s=x", _ff_path(path)], timeout, "ffprobe")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    width, _, height = first.partition("x")
+    try:
+        w, h = int(width), int(height.rstrip(",").strip())
+    except ValueError:
+        raise ProbeFailed("probe-bad-output", f"ffprobe found no picture size ({first[:40]!r})") from None
+    if w <= 0 or h <= 0:
+        raise ProbeFailed("probe-bad-output", f"ffprobe says {w}x{h}")
+    return float(w * h)
+
+
+def _command(path, fd, size, timeout, workload):
+    argv = [a.replace("{input}", path) for a in workload.probe_command]
+    if not argv[0].startswith("/"):
+        found = which(argv[0])
+        if found is None:
+            raise ProbeFailed("probe-not-found", f"probe command {argv[0]!r} not found on PATH")
+        argv[0] = found
+    return _number(_external(argv, timeout, os.path.basename(argv[0])), os.path.basename(argv[0]))
+
+
+PROBES = {
+    "ffprobe-duration": _ffprobe_duration,
+    "mediainfo-duration": _mediainfo_duration,
+    "media-duration": _media_duration,
+    "file-size": _file_size,
+    "image-pixels": _image_pixels,
+    "video-pixels": _video_pixels,
+    "line-count": _line_count,
+    "command": _command,
+}
+
+
+def image_size(head, fd=None):
+    """(width, height) from a PNG, GIF, BMP, WebP or JPEG header, or None: no tool needed for common images."""
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
+    if head[:2] == b"BM" and len(head) >= 26:
+        return int.from_bytes(head[18:22], "little", signed=True), abs(int.from_bytes(head[22:26], "little",
+                                                                                      signed=True))
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        kind = head[12:16]
+        if kind == b"VP8X":
+            return int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1
+        if kind == b"VP8L":
+            bits = int.from_bytes(head[21:25], "little")
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        if kind == b"VP8 ":
+            return int.from_bytes(head[26:28], "little") & 0x3FFF, int.from_bytes(head[28:30], "little") & 0x3FFF
+    if head[:2] == b"\xff\xd8" and fd is not None:
+        return _jpeg_size(fd)
+    return None
+
+
+def _jpeg_size(fd):
+    pos = 2
+    while True:
+        marker = os.pread(fd, 4, pos)
+        if len(marker) < 4 or marker[0] != 0xFF:
+            return None
+        kind = marker[1]
+        if kind == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(marker[2:4], "big")
+        if 0xC0 <= kind <= 0xCF and kind not in (0xC4, 0xC8, 0xCC):
+            sof = os.pread(fd, 5, pos + 4)
+            if len(sof) < 5:
+                return None
+            return int.from_bytes(sof[3:5], "big"), int.from_bytes(sof[1:3], "big")
+        if length < 2:
+            return None
+        pos += 2 + length
+
+
+def measure(workload, path):
+    """The workload's metric values for the input at ``path`` (one per probe); ProbeFailed if any is unknown."""
+    fd, size = open_input(path)
+    try:
+        return [PROBES[name](path, fd, size, workload.probe_timeout, workload) for name in workload.probe]
+    finally:
+        os.close(fd)

@@ -1,0 +1,303 @@
+"""The wrapper: config → probe → policy → slots → scope → journal → exec, once per job.
+
+Ends in exec, so the job keeps the wrapper's PID: signals reach it directly, its exit status is the caller's, and
+the slot and reservation descriptors (made inheritable just before exec) are held exactly as long as it lives.
+Nothing heavy is imported on the way (see HACKING.md for the measured costs).
+"""
+
+import os
+import sys
+import time
+
+from . import config as _config
+from . import journal, policy, slots
+from .probe import ProbeFailed, find_input, measure
+
+EX_USAGE = 2
+EX_UNAVAILABLE = 69
+POLL_S = 0.05
+
+
+class Blocked(Exception):
+    """No place for the job now: the caller should retry later."""
+
+    def __init__(self, reason, message):
+        self.reason = reason
+        super().__init__(message)
+
+
+def _err(message):
+    try:
+        os.write(2, f"gpu-router: {message}\n".encode("utf-8", "surrogateescape"))
+    except OSError:
+        pass
+
+
+def _fmt(values):
+    return ",".join(format(v, ".6g") for v in values) if values is not None else None
+
+
+class Job:
+    """What the wrapper knows about one job as it goes; becomes the event's fields."""
+
+    def __init__(self, workload, args):
+        self.workload = workload
+        self.args = args
+        self.id = f"{workload.name}-{os.getpid()}-{os.urandom(3).hex()}"
+        self.input = None
+        self.values = None
+        self.probe_reason = None
+        self.gpu_state = None
+        self.mode = None
+        self.reason = None
+        self.device = None
+        self.slot = None
+        self.fds = []
+        self.predicted_vram_mb = None
+        self.gpu = None
+        self.scope = None
+        self.waited = 0.0
+
+    def fields(self):
+        w = self.workload
+        f = {
+            "MODE": self.mode, "WORKLOAD": w.name, "JOB": self.id, "REASON": self.reason,
+            "METRIC": _fmt(policy.combined_metric(w, self.values)) if self.values is not None else "unknown",
+            "UNIT": ",".join(w.threshold_unit), "THRESHOLD": _fmt(w.threshold), "INPUT": self.input,
+            "DEVICE": self.device, "SLOT": self.slot, "SCOPE": self.scope, "PID": os.getpid(),
+            "PREDICTED_VRAM_MB": self.predicted_vram_mb, "GPU_STATE": self.gpu_state,
+            "PROBE_ERROR": self.probe_reason,
+        }
+        if self.waited:
+            f["WAITED_S"] = round(self.waited, 3)
+        return f
+
+
+def read_gpus(cfg):
+    """(list of policy.Gpu or None, state): the agent's snapshot, or None with why it is unknown."""
+    from . import snapshot
+
+    snap, why = snapshot.read(cfg.gpu.snapshot, cfg.gpu.snapshot_max_age)
+    if snap is None:
+        return None, f"unknown:{why}"
+    if snap.get("error") and not snap.get("gpus"):
+        # The backend failed as a whole (NVML init failure, driver gone): no GPU is usable.
+        return [policy.Gpu(index=0, healthy=False, health=str(snap.get("error")))], "ok"
+    return [policy.Gpu.from_snapshot(g) for g in snap.get("gpus", ())], "ok"
+
+
+def admit(job, cfg, dir_fd):
+    """One admission attempt: True when the job holds a place (job.mode/device/slot/fds set)."""
+    w = job.workload
+    gpus, job.gpu_state = read_gpus(cfg)
+    candidates = gpus if gpus is not None else policy.assumed_gpus(cfg.host.gpus)
+    if w.admission == "vram" and gpus is not None:
+        with slots.Ledger(dir_fd, cfg.router.lock_dir) as ledger:
+            plan = policy.plan(w, job.values, gpus, ledger.live(), cfg.gpu.reserve_mb)
+            job.predicted_vram_mb = plan.predicted_vram_mb
+            if plan.mode == "GPU" and _take_gpu(job, plan, dir_fd, cfg, ledger):
+                return True
+    else:
+        plan = policy.plan(w, job.values, gpus if gpus is not None else None, None, cfg.gpu.reserve_mb)
+        if plan.mode == "GPU" and gpus is None:
+            plan.gpus = candidates
+        job.predicted_vram_mb = plan.predicted_vram_mb
+        if plan.mode == "GPU" and _take_gpu(job, plan, dir_fd, cfg, None):
+            return True
+    job.reason = plan.reason
+    if plan.mode == "GPU":
+        full = plan.full_reason or "gpu-slots-full"
+        if not plan.spill:
+            raise Blocked(full, f"no GPU place ({full})")
+        job.reason = f"spill:{full}"
+    got = slots.try_slot(dir_fd, cfg.router.lock_dir, w.name, "cpu", w.max_cpu_jobs)
+    if got is None:
+        raise Blocked("cpu-slots-full", f"all {w.max_cpu_jobs} CPU slot(s) of {w.name} are taken")
+    job.mode, job.device, job.slot = "CPU", "cpu", got[1]
+    job.fds.append(got[0])
+    return True
+
+
+def _take_gpu(job, plan, dir_fd, cfg, ledger):
+    w = job.workload
+    for gpu in plan.gpus:
+        got = slots.try_slot(dir_fd, cfg.router.lock_dir, w.name, gpu.key, w.max_gpu_jobs)
+        if got is None:
+            continue
+        job.fds.append(got[0])
+        if ledger is not None:
+            job.fds.append(ledger.reserve(gpu.key, plan.predicted_vram_mb))
+        job.mode, job.reason, job.gpu, job.slot = "GPU", plan.reason, gpu, got[1]
+        job.device = str(gpu.index)
+        return True
+    return False
+
+
+def admit_with_wait(job, cfg, dir_fd):
+    """Admit now, or wait up to ``wait`` in arrival order (a ticket queue), or raise Blocked."""
+    wait = job.workload.wait
+    if wait <= 0:
+        return admit(job, cfg, dir_fd)
+    started = time.monotonic()
+    pool_kind = "cpu" if job.values is None or policy.over_threshold(job.workload, job.values) else "gpu"
+    queue = slots.Queue(dir_fd, cfg.router.lock_dir, job.workload.name, pool_kind)
+    try:
+        while True:
+            if queue.is_head():
+                try:
+                    return admit(job, cfg, dir_fd)
+                except Blocked:
+                    if time.monotonic() - started >= wait:
+                        raise
+            elif time.monotonic() - started >= wait:
+                raise Blocked("wait-timeout", f"still queued behind earlier jobs after {wait:g}s")
+            time.sleep(POLL_S)
+    finally:
+        job.waited = time.monotonic() - started
+        queue.leave()
+
+
+def _probe(job):
+    w = job.workload
+    job.input = find_input(w.input, job.args)
+    try:
+        job.values = measure(w, job.input)
+    except ProbeFailed as exc:
+        job.probe_reason = exc.reason
+        journal.emit("probe-failed", f"{w.name}: probe failed ({exc.reason}): {exc}; "
+                     + ("refusing the job" if w.on_probe_error == "fail" else "routing to the CPU"),
+                     {"WORKLOAD": w.name, "JOB": job.id, "INPUT": job.input, "REASON": exc.reason,
+                      "PROBE": ",".join(w.probe), "ON_PROBE_ERROR": w.on_probe_error, "DETAIL": str(exc)})
+        if w.on_probe_error == "fail":
+            _err(f"{w.name}: {exc}; on_probe_error = \"fail\", not running the job")
+            return False
+    return True
+
+
+def _exec(job, cfg):
+    w = job.workload
+    env = dict(os.environ)
+    env.update(w.env)
+    env["GPU_ROUTER_JOB"] = job.id
+    env["GPU_ROUTER_MODE"] = job.mode
+    if job.mode == "GPU":
+        gpu = job.gpu
+        use_uuid = cfg.gpu.visible_devices == "uuid" and gpu.uuid
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env["CUDA_VISIBLE_DEVICES"] = gpu.uuid if use_uuid else str(gpu.index)
+        extra = w.gpu_args
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU job cannot touch VRAM even if its arguments are wrong
+        extra = w.cpu_args
+    argv = [w.binary] + job.args + extra
+    slots.inherit(*job.fds)
+    try:
+        os.execve(w.binary, argv, env)
+    except OSError as exc:
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        _err(f"{w.name}: cannot run {w.binary}: {exc.strerror}")
+        journal.emit("job-finished", f"{w.name}: {w.binary} could not be started: {exc.strerror}",
+                     dict(job.fields(), RESULT="failed", EXIT_STATUS=code))
+        return code
+
+
+def _scope(job, cfg):
+    """Put this process into its transient scope; False means: do not run (scope = "required" failed)."""
+    w = job.workload
+    if w.scope == "off":
+        return True
+    from . import scope
+
+    try:
+        job.scope = scope.place(job, cfg)
+        return True
+    except scope.ScopeError as exc:
+        if w.scope == "required":
+            raise Blocked("scope-unavailable", f"no scope for the job: {exc}") from None
+        journal.emit("scope-failed", f"{w.name}: running without a scope: {exc}",
+                     dict(job.fields(), REASON="scope-unavailable", DETAIL=str(exc)))
+        return True
+
+
+def run(workload_name, args, config_file=None):
+    """The whole wrapper; returns an exit code only when it does not exec."""
+    try:
+        cfg = _config.load(config_file)
+        workload = cfg.workload(workload_name)
+    except _config.ConfigError as exc:
+        _err(f"config error: {exc}")
+        journal.emit("config-error", f"config error: {exc}", {"WORKLOAD": workload_name, "DETAIL": str(exc)})
+        return EX_USAGE
+    job = Job(workload, args)
+    if not _probe(job):
+        return cfg.router.probe_error_exit_code
+    try:
+        dir_fd = slots.open_lock_dir(cfg.router.lock_dir)
+    except slots.LockDirError as exc:
+        _err(str(exc))
+        journal.emit("config-error", f"{workload.name}: {exc}", {"WORKLOAD": workload.name, "DETAIL": str(exc)})
+        return EX_UNAVAILABLE
+    try:
+        admit_with_wait(job, cfg, dir_fd)
+        _scope(job, cfg)
+    except Blocked as exc:
+        for fd in job.fds:
+            os.close(fd)
+        job.mode, job.reason, job.device, job.slot = "BLOCKED", exc.reason, None, None
+        journal.emit("blocked", f"{workload.name}: BLOCKED ({exc.reason}): {exc}; exit "
+                     f"{workload.retry_exit_code} so the caller retries later", job.fields())
+        _err(f"{workload.name}: BLOCKED ({exc}); retry later (exit {workload.retry_exit_code})")
+        return workload.retry_exit_code
+    except slots.LockDirError as exc:
+        _err(str(exc))
+        return EX_UNAVAILABLE
+    finally:
+        os.close(dir_fd)
+    where = f"GPU {job.device}" if job.mode == "GPU" else "CPU"
+    metric = job.fields()["METRIC"]
+    if job.values is not None:
+        metric += " " + ",".join(workload.threshold_unit)
+    journal.emit("routed", f"{workload.name}: {job.mode} ({job.reason}), metric {metric}, {where} slot {job.slot}",
+                 job.fields())
+    return _exec(job, cfg)
+
+
+def usage():
+    return ("usage: gpu-router run [--config FILE] --workload NAME [--] ARGS...\n"
+            "       or call gpu-router through a symlink named after the workload\n")
+
+
+def main_run(argv):
+    """``gpu-router run …`` argument parsing by hand: argparse costs ~9 ms and must not eat the job's options."""
+    config_file = None
+    workload = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            i += 1
+            break
+        if arg in ("-h", "--help"):
+            sys.stdout.write(usage())
+            return 0
+        if arg in ("--config", "--workload", "-w"):
+            if i + 1 >= len(argv):
+                _err(f"{arg} needs a value\n{usage()}")
+                return EX_USAGE
+            if arg == "--config":
+                config_file = argv[i + 1]
+            else:
+                workload = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            config_file = arg.split("=", 1)[1]
+        elif arg.startswith("--workload="):
+            workload = arg.split("=", 1)[1]
+        else:
+            break
+        i += 1
+    if not workload:
+        _err("no workload named (--workload NAME)\n" + usage())
+        return EX_USAGE
+    return run(workload, argv[i:], config_file)

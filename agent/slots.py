@@ -1,0 +1,249 @@
+"""Admission through flock: numbered slot files, a fair queue for the bounded wait, and the VRAM ledger.
+
+Every lock here is an open file description held with flock and inherited through exec, so it lives exactly as
+long as the job and the kernel drops it however the job ends (SIGKILL and OOM kills included): no stale locks,
+no cleanup daemon. Files are opened relative to the lock directory's fd with O_NOFOLLOW, so neither the directory
+nor a lock file can be swapped for a symlink under us; a directory or file writable by others is refused.
+"""
+
+import fcntl
+import os
+import stat as _stat
+import time
+
+LEDGER = "vram"
+QUEUES = "queue"
+
+
+class LockDirError(Exception):
+    """The lock directory cannot be trusted or used; the message says why and what to do."""
+
+
+def open_lock_dir(path, create=True):
+    """An O_DIRECTORY fd on the lock dir after checking it is a real, non-world-writable directory."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            raise LockDirError(f"lock directory {path} does not exist") from None
+        try:
+            os.mkdir(path, 0o770)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise LockDirError(f"cannot create lock directory {path}: {exc.strerror} (is the agent's "
+                               f"tmpfiles.d entry installed? `systemd-tmpfiles --create gpu-router.conf`)") from None
+        st = os.lstat(path)
+    if _stat.S_ISLNK(st.st_mode):
+        raise LockDirError(f"lock directory {path} is a symlink; refusing it (replace it with a real directory)")
+    if not _stat.S_ISDIR(st.st_mode):
+        raise LockDirError(f"lock directory {path} is not a directory")
+    if st.st_mode & _stat.S_IWOTH:
+        raise LockDirError(f"lock directory {path} is writable by others (mode {st.st_mode & 0o7777:04o}); "
+                           f"refusing it: anyone could plant lock files there (chmod o-w {path})")
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LockDirError(f"cannot open lock directory {path}: {exc.strerror}") from None
+
+
+def _open_lock_file(dir_fd, name, display):
+    try:
+        # Read-only is enough for flock, and lets any member of the lock dir's group use a file another one made.
+        fd = os.open(name, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o660, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: the name is a symlink
+            raise LockDirError(f"lock file {display} is a symlink; refusing it") from None
+        raise LockDirError(f"cannot open lock file {display}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not _stat.S_ISREG(st.st_mode) or st.st_mode & _stat.S_IWOTH:
+        os.close(fd)
+        raise LockDirError(f"lock file {display} is not a regular file or is writable by others; refusing it")
+    return fd
+
+
+def _subdir(dir_fd, name, display):
+    try:
+        os.mkdir(name, 0o770, dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise LockDirError(f"cannot create {display}: {exc.strerror}") from None
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        raise LockDirError(f"{display} is not a usable directory ({exc.strerror}); refusing it") from None
+    if os.fstat(fd).st_mode & _stat.S_IWOTH:
+        os.close(fd)
+        raise LockDirError(f"{display} is writable by others; refusing it")
+    return fd
+
+
+def slot_name(workload, pool, n):
+    """``whisper.gpu0.1`` / ``whisper.cpu.0``: one file per slot, per pool (a GPU, or the CPU)."""
+    return f"{workload}.{pool}.{n}"
+
+
+def try_slot(dir_fd, lock_dir, workload, pool, count):
+    """(fd, slot number) of the first free slot of ``pool``, or None when all ``count`` are held."""
+    for n in range(count):
+        name = slot_name(workload, pool, n)
+        fd = _open_lock_file(dir_fd, name, os.path.join(lock_dir, name))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return fd, n
+    return None
+
+
+def holders(dir_fd, lock_dir, workload, pool, count):
+    """How many of the pool's slots are held right now (for status; a lock attempt per slot, released at once)."""
+    held = 0
+    for n in range(count):
+        name = slot_name(workload, pool, n)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held += 1
+        finally:
+            os.close(fd)
+    return held
+
+
+# ---- entries that live as long as their holder: queue tickets and VRAM reservations ------------------------
+
+def _publish(dir_fd, name, content):
+    """Create ``name`` already locked by us: write under a temp name, lock, then rename into place.
+
+    A reader that can lock a published entry therefore knows its owner is gone.
+    """
+    tmp = f".tmp.{os.getpid()}.{time.monotonic_ns()}"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640, dir_fd=dir_fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, content)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+    return fd
+
+
+def _alive(dir_fd, name):
+    """True while the entry's owner holds its lock; a dead owner's entry is removed on the way."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: count it, the safe side
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return True
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+    os.close(fd)
+    return False
+
+
+class Queue:
+    """Arrival order for the bounded wait: a ticket per waiter, named by the system-wide monotonic clock."""
+
+    def __init__(self, dir_fd, lock_dir, workload, pool_kind):
+        self.fd = _subdir(dir_fd, f"{workload}.{pool_kind}.{QUEUES}",
+                          os.path.join(lock_dir, f"{workload}.{pool_kind}.{QUEUES}"))
+        self.name = f"{time.monotonic_ns():020d}.{os.getpid()}"
+        self.ticket = _publish(self.fd, self.name, b"")
+
+    def is_head(self):
+        for name in sorted(os.listdir(self.fd)):
+            if name.startswith("."):
+                continue
+            if name >= self.name:
+                return True
+            if _alive(self.fd, name):
+                return False
+        return True
+
+    def leave(self):
+        try:
+            os.unlink(self.name, dir_fd=self.fd)
+        except OSError:
+            pass
+        os.close(self.ticket)
+        os.close(self.fd)
+
+
+class Ledger:
+    """VRAM reservations of admitted jobs, serialised by ``vram.lock`` and alive while their job holds them."""
+
+    def __init__(self, dir_fd, lock_dir):
+        self.dir_fd = dir_fd
+        self.lock_dir = lock_dir
+        self.guard = None
+
+    def __enter__(self):
+        self.guard = _open_lock_file(self.dir_fd, "vram.lock", os.path.join(self.lock_dir, "vram.lock"))
+        fcntl.flock(self.guard, fcntl.LOCK_EX)
+        self.fd = _subdir(self.dir_fd, LEDGER, os.path.join(self.lock_dir, LEDGER))
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+        os.close(self.guard)
+
+    def live(self):
+        return _read_ledger(self.fd)
+
+    def reserve(self, gpu_key, mb):
+        """The fd that holds the reservation; it must survive exec (slots.inherit) for the job's lifetime."""
+        return _publish(self.fd, f"{gpu_key}.{os.getpid()}", f"{mb}\n".encode())
+
+
+def _read_ledger(fd):
+    out = {}
+    for name in os.listdir(fd):
+        if name.startswith("."):
+            continue
+        key, _, pid = name.rpartition(".")
+        try:
+            with open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), "rb") as f:
+                mb = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            continue
+        if _alive(fd, name):
+            out.setdefault(key, []).append((int(pid), mb))
+    return out
+
+
+def live_reservations(lock_dir):
+    """{gpu key: [(pid, MiB), …]} of live reservations (the agent uses the pids to tell our processes apart)."""
+    try:
+        dir_fd = os.open(os.path.join(lock_dir, LEDGER), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    try:
+        return _read_ledger(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def inherit(*fds):
+    """Let these descriptors survive exec: the job then holds its slot and reservation until it ends."""
+    for fd in fds:
+        if fd is not None:
+            os.set_inheritable(fd, True)
