@@ -67,7 +67,7 @@ class Gpu(Record):
 
 
 class Agent(Record):
-    __slots__ = ("socket", "state_dir", "metrics_dir")
+    __slots__ = ("socket", "group", "state_dir", "metrics_dir")
 
 
 class Workload(Record):
@@ -291,6 +291,7 @@ GPU = {
 }
 AGENT = {
     "socket": (_abspath, "/run/gpu-router/agent.sock"),
+    "group": (_string, "gpu-router"),
     "state_dir": (_abspath, "/var/lib/gpu-router"),
     "metrics_dir": (_optional(_abspath), None),
 }

@@ -122,12 +122,19 @@ def _json_line(pairs):
     return json.dumps(dict(pairs), ensure_ascii=False) + "\n"
 
 
+# The agent and the CLI install python3-systemd's journal.send here (log.py); the wrapper keeps the native one.
+SINK = None
+
+
 def emit(event, message, fields, priority=None):
     """Write one event; returns the sink used ("journald", "stderr" or None when both failed)."""
     pairs = build_fields(event, message, fields, priority)
     if os.environ.get("GPU_ROUTER_LOG") != "stderr":
         try:
-            _send_journald(encode_native(pairs))
+            if SINK is not None:
+                SINK(pairs)
+            else:
+                _send_journald(encode_native(pairs))
             return "journald"
         except OSError:
             pass

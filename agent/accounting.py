@@ -1,0 +1,166 @@
+"""What each job cost and how it ended: exit status, OOM kill, timeout, peak RAM and VRAM, duration.
+
+The agent learns of a job when it makes its scope (or finds a running one after a restart), samples its cgroup's
+memory and its VRAM while it runs, and closes the account when the kernel reports the job's exit (procevents)
+or its scope's cgroup disappears. ``classify`` is pure, so every outcome rule is tested without processes.
+"""
+
+import json
+import os
+import time
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+SAMPLES_KEEP = 5000
+
+
+def classify(wait_status, oom_kills, runtime_max, duration, failcnt=0):
+    """RESULT of a job: success | failed | oom-kill | timeout | unknown (no exit status and nothing else known).
+
+    cgroup v1 reports an OOM kill only through the cgroup's counters (systemd says Result=signal there), so a
+    SIGKILL with oom_kill > 0 — or with the limit hit (failcnt) when the kernel has no oom_kill counter — is
+    oom-kill. A job that ran for its RuntimeMaxSec and died of the SIGTERM systemd sends is timeout.
+    """
+    signal = None
+    if wait_status is not None and os.WIFSIGNALED(wait_status):
+        signal = os.WTERMSIG(wait_status)
+    if oom_kills:
+        return "oom-kill"
+    if signal == 9 and failcnt:
+        return "oom-kill"
+    if runtime_max and duration is not None and duration >= runtime_max - 0.5 and signal in (15, 9):
+        return "timeout"
+    if wait_status is None:
+        return "unknown"
+    if os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == 0:
+        return "success"
+    return "failed"
+
+
+def memory_dir(control_group):
+    """The memory controller's directory for a unit's ControlGroup, on cgroup v2 or v1 (hybrid)."""
+    if os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers")):
+        return CGROUP_ROOT + control_group
+    return os.path.join(CGROUP_ROOT, "memory") + control_group
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def read_memory(directory):
+    """{'current', 'peak', 'oom_kills', 'failcnt'} in bytes/counts from whichever cgroup version is there."""
+    out = {}
+    v2_current = _read(os.path.join(directory, "memory.current"))
+    if v2_current is not None:
+        out["current"] = int(v2_current)
+        peak = _read(os.path.join(directory, "memory.peak"))
+        if peak is not None:
+            out["peak"] = int(peak)
+        events = _read(os.path.join(directory, "memory.events")) or ""
+        for line in events.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                out["oom_kills"] = int(value)
+        return out
+    usage = _read(os.path.join(directory, "memory.usage_in_bytes"))
+    if usage is None:
+        return out
+    out["current"] = int(usage)
+    peak = _read(os.path.join(directory, "memory.max_usage_in_bytes"))
+    if peak is not None:
+        out["peak"] = int(peak)
+    failcnt = _read(os.path.join(directory, "memory.failcnt"))
+    if failcnt is not None:
+        out["failcnt"] = int(failcnt)
+    for line in (_read(os.path.join(directory, "memory.oom_control")) or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            out["oom_kills"] = int(value)
+    return out
+
+
+class JobAccount:
+    """One running job as the agent follows it."""
+
+    def __init__(self, job_id, pid, workload, mode, device, metric, scope, control_group, runtime_max,
+                 started=None, predicted_vram_mb=None, memory_max_mb=None, input_path=None):
+        self.job_id = job_id
+        self.pid = pid
+        self.workload = workload
+        self.mode = mode
+        self.device = device
+        self.metric = metric
+        self.scope = scope
+        self.control_group = control_group
+        self.runtime_max = runtime_max
+        self.started = time.time() if started is None else started
+        self.predicted_vram_mb = predicted_vram_mb
+        self.memory_max_mb = memory_max_mb
+        self.input = input_path
+        self.peak_ram = 0
+        self.peak_vram_mb = None
+        self.oom_kills = 0
+        self.failcnt = 0
+        self.wait_status = None
+
+    def sample(self, vram_by_pid=None):
+        """Fold the cgroup's counters and this job's VRAM use (from the GPU snapshot) into the peaks."""
+        if self.control_group:
+            mem = read_memory(memory_dir(self.control_group))
+            self.peak_ram = max(self.peak_ram, mem.get("peak", 0), mem.get("current", 0))
+            self.oom_kills = max(self.oom_kills, mem.get("oom_kills", 0))
+            self.failcnt = max(self.failcnt, mem.get("failcnt", 0))
+        if vram_by_pid:
+            used = vram_by_pid.get(self.pid)
+            if used is not None:
+                self.peak_vram_mb = max(self.peak_vram_mb or 0, used)
+
+    def outcome(self, now=None):
+        """The job-finished event's fields."""
+        duration = (time.time() if now is None else now) - self.started
+        result = classify(self.wait_status, self.oom_kills, self.runtime_max, duration, self.failcnt)
+        fields = {"WORKLOAD": self.workload, "JOB": self.job_id, "MODE": self.mode, "DEVICE": self.device,
+                  "METRIC": self.metric, "SCOPE": self.scope, "PID": self.pid, "INPUT": self.input,
+                  "RESULT": result, "DURATION_S": round(duration, 3),
+                  "PEAK_RAM_MB": round(self.peak_ram / 1048576, 1) if self.peak_ram else None,
+                  "PEAK_VRAM_MB": self.peak_vram_mb, "PREDICTED_VRAM_MB": self.predicted_vram_mb,
+                  "MEMORY_MAX_MB": self.memory_max_mb}
+        if self.wait_status is not None:
+            fields["EXIT_STATUS"] = _shell_status(self.wait_status)
+            if os.WIFSIGNALED(self.wait_status):
+                fields["SIGNAL"] = os.WTERMSIG(self.wait_status)
+        return fields
+
+
+def _shell_status(status):
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def record_sample(state_dir, fields):
+    """Append (metric → peaks) for calibration to state_dir/samples/<workload>.jsonl, keeping the newest lines."""
+    if fields.get("METRIC") in (None, "unknown") or fields["RESULT"] == "unknown":
+        return None
+    directory = os.path.join(state_dir, "samples")
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    path = os.path.join(directory, f"{fields['WORKLOAD']}.jsonl")
+    line = json.dumps({"time": round(time.time(), 3), "mode": fields["MODE"], "metric": fields["METRIC"],
+                       "result": fields["RESULT"], "peak_ram_mb": fields.get("PEAK_RAM_MB"),
+                       "peak_vram_mb": fields.get("PEAK_VRAM_MB"), "duration_s": fields.get("DURATION_S"),
+                       "predicted_vram_mb": fields.get("PREDICTED_VRAM_MB")}) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+        size = f.tell()
+    if size > SAMPLES_KEEP * 400:
+        with open(path) as f:
+            lines = f.readlines()[-SAMPLES_KEEP // 2:]
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+        os.replace(tmp, path)
+    return path

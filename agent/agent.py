@@ -1,0 +1,304 @@
+"""gpu-router-agent: the resident half. GPU snapshot, scope broker, job accounting, sd_notify.
+
+One thread, one ``selectors`` loop: the broker socket (from systemd's socket activation, or bound here when run by
+hand), the kernel's process-exit events, and a timer for the GPU sample. Jobs are not children of the agent — each
+is its own scope under gpu-router.slice — so restarting or stopping the agent never touches them; on start it
+adopts the scopes already running.
+"""
+
+import argparse
+import os
+import selectors
+import signal
+import socket
+import time
+
+from . import accounting, broker, journal, procevents, scope, slots
+from . import config as _config
+
+SD_LISTEN_FDS_START = 3
+
+
+class Notifier:
+    """sd_notify through python3-sdnotify; silent outside systemd."""
+
+    def __init__(self):
+        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        self._n = None
+        if self.enabled:
+            import sdnotify
+
+            self._n = sdnotify.SystemdNotifier()
+
+    def __call__(self, text):
+        if self._n is not None:
+            self._n.notify(text)
+
+
+def watchdog_interval():
+    """Half of WatchdogSec (systemd passes WATCHDOG_USEC), or None when no watchdog is armed for us."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+def listening_socket(path, group):
+    """The socket systemd passed us (LISTEN_FDS), or one bound here: 0660, group gpu-router."""
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and int(os.environ.get("LISTEN_FDS", "0")) >= 1:
+        sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+        for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(var, None)
+        return sock, "systemd"
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o117)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    gid = broker.group_id(group)
+    if gid is not None and os.geteuid() == 0:
+        os.chown(path, 0, gid)
+    sock.listen(64)
+    return sock, "bound"
+
+
+def unit_cgroup_root():
+    """Where systemd's own hierarchy is mounted: v2, or the unified/name=systemd tree on a hybrid host."""
+    base = accounting.CGROUP_ROOT
+    if os.path.exists(os.path.join(base, "cgroup.controllers")):
+        return base
+    if os.path.exists(os.path.join(base, "unified", "cgroup.procs")):
+        return os.path.join(base, "unified")
+    return os.path.join(base, "systemd")
+
+
+def running_scopes():
+    """{scope name: (control group, [pids])} of gpu-router scopes alive now (for adoption after a restart)."""
+    root = unit_cgroup_root()
+    found = {}
+    for slice_name in scope.SLICES.values():
+        cg_dir = f"/gpu-router.slice/{slice_name}"
+        try:
+            names = os.listdir(root + cg_dir)
+        except OSError:
+            continue
+        for name in names:
+            if not (name.startswith("gpu-router-") and name.endswith(".scope")):
+                continue
+            try:
+                with open(os.path.join(root + cg_dir, name, "cgroup.procs")) as f:
+                    pids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            if pids:
+                found[name] = (f"{cg_dir}/{name}", pids)
+    return found
+
+
+class Agent:
+    def __init__(self, config_file=None, monitor=None):
+        self.config_file = config_file
+        self.cfg = _config.load(config_file)
+        self.log = _logger()
+        self.notify = Notifier()
+        self.jobs = {}  # pid → JobAccount
+        self.monitor = monitor if monitor is not None else _make_monitor(self.cfg, self.reserved_pids)
+        self.snapshot = None
+        self.stopping = False
+        self.selector = selectors.DefaultSelector()
+        self.finished = {}
+        self.proc = None
+
+    # -- pieces ------------------------------------------------------------------------------------------------
+
+    def reserved_pids(self):
+        pids = set(self.jobs)
+        for entries in slots.live_reservations(self.cfg.router.lock_dir).values():
+            pids.update(pid for pid, _ in entries)
+        return pids
+
+    def adopt(self):
+        for name, (cg, pids) in running_scopes().items():
+            job_id = name[len("gpu-router-"):-len(".scope")]
+            workload, _, rest = job_id.rpartition("-")
+            workload, _, pid_text = workload.rpartition("-")
+            pid = int(pid_text) if pid_text.isdigit() else pids[0]
+            if pid in self.jobs:
+                continue
+            mode = "GPU" if "/gpu-router-gpu.slice/" in cg else "CPU"
+            try:
+                w = self.cfg.workload(workload)
+                runtime_max = w.runtime_max
+            except _config.ConfigError:
+                runtime_max = None
+            self.jobs[pid] = accounting.JobAccount(job_id, pid, workload, mode, None, "unknown", name, cg,
+                                                   runtime_max)
+        if self.jobs:
+            self.log.info("adopted running jobs", jobs=len(self.jobs))
+
+    def on_grant(self, g):
+        self.jobs[g.pid] = accounting.JobAccount(
+            g.job_id, g.pid, g.workload.name, g.mode, g.device, g.metric, g.name, g.control_group,
+            g.workload.runtime_max, predicted_vram_mb=g.predicted_vram_mb, memory_max_mb=g.memory_max_mb,
+            input_path=g.input)
+        self.jobs[g.pid].sample()
+
+    def finish(self, pid, wait_status=None):
+        job = self.jobs.pop(pid, None)
+        if job is None:
+            return None
+        job.wait_status = wait_status
+        job.sample(self._vram_by_pid())
+        fields = job.outcome()
+        status = f"exit {fields['EXIT_STATUS']}" if "EXIT_STATUS" in fields else "exit status unknown"
+        journal.emit("job-finished", f"{job.workload}: job {job.job_id} on {job.mode} finished: {fields['RESULT']} "
+                     f"({status}, {fields['DURATION_S']:.1f}s, peak RAM {fields['PEAK_RAM_MB']} MB)", fields,
+                     priority=6 if fields["RESULT"] == "success" else 4)
+        try:
+            accounting.record_sample(self.cfg.agent.state_dir, fields)
+        except OSError as exc:
+            self.log.warning("cannot record a calibration sample", error=str(exc))
+        self.finished[fields["RESULT"]] = self.finished.get(fields["RESULT"], 0) + 1
+        return fields
+
+    def _vram_by_pid(self):
+        out = {}
+        for gpu in (self.snapshot or {}).get("gpus", ()):
+            for proc in gpu.get("processes", ()):
+                out[proc["pid"]] = out.get(proc["pid"], 0) + proc.get("used_mb", 0)
+        return out
+
+    def sample(self):
+        """Reload the config if it changed, publish a GPU snapshot, fold job peaks, close vanished jobs."""
+        try:
+            self.cfg = _config.load(self.config_file)
+        except _config.ConfigError as exc:
+            self.log.error("config error; keeping the last good config", error=str(exc))
+        if self.monitor is not None:
+            self.snapshot = self.monitor.sample_once()
+        vram = self._vram_by_pid()
+        for pid, job in list(self.jobs.items()):
+            job.sample(vram)
+            if not _alive(pid):
+                # No exit event came (no proc connector, or it was missed): close without a status.
+                self.finish(pid, None)
+
+    def status_line(self):
+        gpus = (self.snapshot or {}).get("gpus", [])
+        healthy = sum(1 for g in gpus if g.get("healthy"))
+        running = len(self.jobs)
+        gpu_part = f"{healthy}/{len(gpus)} GPUs healthy" if gpus else "no GPU"
+        return f"{gpu_part}, {running} job{'s' if running != 1 else ''} running"
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+
+    def run(self, listener=None):
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGHUP, lambda *_: None)  # the next sample reloads the config anyway
+        if listener is None:
+            listener, how = listening_socket(self.cfg.agent.socket, self.cfg.agent.group)
+        listener.setblocking(False)
+        self.selector.register(listener, selectors.EVENT_READ, "broker")
+        try:
+            self.proc = procevents.open_listener()
+            self.selector.register(self.proc, selectors.EVENT_READ, "exits")
+        except procevents.Unavailable as exc:
+            self.log.warning("job exit statuses unavailable", reason=str(exc))
+        self.adopt()
+        self.sample()
+        self.notify("READY=1")
+        self.notify(f"STATUS={self.status_line()}")
+        journal.emit("agent", f"gpu-router-agent ready: {self.status_line()}", {"STATE": "ready"})
+        interval = self.cfg.gpu.sample_interval
+        dog = watchdog_interval()
+        next_sample = time.monotonic() + interval
+        next_dog = time.monotonic()
+        while not self.stopping:
+            now = time.monotonic()
+            if dog and now >= next_dog:
+                self.notify("WATCHDOG=1")
+                next_dog = now + dog
+            if now >= next_sample:
+                self.sample()
+                self.notify(f"STATUS={self.status_line()}")
+                next_sample = now + interval
+            timeout = max(0.0, min(next_sample, next_dog if dog else next_sample) - time.monotonic())
+            for key, _ in self.selector.select(timeout):
+                if key.data == "broker":
+                    self._accept(listener)
+                elif key.data == "exits":
+                    for pid, status in procevents.drain(self.proc):
+                        if pid in self.jobs:
+                            self.finish(pid, status)
+        self.notify("STOPPING=1")
+        journal.emit("agent", f"gpu-router-agent stopping; {len(self.jobs)} job(s) keep running in their scopes",
+                     {"STATE": "stopping"})
+        return 0
+
+    def _accept(self, listener):
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        with conn:
+            conn.setblocking(True)
+            gid = broker.group_id(self.cfg.agent.group)
+            g = broker.serve_one(conn, self.cfg, gid)
+        if g is not None:
+            self.on_grant(g)
+
+    def _stop(self, *_):
+        self.stopping = True
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _logger():
+    from . import log
+
+    return log.setup()
+
+
+def _make_monitor(cfg, reserved_pids):
+    from . import monitor
+
+    return monitor.Monitor.from_config(cfg, reserved_pids=reserved_pids)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="gpu-router-agent", description="gpu-router's resident agent")
+    p.add_argument("--config", help="config file (default: $GPU_ROUTER_CONFIG or /etc/gpu-router/config.toml)")
+    p.add_argument("--once", action="store_true", help="publish one GPU snapshot and exit")
+    args = p.parse_args(argv)
+    try:
+        agent = Agent(args.config)
+    except _config.ConfigError as exc:
+        import sys
+
+        sys.stderr.write(f"gpu-router-agent: config error: {exc}\n")
+        return 2
+    if args.once:
+        agent.sample()
+        return 0
+    return agent.run()

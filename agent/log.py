@@ -1,0 +1,73 @@
+"""structlog for the resident agent and the CLI, with python3-systemd's journal.send as the sink.
+
+Events (``journal.emit``) and structlog lines land in the journal with the same ``GPU_ROUTER_*`` fields. Not used
+by the wrapper: ``import structlog`` alone costs ~60 ms there.
+"""
+
+import os
+import sys
+
+from . import journal
+
+_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+
+
+def _systemd_send():
+    """python3-systemd's journal.send, unless tests point events at a socket of their own."""
+    if os.environ.get("GPU_ROUTER_JOURNAL_SOCKET") or os.environ.get("GPU_ROUTER_LOG") == "stderr":
+        return None
+    if not os.path.exists(journal.DEFAULT_SOCKET):
+        return None
+    try:
+        from systemd import journal as sd_journal
+    except ImportError:
+        return None
+
+    def send(pairs):
+        fields = dict(pairs)
+        message = fields.pop("MESSAGE")
+        sd_journal.send(message, **fields)
+
+    return send
+
+
+def _render(logger, method_name, event_dict):
+    """The last processor: hand the event to the journal sink as GPU_ROUTER_* fields; structlog prints nothing."""
+    message = str(event_dict.pop("event", ""))
+    event_dict.pop("level", None)
+    fields = {str(k).upper(): v for k, v in event_dict.items()}
+    pairs = journal.build_fields("agent", message, fields, _PRIORITY.get(method_name, 6))
+    if journal.SINK is not None:
+        try:
+            journal.SINK(pairs)
+            return ""
+        except OSError:
+            pass
+    if os.environ.get("GPU_ROUTER_LOG") != "stderr":
+        try:
+            journal._send_journald(journal.encode_native(pairs))
+            return ""
+        except OSError:
+            pass
+    sys.stderr.write(journal._json_line(pairs))
+    return ""
+
+
+class _Silent:
+    def msg(self, message):
+        pass
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
+def setup():
+    """Configure structlog and the event sink for a long-running process; returns a bound logger."""
+    import structlog
+
+    journal.SINK = _systemd_send()
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, _render],
+        logger_factory=lambda *args: _Silent(),
+        cache_logger_on_first_use=True,
+    )
+    return structlog.get_logger()

@@ -1,0 +1,89 @@
+"""Process exit statuses from the kernel's proc connector (netlink), for job accounting.
+
+A job execs from the wrapper, so its parent is the caller and nobody but the caller can wait() for it; a scope
+records no exit status either. The proc connector announces every process exit with its wait status, to a
+listener with CAP_NET_ADMIN in the initial network namespace: exactly the agent's situation. Where it is not
+available (no capability, another network namespace) the agent still accounts jobs, without EXIT_STATUS.
+"""
+
+import os
+import socket
+import struct
+
+NETLINK_CONNECTOR = 11
+CN_IDX_PROC = 1
+CN_VAL_PROC = 1
+PROC_CN_MCAST_LISTEN = 1
+PROC_EVENT_EXIT = 0x80000000
+NLMSG_DONE = 3
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_CN_MSG = struct.Struct("=IIIIHH")
+_EVENT_HEAD = struct.Struct("=IIQ")
+_EXIT = struct.Struct("=IIII")
+
+
+class Unavailable(Exception):
+    pass
+
+
+def open_listener():
+    """A non-blocking netlink socket subscribed to process events; Unavailable with the reason otherwise."""
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
+    except OSError as exc:
+        raise Unavailable(f"netlink connector socket: {exc.strerror}") from None
+    try:
+        sock.bind((os.getpid(), CN_IDX_PROC))
+        op = struct.pack("=I", PROC_CN_MCAST_LISTEN)
+        cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(op), 0)
+        msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(cn) + len(op), NLMSG_DONE, 0, 0, os.getpid()) + cn + op
+        sock.send(msg)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise Unavailable(f"subscribing to process events: {exc.strerror} (needs CAP_NET_ADMIN in the initial "
+                          f"network namespace)") from None
+    return sock
+
+
+def parse(datagram):
+    """[(pid, wait status)] of thread-group leaders that exited, from one netlink datagram."""
+    out = []
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(datagram):
+        length, _, _, _, _ = _NLMSGHDR.unpack_from(datagram, offset)
+        if length < _NLMSGHDR.size:
+            break
+        body = offset + _NLMSGHDR.size
+        if body + _CN_MSG.size + _EVENT_HEAD.size + _EXIT.size <= len(datagram):
+            idx, val, _, _, _, _ = _CN_MSG.unpack_from(datagram, body)
+            event = body + _CN_MSG.size
+            what, _, _ = _EVENT_HEAD.unpack_from(datagram, event)
+            if idx == CN_IDX_PROC and val == CN_VAL_PROC and what == PROC_EVENT_EXIT:
+                pid, tgid, code, _ = _EXIT.unpack_from(datagram, event + _EVENT_HEAD.size)
+                if pid == tgid:
+                    out.append((pid, code))
+        offset += (length + 3) & ~3
+    return out
+
+
+def drain(sock):
+    """Every pending exit event, without blocking."""
+    events = []
+    while True:
+        try:
+            events += parse(sock.recv(65536))
+        except BlockingIOError:
+            return events
+        except OSError as exc:
+            if exc.errno == 105:  # ENOBUFS: events were dropped under load; keep going
+                continue
+            raise
+
+
+def exit_code(status):
+    """The shell's view of a wait status: the exit code, or 128 + signal."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)

@@ -1,0 +1,156 @@
+"""Put the wrapper's own process into a transient systemd scope, so a runaway job is killed alone.
+
+The wrapper asks the agent over ``/run/gpu-router/agent.sock``: the agent already holds a D-Bus connection and
+pystemd (whose import alone costs ~90 ms here, against a ~1 ms socket round trip), identifies the caller with
+SO_PEERCRED, and sets the limits from its own config. Only when the agent is unreachable does a root caller create
+the scope itself with pystemd. Either way the scope holds this PID, which then execs: the job is the scope.
+
+Requests and replies use journald's native field encoding (``journal.encode_native``): binary-safe, and already
+here, so the hot path needs neither json nor a second format.
+"""
+
+import os
+
+from . import journal
+
+SLICES = {"GPU": "gpu-router-gpu.slice", "CPU": "gpu-router-cpu.slice"}
+ACTIVE_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 10.0
+
+
+class ScopeError(Exception):
+    """No scope could be made; the message says why (agent down, refused, systemd not running, …)."""
+
+
+def unit_name(job_id):
+    return f"gpu-router-{job_id}.scope"
+
+
+def properties(workload, mode, metric_text, pid, caller_unit=None, memory_max_mb=None):
+    """The scope's unit properties, as (name, value) pairs; limits come only from the profile (the config)."""
+    desc = f"gpu-router {workload.name} job on {mode} (metric {metric_text})"
+    props = [("Description", desc), ("Slice", SLICES[mode]), ("PIDs", [pid]),
+             ("CollectMode", "inactive-or-failed")]
+    if memory_max_mb is not None:
+        props.append(("MemoryMax", int(memory_max_mb) * 1024 * 1024))
+    if workload.runtime_max:
+        props.append(("RuntimeMaxUSec", int(workload.runtime_max * 1_000_000)))
+    if caller_unit and workload.bind_to_caller:
+        props.append(("BindsTo", [caller_unit]))
+        props.append(("After", [caller_unit]))
+    return props
+
+
+def caller_unit(pid="self"):
+    """The .service a process runs in (from /proc/PID/cgroup), for BindsTo=; None outside a service."""
+    try:
+        with open(f"/proc/{pid}/cgroup", "rb") as f:
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    paths = {}
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        paths[controllers] = path
+    path = paths.get("") or paths.get("name=systemd") or ""
+    for part in reversed(path.split("/")):
+        if part.endswith(".service"):
+            return part
+    return None
+
+
+# ---- asking the agent ----------------------------------------------------------------------------------------
+
+def request_fields(job, cfg):
+    return [("OP", "scope"), ("WORKLOAD", job.workload.name), ("JOB", job.id), ("MODE", job.mode),
+            ("DEVICE", str(job.device)), ("PID", str(os.getpid())),
+            ("METRIC", job.fields()["METRIC"]), ("INPUT", job.input or ""),
+            ("PREDICTED_VRAM_MB", str(job.predicted_vram_mb or ""))]
+
+
+def ask_agent(socket_path, fields, timeout=REQUEST_TIMEOUT_S):
+    """Send one request, read one reply (both native-encoded); OSError when the agent is not there."""
+    import _socket
+
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+        payload = journal.encode_native(fields)
+        sock.sendall(len(payload).to_bytes(4, "little") + payload)
+        sock.shutdown(_socket.SHUT_WR)
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        sock.close()
+    if len(data) < 4:
+        raise ScopeError("the agent closed the connection without an answer")
+    return journal.decode_native(data[4:4 + int.from_bytes(data[:4], "little")])
+
+
+def place(job, cfg):
+    """Move this process into its scope and return the scope's name; ScopeError when that is impossible."""
+    try:
+        reply = ask_agent(cfg.agent.socket, request_fields(job, cfg))
+    except OSError as exc:
+        if os.geteuid() != 0:
+            raise ScopeError(f"the agent is not reachable at {cfg.agent.socket} ({exc.strerror or exc}); "
+                             f"is gpu-router-agent.socket running and is the caller in group gpu-router?") from None
+        return place_directly(job)
+    if reply.get("OK") != "1":
+        raise ScopeError(f"the agent refused: {reply.get('ERROR', 'no reason given')}")
+    return reply["SCOPE"]
+
+
+def place_directly(job):
+    """Root without an agent: create the scope ourselves over D-Bus (no accounting then)."""
+    from . import policy
+
+    w = job.workload
+    props = properties(w, job.mode, job.fields()["METRIC"], os.getpid(), caller_unit(),
+                       policy.memory_max_mb(w, job.mode))
+    name = unit_name(job.id)
+    start_scope(name, props)
+    return name
+
+
+def start_scope(name, props, timeout=ACTIVE_TIMEOUT_S):
+    """StartTransientUnit over the system bus, then wait until the unit is active (the PID has moved)."""
+    try:
+        from pystemd.systemd1 import Manager, Unit
+    except ImportError:
+        raise ScopeError("pystemd is not installed (python3-pystemd)") from None
+    import time
+
+    values = {}
+    for key, value in props:
+        if key == "PIDs":
+            values[b"_custom"] = (b"PIDs", b"au", value)
+        elif isinstance(value, str):
+            values[key.encode()] = value.encode()
+        elif isinstance(value, list):
+            values[key.encode()] = [v.encode() if isinstance(v, str) else v for v in value]
+        else:
+            values[key.encode()] = value
+    try:
+        manager = Manager()
+        manager.load()
+        manager.Manager.StartTransientUnit(name.encode(), b"fail", values)
+        unit = Unit(name.encode())
+        unit.load()
+        deadline = time.monotonic() + timeout
+        while True:
+            state = unit.Unit.ActiveState
+            if state == b"active":
+                return
+            if state == b"failed" or time.monotonic() > deadline:
+                raise ScopeError(f"scope {name} did not become active (state {state.decode()})")
+            time.sleep(0.005)
+    except ScopeError:
+        raise
+    except Exception as exc:  # pystemd raises its own DBus errors; all mean "no scope"
+        raise ScopeError(f"systemd refused the scope {name}: {exc}") from None

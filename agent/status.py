@@ -1,0 +1,74 @@
+"""`gpu-router status`: the GPUs as the agent last saw them, each workload's slots, and the jobs running now."""
+
+import os
+import time
+
+from . import config as _config
+from . import slots
+
+
+def collect(cfg):
+    from . import agent, snapshot
+
+    snap, why = snapshot.read(cfg.gpu.snapshot, cfg.gpu.snapshot_max_age)
+    data = {"snapshot": {"state": "ok" if snap else why,
+                         "age_s": round(time.time() - snap["time"], 1) if snap else None,
+                         "source": snap.get("source") if snap else None,
+                         "error": snap.get("error") if snap else None},
+            "gpus": snap.get("gpus", []) if snap else [], "workloads": {}, "scopes": []}
+    try:
+        dir_fd = slots.open_lock_dir(cfg.router.lock_dir, create=False)
+    except slots.LockDirError as exc:
+        dir_fd, data["lock_dir_error"] = None, str(exc)
+    reservations = slots.live_reservations(cfg.router.lock_dir)
+    gpu_keys = [f"gpu{g['index']}" for g in data["gpus"]] or [f"gpu{i}" for i in range(cfg.host.gpus or 1)]
+    for name, w in sorted(cfg.workloads.items()):
+        entry = {"admission": w.admission, "max_gpu_jobs": w.max_gpu_jobs, "max_cpu_jobs": w.max_cpu_jobs,
+                 "gpu_busy": {}, "cpu_busy": None}
+        if dir_fd is not None:
+            for key in gpu_keys:
+                entry["gpu_busy"][key] = slots.holders(dir_fd, cfg.router.lock_dir, name, key, w.max_gpu_jobs)
+            entry["cpu_busy"] = slots.holders(dir_fd, cfg.router.lock_dir, name, "cpu", w.max_cpu_jobs)
+        data["workloads"][name] = entry
+    if dir_fd is not None:
+        os.close(dir_fd)
+    data["reservations"] = {k: [{"pid": p, "mb": mb} for p, mb in v] for k, v in reservations.items()}
+    for unit, (cg, pids) in sorted(agent.running_scopes().items()):
+        data["scopes"].append({"scope": unit, "cgroup": cg, "pids": pids})
+    return data
+
+
+def render(data):
+    lines = []
+    snap = data["snapshot"]
+    lines.append(f"GPU snapshot: {snap['state']}" + (f" ({snap['source']}, {snap['age_s']}s old)"
+                                                     if snap["age_s"] is not None else ""))
+    for g in data["gpus"]:
+        health = "healthy" if g.get("healthy") else f"UNHEALTHY ({g.get('health')})"
+        lines.append(f"  GPU {g['index']} {g.get('name', '')}: {g.get('used_mb')}/{g.get('total_mb')} MiB used "
+                     f"(ours {g.get('ours_mb', 0)}, foreign {g.get('foreign_mb', 0)}), {health}")
+    if "lock_dir_error" in data:
+        lines.append(f"slots: {data['lock_dir_error']}")
+    for name, w in data["workloads"].items():
+        gpu = ", ".join(f"{k} {v}/{w['max_gpu_jobs']}" for k, v in w["gpu_busy"].items()) or "-"
+        lines.append(f"{name} [{w['admission']}]: GPU slots {gpu}; CPU slots {w['cpu_busy']}/{w['max_cpu_jobs']}")
+    for key, entries in data["reservations"].items():
+        lines.append(f"  VRAM reserved on {key}: " + ", ".join(f"pid {e['pid']} {e['mb']} MiB" for e in entries))
+    lines.append(f"running scopes: {len(data['scopes'])}")
+    for s in data["scopes"]:
+        lines.append(f"  {s['scope']} pids {' '.join(map(str, s['pids']))}")
+    return "\n".join(lines)
+
+
+def cmd_status(args):
+    from .cli import _emit
+
+    cfg = _config.load(args.config)
+    data = collect(cfg)
+    _emit(args, data, render(data))
+    return 0
+
+
+def register(sub, command):
+    c = command("status", "GPUs, slots and running jobs now")
+    c.set_defaults(func=cmd_status)
