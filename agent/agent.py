@@ -283,7 +283,10 @@ def _logger():
 def _make_monitor(cfg, reserved_pids):
     from . import monitor
 
-    return monitor.Monitor.from_config(cfg, reserved_pids=reserved_pids)
+    g = cfg.gpu
+    return monitor.Monitor(backend=g.backend, snapshot_path=g.snapshot, interval=g.sample_interval,
+                           reserved_pids=reserved_pids, xid_ignore=g.ignored_xids, xid_holdoff_s=g.xid_holdoff,
+                           call_timeout_s=g.call_timeout)
 
 
 def main(argv=None):

@@ -140,8 +140,8 @@ def serve_one(conn, cfg, group_gid, start_scope=scope.start_scope):
     except OSError:
         return None
     try:
+        request = read_request(conn)  # read first: closing on unread data would reset the reply away
         authorize(pid, uid, group_gid)
-        request = read_request(conn)
         g = grant(cfg, request, pid, uid)
     except Refused as exc:
         refuse(conn, pid, uid, str(exc))
