@@ -27,7 +27,8 @@ def classify(wait_status, oom_kills, runtime_max, duration, failcnt=0):
         return "oom-kill"
     if signal == 9 and failcnt:
         return "oom-kill"
-    if runtime_max and duration is not None and duration >= runtime_max - 0.5 and signal in (15, 9):
+    if runtime_max and duration is not None and duration >= runtime_max - 0.5 and \
+            (signal in (15, 9) or wait_status is None):
         return "timeout"
     if wait_status is None:
         return "unknown"
@@ -83,6 +84,58 @@ def read_memory(directory):
     return out
 
 
+def process_start_time(pid):
+    """Wall-clock start of a process (boot time + /proc/PID/stat field 22), for jobs adopted after a restart."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def watch_oom(directory):
+    """An fd that becomes readable when the cgroup at ``directory`` hits an OOM, or None where it cannot be had.
+
+    The kill and the scope's removal follow each other within milliseconds, faster than any sampling: the
+    notification is what makes an OOM kill certain to be seen. cgroup v1: an eventfd registered on
+    memory.oom_control through cgroup.event_control. cgroup v2: inotify on memory.events (the kernel signals
+    every change of it).
+    """
+    if os.path.exists(os.path.join(directory, "memory.events")):
+        return _inotify(os.path.join(directory, "memory.events"))
+    try:
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    except (AttributeError, OSError):
+        return None
+    try:
+        ofd = os.open(os.path.join(directory, "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with open(os.path.join(directory, "cgroup.event_control"), "w") as f:
+                f.write(f"{efd} {ofd}")
+        finally:
+            os.close(ofd)
+    except OSError:
+        os.close(efd)
+        return None
+    return efd
+
+
+def _inotify(path):
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd < 0:
+        return None
+    if libc.inotify_add_watch(fd, path.encode(), 0x00000002) < 0:  # IN_MODIFY
+        os.close(fd)
+        return None
+    return fd
+
+
 class JobAccount:
     """One running job as the agent follows it."""
 
@@ -106,6 +159,8 @@ class JobAccount:
         self.oom_kills = 0
         self.failcnt = 0
         self.wait_status = None
+        self.pidfd = None
+        self.oomfd = None
 
     def sample(self, vram_by_pid=None):
         """Fold the cgroup's counters and this job's VRAM use (from the GPU snapshot) into the peaks."""

@@ -8,6 +8,7 @@ adopts the scopes already running.
 
 import argparse
 import os
+import sys
 import selectors
 import signal
 import socket
@@ -84,7 +85,7 @@ def running_scopes():
     root = unit_cgroup_root()
     found = {}
     for slice_name in scope.SLICES.values():
-        cg_dir = f"/gpu-router.slice/{slice_name}"
+        cg_dir = scope.slice_path(slice_name)
         try:
             names = os.listdir(root + cg_dir)
         except OSError:
@@ -132,28 +133,45 @@ class Agent:
             pid = int(pid_text) if pid_text.isdigit() else pids[0]
             if pid in self.jobs:
                 continue
-            mode = "GPU" if "/gpu-router-gpu.slice/" in cg else "CPU"
+            mode = "GPU" if f"/{scope.SLICES['GPU']}/" in cg else "CPU"
             try:
                 w = self.cfg.workload(workload)
                 runtime_max = w.runtime_max
             except _config.ConfigError:
                 runtime_max = None
-            self.jobs[pid] = accounting.JobAccount(job_id, pid, workload, mode, None, "unknown", name, cg,
-                                                   runtime_max)
+            self.track(accounting.JobAccount(job_id, pid, workload, mode, None, "unknown", name, cg, runtime_max,
+                                             started=accounting.process_start_time(pid)))
         if self.jobs:
             self.log.info("adopted running jobs", jobs=len(self.jobs))
 
     def on_grant(self, g):
-        self.jobs[g.pid] = accounting.JobAccount(
+        self.track(accounting.JobAccount(
             g.job_id, g.pid, g.workload.name, g.mode, g.device, g.metric, g.name, g.control_group,
             g.workload.runtime_max, predicted_vram_mb=g.predicted_vram_mb, memory_max_mb=g.memory_max_mb,
-            input_path=g.input)
-        self.jobs[g.pid].sample()
+            input_path=g.input))
+
+    def track(self, job):
+        """Follow a job; a pidfd wakes the loop the moment it exits, while its cgroup's counters still exist."""
+        self.jobs[job.pid] = job
+        job.sample()
+        try:
+            job.pidfd = os.pidfd_open(job.pid)
+            self.selector.register(job.pidfd, selectors.EVENT_READ, ("exited", job.pid))
+        except OSError:
+            job.pidfd = None  # already gone: the next sample closes it
+        if job.control_group:
+            job.oomfd = accounting.watch_oom(accounting.memory_dir(job.control_group))
+            if job.oomfd is not None:
+                self.selector.register(job.oomfd, selectors.EVENT_READ, ("oom", job.pid))
 
     def finish(self, pid, wait_status=None):
         job = self.jobs.pop(pid, None)
         if job is None:
             return None
+        for fd in (job.pidfd, job.oomfd):
+            if fd is not None:
+                self.selector.unregister(fd)
+                os.close(fd)
         job.wait_status = wait_status
         job.sample(self._vram_by_pid())
         fields = job.outcome()
@@ -216,7 +234,8 @@ class Agent:
         self.sample()
         self.notify("READY=1")
         self.notify(f"STATUS={self.status_line()}")
-        journal.emit("agent", f"gpu-router-agent ready: {self.status_line()}", {"STATE": "ready"})
+        journal.emit("agent", f"gpu-router-agent ready: {self.status_line()}",
+                     {"STATE": "ready", "EXIT_STATUSES": "proc-connector" if self.proc else "unavailable"})
         interval = self.cfg.gpu.sample_interval
         dog = watchdog_interval()
         next_sample = time.monotonic() + interval
@@ -235,13 +254,35 @@ class Agent:
                 if key.data == "broker":
                     self._accept(listener)
                 elif key.data == "exits":
-                    for pid, status in procevents.drain(self.proc):
-                        if pid in self.jobs:
-                            self.finish(pid, status)
+                    self._drain_exits()
+                elif key.data[0] == "oom" and key.data[1] in self.jobs:
+                    self._on_oom(self.jobs[key.data[1]])
+                elif key.data[0] == "exited" and key.data[1] in self.jobs:
+                    pid = key.data[1]
+                    status = procevents.zombie_status(pid)  # wins when the caller has not reaped it yet
+                    if self.proc is not None:
+                        self._drain_exits()  # the kernel's word, if it came with the same wake-up
+                    if pid in self.jobs:
+                        self.finish(pid, status)
         self.notify("STOPPING=1")
         journal.emit("agent", f"gpu-router-agent stopping; {len(self.jobs)} job(s) keep running in their scopes",
                      {"STATE": "stopping"})
         return 0
+
+    def _on_oom(self, job):
+        """v1: the eventfd's count is the number of OOMs; v2: memory.events changed, so read its counters now."""
+        try:
+            data = os.read(job.oomfd, 4096)
+        except OSError:
+            data = b""
+        job.sample()
+        if len(data) == 8:  # an eventfd counter (inotify events are longer)
+            job.oom_kills = max(job.oom_kills, int.from_bytes(data, sys.byteorder))
+
+    def _drain_exits(self):
+        for pid, status in procevents.drain(self.proc):
+            if pid in self.jobs:
+                self.finish(pid, status)
 
     def _accept(self, listener):
         try:

@@ -91,7 +91,7 @@ class Grant:
     """A scope request the agent accepted: what to create and how to account for it."""
 
     __slots__ = ("name", "props", "workload", "mode", "device", "metric", "pid", "job_id", "memory_max_mb",
-                 "control_group", "input", "predicted_vram_mb")
+                 "control_group", "input", "predicted_vram_mb", "scope_policy")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -122,7 +122,7 @@ def grant(cfg, request, pid, uid):
     predicted = request.get("PREDICTED_VRAM_MB") or None
     return Grant(name=name, props=props, workload=workload, mode=mode, device=request.get("DEVICE"),
                  metric=metric, pid=pid, job_id=job_id, memory_max_mb=memory_max,
-                 control_group=f"/gpu-router.slice/{scope.SLICES[mode]}/{name}",
+                 control_group=scope.control_group(mode, job_id), scope_policy=request.get("SCOPE_POLICY"),
                  input=request.get("INPUT") or None, predicted_vram_mb=int(predicted) if predicted else None)
 
 
@@ -153,6 +153,10 @@ def serve_one(conn, cfg, group_gid, start_scope=scope.start_scope):
         start_scope(g.name, g.props)
     except scope.ScopeError as exc:
         reply(conn, {"OK": "0", "ERROR": str(exc)})
-        return None
+        if g.scope_policy != "best-effort":
+            return None
+        # The job runs anyway, without a scope (no systemd here): account for it all the same.
+        g.name = g.control_group = None
+        return g
     reply(conn, {"OK": "1", "SCOPE": g.name})
     return g

@@ -27,7 +27,7 @@ class Unavailable(Exception):
     pass
 
 
-def open_listener():
+def open_listener(verify=True):
     """A non-blocking netlink socket subscribed to process events; Unavailable with the reason otherwise."""
     try:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
@@ -44,7 +44,28 @@ def open_listener():
         sock.close()
         raise Unavailable(f"subscribing to process events: {exc.strerror} (needs CAP_NET_ADMIN in the initial "
                           f"network namespace)") from None
+    if verify and not _hears_an_exit(sock):
+        sock.close()
+        raise Unavailable("subscribed, but no exit event arrives (the kernel ignores listeners outside the initial "
+                          "PID and user namespaces, e.g. in a container)")
     return sock
+
+
+def _hears_an_exit(sock, timeout=1.0):
+    """The kernel accepts the subscription silently even where it will never deliver: prove it with a child."""
+    import select
+    import time
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
+        if any(p == pid for p, _ in drain(sock)):
+            return True
+    return False
 
 
 def parse(datagram):
@@ -80,6 +101,18 @@ def drain(sock):
             if exc.errno == 105:  # ENOBUFS: events were dropped under load; keep going
                 continue
             raise
+
+
+def zombie_status(pid):
+    """The wait status of an exited process its parent has not reaped yet (/proc/PID/stat field 52), else None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    if len(fields) < 50 or fields[0] not in (b"Z", b"X"):
+        return None
+    return int(fields[49])
 
 
 def exit_code(status):

@@ -26,6 +26,18 @@ def unit_name(job_id):
     return f"gpu-router-{job_id}.scope"
 
 
+def slice_path(slice_name):
+    """A slice's cgroup path: systemd nests by dashes, so gpu-router-cpu.slice lives at
+    /gpu.slice/gpu-router.slice/gpu-router-cpu.slice (note the implicit gpu.slice at the top)."""
+    stem = slice_name[:-len(".slice")]
+    parts = stem.split("-")
+    return "".join("/" + "-".join(parts[:i + 1]) + ".slice" for i in range(len(parts)))
+
+
+def control_group(mode, job_id):
+    return f"{slice_path(SLICES[mode])}/{unit_name(job_id)}"
+
+
 def properties(workload, mode, metric_text, pid, caller_unit=None, memory_max_mb=None):
     """The scope's unit properties, as (name, value) pairs; limits come only from the profile (the config)."""
     desc = f"gpu-router {workload.name} job on {mode} (metric {metric_text})"
@@ -63,7 +75,7 @@ def caller_unit(pid="self"):
 
 def request_fields(job, cfg):
     return [("OP", "scope"), ("WORKLOAD", job.workload.name), ("JOB", job.id), ("MODE", job.mode),
-            ("DEVICE", str(job.device)), ("PID", str(os.getpid())),
+            ("DEVICE", str(job.device)), ("PID", str(os.getpid())), ("SCOPE_POLICY", job.workload.scope),
             ("METRIC", job.fields()["METRIC"]), ("INPUT", job.input or ""),
             ("PREDICTED_VRAM_MB", str(job.predicted_vram_mb or ""))]
 

@@ -43,6 +43,9 @@ def open_lock_dir(path, create=True):
                            f"refusing it: anyone could plant lock files there (chmod o-w {path})")
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except PermissionError:
+        raise LockDirError(f"cannot open lock directory {path}: permission denied (callers must be root or in "
+                           f"the directory's group, gpu-router: `adduser USER gpu-router`)") from None
     except OSError as exc:
         raise LockDirError(f"cannot open lock directory {path}: {exc.strerror}") from None
 

@@ -23,7 +23,7 @@ def _prepare_build():
     if not link.is_symlink():
         if link.exists():
             raise RuntimeError(f"{link} exists and is not a symlink")
-        link.symlink_to(REPO / "agent")
+        link.symlink_to(os.path.relpath(REPO / "agent", LIB))  # relative: valid wherever the repo is mounted
     for launcher in (REPO / "packaging" / "bin").iterdir():
         text = launcher.read_text().replace('"/usr/lib/python3/dist-packages"', repr(str(LIB)))
         if launcher.name == "gpu-router-agent":

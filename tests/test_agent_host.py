@@ -342,3 +342,33 @@ def test_scope_best_effort_without_systemd_runs_with_warning(agent_setup, gr_bin
     assert r.returncode == 7, r.stderr
     kinds = [json.loads(x)["GPU_ROUTER_EVENT"] for x in r.stderr.splitlines() if x.startswith("{")]
     assert kinds == ["scope-failed", "routed"]
+
+
+def test_agent_accounts_a_best_effort_job_with_its_real_exit_status(agent_setup, gr_bin):
+    """No systemd here, so no scope: the agent still follows the job and reads its exit status from the kernel."""
+    base, write, start, env = agent_setup
+    write("best-effort")
+    p = start()
+    try:
+        procevents.open_listener().close()
+    except procevents.Unavailable as exc:
+        pytest.skip(f"proc connector unavailable here: {exc}")
+    (base / "in").write_bytes(b"x" * 10)
+    r = subprocess.run([str(gr_bin), "run", "--workload", "tx", "--", "-c", "sleep 0.3; exit 5", str(base / "in")],
+                       env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 5
+    job = [json.loads(x) for x in r.stderr.splitlines() if x.startswith("{")][-1]["GPU_ROUTER_JOB"]
+    deadline = time.monotonic() + 10
+    outcome = None
+    while outcome is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        samples = base / "state" / "samples" / "tx.jsonl"
+        if samples.exists():
+            outcome = json.loads(samples.read_text().splitlines()[-1])
+    assert outcome and outcome["result"] == "failed" and outcome["duration_s"] >= 0.3
+    p.send_signal(signal.SIGTERM)
+    p.wait(10)
+    finished = [json.loads(x) for x in p.stderr.read().splitlines()
+                if x.startswith("{") and '"job-finished"' in x]
+    assert finished[-1]["GPU_ROUTER_JOB"] == job
+    assert finished[-1]["GPU_ROUTER_EXIT_STATUS"] == "5" and finished[-1]["GPU_ROUTER_RESULT"] == "failed"

@@ -1,0 +1,265 @@
+"""Job scopes, the agent service and job accounting on a real systemd (booted in systemd-nspawn).
+
+gpu-router is installed from the checkout (/src) the way the package lays it out — launchers in /usr/bin and
+/usr/sbin, units in /etc/systemd/system, tmpfiles.d — in a container of this module's own, so the .deb tests
+get a pristine one. Every check reads what systemd, the kernel and journald say.
+"""
+
+import json
+import textwrap
+import time
+
+import pytest
+
+import harness
+from conftest import require_lane
+
+# No GPU in this lane: a stand-in nvidia-smi reports one healthy 16 GiB GPU, so GPU routing and the GPU slice are
+# exercised through the agent's real nvidia-smi backend. (tests/test_gpu.py covers the backends themselves.)
+FAKE_SMI = """#!/bin/sh
+case "$1" in
+  --query-gpu=index,uuid,name,memory.total,memory.used,memory.free) echo "0, GPU-00000000-fake, Fake GPU, 16384, 500, 15884";;
+  --query-gpu=driver_version) echo "550.00";;
+esac
+exit 0
+"""
+
+CONFIG = """
+[gpu]
+backend = "nvidia-smi"
+sample_interval = "0.5s"
+
+[workloads.hog]
+binary = "/usr/bin/python3"
+probe = "file-size"
+threshold = 1                 # every input is over: CPU
+max_cpu_jobs = 3
+max_gpu_jobs = 1
+cpu_memory_max = 200          # MiB: the runaway's limit
+scope = "required"
+runtime_max = "20s"
+
+[workloads.gentle]
+binary = "/usr/bin/python3"
+probe = "file-size"
+threshold = 1000000           # every small input is under: GPU (assumed GPU 0: no snapshot of a GPU here)
+max_gpu_jobs = 4
+max_cpu_jobs = 1
+gpu_memory_max = 300
+scope = "required"
+
+[workloads.brief]
+binary = "/usr/bin/python3"
+probe = "file-size"
+threshold = 1
+max_cpu_jobs = 2
+scope = "required"
+runtime_max = "2s"
+"""
+
+ALLOC = """
+import sys, time
+mb = int(sys.argv[1])
+hold = float(sys.argv[2])
+block = bytearray(mb * 1024 * 1024)
+for i in range(0, len(block), 4096):
+    block[i] = 1
+time.sleep(hold)
+sys.exit(int(sys.argv[3]) if len(sys.argv) > 4 else 0)
+"""
+
+INSTALL = r"""
+set -e
+mkdir -p /opt/gpu-router/lib /etc/gpu-router
+ln -sfn /src/agent /opt/gpu-router/lib/gpu_router
+sed 's#"/usr/lib/python3/dist-packages"#"/opt/gpu-router/lib"#' /src/packaging/bin/gpu-router > /usr/bin/gpu-router
+printf '#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, "/opt/gpu-router/lib")\nfrom gpu_router.agent import main\nsys.exit(main())\n' > /usr/sbin/gpu-router-agent
+chmod 755 /usr/bin/gpu-router /usr/sbin/gpu-router-agent
+cp /src/units/* /etc/systemd/system/
+cp /src/packaging/tmpfiles.d/gpu-router.conf /usr/lib/tmpfiles.d/gpu-router.conf
+getent group gpu-router >/dev/null || groupadd --system gpu-router
+systemd-tmpfiles --create gpu-router.conf
+mkdir -p /etc/systemd/system/gpu-router-agent.service.d
+printf '[Service]\nWatchdogSec=3\n' > /etc/systemd/system/gpu-router-agent.service.d/test.conf
+systemctl daemon-reload
+systemctl enable --now gpu-router-agent.socket gpu-router-agent.service
+"""
+
+
+@pytest.fixture(scope="module")
+def box():
+    require_lane()
+    c = harness.Container()
+    c.start()
+    try:
+        c.write_file("/etc/gpu-router/config.toml", CONFIG)
+        c.write_file("/srv/alloc.py", ALLOC)
+        c.write_file("/srv/input", "x" * 100)
+        c.write_file("/usr/local/bin/nvidia-smi", FAKE_SMI, mode=0o755)
+        c.run(INSTALL, timeout=120)
+        c.add_user("runner", groups=["gpu-router"])
+        c.add_user("outsider")
+        c.wait_for("systemctl is-active --quiet gpu-router-agent.service", timeout=30)
+        yield c
+    finally:
+        c.stop()
+
+
+def gr(box, workload, *args, user=None, check=False, timeout=60):
+    return box.run(["gpu-router", "run", "--workload", workload, "--", *args], user=user, check=check,
+                   timeout=timeout)
+
+
+def events(box, *matches):
+    return box.journal(*matches)
+
+
+def finished(box, job_id, timeout=20):
+    """The agent's outcome event for a job (it arrives after the job ends)."""
+    def find():
+        found = events(box, "GPU_ROUTER_EVENT=job-finished", f"GPU_ROUTER_JOB={job_id}")
+        return found[-1] if found else None
+    return box.wait_for(find, timeout=timeout, interval=0.3)
+
+
+def exit_statuses(box):
+    """How the agent learns exit statuses here: the kernel's proc connector never delivers inside a container's
+    PID namespace, so in this lane it must say "unavailable" (tests/test_agent_host.py covers the real path)."""
+    ready = events(box, "GPU_ROUTER_EVENT=agent", "GPU_ROUTER_STATE=ready")
+    return ready[-1]["GPU_ROUTER_EXIT_STATUSES"]
+
+
+def test_agent_is_ready_with_status_and_watchdog(box):
+    show = box.run(["systemctl", "show", "gpu-router-agent.service", "-p", "ActiveState,StatusText,WatchdogUSec,"
+                    "Type,NRestarts"]).stdout
+    props = dict(line.split("=", 1) for line in show.splitlines() if "=" in line)
+    assert props["ActiveState"] == "active"
+    assert props["Type"] == "notify"
+    assert "1/1 GPUs healthy" in props["StatusText"] and "running" in props["StatusText"], props
+    assert props["WatchdogUSec"] == "3s"
+    time.sleep(7)  # more than two watchdog periods: a silent agent would have been killed and restarted
+    again = box.run(["systemctl", "show", "gpu-router-agent.service", "-p", "ActiveState,NRestarts"]).stdout
+    assert "ActiveState=active" in again and "NRestarts=0" in again
+    sock = box.run(["stat", "-c", "%a %G", "/run/gpu-router/agent.sock"]).stdout.split()
+    assert sock == ["660", "gpu-router"]
+
+
+def test_runaway_job_is_killed_alone_and_the_outcome_says_oom(box):
+    n = len(events(box, "GPU_ROUTER_EVENT=routed", "GPU_ROUTER_WORKLOAD=hog"))
+    # A sibling job in its own scope, and a caller (this shell) that must both survive.
+    script = textwrap.dedent("""
+        gpu-router run --workload hog -- /srv/alloc.py 50 4 /srv/input & sib=$!
+        sleep 1
+        gpu-router run --workload hog -- /srv/alloc.py 400 1 /srv/input; echo "runaway=$?"
+        wait $sib; echo "sibling=$?"
+        echo caller-alive
+    """)
+    out = box.run_unit(script, user="runner", timeout=90).stdout
+    assert "runaway=137" in out, out
+    assert "sibling=0" in out and "caller-alive" in out, out
+    hog = events(box, "GPU_ROUTER_EVENT=routed", "GPU_ROUTER_WORKLOAD=hog")[n:]
+    assert len(hog) == 2 and all(e["GPU_ROUTER_MODE"] == "CPU" for e in hog)
+    assert all(e["GPU_ROUTER_SCOPE"].startswith("gpu-router-hog-") for e in hog)
+    sibling, runaway = (finished(box, e["GPU_ROUTER_JOB"]) for e in hog)  # in launch order
+    results = [(o["GPU_ROUTER_RESULT"], o.get("GPU_ROUTER_EXIT_STATUS")) for o in (runaway, sibling)]
+    # The OOM kill is read from the scope's cgroup counters, which needs no exit status. Exit statuses: the proc
+    # connector is silent in a container, so the agent reads the zombie's status when it wakes before the caller
+    # reaps (a race): either the status is there and right, or absent and the result says "unknown".
+    assert exit_statuses(box) == "unavailable"
+    (oom, oom_status), (other, other_status) = results
+    assert oom == "oom-kill" and oom_status in (None, "137"), results
+    assert (other, other_status) in (("success", "0"), ("unknown", None)), results
+    ok = sibling
+    assert 40 <= float(ok["GPU_ROUTER_PEAK_RAM_MB"]) <= 200, ok
+    assert float(ok["GPU_ROUTER_DURATION_S"]) >= 3
+    samples = box.run(["cat", "/var/lib/gpu-router/samples/hog.jsonl"]).stdout.splitlines()
+    assert any(json.loads(s)["result"] == "oom-kill" and json.loads(s)["peak_ram_mb"] >= 190 for s in samples)
+
+
+def test_scopes_land_in_their_slices_with_their_limits(box):
+    script = textwrap.dedent("""
+        gpu-router run --workload hog -- /srv/alloc.py 10 4 /srv/input & a=$!
+        gpu-router run --workload gentle -- /srv/alloc.py 10 4 /srv/input & b=$!
+        sleep 2
+        for u in $(systemctl list-units --plain --no-legend 'gpu-router-*.scope' | awk '{print $1}'); do
+            echo "UNIT $u $(systemctl show -p Slice --value $u) $(systemctl show -p MemoryMax --value $u)" \
+                 "$(systemctl show -p RuntimeMaxUSec --value $u)"
+        done
+        wait $a $b
+    """)
+    out = box.run_unit(script, user="runner", timeout=60).stdout
+    units = [line.split()[1:] for line in out.splitlines() if line.startswith("UNIT ")]
+    hog = [u for u in units if u[0].startswith("gpu-router-hog-")]
+    gentle = [u for u in units if u[0].startswith("gpu-router-gentle-")]
+    assert hog and hog[0][1:] == ["gpu-router-cpu.slice", str(200 * 1024 * 1024), "20s"], units
+    assert gentle and gentle[0][1:3] == ["gpu-router-gpu.slice", str(300 * 1024 * 1024)], units
+    slices = box.run(["systemctl", "show", "-p", "Slice", "--value", "gpu-router-cpu.slice"]).stdout.strip()
+    assert slices == "gpu-router.slice"
+
+
+def test_outsider_is_refused_and_the_job_does_not_run(box):
+    """Outside group gpu-router a caller can use neither the slots (2770) nor the broker's socket (0660)."""
+    box.write_file("/srv/marker.py", "open('/tmp/outsider-ran', 'w').close()\n")
+    r = gr(box, "hog", "/srv/marker.py", "/srv/input", user="outsider")
+    assert r.returncode == 69, r.stderr
+    assert "group" in r.stderr and "gpu-router" in r.stderr
+    assert box.run(["test", "-e", "/tmp/outsider-ran"], check=False).returncode != 0
+    refused = events(box, "GPU_ROUTER_EVENT=config-error", "_UID=" + box.run(["id", "-u", "outsider"]).stdout.strip())
+    assert refused and "permission denied" in refused[-1]["MESSAGE"]
+    conn = box.run(["python3", "-c", "import socket; s=socket.socket(socket.AF_UNIX); "
+                    "s.connect('/run/gpu-router/agent.sock')"], user="outsider", check=False)
+    assert conn.returncode != 0 and "PermissionError" in conn.stderr
+
+
+def test_a_pid_that_is_not_the_peer_is_refused_and_logged(box):
+    code = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, "/opt/gpu-router/lib")
+        from gpu_router import scope
+        reply = scope.ask_agent("/run/gpu-router/agent.sock", [("OP", "scope"), ("WORKLOAD", "hog"),
+            ("JOB", "hog-1-abcdef"), ("MODE", "CPU"), ("PID", "1"), ("METRIC", "1")])
+        print(reply.get("OK"), reply.get("ERROR"))
+    """)
+    out = box.run(["python3", "-c", code], user="runner").stdout
+    assert out.startswith("0 ") and "comes from pid" in out
+    refused = events(box, "GPU_ROUTER_EVENT=broker-refused")
+    assert refused and "comes from pid" in refused[-1]["GPU_ROUTER_REASON"]
+
+
+def test_agent_restart_keeps_running_jobs_and_still_accounts_them(box):
+    n = len(events(box, "GPU_ROUTER_EVENT=routed", "GPU_ROUTER_WORKLOAD=hog"))
+    script = textwrap.dedent("""
+        gpu-router run --workload hog -- /srv/alloc.py 10 5 3 x /srv/input & job=$!
+        sleep 1.5
+        systemctl restart gpu-router-agent.service
+        echo "agent=$(systemctl is-active gpu-router-agent.service)"
+        wait $job; echo "job=$?"
+    """)
+    out = box.run_unit(script, timeout=60).stdout
+    assert "agent=active" in out and "job=3" in out, out
+    job = events(box, "GPU_ROUTER_EVENT=routed", "GPU_ROUTER_WORKLOAD=hog")[n:][0]["GPU_ROUTER_JOB"]
+    outcome = finished(box, job)  # written by the restarted agent, which adopted the running scope
+    assert float(outcome["GPU_ROUTER_DURATION_S"]) >= 3
+    assert outcome["GPU_ROUTER_SCOPE"].startswith("gpu-router-hog-")
+
+
+def test_runtime_max_ends_the_job_as_timeout(box):
+    n = len(events(box, "GPU_ROUTER_EVENT=routed", "GPU_ROUTER_WORKLOAD=brief"))
+    r = gr(box, "brief", "/srv/alloc.py", "1", "30", "/srv/input", timeout=60)
+    assert r.returncode in (-15, 143, 137, -9), r
+    job = events(box, "GPU_ROUTER_EVENT=routed", "GPU_ROUTER_WORKLOAD=brief")[n:][0]["GPU_ROUTER_JOB"]
+    assert finished(box, job)["GPU_ROUTER_RESULT"] == "timeout"
+
+
+def test_journal_answers_queries_by_mode(box):
+    gr(box, "gentle", "/srv/alloc.py", "1", "0", "/srv/input", check=True)
+    gr(box, "hog", "/srv/alloc.py", "1", "0", "/srv/input", check=True)
+    gpu = box.journal("GPU_ROUTER_MODE=GPU")
+    cpu = box.journal("GPU_ROUTER_MODE=CPU")
+    assert gpu and all(e["GPU_ROUTER_MODE"] == "GPU" for e in gpu)
+    assert cpu and all(e["GPU_ROUTER_MODE"] == "CPU" for e in cpu)
+    routed = box.journal("GPU_ROUTER_MODE=GPU", "MESSAGE_ID=ad6853f5daa045ce9cee622a6d0c3e62")
+    assert routed and routed[-1]["GPU_ROUTER_EVENT"] == "routed" and routed[-1]["GPU_ROUTER_DEVICE"] == "0"
+    assert routed[-1]["SYSLOG_IDENTIFIER"] == "gpu-router"
+    # The decision is attributed to the job's own scope: journalctl -u <scope> shows it.
+    assert routed[-1]["_SYSTEMD_UNIT"] == routed[-1]["GPU_ROUTER_SCOPE"]
