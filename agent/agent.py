@@ -291,6 +291,10 @@ class Agent:
             return
         with conn:
             conn.setblocking(True)
+            try:  # a profile added a moment ago must be known to the very next request (a cache hit costs ~1 ms)
+                self.cfg = _config.load(self.config_file)
+            except _config.ConfigError as exc:
+                self.log.error("config error; keeping the last good config", error=str(exc))
             gid = broker.group_id(self.cfg.agent.group)
             g = broker.serve_one(conn, self.cfg, gid)
         if g is not None:

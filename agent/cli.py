@@ -199,8 +199,11 @@ def cmd_wrap(args):
     from . import wrap
 
     cfg = _load(args)
-    cfg.workload(args.workload)
+    profile = cfg.workload(args.workload)
     result = wrap.wrap(args.binary, args.workload)
+    if isinstance(result, dict) and result.get("real") and profile.binary != result["real"]:
+        sys.stderr.write(f"gpu-router: note: profile {args.workload!r} runs {profile.binary}, but the wrapped "
+                         f"binary now lives at {result['real']}: set binary = \"{result['real']}\"\n")
     _emit(args, result if isinstance(result, dict) else {"result": str(result)}, _describe(result))
     return 0
 
@@ -210,7 +213,7 @@ def cmd_unwrap(args):
 
     if not args.all and not args.binary:
         raise _config.ConfigError("name a BINARY or give --all")
-    result = wrap.unwrap(args.binary, all=args.all)
+    result = wrap.unwrap(args.binary, all=args.all, force=args.force)
     _emit(args, result if isinstance(result, dict) else {"result": str(result)}, _describe(result))
     return 0
 
@@ -251,6 +254,7 @@ def parser():
     c = command("unwrap", "restore a wrapped binary exactly as it was")
     c.add_argument("binary", nargs="?")
     c.add_argument("--all", action="store_true", help="every binary gpu-router wrapped (used on purge)")
+    c.add_argument("--force", action="store_true", help="restore even where the wrapped path was changed since")
     c.set_defaults(func=cmd_unwrap)
     for extra in _extra_commands():
         extra(sub, command)
@@ -291,3 +295,8 @@ def main(argv):
         return 69
     except BrokenPipeError:
         return 0
+    except Exception as exc:  # wrap.WrapError without importing wrap for every command
+        if type(exc).__name__ in ("WrapError", "UnwrapIncomplete"):
+            sys.stderr.write(f"gpu-router: {exc}\n")
+            return getattr(exc, "exit_code", 1)
+        raise

@@ -525,8 +525,15 @@ def _write_cache(cache_file, sources, plain):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             os.write(fd, marshal.dumps({"format": CACHE_FORMAT, "sources": sources, "config": plain}))
+            written = os.fstat(fd).st_ctime_ns
         finally:
             os.close(fd)
+        # Racy sources (as git's index has them): timestamps are kernel ticks on many kernels (Debian 12's 6.1),
+        # so a same-size edit in the tick of this load would leave every stat field as recorded. Cache only
+        # sources changed strictly before the cache itself; a later edit then always differs from the key.
+        if any(s[1] is not None and s[4] >= written for s in sources):
+            os.unlink(tmp)
+            return False
         os.rename(tmp, cache_file)
         return True
     except OSError:

@@ -31,6 +31,7 @@ PRIORITIES = {
 }
 
 DEFAULT_SOCKET = "/run/systemd/journal/socket"
+SEND_TIMEOUT_S = 0.5  # the longest a job waits for a journald that does not read
 PREFIX = "GPU_ROUTER_"
 
 
@@ -92,8 +93,13 @@ def _send_journald(payload):
 
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
     try:
+        # A blocking send to a journald that does not read (stuck, or its queue full) would hang the job forever.
+        # Connected, the socket waits for room in journald's queue (poll on a connected datagram socket sees the
+        # peer's queue), but only this long; then the event goes to stderr.
+        sock.settimeout(SEND_TIMEOUT_S)
+        sock.connect(journal_socket_path())
         try:
-            sock.sendto(payload, journal_socket_path())
+            sock.send(payload)
         except OSError as exc:
             if exc.errno != 90:  # EMSGSIZE: journald takes large entries through a memfd; here, a temp file
                 raise
@@ -110,8 +116,7 @@ def _send_journald_fd(sock, payload):
         os.write(fd, payload)
         import fcntl
         fcntl.fcntl(fd, 1033, 0x0001 | 0x0002 | 0x0004 | 0x0008)  # F_ADD_SEALS: seal, shrink, grow, write
-        sock.sendmsg([], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))], 0,
-                     journal_socket_path())
+        sock.sendmsg([], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))])
     finally:
         os.close(fd)
 

@@ -131,8 +131,10 @@ def plan(workload, values, gpus, reservations=None, reserve_mb=0):
         rooms = [(room_mb(g, reservations.get(g.key, ()), reserve_mb), g) for g in usable]
         fitting = [(r, g) for r, g in rooms if r >= predicted]
         fitting.sort(key=lambda rg: (-rg[0], rg[1].index))
-        full = None if fitting else ("vram-too-large" if all(predicted > g.total_mb - reserve_mb - g.foreign_mb
-                                                             for g in usable) else "no-vram-room")
+        # Too large means no GPU could ever hold it (its size less the reserve); foreign use comes and goes,
+        # and a GPU full of it is "no room now" (BLOCKED, or spill where configured), like one full of our jobs.
+        full = None if fitting else ("vram-too-large" if all(predicted > g.total_mb - reserve_mb for g in usable)
+                                     else "no-vram-room")
         if full == "vram-too-large":
             # No GPU could ever hold it: the CPU is the only place, like a job over the threshold.
             return Plan("CPU", "vram-too-large", predicted_vram_mb=predicted)

@@ -59,6 +59,15 @@ def open_input(path):
     """An fd on a regular, non-empty, readable file, with its size; ProbeFailed otherwise."""
     if path is None:
         raise ProbeFailed("no-input", "no input file found among the arguments")
+    # stat before open: merely opening a FIFO releases a writer blocked in its open(), and our close then
+    # leaves it with no reader (EPIPE: its data is lost before the job could read it). The fstat below still
+    # catches a name swapped between the two calls.
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is not None and not _stat.S_ISREG(st.st_mode):
+        raise ProbeFailed("input-not-regular", f"input {path!r} is {_kind(st)}")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -70,13 +79,17 @@ def open_input(path):
     st = os.fstat(fd)
     if not _stat.S_ISREG(st.st_mode):
         os.close(fd)
-        kind = "a directory" if _stat.S_ISDIR(st.st_mode) else "a FIFO" if _stat.S_ISFIFO(st.st_mode) else \
-            "not a regular file"
-        raise ProbeFailed("input-not-regular", f"input {path!r} is {kind}")
+        raise ProbeFailed("input-not-regular", f"input {path!r} is {_kind(st)}")
     if st.st_size == 0:
         os.close(fd)
         raise ProbeFailed("input-empty", f"input {path!r} is empty")
     return fd, st.st_size
+
+
+def _kind(st):
+    return "a directory" if _stat.S_ISDIR(st.st_mode) else "a FIFO" if _stat.S_ISFIFO(st.st_mode) else \
+        "a socket" if _stat.S_ISSOCK(st.st_mode) else "a device" if _stat.S_ISCHR(st.st_mode) or \
+        _stat.S_ISBLK(st.st_mode) else "not a regular file"
 
 
 # ---- running an external probe --------------------------------------------------------------------------------
@@ -95,7 +108,9 @@ def run_command(argv, timeout):
     err_r, err_w = os.pipe()
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        pid = os.posix_spawn(argv[0], argv, os.environ, setpgroup=0, setsigdef=(signal.SIGPIPE,),
+        # GPU_ROUTER_PROBING: should the probe tool itself be wrapped, that wrapper runs it straight (no recursion)
+        env = dict(os.environ, GPU_ROUTER_PROBING="1")
+        pid = os.posix_spawn(argv[0], argv, env, setpgroup=0, setsigdef=(signal.SIGPIPE,),
                              file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
                                            (os.POSIX_SPAWN_DUP2, err_w, 2)])
     except OSError as exc:

@@ -228,6 +228,13 @@ def run(workload_name, args, config_file=None):
         _err(f"config error: {exc}")
         journal.emit("config-error", f"config error: {exc}", {"WORKLOAD": workload_name, "DETAIL": str(exc)})
         return EX_USAGE
+    if os.environ.get("GPU_ROUTER_PROBING"):
+        # We are a probe of another gpu-router (the probe tool itself is wrapped): run it as it is, no routing.
+        try:
+            os.execv(workload.binary, [workload.binary] + list(args))
+        except OSError as exc:
+            _err(f"{workload.name}: cannot run {workload.binary}: {exc.strerror}")
+            return 127 if isinstance(exc, FileNotFoundError) else 126
     job = Job(workload, args)
     if not _probe(job):
         return cfg.router.probe_error_exit_code

@@ -53,7 +53,9 @@ def open_lock_dir(path, create=True):
 def _open_lock_file(dir_fd, name, display):
     try:
         # Read-only is enough for flock, and lets any member of the lock dir's group use a file another one made.
-        fd = os.open(name, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o660, dir_fd=dir_fd)
+        # O_NONBLOCK: a FIFO planted under a slot's name would otherwise block this open until a writer comes.
+        fd = os.open(name, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o660,
+                     dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == 40:  # ELOOP: the name is a symlink
             raise LockDirError(f"lock file {display} is a symlink; refusing it") from None
@@ -107,7 +109,7 @@ def holders(dir_fd, lock_dir, workload, pool, count):
     for n in range(count):
         name = slot_name(workload, pool, n)
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
         except OSError:
             continue
         try:
@@ -145,7 +147,7 @@ def _publish(dir_fd, name, content):
 def _alive(dir_fd, name):
     """True while the entry's owner holds its lock; a dead owner's entry is removed on the way."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError:
         return False
     except OSError:
@@ -224,7 +226,8 @@ def _read_ledger(fd):
             continue
         key, _, pid = name.rpartition(".")
         try:
-            with open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), "rb") as f:
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            with open(os.open(name, flags, dir_fd=fd), "rb") as f:
                 mb = int(f.read().strip() or 0)
         except (OSError, ValueError):
             continue

@@ -6,7 +6,8 @@
  * API); no NVIDIA code. Only what gpu-router and the binding touch is provided; anything else is absent, so the
  * binding raises NVMLError_FunctionNotFound, as it would against an old driver.
  *
- * State lives in the directory named by $FAKE_NVML_STATE and is re-read on every call, so a test changes it live:
+ * State lives in the directory named by $FAKE_NVML_STATE and is re-read on every call, so a test changes it live
+ * (without the variable, nvmlInit answers DRIVER_NOT_LOADED):
  *
  *   init_error          present: nvmlInit* fail with the NVML code it holds (empty: 9, DRIVER_NOT_LOADED)
  *   hang                seconds (float): every call sleeps that long first (a wedged driver)
@@ -312,6 +313,8 @@ nvmlReturn_t nvmlInitWithFlags(unsigned int flags)
     (void)flags;
     global_hang();
     char path[4096], buf[64];
+    if (!state_dir())
+        return NVML_ERROR_DRIVER_NOT_LOADED; /* no state: a library without a driver behind it */
     if (state_path(path, sizeof path, "init_error") == 0 && read_file(path, buf, sizeof buf) >= 0) {
         int code = atoi(buf);
         return code > 0 ? code : NVML_ERROR_DRIVER_NOT_LOADED;

@@ -1,0 +1,515 @@
+"""GPU backends: NVML (pynvml), nvidia-smi, none -> typed per-GPU states. Agent only; never on the wrapper's path.
+
+A backend's ``sample()`` never raises. It returns::
+
+    {"source": "nvml" | "nvidia-smi" | "none", "error": None | "kind: detail", "driver": str | None,
+     "gpus": [{"index", "uuid", "name", "total_mb", "used_mb", "free_mb", "health", "reason",
+               "processes": [{"pid", "used_mb"}]}],
+     "xid_events": [(index | None, xid)]}
+
+``health`` is "ok", "gpu-lost", "reset-required", "init-failed" or "error:<nvml-error>" (e.g. "error:timeout");
+Xid health ("xid-<n>") is the monitor's business, since it needs a hold-off clock. Numbers a failing GPU could not
+report are None. "No GPU" is a normal state (source "none", error None, gpus []), not an error.
+
+Why a worker thread with a deadline for NVML calls: a GPU falling off the bus can block an NVML call in the kernel
+for tens of seconds, and a ctypes call cannot be interrupted (signals only run Python handlers between bytecodes).
+ctypes releases the GIL during the call, so each sample runs in its own daemon thread and the monitor waits at most
+``call_timeout_s``; GPUs finished by then keep their data, the rest read "error:timeout". While a call is still
+stuck, later samples answer "timeout" at once instead of piling up threads (at most one thread is ever stuck), and
+sampling resumes by itself when the call returns. A subprocess per sample would be killable, but would pay the
+binding's import and nvmlInit (up to seconds without persistence mode) every time, which is what the agent exists
+to avoid.
+
+Xid watching follows NVIDIA's Kubernetes device plugin: register ``nvmlEventTypeXidCriticalError`` (masked by
+``nvmlDeviceGetSupportedEventTypes``) on an event set, and treat Xids as the GPU's fault except the application ones
+(13, 31, 43, 45, 68 by default: a faulting kernel, not a faulting GPU). Events are drained with a zero timeout at each
+sample, in the same worker thread, so NVML is only ever used from one thread at a time.
+"""
+
+import os
+import sys
+import threading
+
+APPLICATION_XIDS = (13, 31, 43, 45, 68)
+XID_CRITICAL_EVENT = 0x8  # nvmlEventTypeXidCriticalError
+MIB = 1024 * 1024
+
+# NVML return codes (nvml.h) -> stable slugs for "error:<slug>".
+NVML_ERRORS = {
+    1: "uninitialized", 2: "invalid-argument", 3: "not-supported", 4: "no-permission", 5: "already-initialized",
+    6: "not-found", 7: "insufficient-size", 8: "insufficient-power", 9: "driver-not-loaded", 10: "timeout",
+    11: "irq-issue", 12: "library-not-found", 13: "function-not-found", 14: "corrupted-inforom", 15: "gpu-is-lost",
+    16: "reset-required", 17: "operating-system", 18: "lib-rm-version-mismatch", 19: "in-use", 20: "memory",
+    21: "no-data", 22: "vgpu-ecc-not-supported", 23: "insufficient-resources", 24: "freq-not-supported",
+    25: "argument-version-mismatch", 26: "deprecated", 27: "not-ready", 28: "gpu-not-found", 29: "invalid-state",
+    999: "unknown",
+}
+NVML_GPU_IS_LOST, NVML_RESET_REQUIRED, NVML_TIMEOUT, NVML_LIBRARY_NOT_FOUND = 15, 16, 10, 12
+# Codes after which the session itself is suspect: shut NVML down and initialise it again.
+_REINIT_CODES = (1, 9, 17, 18, 999)
+
+SHIM_MESSAGE = ("refusing PyPI's deprecated 'pynvml' package (it wraps or shadows NVIDIA's binding and warns on "
+                "import): remove it (pip uninstall pynvml) and install python3-pynvml or nvidia-ml-py")
+
+
+def health_of_code(code):
+    if code == NVML_GPU_IS_LOST:
+        return "gpu-lost"
+    if code == NVML_RESET_REQUIRED:
+        return "reset-required"
+    return "error:" + NVML_ERRORS.get(code, f"nvml-{code}")
+
+
+def _text(value):
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def import_pynvml():
+    """(module, None) or (None, reason). Refuses PyPI's ``pynvml`` shim in both its forms.
+
+    NVIDIA's binding (nvidia-ml-py, Debian's python3-pynvml) is one module file, ``pynvml.py``. The old PyPI
+    ``pynvml`` (<12) is a package with its own, often stale, copy (``pynvml/nvml.py``) that shadows it; the new one
+    installs a ``_pynvml_redirector`` import hook that warns on every import. The hook is detected before importing,
+    so it never fires.
+    """
+    for finder in sys.meta_path:
+        kind = type(finder)
+        if kind.__module__ == "_pynvml_redirector" or kind.__name__ == "PynvmlFinder":
+            return None, "pynvml-refused: " + SHIM_MESSAGE
+    try:
+        import pynvml
+    except ImportError as exc:
+        return None, f"pynvml-missing: {exc}"
+    except Exception as exc:  # a broken binding must not take the agent down
+        return None, f"pynvml-broken: {exc!r}"
+    if hasattr(pynvml, "__path__") or not hasattr(pynvml, "nvmlInit"):
+        return None, "pynvml-refused: " + SHIM_MESSAGE + f" (found {getattr(pynvml, '__file__', '?')})"
+    return pynvml, None
+
+
+def _gpu(index, static=None, health="ok", reason=None):
+    static = static or {}
+    return {"index": index, "uuid": static.get("uuid"), "name": static.get("name"),
+            "total_mb": static.get("total_mb"), "used_mb": None, "free_mb": None,
+            "health": health, "reason": reason, "processes": []}
+
+
+class NoGpuBackend:
+    """No GPU here, or none we can query: an empty sample. `error` says why when someone asked for a GPU."""
+
+    source = "none"
+
+    def __init__(self, error=None, note=None):
+        self.error = error
+        self.note = note
+
+    def open(self):
+        return self
+
+    def sample(self):
+        return {"source": self.source, "error": self.error, "driver": None, "gpus": [], "xid_events": []}
+
+    def close(self):
+        pass
+
+
+class _Box:
+    """One sample's results, filled by the worker as it goes, so a deadline keeps what was finished."""
+
+    __slots__ = ("gpus", "events", "error", "abandoned", "done")
+
+    def __init__(self):
+        self.gpus = []
+        self.events = []
+        self.error = None
+        self.abandoned = False
+        self.done = threading.Event()
+
+
+class NvmlBackend:
+    """NVML through the pynvml binding, with every call under a deadline (see the module docstring)."""
+
+    source = "nvml"
+
+    def __init__(self, pynvml=None, call_timeout_s=5.0, reinit_after=10, watch_xid=True):
+        if pynvml is None:
+            pynvml, reason = import_pynvml()
+            if pynvml is None:
+                raise ImportError(reason)
+        self.nvml = pynvml
+        self.call_timeout_s = call_timeout_s
+        self.reinit_after = reinit_after
+        self.watch_xid = watch_xid
+        self.note = None
+        self._initialized = False
+        self._reinit = False
+        self._driver = None
+        self._event_set = None
+        self._registered = set()      # GPU indices whose Xid events are registered
+        self._unwatchable = set()     # GPUs that do not support Xid events
+        self._by_addr = {}            # handle address -> index, to place events
+        self._static = {}             # index -> {"uuid", "name", "total_mb"}, kept for GPUs that stop answering
+        self._count = 0
+        self._bad_streak = 0
+        self._stuck = None            # the worker thread still inside an NVML call, if any
+        self._closed = False
+        self._library_missing = False
+        self.open_error = None
+
+    # ---------------------------------------------------------------- running calls under a deadline
+
+    def _run(self, job, box):
+        """Run job(box) in a fresh daemon thread; True when it finished within the deadline."""
+        if self._stuck is not None:
+            if self._stuck.is_alive():
+                return False
+            self._stuck = None
+        thread = threading.Thread(target=self._guarded, args=(job, box), name="gpu-router-nvml", daemon=True)
+        thread.start()
+        if box.done.wait(self.call_timeout_s):
+            return True
+        box.abandoned = True
+        self._stuck = thread
+        return False
+
+    @staticmethod
+    def _guarded(job, box):
+        try:
+            job(box)
+        except Exception as exc:  # a binding bug becomes a typed state, not a dead thread
+            box.error = f"error: {type(exc).__name__}: {exc}"
+        finally:
+            box.done.set()
+
+    # ---------------------------------------------------------------- the work (worker thread only)
+
+    def _init(self, box):
+        n = self.nvml
+        if self._initialized and self._reinit:
+            self._shutdown_session()
+        self._reinit = False
+        if self._initialized:
+            return True
+        try:
+            n.nvmlInit()
+        except n.NVMLError as exc:
+            box.error = f"init-failed: {exc}"
+            box.gpus = [_gpu(i, self._static.get(i), "init-failed", str(exc)) for i in sorted(self._static)]
+            self._library_missing = exc.value == NVML_LIBRARY_NOT_FOUND
+            return False
+        self._initialized = True
+        self._library_missing = False
+        try:
+            self._driver = _text(n.nvmlSystemGetDriverVersion())
+        except n.NVMLError:
+            self._driver = None
+        if self.watch_xid:
+            try:
+                self._event_set = n.nvmlEventSetCreate()
+            except n.NVMLError:
+                self._event_set = None
+        return True
+
+    def _shutdown_session(self):
+        n = self.nvml
+        if self._event_set is not None:
+            try:
+                n.nvmlEventSetFree(self._event_set)
+            except n.NVMLError:
+                pass
+        self._event_set = None
+        self._registered.clear()
+        self._by_addr.clear()
+        try:
+            n.nvmlShutdown()
+        except n.NVMLError:
+            pass
+        self._initialized = False
+
+    def _sample_job(self, box):
+        n = self.nvml
+        if not self._init(box):
+            return
+        try:
+            count = n.nvmlDeviceGetCount()
+        except n.NVMLError as exc:
+            box.error = f"query-failed: {exc}"
+            box.gpus = [_gpu(i, self._static.get(i), health_of_code(exc.value), str(exc)) for i in sorted(self._static)]
+            self._reinit = exc.value in _REINIT_CODES
+            return
+        self._count = count
+        for index in range(count):
+            if box.abandoned:
+                return
+            box.gpus.append(self._sample_gpu(index))
+        if self._event_set is not None and not box.abandoned:
+            box.events = self._drain_events()
+
+    def _sample_gpu(self, index):
+        import ctypes
+
+        n = self.nvml
+        gpu = _gpu(index, self._static.get(index))
+        try:
+            handle = n.nvmlDeviceGetHandleByIndex(index)
+            self._by_addr[ctypes.cast(handle, ctypes.c_void_p).value] = index
+            uuid = _text(n.nvmlDeviceGetUUID(handle))
+            name = _text(n.nvmlDeviceGetName(handle))
+            mem = n.nvmlDeviceGetMemoryInfo(handle)
+        except n.NVMLError as exc:
+            gpu["health"], gpu["reason"] = health_of_code(exc.value), str(exc)
+            if exc.value in _REINIT_CODES:
+                self._reinit = True
+            return gpu
+        total_mb = mem.total // MIB
+        self._static[index] = {"uuid": uuid, "name": name, "total_mb": total_mb}
+        gpu.update(uuid=uuid, name=name, total_mb=total_mb, used_mb=mem.used // MIB, free_mb=mem.free // MIB)
+        try:
+            procs = n.nvmlDeviceGetComputeRunningProcesses(handle)
+        except n.NVMLError as exc:
+            if exc.value in (NVML_GPU_IS_LOST, NVML_RESET_REQUIRED):
+                gpu["health"], gpu["reason"] = health_of_code(exc.value), str(exc)
+                return gpu
+            procs = []  # not supported / no permission (vGPU, containers): memory totals still hold
+            gpu["reason"] = f"processes: {exc}"
+        for proc in procs:
+            used = proc.usedGpuMemory
+            gpu["processes"].append({"pid": int(proc.pid), "used_mb": None if used is None else int(used) // MIB})
+        if self._event_set is not None and index not in self._registered and index not in self._unwatchable:
+            self._register(handle, index)
+        return gpu
+
+    def _register(self, handle, index):
+        n = self.nvml
+        try:
+            mask = XID_CRITICAL_EVENT & n.nvmlDeviceGetSupportedEventTypes(handle)
+            if not mask:
+                self._unwatchable.add(index)
+                return
+            n.nvmlDeviceRegisterEvents(handle, mask, self._event_set)
+            self._registered.add(index)
+        except n.NVMLError as exc:
+            if exc.value in (3, 4):  # NOT_SUPPORTED (too old), NO_PERMISSION (not root): retrying will not help
+                self._unwatchable.add(index)
+
+    def _drain_events(self):
+        import ctypes
+
+        n = self.nvml
+        events = []
+        for _ in range(256):
+            try:
+                data = n.nvmlEventSetWait(self._event_set, 0)
+            except n.NVMLError:
+                break  # NVML_ERROR_TIMEOUT: nothing pending; anything else shows in the GPU queries
+            if not data.eventType & XID_CRITICAL_EVENT:
+                continue
+            addr = ctypes.cast(data.device, ctypes.c_void_p).value
+            index = self._by_addr.get(addr) if addr else None
+            if addr and index is None:
+                try:
+                    index = n.nvmlDeviceGetIndex(data.device)
+                except n.NVMLError:
+                    index = None
+            events.append((index, int(data.eventData)))  # index None: the event names no GPU -> all of them
+        return events
+
+    # ---------------------------------------------------------------- public
+
+    def open(self):
+        """Initialise NVML now (under the deadline). Never raises; a failure shows in the next sample too."""
+        box = _Box()
+        if self._run(self._init, box):
+            self.open_error = box.error
+        else:
+            self.open_error = "timeout"
+        return self
+
+    @property
+    def library_missing(self):
+        """nvmlInit said NVML_ERROR_LIBRARY_NOT_FOUND: the binding is here, libnvidia-ml.so.1 is not."""
+        return self._library_missing
+
+    def sample(self):
+        box = _Box()
+        if self._closed:
+            return {"source": self.source, "error": "closed", "driver": self._driver, "gpus": [], "xid_events": []}
+        stuck_before = self._stuck is not None and self._stuck.is_alive()
+        if self._run(self._sample_job, box):
+            gpus, error, events = box.gpus, box.error, box.events
+        else:
+            gpus = list(box.gpus)
+            seen = {g["index"] for g in gpus}
+            why = "an NVML call is still hung" if stuck_before else f"NVML did not answer in {self.call_timeout_s:g} s"
+            for index in sorted(set(self._static) | set(range(self._count))):
+                if index not in seen:
+                    gpus.append(_gpu(index, self._static.get(index), "error:timeout", why))
+            error, events = f"timeout: {why}", []
+        if any(g["health"] != "ok" for g in gpus):
+            self._bad_streak += 1
+            if self.reinit_after and self._bad_streak % self.reinit_after == 0:
+                self._reinit = True  # stale handles after a reset: start a fresh session now and then
+        else:
+            self._bad_streak = 0
+        return {"source": self.source, "error": error, "driver": self._driver, "gpus": gpus, "xid_events": events}
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        if self._initialized:
+            self._run(lambda box: self._shutdown_session(), _Box())
+
+
+class SmiBackend:
+    """``nvidia-smi`` queries with a timeout: the fallback when no NVML binding is installed. No Xid watching."""
+
+    source = "nvidia-smi"
+    GPU_QUERY = "index,uuid,name,memory.total,memory.used,memory.free"
+    APP_QUERY = "pid,used_memory,gpu_uuid"
+
+    def __init__(self, path=None, call_timeout_s=5.0):
+        self.path = path or find_executable("nvidia-smi")
+        self.call_timeout_s = call_timeout_s
+        self.note = None
+        self._static = {}
+        self._driver = None
+
+    def open(self):
+        return self
+
+    def _query(self, what, fields):
+        """(rc, stdout lines, stderr) or raises TimeoutError / OSError."""
+        import subprocess
+
+        try:
+            proc = subprocess.run([self.path, f"--query-{what}={fields}", "--format=csv,noheader,nounits"],
+                                  capture_output=True, timeout=self.call_timeout_s, text=True,
+                                  errors="replace", stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as exc:  # run() kills the child before raising
+            raise TimeoutError(f"nvidia-smi did not answer in {self.call_timeout_s:g} s") from exc
+        return proc.returncode, [l for l in proc.stdout.splitlines() if l.strip()], proc.stderr
+
+    @staticmethod
+    def _bracket_health(value):
+        low = value.lower()
+        if "lost" in low:
+            return "gpu-lost"
+        if "reset" in low:
+            return "reset-required"
+        slug = "".join(c if c.isalnum() else "-" for c in low.strip("[] ")).strip("-")
+        return "error:" + (slug or "unknown")
+
+    def sample(self):
+        out = {"source": self.source, "error": None, "driver": self._driver, "gpus": [], "xid_events": []}
+        try:
+            rc, lines, err = self._query("gpu", self.GPU_QUERY)
+        except (TimeoutError, OSError) as exc:
+            kind = "timeout" if isinstance(exc, TimeoutError) else "error"
+            out["error"] = f"{kind}: {exc}"
+            out["gpus"] = [_gpu(i, s, f"error:{kind}", str(exc)) for i, s in sorted(self._static.items())]
+            return out
+        text = " ".join(lines) + " " + err
+        if rc == 9 or "NVIDIA-SMI has failed" in text or "couldn't communicate with the NVIDIA driver" in text:
+            out["error"] = "init-failed: " + (lines[0] if lines else err.strip() or f"nvidia-smi exited {rc}")
+            out["gpus"] = [_gpu(i, s, "init-failed", out["error"]) for i, s in sorted(self._static.items())]
+            return out
+        gpus = {}
+        for line in lines:
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) < 6 or not parts[0].isdigit():
+                continue
+            index = int(parts[0])
+            uuid, name = parts[1], ", ".join(parts[2:-3])  # a name with a comma stays whole
+            gpu = _gpu(index, self._static.get(index))
+            gpu.update(uuid=uuid, name=name)
+            numbers = parts[-3:]
+            bad = next((v for v in numbers if not v.isdigit()), None)
+            if bad is not None:
+                gpu["health"], gpu["reason"] = self._bracket_health(bad), bad
+                if numbers[0].isdigit():
+                    gpu["total_mb"] = int(numbers[0])
+            else:
+                gpu.update(total_mb=int(numbers[0]), used_mb=int(numbers[1]), free_mb=int(numbers[2]))
+                self._static[index] = {"uuid": uuid, "name": name, "total_mb": int(numbers[0])}
+            gpus[index] = gpu
+        # A GPU nvidia-smi no longer lists, or a gap in the indices: it printed "Unable to determine the device
+        # handle for GPU<bus>: GPU is lost" instead of a row. Indices are dense, so a gap is a GPU.
+        known = set(self._static) | set(range(max(gpus) + 1 if gpus else 0))
+        for index in sorted(known - set(gpus)):
+            lost = "lost" in err.lower()
+            gpus[index] = _gpu(index, self._static.get(index), "gpu-lost" if lost else "error:missing",
+                               err.strip().splitlines()[0] if err.strip() else "not listed by nvidia-smi")
+        if rc not in (0, 15) and not gpus:
+            out["error"] = f"error: nvidia-smi exited {rc}: {err.strip()[:200]}"
+        by_uuid = {g["uuid"]: g for g in gpus.values() if g["health"] == "ok"}
+        if by_uuid:
+            try:
+                _rc, app_lines, _err = self._query("compute-apps", self.APP_QUERY)
+            except (TimeoutError, OSError) as exc:
+                app_lines = []
+                for g in by_uuid.values():
+                    g["reason"] = f"processes: {exc}"
+            for line in app_lines:
+                parts = [p.strip() for p in line.split(",")]
+                if len(parts) < 3 or not parts[0].isdigit() or parts[2] not in by_uuid:
+                    continue
+                used = int(parts[1]) if parts[1].isdigit() else None
+                by_uuid[parts[2]]["processes"].append({"pid": int(parts[0]), "used_mb": used})
+        if self._driver is None and gpus:
+            try:
+                _rc, dl, _err = self._query("gpu", "driver_version")
+                self._driver = dl[0].strip() if dl and dl[0].strip()[:1].isdigit() else None
+            except (TimeoutError, OSError):
+                pass
+            out["driver"] = self._driver
+        out["gpus"] = [gpus[i] for i in sorted(gpus)]
+        return out
+
+    def close(self):
+        pass
+
+
+def find_executable(name, path=None):
+    """shutil.which without importing shutil (agent start-up counts too)."""
+    for folder in (path if path is not None else os.environ.get("PATH", os.defpath)).split(os.pathsep):
+        candidate = os.path.join(folder or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def open_backend(prefer="auto", call_timeout_s=5.0, smi_path=None):
+    """The backend to use. Never raises; an unusable choice comes back as a NoGpuBackend whose samples say why.
+
+    "auto": NVML when a (non-shim) binding imports and libnvidia-ml loads; else nvidia-smi when on PATH; else
+    "none" with no error (a host without a GPU is normal). An NVML that loads but fails to initialise (driver not
+    loaded, version mismatch) stays the backend: that is a GPU host in trouble, and its samples say "init-failed".
+    "nvml" / "nvidia-smi": that backend or a NoGpuBackend with the reason as its error. "none": no GPU.
+    """
+    if prefer == "none":
+        return NoGpuBackend()
+    notes = []
+    if prefer in ("auto", "nvml"):
+        module, reason = import_pynvml()
+        if module is None:
+            if prefer == "nvml":
+                return NoGpuBackend(error=reason)
+            notes.append(reason)
+        else:
+            backend = NvmlBackend(module, call_timeout_s=call_timeout_s).open()
+            if prefer == "nvml" or not backend.library_missing:
+                return backend
+            notes.append("nvml: libnvidia-ml.so.1 not found")
+    if prefer in ("auto", "nvidia-smi"):
+        path = smi_path or find_executable("nvidia-smi")
+        if path:
+            backend = SmiBackend(path, call_timeout_s=call_timeout_s)
+            backend.note = "; ".join(notes) or None
+            return backend
+        if prefer == "nvidia-smi":
+            return NoGpuBackend(error="nvidia-smi-missing: nvidia-smi not found on PATH")
+        notes.append("nvidia-smi not found")
+        refused = next((n for n in notes if n.startswith("pynvml-refused")), None)
+        return NoGpuBackend(error=refused, note="; ".join(notes))  # a refused shim is the admin's to fix
+    raise ValueError(f"gpu backend must be auto, nvml, nvidia-smi or none, not {prefer!r}")

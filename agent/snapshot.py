@@ -1,0 +1,135 @@
+"""The GPU snapshot: the agent writes ``/run/gpu-router/gpus.json`` (+ marshal twin), the wrapper reads it.
+
+The wrapper's hot path reads this instead of asking NVML (``import pynvml`` alone is ~34 ms, driver init can take
+seconds); so this module imports only os, marshal and time at module level. The marshal twin ``gpus.marshal`` is
+what the wrapper decodes (marshal is built in; json costs ~7 ms of imports); json is imported lazily only when the
+twin is missing or unreadable.
+
+marshal is not safe against hostile bytes, so a file is decoded only when it is ours to trust: a regular file, opened
+without following a symlink, owned by root or by the reader's euid, and not writable by group or others.
+
+Schema (HACKING.md): ``{"version": 1, "time", "source", "error", "driver", "gpus": [{index, uuid, name, total_mb,
+used_mb, free_mb, healthy, health, ours_mb, foreign_mb, processes: [{pid, used_mb, ours}]}]}``.
+"""
+
+import marshal
+import os
+import time
+
+VERSION = 1
+DEFAULT_PATH = "/run/gpu-router/gpus.json"
+DEFAULT_MAX_AGE_S = 5.0
+_MAX_BYTES = 4 << 20  # a snapshot of hundreds of GPUs is far below this; a bigger file is not ours
+
+
+def twin_path(path):
+    """gpus.json -> gpus.marshal (same folder)."""
+    base = path[:-5] if path.endswith(".json") else path
+    return base + ".marshal"
+
+
+# ---------------------------------------------------------------- writing (agent side)
+
+def _write_atomic(path, data):
+    folder = os.path.dirname(path) or "."
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.fchmod(fd, 0o644)  # whatever the umask: readers of every uid need it, none may write it
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    os.rename(tmp, path)  # atomic in one folder: a reader sees the old or the new file, never half of one
+
+
+def write(path, snapshot):
+    """Publish `snapshot` at `path` (JSON) and its marshal twin, each atomically; the twin first.
+
+    Twin first: a wrapper that finds a fresh JSON also finds a twin at least as fresh. No folder fsync: the file
+    lives on /run (tmpfs) and is rewritten every interval; a crash loses nothing a reboot would keep.
+    """
+    import json
+
+    _write_atomic(twin_path(path), marshal.dumps(snapshot))
+    _write_atomic(path, json.dumps(snapshot, separators=(",", ":"), allow_nan=False).encode() + b"\n")
+
+
+# ---------------------------------------------------------------- reading (wrapper hot path)
+
+def _read_trusted(path):
+    """(bytes, None) or (None, reason). The checks are on the opened descriptor: no race with a swap of the name."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None, "no-snapshot"
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: the name is a symlink
+            return None, "untrusted-snapshot"
+        return None, "no-snapshot" if exc.errno in (2, 20) else "unreadable-snapshot"
+    try:
+        st = os.fstat(fd)
+        if (st.st_mode & 0o170000) != 0o100000 or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            return None, "untrusted-snapshot"
+        if st.st_size > _MAX_BYTES:
+            return None, "corrupt-snapshot"
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks), None
+    except OSError:
+        return None, "unreadable-snapshot"
+    finally:
+        os.close(fd)
+
+
+def _check(snapshot, max_age_s, now):
+    if (type(snapshot) is not dict or type(snapshot.get("gpus")) is not list
+            or type(snapshot.get("time")) not in (int, float)):
+        return None, "corrupt-snapshot"
+    if snapshot.get("version") != VERSION:
+        return None, "unsupported-snapshot"
+    age = now - snapshot["time"]
+    if age > max_age_s or age < -max_age_s:  # far in the future: a clock step; unknown either way
+        return None, "stale-snapshot"
+    return snapshot, "ok"
+
+
+def read(path=DEFAULT_PATH, max_age_s=DEFAULT_MAX_AGE_S, now=None):
+    """(snapshot dict, "ok") or (None, reason); never raises.
+
+    Reasons: "no-snapshot" (agent not running / no GPU host), "stale-snapshot" (older than max_age_s: the agent is
+    stuck or gone), "untrusted-snapshot" (symlink, wrong owner, group/other-writable, not a regular file),
+    "corrupt-snapshot" (does not decode to the schema), "unsupported-snapshot" (another schema version),
+    "unreadable-snapshot" (an I/O error). The wrapper treats every None as "GPU state unknown".
+    """
+    now = time.time() if now is None else now
+    data, reason = _read_trusted(twin_path(path))
+    if data is not None:
+        try:
+            return _check(marshal.loads(data), max_age_s, now)
+        except (ValueError, EOFError, TypeError):
+            reason = "corrupt-snapshot"  # the JSON is written after the twin, so it may still be good
+    elif reason != "no-snapshot":
+        return None, reason
+    data, json_reason = _read_trusted(path)
+    if data is None:
+        return None, reason if json_reason == "no-snapshot" else json_reason
+    import json
+
+    try:
+        snapshot = json.loads(data)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        return None, "corrupt-snapshot"
+    return _check(snapshot, max_age_s, now)
