@@ -190,7 +190,7 @@ class Agent:
         out = {}
         for gpu in (self.snapshot or {}).get("gpus", ()):
             for proc in gpu.get("processes", ()):
-                out[proc["pid"]] = out.get(proc["pid"], 0) + proc.get("used_mb", 0)
+                out[proc["pid"]] = out.get(proc["pid"], 0) + (proc.get("used_mb") or 0)  # null: NVML did not say
         return out
 
     def sample(self):

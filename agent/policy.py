@@ -30,11 +30,14 @@ class Gpu:
 
     @classmethod
     def from_snapshot(cls, entry):
+        """An unhealthy GPU's numbers are null in the snapshot, and so is a process's use when NVML cannot tell."""
+        foreign = entry.get("foreign_mb")
         return cls(index=entry["index"], uuid=entry.get("uuid"), total_mb=entry.get("total_mb"),
-                   free_mb=entry.get("free_mb"), foreign_mb=entry.get("foreign_mb", entry.get("used_mb", 0)),
-                   ours_mb=entry.get("ours_mb", 0), healthy=entry.get("healthy", True),
+                   free_mb=entry.get("free_mb"),
+                   foreign_mb=foreign if foreign is not None else (entry.get("used_mb") or 0),
+                   ours_mb=entry.get("ours_mb") or 0, healthy=entry.get("healthy", True),
                    health=entry.get("health", "ok"),
-                   usage={p["pid"]: p.get("used_mb", 0) for p in entry.get("processes", ())})
+                   usage={p["pid"]: p.get("used_mb") or 0 for p in entry.get("processes", ())})
 
 
 class Plan:

@@ -52,12 +52,13 @@ def summarize(events):
 
 def advice(w):
     tips = []
-    blocked, cpu, gpu = w["BLOCKED"], w["CPU"], w["GPU"]
-    if blocked and blocked > max(cpu, 1) and any(r.startswith("BLOCKED:cpu") for r in w["reasons"]):
+    cpu, gpu = w["CPU"], w["GPU"]
+    cpu_blocked = sum(n for r, n in w["reasons"].items() if r.startswith("BLOCKED:cpu"))
+    gpu_blocked = sum(n for r, n in w["reasons"].items() if r.startswith(("BLOCKED:gpu", "BLOCKED:no-vram")))
+    if cpu_blocked > max(cpu, 1):
         tips.append("many jobs BLOCKED on CPU slots: raise the threshold (more jobs to the GPU) or max_cpu_jobs "
                     "if RAM allows (gpu-router check)")
-    if any(r.startswith("BLOCKED:gpu") or r.startswith("BLOCKED:no-vram") for r in w["reasons"]) and \
-            blocked > max(gpu // 10, 1):
+    if gpu_blocked > max(gpu // 10, 1):
         tips.append("jobs BLOCKED on the GPU: the runner's concurrency exceeds max_gpu_jobs; match them, or set "
                     "wait = \"30s\" so jobs queue briefly instead of failing")
     if w["results"].get("oom-kill"):
@@ -95,6 +96,7 @@ def cmd_stats(args):
 
 def register(sub, command):
     c = command("stats", "GPU/CPU/BLOCKED counts and outcomes from the journal, with advice")
-    c.add_argument("--since", default="-1d", help="journalctl --since (default: -1d)")
+    c.add_argument("--since", default="-1d", help="journalctl --since, e.g. --since=-1h or --since=today "
+                                                  "(default: -1d)")
     c.add_argument("--directory", "-D", help="read journal files from this directory")
     c.set_defaults(func=cmd_stats)

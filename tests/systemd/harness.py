@@ -95,6 +95,10 @@ CGROUP_ROOT = pathlib.Path("/sys/fs/cgroup")
 # The hierarchies the container gets its own child cgroup in ("" is the cgroup2/unified one).
 HIERARCHIES = ("memory", "pids", "name=systemd", "")
 
+# systemd-nspawn makes /run/systemd/nspawn/propagate/NAME on the host and refuses to remove it where /run is no
+# tmpfs (as on these machines): the harness removes it.
+PROPAGATE_DIR = pathlib.Path("/run/systemd/nspawn/propagate")
+
 PID1_COMMAND = (
     "mount -o remount,rw,bind /sys/fs/cgroup/memory; "
     "mount -o remount,rw,bind /sys/fs/cgroup/pids; "
@@ -542,6 +546,9 @@ def reap_stale(state_dir: pathlib.Path = STATE_DIR) -> list[str]:
             _unmount_all_under(d)
             for cg in cgroups:
                 _remove_cgroup_tree(cg)
+            if state.get("name"):
+                with contextlib.suppress(OSError, HarnessError):
+                    _rmtree(PROPAGATE_DIR / state["name"])
             _rmtree(d)
             reaped.append(str(d))
         finally:
@@ -1041,6 +1048,8 @@ class Container:
                     errors.append(str(exc))
             for cg in self._cgroups.values():
                 errors += _remove_cgroup_tree(cg)
+            with contextlib.suppress(OSError, HarnessError):
+                _rmtree(PROPAGATE_DIR / self.name)
             if self.dir is not None and not errors:
                 if self.keep_state:
                     _log(f"kept {self.dir}")
@@ -1140,6 +1149,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.cmd == "clean":
         for d in reap_stale():
             print(f"reaped {d}")
+        running = set()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    argv = pathlib.Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                    if argv and argv[0].endswith(b"systemd-nspawn") and b"-M" in argv:
+                        running.add(argv[argv.index(b"-M") + 1].decode())
+        for d in sorted(PROPAGATE_DIR.glob("gr-test-*")) if PROPAGATE_DIR.is_dir() else []:
+            if d.name not in running:
+                _rmtree(d)
+                print(f"removed {d}")
         current = rootfs_path()
         in_use = " ".join(opts for _, _, fstype, opts in _mountinfo() if fstype == "overlay")
         for entry in sorted(CACHE_DIR.iterdir()) if CACHE_DIR.is_dir() else []:
