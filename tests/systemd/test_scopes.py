@@ -263,3 +263,28 @@ def test_journal_answers_queries_by_mode(box):
     assert routed[-1]["SYSLOG_IDENTIFIER"] == "gpu-router"
     # The decision is attributed to the job's own scope: journalctl -u <scope> shows it.
     assert routed[-1]["_SYSTEMD_UNIT"] == routed[-1]["GPU_ROUTER_SCOPE"]
+
+
+def test_status_shows_running_scopes_slots_and_gpus(box):
+    script = textwrap.dedent("""
+        gpu-router run --workload gentle -- /srv/alloc.py 5 3 /srv/input & a=$!
+        sleep 1.5
+        gpu-router status --json
+        wait $a
+    """)
+    out = box.run_unit(script, user="runner", timeout=60).stdout
+    data = json.loads(out[out.index("{"):out.rindex("}") + 1])
+    assert data["snapshot"]["state"] == "ok" and data["gpus"][0]["name"] == "Fake GPU"
+    assert data["workloads"]["gentle"]["gpu_busy"]["gpu0"] == 1
+    assert any(s["scope"].startswith("gpu-router-gentle-") for s in data["scopes"])
+
+
+def test_stats_counts_what_the_journal_holds(box):
+    before = json.loads(box.run(["gpu-router", "stats", "--json", "--since=-1h"]).stdout)
+    b = before["workloads"].get("hog", {"CPU": 0, "BLOCKED": 0, "results": {}})
+    gr(box, "hog", "/srv/alloc.py", "1", "0", "/srv/input", check=True)
+    box.wait_for(lambda: json.loads(box.run(["gpu-router", "stats", "--json", "--since=-1h"]).stdout)
+                 ["workloads"]["hog"]["results"] != b["results"], timeout=20)
+    after = json.loads(box.run(["gpu-router", "stats", "--json", "--since=-1h"]).stdout)["workloads"]["hog"]
+    assert after["CPU"] == b["CPU"] + 1
+    assert sum(after["results"].values()) == sum(b["results"].values()) + 1

@@ -1,0 +1,37 @@
+"""`gpu-router stats` arithmetic and advice on journal entries as journalctl -o json writes them (the lane in
+tests/systemd reads a real journal)."""
+
+from gpu_router import stats
+
+
+def ev(kind, workload="w", **fields):
+    e = {"GPU_ROUTER_EVENT": kind, "GPU_ROUTER_WORKLOAD": workload}
+    e.update({f"GPU_ROUTER_{k}": v for k, v in fields.items()})
+    return e
+
+
+def test_counts_by_mode_reason_and_result():
+    events = [ev("routed", MODE="GPU", REASON="under-threshold"), ev("routed", MODE="CPU", REASON="over-threshold"),
+              ev("blocked", MODE="BLOCKED", REASON="cpu-slots-full"), ev("job-finished", RESULT="success"),
+              ev("job-finished", RESULT="oom-kill"), ev("probe-failed", REASON="input-missing"),
+              ev("routed", workload="other", MODE="GPU", REASON="under-threshold")]
+    per = stats.summarize(events)
+    w = per["w"]
+    assert (w["GPU"], w["CPU"], w["BLOCKED"], w["probe_failed"]) == (1, 1, 1, 1)
+    assert w["reasons"] == {"GPU:under-threshold": 1, "CPU:over-threshold": 1, "BLOCKED:cpu-slots-full": 1}
+    assert w["results"] == {"success": 1, "oom-kill": 1}
+    assert per["other"]["GPU"] == 1
+    assert any("OOM" in tip for tip in w["advice"]) and any("explain" in tip for tip in w["advice"])
+
+
+def test_advice_names_the_pool_that_blocks():
+    cpu_bound = [ev("routed", MODE="CPU", REASON="over-threshold")] + \
+        [ev("blocked", MODE="BLOCKED", REASON="cpu-slots-full")] * 5
+    tips = stats.summarize(cpu_bound)["w"]["advice"]
+    assert any("CPU slots" in t for t in tips) and not any("on the GPU" in t for t in tips)
+    gpu_bound = [ev("routed", MODE="GPU", REASON="under-threshold")] * 10 + \
+        [ev("blocked", MODE="BLOCKED", REASON="gpu-slots-full")] * 4
+    tips = stats.summarize(gpu_bound)["w"]["advice"]
+    assert any("on the GPU" in t for t in tips) and not any("CPU slots" in t for t in tips)
+    quiet = [ev("routed", MODE="GPU", REASON="under-threshold")] * 10
+    assert stats.summarize(quiet)["w"]["advice"] == []
