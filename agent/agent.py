@@ -264,6 +264,8 @@ class Agent:
                         self._drain_exits()  # the kernel's word, if it came with the same wake-up
                     if pid in self.jobs:
                         self.finish(pid, status)
+        if self.proc is not None:
+            procevents.close_listener(self.proc)
         self.notify("STOPPING=1")
         journal.emit("agent", f"gpu-router-agent stopping; {len(self.jobs)} job(s) keep running in their scopes",
                      {"STATE": "stopping"})

@@ -18,7 +18,8 @@ import stat as _stat
 
 DEFAULT_PATH = "/etc/gpu-router/config.toml"
 DEFAULT_CACHE_DIR = "/run/gpu-router/cache"
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
+CALIBRATION_DIR = "calibration"  # under [agent] state_dir: written by `gpu-router calibrate`
 
 PROBES = ("ffprobe-duration", "mediainfo-duration", "media-duration", "file-size", "image-pixels",
           "video-pixels", "line-count", "command")
@@ -73,9 +74,9 @@ class Agent(Record):
 class Workload(Record):
     __slots__ = ("name", "source", "binary", "probe", "probe_command", "probe_timeout", "combine", "input",
                  "threshold", "threshold_unit", "on_probe_error", "admission", "gpu_vram_mb", "vram_model",
-                 "vram_base_mb", "vram_per_unit_mb", "cpu_ram_mb", "gpu_ram_mb", "max_gpu_jobs", "max_cpu_jobs",
-                 "gpu_args", "cpu_args", "spill_to_cpu", "retry_exit_code", "wait", "scope", "gpu_memory_max",
-                 "cpu_memory_max", "memory_margin", "runtime_max", "bind_to_caller", "env")
+                 "vram_base_mb", "vram_per_unit_mb", "vram_calibration", "cpu_ram_mb", "gpu_ram_mb", "max_gpu_jobs",
+                 "max_cpu_jobs", "gpu_args", "cpu_args", "spill_to_cpu", "retry_exit_code", "wait", "scope",
+                 "gpu_memory_max", "cpu_memory_max", "memory_margin", "runtime_max", "bind_to_caller", "env")
 
 
 class Config(Record):
@@ -308,7 +309,7 @@ WORKLOAD = {
     "on_probe_error": (_choice("cpu", "fail"), "cpu"),
     "admission": (_choice("slots", "vram"), "slots"),
     "gpu_vram_mb": (_int(0), 0),
-    "vram_model": (_choice("constant", "linear"), "constant"),
+    "vram_model": (_choice("constant", "linear", "calibrated"), "constant"),
     "vram_base_mb": (_number(positive=False), 0),
     "vram_per_unit_mb": (_number(positive=False), 0),
     "cpu_ram_mb": (_int(0), 0),
@@ -356,9 +357,12 @@ def _section(schema, raw, path, prefix):
     return out
 
 
-def _workload(name, raw, path, router):
+def _workload(name, raw, path, router, agent, read_calibration):
     prefix = f"workloads.{name}"
     w = _section(WORKLOAD, raw, path, prefix)
+    w["vram_calibration"] = None
+    if w["vram_model"] == "calibrated":
+        _calibrated(w, raw, name, path, prefix, agent, read_calibration)
     n = 1 if w["combine"] == "product" else len(w["probe"])
     if len(w["threshold"]) != n:
         what = "one threshold (combine = \"product\")" if w["combine"] == "product" else \
@@ -380,6 +384,9 @@ def _workload(name, raw, path, router):
             raise ConfigError("admission = \"vram\" with vram_model = \"constant\" needs gpu_vram_mb > 0",
                               path, f"{prefix}.gpu_vram_mb")
         if w["vram_model"] == "linear" and w["vram_base_mb"] <= 0 and w["vram_per_unit_mb"] <= 0:
+            if w["vram_calibration"]:
+                raise ConfigError("the calibrated model predicts 0 MiB (vram_base_mb and vram_per_unit_mb are 0): "
+                                  f"run gpu-router calibrate --workload {name} again", w["vram_calibration"])
             raise ConfigError("vram_model = \"linear\" needs vram_base_mb or vram_per_unit_mb > 0",
                               path, f"{prefix}.vram_per_unit_mb")
     if w["max_gpu_jobs"] == 0 and w["max_cpu_jobs"] == 0:
@@ -397,14 +404,59 @@ def _workload(name, raw, path, router):
     return w
 
 
+CALIBRATION = {
+    "vram_base_mb": (_number(positive=False), _REQUIRED),
+    "vram_per_unit_mb": (_number(positive=False), _REQUIRED),
+}
+
+
+def calibration_path(state_dir, name):
+    """Where `gpu-router calibrate` keeps the fitted VRAM model of workload ``name``."""
+    return os.path.join(state_dir, CALIBRATION_DIR, f"{name}.toml")
+
+
+def _calibrated(w, raw_profile, name, path, prefix, agent, read_calibration):
+    """vram_model = "calibrated": take vram_base_mb / vram_per_unit_mb from the calibration file (a tool's file under
+    [agent] state_dir, never the admin's conffile); the record then carries the linear model and the file's path."""
+    for key in CALIBRATION:
+        if key in raw_profile:
+            raise ConfigError(f"with vram_model = \"calibrated\" this comes from the calibration file: remove it "
+                              f"here, or use vram_model = \"linear\"", path, f"{prefix}.{key}")
+    cal_path = calibration_path(agent["state_dir"], name)
+    raw = (read_calibration or _read_toml)(cal_path)
+    if raw is None:
+        raise ConfigError(f"vram_model = \"calibrated\" but there is no calibration for {name!r} ({cal_path}): run "
+                          f"gpu-router calibrate --workload {name} INPUT..., or use vram_model = \"linear\"",
+                          path, f"{prefix}.vram_model")
+    if not isinstance(raw, dict):
+        raise ConfigError("expected a TOML document", cal_path)
+    if raw.get("workload", name) != name:
+        raise ConfigError(f"this calibration is for workload {raw.get('workload')!r}, not {name!r}", cal_path,
+                          "workload")
+    for key, (check, _default) in CALIBRATION.items():
+        if key not in raw:
+            raise ConfigError(f"required key is missing (run gpu-router calibrate --workload {name} again)",
+                              cal_path, key)
+        try:
+            w[key] = check(raw[key])
+        except ValueError as exc:
+            raise ConfigError(str(exc), cal_path, key) from None
+    w["vram_model"] = "linear"
+    w["vram_calibration"] = cal_path
+
+
 def _default_unit(probe):
     return {"ffprobe-duration": "seconds", "mediainfo-duration": "seconds", "media-duration": "seconds",
             "file-size": "bytes", "image-pixels": "pixels", "video-pixels": "pixels",
             "line-count": "lines"}.get(probe, "units")
 
 
-def validate(main_raw, main_path, dropins):
-    """One place that checks everything: (main file dict, its path, [(path, dict), …]) → plain dict config."""
+def validate(main_raw, main_path, dropins, read_calibration=None):
+    """One place that checks everything: (main file dict, its path, [(path, dict), …]) → plain dict config.
+
+    ``read_calibration(path) -> dict | None`` reads the calibration file of a profile with vram_model =
+    "calibrated" (default: the TOML file itself; ``parse`` passes one that also records the file's stat identity).
+    """
     allowed = {"router", "host", "gpu", "agent", "workloads"}
     unknown = sorted(set(main_raw) - allowed)
     if unknown:
@@ -431,7 +483,7 @@ def validate(main_raw, main_path, dropins):
             if name in seen:
                 raise ConfigError(f"workload defined twice (also in {seen[name]})", path, f"workloads.{name}")
             seen[name] = path
-            workloads[name] = _workload(name, table, path, out["router"])
+            workloads[name] = _workload(name, table, path, out["router"], out["agent"], read_calibration)
     out["workloads"] = workloads
     return out
 
@@ -455,15 +507,25 @@ def dropin_dir(main_path):
     return os.path.join(os.path.dirname(main_path), "workloads.d")
 
 
+def _identity(path):
+    """(path, mtime, size, inode, ctime) of a file, or (path, None) when it does not exist."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return (path, None)
+    return (path, st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
+
+
 def _sources(main_path):
-    """Stat identity of every source: any edit, addition or removal changes it."""
+    """Stat identity of every conffile source: any edit, addition or removal changes it.
+
+    The calibration files of profiles with vram_model = "calibrated" are sources too, but their paths depend on
+    the parsed config ([agent] state_dir, the profiles): the cache records them (``extra``) and ``_read_cache``
+    adds their identities to the key, so a new, changed or removed calibration is seen on the next load.
+    """
     out = []
     for path in (main_path, dropin_dir(main_path)):
-        try:
-            st = os.stat(path)
-            out.append((path, st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns))
-        except FileNotFoundError:
-            out.append((path, None))
+        out.append(_identity(path))
     ddir = dropin_dir(main_path)
     try:
         names = sorted(n for n in os.listdir(ddir) if n.endswith(".toml") and not n.startswith("."))
@@ -506,12 +568,22 @@ def _read_cache(cache_file, sources):
         blob = marshal.loads(data)
     except (EOFError, ValueError, TypeError):
         return None
-    if not isinstance(blob, dict) or blob.get("format") != CACHE_FORMAT or blob.get("sources") != sources:
+    if not isinstance(blob, dict) or blob.get("format") != CACHE_FORMAT:
+        return None
+    extra = blob.get("extra")
+    if not isinstance(extra, list) or not all(isinstance(p, str) for p in extra):
+        return None
+    if extra:
+        try:
+            sources = sources + [_identity(p) for p in extra]
+        except OSError:
+            return None
+    if blob.get("sources") != sources:
         return None
     return blob.get("config")
 
 
-def _write_cache(cache_file, sources, plain):
+def _write_cache(cache_file, sources, plain, extra=()):
     """Best effort: only where this process may write the cache dir (root in production)."""
     cache_dir = os.path.dirname(cache_file)
     try:
@@ -524,7 +596,8 @@ def _write_cache(cache_file, sources, plain):
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, marshal.dumps({"format": CACHE_FORMAT, "sources": sources, "config": plain}))
+            os.write(fd, marshal.dumps({"format": CACHE_FORMAT, "sources": sources, "config": plain,
+                                        "extra": list(extra)}))
             written = os.fstat(fd).st_ctime_ns
         finally:
             os.close(fd)
@@ -567,7 +640,7 @@ def _read_toml(path):
         raise ConfigError(f"TOML syntax error: {exc}", path) from None
 
 
-def parse(main_path):
+def parse(main_path, read_calibration=None):
     """The slow path: read and validate every source (no cache)."""
     main_raw = _read_toml(main_path)
     if main_raw is None:
@@ -585,7 +658,7 @@ def parse(main_path):
     for name in names:
         path = os.path.join(ddir, name)
         dropins.append((path, _read_toml(path) or {}))
-    return validate(main_raw, main_path, dropins)
+    return validate(main_raw, main_path, dropins, read_calibration)
 
 
 def load(explicit=None, use_cache=True):
@@ -600,6 +673,15 @@ def load(explicit=None, use_cache=True):
     cache_file = _cache_file(main_path)
     plain = _read_cache(cache_file, sources)
     if plain is None:
-        plain = parse(main_path)
-        _write_cache(cache_file, sources, plain)
+        calibrations = []
+
+        def read_calibration(path):
+            try:
+                calibrations.append(_identity(path))  # before reading: a later change then differs from the key
+            except OSError as exc:
+                raise ConfigError(f"cannot stat: {exc.strerror}", path) from None
+            return _read_toml(path)
+
+        plain = parse(main_path, read_calibration)
+        _write_cache(cache_file, sources + calibrations, plain, [c[0] for c in calibrations])
     return build(plain)

@@ -122,9 +122,12 @@ def _send_journald_fd(sock, payload):
 
 
 def _json_line(pairs):
-    import json
-
-    return json.dumps(dict(pairs), ensure_ascii=False) + "\n"
+    """One JSON object a line, as json.dumps(dict(pairs), ensure_ascii=False) writes it, without importing json
+    (~2-5 ms on the hot path, where journald is absent): every value is already a string."""
+    table = {i: "\\u%04x" % i for i in range(32)}
+    table.update({8: "\\b", 9: "\\t", 10: "\\n", 12: "\\f", 13: "\\r", 34: '\\"', 92: "\\\\"})
+    return "{" + ", ".join(f'"{k.translate(table)}": "{v.translate(table)}"' for k, v in dict(pairs).items()) \
+        + "}\n"
 
 
 # The agent and the CLI install python3-systemd's journal.send here (log.py); the wrapper keeps the native one.

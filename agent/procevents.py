@@ -14,6 +14,7 @@ NETLINK_CONNECTOR = 11
 CN_IDX_PROC = 1
 CN_VAL_PROC = 1
 PROC_CN_MCAST_LISTEN = 1
+PROC_CN_MCAST_IGNORE = 2
 PROC_EVENT_EXIT = 0x80000000
 NLMSG_DONE = 3
 
@@ -34,21 +35,33 @@ def open_listener(verify=True):
     except OSError as exc:
         raise Unavailable(f"netlink connector socket: {exc.strerror}") from None
     try:
-        sock.bind((os.getpid(), CN_IDX_PROC))
-        op = struct.pack("=I", PROC_CN_MCAST_LISTEN)
-        cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(op), 0)
-        msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(cn) + len(op), NLMSG_DONE, 0, 0, os.getpid()) + cn + op
-        sock.send(msg)
+        sock.bind((0, CN_IDX_PROC))  # port id 0: the kernel picks a free one
+        _control(sock, PROC_CN_MCAST_LISTEN)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
         raise Unavailable(f"subscribing to process events: {exc.strerror} (needs CAP_NET_ADMIN in the initial "
                           f"network namespace)") from None
     if verify and not _hears_an_exit(sock):
-        sock.close()
+        close_listener(sock)
         raise Unavailable("subscribed, but no exit event arrives (the kernel ignores listeners outside the initial "
                           "PID and user namespaces, e.g. in a container)")
     return sock
+
+
+def _control(sock, op_code):
+    op = struct.pack("=I", op_code)
+    cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(op), 0)
+    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(cn) + len(op), NLMSG_DONE, 0, 0, 0) + cn + op)
+
+
+def close_listener(sock):
+    """Unsubscribe, then close: the kernel counts listeners and keeps sending events to nobody otherwise."""
+    try:
+        _control(sock, PROC_CN_MCAST_IGNORE)
+    except OSError:
+        pass
+    sock.close()
 
 
 def _hears_an_exit(sock, timeout=1.0):

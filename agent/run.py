@@ -246,6 +246,7 @@ def run(workload_name, args, config_file=None):
         return EX_USAGE
     if os.environ.get("GPU_ROUTER_PROBING"):
         # We are a probe of another gpu-router (the probe tool itself is wrapped): run it as it is, no routing.
+        _restore_signals()
         try:
             os.execv(workload.binary, [workload.binary] + list(args))
         except OSError as exc:

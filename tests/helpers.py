@@ -145,8 +145,9 @@ if log:
     os.ftruncate(counter, 0); os.pwrite(counter, str(n).encode(), 0)
     fcntl.flock(counter, fcntl.LOCK_UN)
     record["concurrent"] = n
-    with open(os.path.join(log, "%d.start" % os.getpid()), "w") as f:
+    with open(os.path.join(log, ".%d.start" % os.getpid()), "w") as f:
         json.dump(record, f)
+    os.rename(os.path.join(log, ".%d.start" % os.getpid()), os.path.join(log, "%d.start" % os.getpid()))
 if os.environ.get("JOB_READ"):
     with open(os.environ["JOB_READ"], "rb") as src, open(os.environ["JOB_COPY"], "wb") as dst:
         dst.write(src.read())
@@ -158,8 +159,9 @@ if counter is not None:
     os.ftruncate(counter, 0); os.pwrite(counter, str(n).encode(), 0)
     fcntl.flock(counter, fcntl.LOCK_UN)
     record["end"] = time.monotonic()
-    with open(os.path.join(log, "%d.json" % os.getpid()), "w") as f:
+    with open(os.path.join(log, ".%d.json" % os.getpid()), "w") as f:
         json.dump(record, f)
+    os.rename(os.path.join(log, ".%d.json" % os.getpid()), os.path.join(log, "%d.json" % os.getpid()))
 sys.exit(int(os.environ.get("JOB_EXIT", "0")))
 '''
 
@@ -173,7 +175,8 @@ def install_fake_job(folder):
 
 def job_records(log_dir, suffix="json"):
     """The fake job's own records: "json" for finished jobs (with start and end), "start" for every start."""
-    return [json.loads(p.read_text()) for p in sorted(pathlib.Path(log_dir).glob("*." + suffix))]
+    return [json.loads(p.read_text()) for p in sorted(pathlib.Path(log_dir).glob("*." + suffix))
+            if not p.name.startswith(".")]
 
 
 def max_overlap(intervals):
@@ -244,6 +247,18 @@ class Rig:
         e = dict(self.env, **(env or {}))
         return subprocess.Popen(self.argv(workload, *args), env=e, stdout=subprocess.DEVNULL,
                                 stderr=stderr if stderr is not None else subprocess.DEVNULL, **kw)
+
+    def warm(self, workload, *args, env=None):
+        """Run jobs until the config cache exists (a source changed in the cache's own clock tick is not cached,
+        so on kernels with coarse timestamps the first run right after writing the config may not cache it)."""
+        deadline = time.monotonic() + 5
+        while True:
+            res = self.run(workload, *args, env=env)
+            assert res.rc == 0, res
+            if any(self.cache.iterdir()):
+                return res
+            assert time.monotonic() < deadline, "the config cache was never written"
+            time.sleep(0.01)
 
     def records(self):
         return job_records(self.log)

@@ -36,7 +36,7 @@ def exits():
     except procevents.Unavailable as exc:
         pytest.skip(f"proc connector unavailable here: {exc}")
     yield sock
-    sock.close()
+    procevents.close_listener(sock)
 
 
 def _collect(sock, pids, timeout=5):
@@ -350,7 +350,7 @@ def test_agent_accounts_a_best_effort_job_with_its_real_exit_status(agent_setup,
     write("best-effort")
     p = start()
     try:
-        procevents.open_listener().close()
+        procevents.close_listener(procevents.open_listener())
     except procevents.Unavailable as exc:
         pytest.skip(f"proc connector unavailable here: {exc}")
     (base / "in").write_bytes(b"x" * 10)

@@ -195,3 +195,18 @@ def test_socket_path_from_environment(monkeypatch):
     assert journal.journal_socket_path() == "/run/systemd/journal/socket"
     monkeypatch.setenv("GPU_ROUTER_JOURNAL_SOCKET", "/tmp/x")
     assert journal.journal_socket_path() == "/tmp/x"
+
+
+def test_json_line_is_what_json_dumps_writes():
+    nasty = "".join(chr(i) for i in range(128)) + '"\\ \u2028 ✓ 音 \udcff'
+    pairs = [("MESSAGE", nasty), ("GPU_ROUTER_INPUT", "a\nb"), ("EMPTY", "")]
+    line = journal._json_line(pairs)
+    assert line == json.dumps(dict(pairs), ensure_ascii=False) + "\n"
+    assert json.loads(line) == dict(pairs)
+
+
+def test_stderr_fallback_does_not_import_json(tmp_path):
+    code = EMIT + "print('json' in sys.modules, 'socket' in sys.modules)\n"
+    p = subprocess.run([helpers.PYTHON, "-IS", "-c", code], capture_output=True, text=True, timeout=30,
+                       env={"GPU_ROUTER_LOG": "stderr"})
+    assert p.stdout == "stderr\nFalse False\n", p

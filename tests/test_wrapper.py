@@ -120,7 +120,7 @@ def test_job_signal_dispositions_are_the_callers(rig, tmp_path):
     restore them, or `job | head` no longer ends the job the way it did without the router. (The job here is a
     shell script: a Python job would ignore them itself.)"""
     sigjob = tmp_path / "sigjob"
-    sigjob.write_text('#!/bin/sh\ngrep -E "^Sig(Ign|Blk)" /proc/$$/status > "$OUT.$$"\n')
+    sigjob.write_text('#!/bin/sh\nexec grep -E "^Sig(Ign|Blk)" /proc/self/status > "$OUT.$$"\n')
     sigjob.chmod(0o755)
     rig.doc["workloads"]["w"]["binary"] = str(sigjob)
     rig.rewrite()
@@ -205,7 +205,7 @@ def test_200_wrappers_at_once_never_exceed_the_slots(tmp_path, gr_bin, clean_env
     errs = tmp_path / "errs"
     errs.mkdir()
     env = {"JOB_SLEEP": "2.5"}
-    rig.run("w", small, env={"JOB_SLEEP": "0"})  # warm the config cache like a running system has it
+    rig.warm("w", small, env={"JOB_SLEEP": "0"})  # the config cache is warm on a running system
     for f in rig.log.iterdir():
         f.unlink()
     procs = []
@@ -743,3 +743,25 @@ def test_blocked_and_probe_failed_events_on_the_journal_socket(tmp_path, gr_bin,
         assert pf["MESSAGE_ID"] == journal.MESSAGE_IDS["probe-failed"] and pf["GPU_ROUTER_REASON"] == "no-input"
     finally:
         kill(holder)
+
+
+# ---- the hot path stays light -----------------------------------------------------------------------------------
+
+HEAVY = {"json", "enum", "re", "subprocess", "dataclasses", "tomllib", "socket", "structlog", "argparse",
+         "signal", "pynvml", "systemd", "pystemd", "asyncio", "logging", "difflib"}
+
+
+@pytest.mark.parametrize("sink", ["journald", "stderr"])
+def test_cached_run_imports_nothing_heavy(rig, tmp_path, jsock, sink):
+    """HACKING.md's budget: a job that hits the config cache imports only builtins and cheap stdlib modules."""
+    small = make_input(tmp_path, SMALL)
+    env = dict(rig.env, GPU_ROUTER_JOURNAL_SOCKET=jsock.path, GPU_ROUTER_LOG="" if sink == "journald" else "stderr")
+    rig.write_snapshot([helpers.gpu_entry(0)])
+    rig.warm("w", small, env=env)
+    p = subprocess.run([helpers.PYTHON, "-X", "importtime", "-IS", rig.gr_bin] + rig.argv("w", small)[1:],
+                       env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in p.stderr.splitlines()
+                if line.startswith("import time:") and not line.endswith("package")}
+    assert imported & HEAVY == set(), sorted(imported & HEAVY)
+    assert "gpu_router" in imported

@@ -297,18 +297,38 @@ def ensure_rootfs(packages: Iterable[str] = PACKAGES, suite: str = SUITE, cache_
             return final
         for stale in cache_dir.glob(f".tmp-{key}-*"):
             _log(f"removing aborted build {stale}")
+            _end_build_cgroup(stale)  # its builder died: what it started may still be writing there
             _rmtree(stale)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache_dir))
         try:
             _debootstrap(tmp, packages, suite, mirror, timeout)
             _finish_rootfs(tmp / "rootfs", packages, suite)
-            if os.path.lexists(final):  # a broken directory with the final name (made by hand?): set it aside
+            if os.path.lexists(final):  # incomplete yet named as done (made by hand?): replace it
                 _rmtree(final)
+            os.sync()  # the contents are on disk before the name says "complete"
             os.rename(tmp / "rootfs", final)
-            os.sync()
+            dir_fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         finally:
+            _end_build_cgroup(tmp)
             _rmtree(tmp)
     return final
+
+
+def _build_cgroup(tmp: pathlib.Path) -> pathlib.Path | None:
+    """A pids cgroup per build (at the hierarchy's top, so any later builder finds it by the build's name)."""
+    mount = _cgroup_mounts().get("pids")
+    return mount[1] / f"gpu-router-build-{tmp.name}" if mount else None
+
+
+def _end_build_cgroup(tmp: pathlib.Path) -> None:
+    cg = _build_cgroup(tmp)
+    if cg is not None and cg.exists():
+        _kill_cgroup_trees([cg])
+        _remove_cgroup_tree(cg)
 
 
 def _debootstrap(tmp: pathlib.Path, packages: Sequence[str], suite: str, mirror: str, timeout: float) -> None:
@@ -317,13 +337,28 @@ def _debootstrap(tmp: pathlib.Path, packages: Sequence[str], suite: str, mirror:
     cmd = ["debootstrap", "--variant=minbase", f"--include={','.join(packages)}", suite, str(target), mirror]
     _log(f"building rootfs: {shlex.join(cmd)}")
     t0 = time.monotonic()
+    cg = _build_cgroup(tmp)
+    procs = None
+    if cg is not None:
+        cg.mkdir(exist_ok=True)
+        procs = str(cg / "cgroup.procs")
+
+    def enter_cgroup() -> None:  # debootstrap and all it starts, so an aborted build can be ended whole
+        with open(procs, "w") as f:
+            f.write("0")
+
     with open(log_path, "w") as log:
         try:
             r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                               env=_clean_env({"DEBIAN_FRONTEND": "noninteractive"}), timeout=timeout)
+                               env=_clean_env({"DEBIAN_FRONTEND": "noninteractive"}), timeout=timeout,
+                               preexec_fn=enter_cgroup if procs else None)
         except subprocess.TimeoutExpired:
+            _end_build_cgroup(tmp)
             _unmount_all_under(target)
             raise HarnessError(f"debootstrap took more than {timeout:.0f} s") from None
+        except BaseException:
+            _end_build_cgroup(tmp)
+            raise
     _unmount_all_under(target)  # debootstrap unmounts /proc, /sys on exit; be sure before any rm -rf
     if r.returncode != 0:
         tail = log_path.read_text(errors="replace")[-4000:]
@@ -797,7 +832,7 @@ class Container:
         return {"PATH": PATH, "LANG": "C.UTF-8", "HOME": home, "USER": name, "LOGNAME": name, "SHELL": shell}
 
     def _passwd_entry(self, user: str | int) -> list[str] | None:
-        for line in (self.root / "etc/passwd").read_text().splitlines():
+        for line in self.host_path("/etc/passwd").read_text().splitlines():
             f = line.split(":")
             if len(f) >= 7 and (f[0] == str(user) or f[2] == str(user)):
                 return f
@@ -881,7 +916,8 @@ class Container:
 
         The process gets exactly what a service gets (the container's capability bounding set, the journal's
         _SYSTEMD_UNIT attribution, the unit's cgroup). ``properties`` are ``-p`` assignments ("MemoryMax=200M");
-        ``unit`` names the unit (``--unit=``). The return code is the service's exit status (systemd-run --wait).
+        ``unit`` names the unit (``--unit=``). The return code is the service's exit status (systemd-run --wait),
+        255 when it was killed by a signal. cmd is passed literally (systemd's $VAR expansion is escaped).
         """
         argv = ["systemd-run", "--wait", "--pipe", "--collect", "--quiet", "--service-type=exec"]
         if unit:

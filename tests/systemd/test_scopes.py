@@ -12,7 +12,7 @@ import time
 import pytest
 
 import harness
-from conftest import require_lane
+from harness import require_lane
 
 # No GPU in this lane: a stand-in nvidia-smi reports one healthy 16 GiB GPU, so GPU routing and the GPU slice are
 # exercised through the agent's real nvidia-smi backend. (tests/test_gpu.py covers the backends themselves.)
