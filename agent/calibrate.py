@@ -10,8 +10,8 @@ GPU backend (per-PID use, as the agent sees it) and the RSS of the tree from /pr
 the agent's format (``accounting.record_sample``), appended to ``<state_dir>/samples/NAME.jsonl``.
 
 The job's arguments: ``ARGS`` after ``--``, once per input, with ``{input}`` replaced by the input's path (the
-path is appended when no argument holds ``{input}``); without ``--``: the input alone, or ``--opt INPUT`` when the
-profile's ``input`` is ``"option:--opt"``.
+path is appended when no argument holds ``{input}``) and ``{metric}`` by its measured metric; without ``--``: the
+input alone, or ``--opt INPUT`` when the profile's ``input`` is ``"option:--opt"``.
 
 Then fit ``peak_vram = base + per_unit × metric`` by least squares over every usable sample of the workload — the
 ones measured now and the agent's recorded ones: successful GPU runs with a known metric and a known peak VRAM —
@@ -409,13 +409,19 @@ def _split(args):
     return ns.inputs, template
 
 
-def job_args(workload, template, path):
-    """The job's own arguments for one input (the device arguments come after them)."""
+def job_args(workload, template, path, metric=None):
+    """The job's own arguments for one input (the device arguments come after them).
+
+    In ``template`` (the ARGS after ``--``), ``{input}`` is the input's path and ``{metric}`` its measured metric
+    (the first combined value; for synthetic inputs whose size is an argument); without ``{input}`` the path is
+    appended. Without a template: the input alone, or ``--opt INPUT`` for a profile with input = "option:--opt".
+    """
     if template is None:
         if workload.input.startswith("option:"):
             return [workload.input[len("option:"):], path]
         return [path]
-    out = [a.replace("{input}", path) for a in template]
+    shown = "" if metric is None else (str(int(metric)) if float(metric).is_integer() else repr(float(metric)))
+    out = [a.replace("{input}", path).replace("{metric}", shown) for a in template]
     if not any("{input}" in a for a in template):
         out.append(path)
     return out
@@ -512,6 +518,9 @@ def cmd_calibrate(args):
     from . import gpu as _gpu
     from .cli import _emit, _pick_workload
 
+    from .init import enable_site
+
+    enable_site()
     inputs, template = _split(args)
     cfg = _config.load(args.config)
     w = _pick_workload(cfg, args.workload)
@@ -540,7 +549,16 @@ def cmd_calibrate(args):
 
             detected = [g["total_mb"] for g in detect_gpus(cfg)[0] if g.get("total_mb")]
         for n, path in enumerate(inputs):
-            runs.append(_calibrate_one(cfg, w, mode, gpu_info, backend, template, path, n, timeout))
+            run = _calibrate_one(cfg, w, mode, gpu_info, backend, template, path, n, timeout)
+            runs.append(run)
+            if run.get("sample") and not args.dry_run:  # each as it is made: an interrupted calibration keeps it
+                try:
+                    if args.samples:
+                        _append_sample(sfile, run["fields"])
+                    else:
+                        accounting.record_sample(cfg.agent.state_dir, run["fields"])
+                except OSError as exc:
+                    problems.append(f"cannot record the sample in {sfile}: {exc.strerror or exc}")
     except CalibrationError as exc:
         sys.stderr.write(f"gpu-router: calibrate: {exc}\n")
         return 1
@@ -551,14 +569,6 @@ def cmd_calibrate(args):
     for r in runs:
         if r.get("sample"):
             measured.append(r["sample"])
-            if not args.dry_run:
-                try:
-                    if args.samples:
-                        _append_sample(sfile, r["fields"])
-                    else:
-                        accounting.record_sample(cfg.agent.state_dir, r["fields"])
-                except OSError as exc:
-                    problems.append(f"cannot record the sample in {sfile}: {exc.strerror or exc}")
         if r["result"] != "success":
             problems.append(f"{r['input']}: {r['result']}" + (f" ({r['detail']})" if r.get("detail") else ""))
         elif mode == "GPU" and r.get("peak_vram_mb") is None:
@@ -620,7 +630,7 @@ def _calibrate_one(cfg, w, mode, gpu_info, backend, template, path, n, timeout):
         return run
     combined = policy.combined_metric(w, values)
     run["metric"] = combined[0] if len(combined) == 1 else combined
-    argv = [w.binary] + job_args(w, template, path) + (w.gpu_args if mode == "GPU" else w.cpu_args)
+    argv = [w.binary] + job_args(w, template, path, combined[0]) + (w.gpu_args if mode == "GPU" else w.cpu_args)
     run["argv"] = argv
     env = dict(os.environ)
     env.update(w.env)

@@ -262,9 +262,9 @@ def parser():
 
 
 def _extra_commands():
-    """Commands that live in their own modules (status, stats), registered when present."""
+    """Commands that live in their own modules (status, stats, init, calibrate), registered when present."""
     found = []
-    for module in ("status", "stats"):
+    for module in ("status", "stats", "init", "calibrate"):
         try:
             mod = __import__(f"gpu_router.{module}", fromlist=["register"])
         except ImportError:

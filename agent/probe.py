@@ -108,8 +108,9 @@ def run_command(argv, timeout):
     err_r, err_w = os.pipe()
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        # GPU_ROUTER_PROBING: should the probe tool itself be wrapped, that wrapper runs it straight (no recursion)
-        env = dict(os.environ, GPU_ROUTER_PROBING="1")
+        # GPU_ROUTER_PROBING: should the probe tool itself be wrapped, that wrapper (our direct child, which it
+        # checks) runs it straight instead of probing again: no recursion.
+        env = dict(os.environ, GPU_ROUTER_PROBING=str(os.getpid()))
         pid = os.posix_spawn(argv[0], argv, env, setpgroup=0, setsigdef=(signal.SIGPIPE,),
                              file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
                                            (os.POSIX_SPAWN_DUP2, err_w, 2)])

@@ -244,7 +244,7 @@ def run(workload_name, args, config_file=None):
         _err(f"config error: {exc}")
         journal.emit("config-error", f"config error: {exc}", {"WORKLOAD": workload_name, "DETAIL": str(exc)})
         return EX_USAGE
-    if os.environ.get("GPU_ROUTER_PROBING"):
+    if os.environ.get("GPU_ROUTER_PROBING") == str(os.getppid()):
         # We are a probe of another gpu-router (the probe tool itself is wrapped): run it as it is, no routing.
         _restore_signals()
         try:

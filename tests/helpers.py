@@ -101,6 +101,11 @@ _media_lock = threading.Lock()
 
 def media(tmp_path_factory, name):
     """Path of a real media file ``name`` (see _MEDIA_RECIPES), generated once per test session."""
+    ffmpeg = shutil.which("ffmpeg", path=SAFE_PATH)  # not $PATH: some tests empty it before asking for media
+    if ffmpeg is None:
+        import pytest
+
+        pytest.skip("ffmpeg is not installed (apt install ffmpeg): no sample media")
     folder = tmp_path_factory.getbasetemp() / "media"
     with _media_lock:
         folder.mkdir(exist_ok=True)
@@ -108,7 +113,7 @@ def media(tmp_path_factory, name):
         path = folder / name
         if not path.exists():
             tmp = folder / (".tmp." + name)
-            subprocess.run(["ffmpeg", "-nostdin", "-y", "-v", "error"] + _MEDIA_RECIPES[name] + [str(tmp)],
+            subprocess.run([ffmpeg, "-nostdin", "-y", "-v", "error"] + _MEDIA_RECIPES[name] + [str(tmp)],
                            check=True, timeout=60)
             tmp.chmod(0o644)
             tmp.rename(path)

@@ -1,7 +1,6 @@
 """The operator commands `explain` and `check`, text and --json, through the real launcher."""
 
 import json
-import os
 import signal
 import subprocess
 import time

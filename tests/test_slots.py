@@ -2,10 +2,8 @@
 
 import fcntl
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest

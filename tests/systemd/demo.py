@@ -21,15 +21,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import harness  # noqa: E402
 from test_deb import build_fake, build_gpu_router  # noqa: E402
+from test_scopes import FAKE_SMI  # noqa: E402  (the stand-in nvidia-smi: one 16 GiB GPU)
 
-FAKE_SMI = """#!/bin/sh
-# Stand-in for nvidia-smi: one healthy 16 GiB GPU (the demo host has none).
-case "$1" in
-  --query-gpu=index,uuid,name,memory.total,memory.used,memory.free) echo "0, GPU-5e7d0c2a-demo, Demo GPU 16GB, 16384, 420, 15964";;
-  --query-gpu=driver_version) echo "550.54.15";;
-esac
-exit 0
-"""
 
 PROFILE = """# The demo's workload: small inputs (< 1 MB) to the GPU, large ones to the CPU.
 [workloads.transcribe]

@@ -1,0 +1,474 @@
+"""`gpu-router init`: write a workload profile by asking what the original runbook asks.
+
+    gpu-router init [--workload NAME] [--binary PATH] [--probe P[,P]] [--probe-command ARGV] [--input SPEC]
+                    [--threshold N[,N]] [--unit U[,U]] [--gpu-vram-mb MB] [--cpu-ram-mb MB]
+                    [--max-gpu-jobs N] [--max-cpu-jobs N] [--gpu-args ARGS] [--cpu-args ARGS]
+                    [--retry-exit-code N] [--wait DURATION] [--scope MODE] [--on-probe-error cpu|fail]
+                    [--yes] [--force] [--json]
+
+Each question has a flag; a question whose flag is given is not asked, and ``--yes`` takes the default of every
+question left (and the final "write it?"), so the command runs without a terminal. Questions without a default (name,
+binary, threshold, VRAM per GPU job, RAM per CPU job) must then be given as flags.
+
+GPU memory comes from the agent's snapshot, else from NVML / nvidia-smi (``gpu.open_backend``), unless ``[host]
+gpu_vram_mb`` says; system RAM from ``[host] ram_mb`` or /proc/meminfo. They give the defaults of the job counts
+and the memory budget worksheet shown before writing. The new profile is validated together with the whole
+configuration by ``config.validate`` — the wrapper's own validation — so init never writes a profile the wrapper
+would reject. It goes to ``workloads.d/NAME.toml`` beside the main config file, written atomically with tomli-w, and
+an existing file is replaced only with ``--force``.
+
+Not on the hot path: imports freely.
+"""
+
+import os
+import shlex
+import sys
+import time
+
+from . import config as _config
+from . import policy
+
+_NONE = object()  # a question without a default
+
+
+class InitRefused(Exception):
+    """Nothing written, on purpose (the file exists, the operator said no): exit 1."""
+
+
+# ---- detection ------------------------------------------------------------------------------------------------
+
+def detect_gpus(cfg):
+    """([GPU dict with index, name, total_mb, …], where from): the agent's snapshot, else the GPU backend itself."""
+    from . import snapshot
+
+    snap, why = snapshot.read(cfg.gpu.snapshot, cfg.gpu.snapshot_max_age)
+    if snap is not None and snap.get("gpus"):
+        return list(snap["gpus"]), f"agent snapshot ({snap.get('source')})"
+    if cfg.gpu.backend == "none":
+        return [], "[gpu] backend = \"none\""
+    from . import gpu
+
+    backend = gpu.open_backend(cfg.gpu.backend, cfg.gpu.call_timeout)
+    try:
+        sample = backend.sample()
+    finally:
+        backend.close()
+    source = sample.get("source") or "none"
+    if sample.get("error"):
+        source += f": {sample['error']}"
+    elif source == "none":
+        source = "no NVML, no nvidia-smi"
+    return list(sample.get("gpus") or ()), source
+
+
+def enable_site():
+    """Give this process the system's site directories back (pynvml from pip, tomli-w, …).
+
+    The launcher starts Python with -IS: -S saves the wrapper 2.5 ms per job, and the operator CLI shares the
+    launcher. Commands that need third-party modules call this first; -I still keeps the user site out.
+    """
+    if sys.flags.no_site:
+        import site
+
+        site.main()
+
+
+def system_ram_mb():
+    from .cli import system_ram_mb as read
+
+    return read()
+
+
+# ---- the current configuration (everything but the new profile) ------------------------------------------------
+
+def _sources(main_path, target):
+    """(main dict, [(path, dict)] of the drop-ins other than ``target``) — as config.parse reads them."""
+    main_raw = _config._read_toml(main_path)
+    if main_raw is None:
+        if main_path != _config.DEFAULT_PATH:
+            raise _config.ConfigError("no such config file", main_path)
+        main_raw = {}
+    ddir = _config.dropin_dir(main_path)
+    try:
+        names = sorted(n for n in os.listdir(ddir) if n.endswith(".toml") and not n.startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    except OSError as exc:
+        raise _config.ConfigError(f"cannot list: {exc.strerror}", ddir) from None
+    dropins = []
+    for name in names:
+        path = os.path.join(ddir, name)
+        if path != target:
+            dropins.append((path, _config._read_toml(path) or {}))
+    return main_raw, dropins
+
+
+# ---- answers: text → value (each checked by the schema's own checker) ------------------------------------------
+
+def _check(key, value):
+    check = _config.WORKLOAD[key][0]
+    return check(value)
+
+
+def _number_text(text):
+    text = text.strip()
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
+    return value
+
+
+def _list(text):
+    return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
+def _int_text(lo=None, hi=None):
+    def parse(text):
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {text!r}") from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ValueError(f"expected a whole number from {lo} to {hi}" if hi is not None
+                             else f"expected a whole number >= {lo}")
+        return value
+    return parse
+
+
+def _name(text):
+    name = str(text).strip()
+    # the one validation decides what a name may be: a minimal profile under that name
+    _config.validate({"workloads": {name: {"binary": "/bin/true", "threshold": 1}}}, "init", [])
+    return name
+
+
+def _args(text):
+    try:
+        return shlex.split(str(text))
+    except ValueError as exc:
+        raise ValueError(f"cannot split into arguments: {exc}") from None
+
+
+class Asker:
+    """Asks on the terminal (or whatever stdin is), or takes the flag, or (with --yes) the default."""
+
+    def __init__(self, args, out):
+        self.args = args
+        self.out = out
+        self.answers = {}
+
+    def __call__(self, dest, prompt, default=_NONE, parse=str, show=None, flag=None):
+        flag = flag or "--" + dest.replace("_", "-")
+        given = getattr(self.args, dest, None)
+        if given is not None:
+            try:
+                value = parse(given)
+            except (ValueError, _config.ConfigError) as exc:
+                raise _config.ConfigError(f"{flag}: {exc}") from None
+        elif self.args.yes:
+            if default is _NONE:
+                raise _config.ConfigError(f"{flag} is needed: this question has no default")
+            value = default
+        else:
+            value = self._ask(prompt, default, parse, show)
+        self.answers[dest] = value
+        return value
+
+    def _ask(self, prompt, default, parse, show):
+        shown = show if show is not None else ("" if default is _NONE else str(default))
+        while True:
+            self.out.write(f"{prompt}" + (f" [{shown}]" if shown else "") + ": ")
+            self.out.flush()
+            line = sys.stdin.readline()
+            if not line:
+                self.out.write("\n")
+                raise _config.ConfigError("standard input ended before every question was answered: give the "
+                                          "answers as flags (gpu-router init --help), with --yes for the defaults")
+            text = line.strip()
+            if not text:
+                if default is not _NONE:
+                    return default
+                self.out.write("  an answer is needed\n")
+                continue
+            try:
+                return parse(text)
+            except (ValueError, _config.ConfigError) as exc:
+                self.out.write(f"  {exc}\n")
+
+    def confirm(self, prompt, default):
+        if self.args.yes:
+            return True
+        return self._ask(prompt, "yes" if default else "no", _yes_no, "Y/n" if default else "y/N") == "yes"
+
+
+def _yes_no(text):
+    t = str(text).strip().lower()
+    if t in ("y", "yes"):
+        return "yes"
+    if t in ("n", "no"):
+        return "no"
+    raise ValueError("answer y or n")
+
+
+def _default_binary(name):
+    """The real binary of NAME: its .distrib / .real when wrapped already, else NAME on PATH."""
+    from .probe import which
+
+    found = which(name, os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin")
+    folders = [os.path.dirname(found)] if found else []
+    folders += [d for d in ("/usr/local/bin", "/usr/bin", "/usr/sbin", "/bin") if d not in folders]
+    for folder in folders:
+        for suffix in (".distrib", ".real"):
+            candidate = os.path.join(folder, name + suffix)
+            if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                return candidate
+    return found or _NONE
+
+
+def _binary(text):
+    path = str(text).strip()
+    if not path.startswith("/"):
+        from .probe import which
+
+        found = which(path)
+        if found is None:
+            raise ValueError(f"expected an absolute path (or a command on PATH), got {path!r}")
+        path = found
+    return _check("binary", path)
+
+
+def _fmt_num(value):
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+
+def cmd_init(args):
+    from .cli import _emit, _worksheet
+
+    enable_site()
+    out = sys.stderr if args.json else sys.stdout
+    main_path = _config.config_path(args.config)
+    main_raw, dropins = _sources(main_path, None)
+    cfg = _config.build(_config.validate(main_raw, main_path, dropins))
+
+    gpus, gpu_source = detect_gpus(cfg)
+    totals = [g["total_mb"] for g in gpus if g.get("total_mb")]
+    if cfg.host.gpu_vram_mb is not None:
+        vram, vram_source = cfg.host.gpu_vram_mb, "config [host] gpu_vram_mb"
+    elif totals:
+        vram, vram_source = min(totals), f"detected, smallest GPU ({gpu_source})"
+    else:
+        vram, vram_source = None, None
+    ram = cfg.host.ram_mb if cfg.host.ram_mb is not None else system_ram_mb()
+    ram_source = "config [host] ram_mb" if cfg.host.ram_mb is not None else "detected (/proc/meminfo)"
+    count = cfg.host.gpus if cfg.host.gpus is not None else (len(gpus) if gpus else 1)
+    detected = {"gpus": [{k: g.get(k) for k in ("index", "name", "total_mb", "free_mb")} for g in gpus],
+                "gpu_source": gpu_source, "gpu_vram_mb": vram, "gpu_vram_source": vram_source, "ram_mb": ram,
+                "ram_source": ram_source}
+    if not args.yes:
+        out.write(f"gpu-router init: a workload profile for {_config.dropin_dir(main_path)}/\n")
+        if gpus:
+            for g in gpus:
+                out.write(f"  GPU {g.get('index')}: {g.get('name') or '?'}, {g.get('total_mb')} MiB "
+                          f"[{gpu_source}]\n")
+        else:
+            out.write(f"  no GPU detected ({gpu_source})" + (f"; [host] gpu_vram_mb = {vram}" if vram else "")
+                      + "\n")
+        out.write(f"  system RAM: {ram if ram is not None else 'unknown'} MiB [{ram_source}]\n")
+
+    ask = Asker(args, out)
+    name = ask("workload", "Workload name (names the profile, its lock files and scopes)", parse=_name)
+    target = os.path.join(_config.dropin_dir(main_path), f"{name}.toml")
+    if os.path.lexists(target) and not args.force:
+        raise InitRefused(f"{target} exists: --force replaces it")
+    binary = ask("binary", "Real binary of the workload (absolute path; after `gpu-router wrap` its .distrib/.real)",
+                 _default_binary(name), _binary)
+    probes = ask("probe", f"Probe measuring the input ({', '.join(_config.PROBES)}; several: comma-separated)",
+                 ["file-size"], lambda t: _check("probe", _list(t)), show="file-size")
+    table = {"binary": binary, "probe": probes[0] if len(probes) == 1 else probes}
+    if "command" in probes:
+        command = ask("probe_command", "Probe command printing one number (\"{input}\" is the input's path)",
+                      parse=_probe_command)
+        table["probe_command"] = command
+    table["input"] = ask("input", "Which argument is the input (last-file, arg:N, option:--name)", "last-file",
+                         lambda t: _check("input", str(t).strip()))
+    n = len(probes)
+    default_unit = [_config._default_unit(p) for p in probes]
+    thresholds = ask("threshold", "Threshold: inputs under it go to the GPU, the others to the CPU"
+                     + (f" ({n} values, comma-separated)" if n > 1 else ""), parse=_thresholds(n))
+    units = ask("unit", "Unit of the threshold", default_unit, _units(n), show=",".join(default_unit))
+    table["threshold"] = thresholds[0] if n == 1 else thresholds
+    table["threshold_unit"] = units[0] if n == 1 else units
+    if args.on_probe_error is not None:
+        table["on_probe_error"] = _check("on_probe_error", args.on_probe_error)
+    table["gpu_vram_mb"] = ask("gpu_vram_mb", "VRAM per GPU job, MiB (its measured peak plus a little)",
+                               parse=_int_text(0))
+    table["cpu_ram_mb"] = ask("cpu_ram_mb", "RAM per CPU job, MiB (its peak on a long input)", parse=_int_text(0))
+    gpu_default = 1
+    if vram is not None and table["gpu_vram_mb"] > 0:
+        gpu_default = max(1, (vram - cfg.gpu.reserve_mb) // table["gpu_vram_mb"])
+    table["max_gpu_jobs"] = ask("max_gpu_jobs", "Max GPU jobs per GPU" + (
+        f" (that many fit in {vram} MiB)" if vram is not None and table["gpu_vram_mb"] > 0 else ""),
+        gpu_default, _int_text(0, 4096))
+    cpu_default, cpus = 1, os.cpu_count() or 1
+    if ram is not None and table["cpu_ram_mb"] > 0:  # as many as fit in RAM, but no more than the CPUs
+        cpu_default = max(1, min((ram - cfg.host.other_ram_mb) // table["cpu_ram_mb"], cpus))
+    table["max_cpu_jobs"] = ask("max_cpu_jobs", f"Max CPU jobs in all ({cpus} CPUs)", cpu_default,
+                                _int_text(0, 4096))
+    table["gpu_args"] = ask("gpu_args", "Arguments appended on the GPU (e.g. --device cuda)", [], _args,
+                            show="none")
+    table["cpu_args"] = ask("cpu_args", "Arguments appended on the CPU (e.g. --device cpu)", [], _args,
+                            show="none")
+    retry = ask("retry_exit_code", "Exit code of a BLOCKED job (the caller retries on it)",
+                cfg.router.retry_exit_code, _int_text(1, 255))
+    if retry != cfg.router.retry_exit_code:
+        table["retry_exit_code"] = retry
+    wait = ask("wait", "Wait for a slot before giving up (0s, 30s, 5m)", None, _wait,
+               show=_fmt_num(cfg.router.wait) + "s")
+    if wait is not None and _config.parse_duration(wait) != cfg.router.wait:
+        table["wait"] = wait
+    table["scope"] = ask("scope", "Systemd scope per job (required, best-effort, off)", "best-effort",
+                         lambda t: _check("scope", str(t).strip()))
+
+    # The one validation, over the whole configuration as it will be: never a profile the wrapper rejects.
+    plain = _config.validate(main_raw, main_path, dropins + [(target, {"workloads": {name: table}})])
+    w = _config.build(plain).workload(name)
+    b = policy.budget(w, vram, count, ram, cfg.host.other_ram_mb)
+    b["gpu_vram_source"], b["ram_source"], b["gpus"] = vram_source, ram_source, count
+    problems = []
+    if b["vram_headroom_mb"] is not None and b["vram_headroom_mb"] < 0:
+        problems.append("VRAM headroom is negative: lower max_gpu_jobs or gpu_vram_mb")
+    if b["ram_headroom_mb"] is not None and b["ram_headroom_mb"] < 0:
+        problems.append("RAM headroom is negative: lower max_cpu_jobs or cpu_ram_mb")
+    if vram is None and w.max_gpu_jobs:
+        problems.append("GPU VRAM unknown: set [host] gpu_vram_mb or start gpu-router-agent")
+    if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
+        problems.append(f"{binary} is not an executable file (yet): jobs would exit 127/126")
+    b["problems"] = problems
+    out.write("\n".join(_worksheet(w, b)) + "\n")
+    negative = any("negative" in p for p in problems)
+    if not ask.confirm(f"Write {target}", default=not negative):
+        raise InitRefused("nothing written")
+    _write_profile(target, name, table, args.force)
+    data = {"path": target, "workload": name, "profile": table, "written": True, "budget": b,
+            "detected": detected, "problems": problems}
+    text = [f"wrote {target}",
+            f"next: gpu-router check --workload {name}; gpu-router wrap BINARY --workload {name} (the name callers "
+            f"use, e.g. /usr/bin/{name}); gpu-router explain --workload {name} FILE"]
+    _emit(args, data, "\n".join(text))
+    return 1 if negative else 0
+
+
+def _probe_command(text):
+    argv = _args(text) if isinstance(text, str) else list(text)
+    if not argv:
+        raise ValueError("expected a command, e.g. \"mediainfo --Output=General;%Duration% {input}\"")
+    return _check("probe_command", argv)
+
+
+def _thresholds(n):
+    def parse(text):
+        values = [_number_text(t) for t in _list(text)]
+        if len(values) != n:
+            raise ValueError(f"expected {n} value(s), one per probe, got {len(values)}")
+        return _check("threshold", values)
+    return parse
+
+
+def _units(n):
+    def parse(text):
+        values = _list(text) if isinstance(text, str) else list(text)
+        if len(values) != n:
+            raise ValueError(f"expected {n} unit(s), one per probe, got {len(values)}")
+        return _check("threshold_unit", values)
+    return parse
+
+
+def _wait(text):
+    text = str(text).strip()
+    _config.parse_duration(text)  # ValueError with what is wrong
+    return text
+
+
+def _write_profile(target, name, table, force):
+    import tomli_w
+
+    folder = os.path.dirname(target)
+    os.makedirs(folder, mode=0o755, exist_ok=True)
+    data = (f"# Workload profile written by `gpu-router init` on {time.strftime('%Y-%m-%d')}.\n"
+            f"# Every key: gpu-router.toml(5). Check it with: gpu-router check --workload {name}\n\n"
+            + tomli_w.dumps({"workloads": {name: table}})).encode()
+    tmp = os.path.join(folder, f".{os.path.basename(target)}.{os.getpid()}.tmp")  # a dot: config never reads it
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.fchmod(fd, 0o644)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.close(fd)
+        fd = None
+        if force:
+            os.rename(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)  # atomic, and never over a file that appeared meanwhile
+            except FileExistsError:
+                raise InitRefused(f"{target} exists: --force replaces it") from None
+            os.unlink(tmp)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def _run(args):
+    try:
+        return cmd_init(args)
+    except InitRefused as exc:
+        sys.stderr.write(f"gpu-router: init: {exc}\n")
+        return 1
+    except OSError as exc:
+        sys.stderr.write(f"gpu-router: init: {exc}\n")
+        return 1
+
+
+def register(sub, command):
+    c = command("init", "write a workload profile by asking what the runbook asks (every question has a flag)")
+    c.add_argument("--workload", "-w", help="the workload's name (names the profile file NAME.toml)")
+    c.add_argument("--binary", help="the real binary (absolute path)")
+    c.add_argument("--probe", help=f"probe(s), comma-separated: {', '.join(_config.PROBES)}")
+    c.add_argument("--probe-command", help="for --probe command: the command line, with {input}")
+    c.add_argument("--input", help="which argument is the input: last-file, arg:N, option:--name")
+    c.add_argument("--threshold", help="threshold(s), comma-separated, one per probe")
+    c.add_argument("--unit", help="unit(s) of the threshold(s)")
+    c.add_argument("--gpu-vram-mb", help="VRAM per GPU job, MiB")
+    c.add_argument("--cpu-ram-mb", help="RAM per CPU job, MiB")
+    c.add_argument("--max-gpu-jobs", help="jobs per GPU (default: as many as fit in the GPU's memory)")
+    c.add_argument("--max-cpu-jobs", help="CPU jobs in all (default: as many as fit in RAM)")
+    c.add_argument("--gpu-args", help="arguments appended on the GPU, one string (shell quoting)")
+    c.add_argument("--cpu-args", help="arguments appended on the CPU, one string (shell quoting)")
+    c.add_argument("--retry-exit-code", help="exit code of a BLOCKED job (default: [router] retry_exit_code)")
+    c.add_argument("--wait", help="bounded wait for a slot, e.g. 30s (default: [router] wait)")
+    c.add_argument("--scope", help="required, best-effort (default) or off")
+    c.add_argument("--on-probe-error", help="cpu (default) or fail; not asked")
+    c.add_argument("--yes", "-y", action="store_true", help="ask nothing: defaults for what is not given")
+    c.add_argument("--force", action="store_true", help="replace an existing workloads.d/NAME.toml")
+    c.set_defaults(func=_run)
