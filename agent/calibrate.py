@@ -522,7 +522,7 @@ def cmd_calibrate(args):
 
     enable_site()
     inputs, template = _split(args)
-    cfg = _config.load(args.config)
+    cfg = _load(args)
     w = _pick_workload(cfg, args.workload)
     try:
         timeout = _config.parse_duration(args.timeout)
@@ -572,8 +572,9 @@ def cmd_calibrate(args):
         if r["result"] != "success":
             problems.append(f"{r['input']}: {r['result']}" + (f" ({r['detail']})" if r.get("detail") else ""))
         elif mode == "GPU" and r.get("peak_vram_mb") is None:
-            problems.append(f"{r['input']}: its processes never showed on the GPU (NVML sees host PIDs: in a "
-                            "container, run calibrate on the host), not fitted")
+            problems.append(f"{r['input']}: its processes never showed on the GPU in {r['duration_s']:.1f}s (too "
+                            "brief to sample, or in a container: NVML reports host PIDs, so run calibrate on the "
+                            "host); not fitted")
     recorded_points, measured_points = gpu_points(recorded), gpu_points(measured)
     points = recorded_points + measured_points
     result = fit(points)
@@ -620,6 +621,21 @@ def cmd_calibrate(args):
     return 1 if problems else 0
 
 
+def _load(args):
+    """The config; a calibrated profile whose calibration is missing or broken is loaded without its model (the
+    wrapper refuses such a config, and calibrate is how it gets repaired)."""
+    try:
+        return _config.load(args.config)
+    except _config.ConfigError as exc:
+        try:
+            cfg = _config.build(_config.parse(_config.config_path(args.config),
+                                              lambda path: _config.SKIP_CALIBRATION))
+        except _config.ConfigError:
+            raise exc from None
+        sys.stderr.write(f"gpu-router: calibrate: note: {exc}\n")
+        return cfg
+
+
 def _calibrate_one(cfg, w, mode, gpu_info, backend, template, path, n, timeout):
     run = {"input": path, "metric": None, "result": None, "exit_status": None, "duration_s": None,
            "peak_vram_mb": None, "peak_ram_mb": None, "detail": None, "argv": None}
@@ -649,7 +665,7 @@ def _calibrate_one(cfg, w, mode, gpu_info, backend, template, path, n, timeout):
     elif got["result"] != "success":
         lines = [line for line in got["output_tail"].splitlines() if line.strip()]
         run["detail"] = f"exit {got['exit_status']}" + (f": {lines[-1][:200]}" if lines else "")
-    predicted = policy.predict_vram_mb(w, values) if mode == "GPU" else None
+    predicted = policy.predict_vram_mb(w, values) if mode == "GPU" and w.vram_model != "calibrated" else None
     run["fields"] = {"WORKLOAD": w.name, "MODE": mode, "METRIC": _fmt_metric(combined), "RESULT": got["result"],
                      "PEAK_RAM_MB": got["peak_ram_mb"], "PEAK_VRAM_MB": got["peak_vram_mb"],
                      "DURATION_S": got["duration_s"], "PREDICTED_VRAM_MB": predicted}

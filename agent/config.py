@@ -410,6 +410,12 @@ CALIBRATION = {
 }
 
 
+# What a read_calibration function returns to load a calibrated profile without its model (`gpu-router calibrate`
+# does, to make a missing calibration or replace a broken one): the record keeps vram_model = "calibrated" and
+# vram_calibration = None. Never used for a config that routes jobs.
+SKIP_CALIBRATION = object()
+
+
 def calibration_path(state_dir, name):
     """Where `gpu-router calibrate` keeps the fitted VRAM model of workload ``name``."""
     return os.path.join(state_dir, CALIBRATION_DIR, f"{name}.toml")
@@ -424,6 +430,8 @@ def _calibrated(w, raw_profile, name, path, prefix, agent, read_calibration):
                               f"here, or use vram_model = \"linear\"", path, f"{prefix}.{key}")
     cal_path = calibration_path(agent["state_dir"], name)
     raw = (read_calibration or _read_toml)(cal_path)
+    if raw is SKIP_CALIBRATION:
+        return
     if raw is None:
         raise ConfigError(f"vram_model = \"calibrated\" but there is no calibration for {name!r} ({cal_path}): run "
                           f"gpu-router calibrate --workload {name} INPUT..., or use vram_model = \"linear\"",

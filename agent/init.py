@@ -81,8 +81,11 @@ def system_ram_mb():
 
 # ---- the current configuration (everything but the new profile) ------------------------------------------------
 
-def _sources(main_path, target):
-    """(main dict, [(path, dict)] of the drop-ins other than ``target``) — as config.parse reads them."""
+def _sources(main_path):
+    """(main dict, [(path, dict or the ConfigError reading it)] of the drop-ins) — as config.parse reads them.
+
+    A drop-in that does not parse is kept as its error: it is fatal unless it is the file --force replaces.
+    """
     main_raw = _config._read_toml(main_path)
     if main_raw is None:
         if main_path != _config.DEFAULT_PATH:
@@ -98,8 +101,10 @@ def _sources(main_path, target):
     dropins = []
     for name in names:
         path = os.path.join(ddir, name)
-        if path != target:
+        try:
             dropins.append((path, _config._read_toml(path) or {}))
+        except _config.ConfigError as exc:
+            dropins.append((path, exc))
     return main_raw, dropins
 
 
@@ -253,8 +258,8 @@ def cmd_init(args):
     enable_site()
     out = sys.stderr if args.json else sys.stdout
     main_path = _config.config_path(args.config)
-    main_raw, dropins = _sources(main_path, None)
-    cfg = _config.build(_config.validate(main_raw, main_path, dropins))
+    main_raw, dropins = _sources(main_path)
+    cfg = _config.build(_config.validate(main_raw, main_path, []))  # the settings; the profiles are checked below
 
     gpus, gpu_source = detect_gpus(cfg)
     totals = [g["total_mb"] for g in gpus if g.get("total_mb")]
@@ -286,6 +291,10 @@ def cmd_init(args):
     target = os.path.join(_config.dropin_dir(main_path), f"{name}.toml")
     if os.path.lexists(target) and not args.force:
         raise InitRefused(f"{target} exists: --force replaces it")
+    others = [(path, raw) for path, raw in dropins if path != target]  # --force: the new file replaces the old
+    for _path, raw in others:
+        if isinstance(raw, _config.ConfigError):
+            raise raw  # the wrapper would reject the whole configuration: fix that first
     binary = ask("binary", "Real binary of the workload (absolute path; after `gpu-router wrap` its .distrib/.real)",
                  _default_binary(name), _binary)
     probes = ask("probe", f"Probe measuring the input ({', '.join(_config.PROBES)}; several: comma-separated)",
@@ -304,8 +313,11 @@ def cmd_init(args):
     units = ask("unit", "Unit of the threshold", default_unit, _units(n), show=",".join(default_unit))
     table["threshold"] = thresholds[0] if n == 1 else thresholds
     table["threshold_unit"] = units[0] if n == 1 else units
-    if args.on_probe_error is not None:
-        table["on_probe_error"] = _check("on_probe_error", args.on_probe_error)
+    if args.on_probe_error is not None:  # a flag only: the runbook does not ask it
+        try:
+            table["on_probe_error"] = _check("on_probe_error", args.on_probe_error)
+        except ValueError as exc:
+            raise _config.ConfigError(f"--on-probe-error: {exc}") from None
     table["gpu_vram_mb"] = ask("gpu_vram_mb", "VRAM per GPU job, MiB (its measured peak plus a little)",
                                parse=_int_text(0))
     table["cpu_ram_mb"] = ask("cpu_ram_mb", "RAM per CPU job, MiB (its peak on a long input)", parse=_int_text(0))
@@ -336,7 +348,7 @@ def cmd_init(args):
                          lambda t: _check("scope", str(t).strip()))
 
     # The one validation, over the whole configuration as it will be: never a profile the wrapper rejects.
-    plain = _config.validate(main_raw, main_path, dropins + [(target, {"workloads": {name: table}})])
+    plain = _config.validate(main_raw, main_path, others + [(target, {"workloads": {name: table}})])
     w = _config.build(plain).workload(name)
     b = policy.budget(w, vram, count, ram, cfg.host.other_ram_mb)
     b["gpu_vram_source"], b["ram_source"], b["gpus"] = vram_source, ram_source, count

@@ -49,6 +49,14 @@ scope = "off"
     return cfg
 
 
+BINARIES = {}
+
+
+@pytest.fixture(autouse=True)
+def _binaries(gr_bin, agent_bin):
+    BINARIES.update(gr=gr_bin, agent=agent_bin)
+
+
 @pytest.fixture
 def host(tmp_path, fake_gpus):  # noqa: F811
     """Two GPUs of different sizes, a foreign process's 1000 MiB on the first, and the real agent watching."""
@@ -59,9 +67,7 @@ def host(tmp_path, fake_gpus):  # noqa: F811
     cfg = write_config(tmp_path, fake_gpus)
     env = dict(fake_gpus.env, GPU_ROUTER_CONFIG=str(cfg), GPU_ROUTER_CACHE_DIR=str(tmp_path),
                GPU_ROUTER_LOG="stderr")
-    from conftest import BIN
-
-    agent = subprocess.Popen([str(BIN / "gpu-router-agent")], env=env, stdout=subprocess.DEVNULL,
+    agent = subprocess.Popen([str(BINARIES["agent"])], env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 20
     while not (tmp_path / "gpus.json").exists():
@@ -78,15 +84,9 @@ def host(tmp_path, fake_gpus):  # noqa: F811
 def job(base, env, mb, seconds, log, name):
     size = base / f"size-{name}"
     size.write_text(f"{mb}\n")
-    return subprocess.Popen([str(BIN_GR()), "run", "--workload", "fake", "--", "--vram", str(mb), "--seconds",
+    return subprocess.Popen([str(BINARIES["gr"]), "run", "--workload", "fake", "--", "--vram", str(mb), "--seconds",
                              str(seconds), "--log", str(log), str(size)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def BIN_GR():
-    from conftest import BIN
-
-    return BIN / "gpu-router"
 
 
 def replay(log):
