@@ -372,3 +372,28 @@ def test_agent_accounts_a_best_effort_job_with_its_real_exit_status(agent_setup,
                 if x.startswith("{") and '"job-finished"' in x]
     assert finished[-1]["GPU_ROUTER_JOB"] == job
     assert finished[-1]["GPU_ROUTER_EXIT_STATUS"] == "5" and finished[-1]["GPU_ROUTER_RESULT"] == "failed"
+
+
+def test_agent_exports_prometheus_metrics(agent_setup, gr_bin):
+    base, write, start, env = agent_setup
+    write("best-effort")
+    cfg = base / "config.toml"
+    (base / "metrics").mkdir()
+    cfg.write_text(cfg.read_text().replace("[agent]\n", f'[agent]\nmetrics_dir = "{base}/metrics"\n'))
+    start()
+    (base / "in").write_bytes(b"x" * 10)
+    subprocess.run([str(gr_bin), "run", "--workload", "tx", "--", "-c", "exit 0", str(base / "in")], env=env,
+                   capture_output=True, timeout=30)
+    prom = base / "metrics" / "gpu_router.prom"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "gpu_router_jobs_finished_total{" not in \
+            (prom.read_text() if prom.exists() else ""):
+        time.sleep(0.1)
+    text = prom.read_text()
+    assert "# TYPE gpu_router_jobs_finished_total counter" in text
+    import re
+
+    # "success" where the kernel's proc connector reports the exit status, "unknown" where it cannot (a container)
+    assert re.search(r'gpu_router_jobs_finished_total\{workload="tx",mode="CPU",result="(success|unknown)"\} 1\n',
+                     text), text
+    assert not list((base / "metrics").glob("*.tmp"))
