@@ -518,9 +518,7 @@ def cmd_calibrate(args):
     from . import gpu as _gpu
     from .cli import _emit, _pick_workload
 
-    from .init import enable_site
 
-    enable_site()
     inputs, template = _split(args)
     cfg = _load(args)
     w = _pick_workload(cfg, args.workload)

@@ -273,7 +273,20 @@ def _extra_commands():
     return found
 
 
+def enable_site():
+    """Give operator commands the system's site directories back (pynvml from pip in /usr/local, …).
+
+    The launcher starts Python with -IS because the wrapper shares it (-S saves 2.5 ms per job); the operator's
+    commands are not on that path. -I still keeps the user site and PYTHON* variables out.
+    """
+    if sys.flags.no_site:
+        import site
+
+        site.main()
+
+
 def main(argv):
+    enable_site()
     p = parser()
     args = p.parse_args(argv)
     if not getattr(args, "func", None):

@@ -1,7 +1,9 @@
 """The configuration model, its one validation, and the cache that keeps TOML parsing off the hot path.
 
 Sources, in order: the main file (/etc/gpu-router/config.toml, or --config / GPU_ROUTER_CONFIG), then the drop-ins
-``workloads.d/*.toml`` beside it, each holding ``[workloads.NAME]`` tables. Defaults live here, in the schema.
+``workloads.d/*.toml`` beside it, each holding ``[workloads.NAME]`` tables. Defaults live here, in the schema. A
+profile with ``vram_model = "calibrated"`` also reads ``<[agent] state_dir>/calibration/NAME.toml``, the model
+``gpu-router calibrate`` fitted (a tool's file, never the admin's), at load; it becomes the linear model.
 
 Every value goes through ``validate()``; an error names the file, the key and what is allowed, and is raised before
 anything runs, so a bad config never runs a job on the wrong device.
@@ -426,8 +428,8 @@ def _calibrated(w, raw_profile, name, path, prefix, agent, read_calibration):
     [agent] state_dir, never the admin's conffile); the record then carries the linear model and the file's path."""
     for key in CALIBRATION:
         if key in raw_profile:
-            raise ConfigError(f"with vram_model = \"calibrated\" this comes from the calibration file: remove it "
-                              f"here, or use vram_model = \"linear\"", path, f"{prefix}.{key}")
+            raise ConfigError("with vram_model = \"calibrated\" this comes from the calibration file: remove it "
+                              "here, or use vram_model = \"linear\"", path, f"{prefix}.{key}")
     cal_path = calibration_path(agent["state_dir"], name)
     raw = (read_calibration or _read_toml)(cal_path)
     if raw is SKIP_CALIBRATION:

@@ -61,18 +61,6 @@ def detect_gpus(cfg):
     return list(sample.get("gpus") or ()), source
 
 
-def enable_site():
-    """Give this process the system's site directories back (pynvml from pip, tomli-w, …).
-
-    The launcher starts Python with -IS: -S saves the wrapper 2.5 ms per job, and the operator CLI shares the
-    launcher. Commands that need third-party modules call this first; -I still keeps the user site out.
-    """
-    if sys.flags.no_site:
-        import site
-
-        site.main()
-
-
 def system_ram_mb():
     from .cli import system_ram_mb as read
 
@@ -255,7 +243,6 @@ def _fmt_num(value):
 def cmd_init(args):
     from .cli import _emit, _worksheet
 
-    enable_site()
     out = sys.stderr if args.json else sys.stdout
     main_path = _config.config_path(args.config)
     main_raw, dropins = _sources(main_path)

@@ -25,7 +25,9 @@ def _prepare_build():
             raise RuntimeError(f"{link} exists and is not a symlink")
         link.symlink_to(os.path.relpath(REPO / "agent", LIB))  # relative: valid wherever the repo is mounted
     for launcher in (REPO / "packaging" / "bin").iterdir():
-        text = launcher.read_text().replace('"/usr/lib/python3/dist-packages"', repr(str(LIB)))
+        text = launcher.read_text().replace('sys.path.append("/usr/lib/python3/dist-packages")',
+                                            f'sys.path.insert(0, {str(LIB)!r})\n'
+                                            'sys.path.append("/usr/lib/python3/dist-packages")')
         if launcher.name == "gpu-router-agent":
             text = text.replace("import sys\n", f"import sys\nsys.path.insert(0, {str(LIB)!r})\n", 1)
         target = BIN / launcher.name

@@ -371,9 +371,15 @@ def _calibrated_profile(cal):
 
 
 def test_wrapper_uses_the_calibrated_model(cal):
-    cal.calibrate(cal.input(1000), cal.input(2000), cal.input(4000))
     _calibrated_profile(cal)
     job_input = cal.input(3000)
+    # not calibrated yet: the wrapper refuses the config, naming the file and the way out
+    p = cal.cli("explain", "--json", "-w", "fake", job_input)
+    assert p.returncode == 2 and str(cal.calibration) in p.stderr and "gpu-router calibrate" in p.stderr
+    # calibrate still runs (it is how the file gets made) and says why the current model is not used
+    d = cal.calibrate(cal.input(1000), cal.input(2000), cal.input(4000))
+    assert d["written"] and d["current"]["vram_model"] == "calibrated"
+    assert all(json.loads(x)["predicted_vram_mb"] is None for x in cal.samples.read_text().splitlines())
     p = cal.cli("explain", "--json", "-w", "fake", job_input)
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
