@@ -48,6 +48,14 @@ max_cpu_jobs = 1
 gpu_memory_max = 300
 scope = "required"
 
+[workloads.bound]
+binary = "/usr/bin/python3"
+probe = "file-size"
+threshold = 1
+max_cpu_jobs = 2
+scope = "required"
+bind_to_caller = true         # stopping the runner's service stops its jobs
+
 [workloads.brief]
 binary = "/usr/bin/python3"
 probe = "file-size"
@@ -288,3 +296,15 @@ def test_stats_counts_what_the_journal_holds(box):
     after = json.loads(box.run(["gpu-router", "stats", "--json", "--since=-1h"]).stdout)["workloads"]["hog"]
     assert after["CPU"] == b["CPU"] + 1
     assert sum(after["results"].values()) == sum(b["results"].values()) + 1
+
+
+def test_bind_to_caller_stops_jobs_with_their_runner(box):
+    box.run(["systemd-run", "--unit=fake-runner.service", "--uid=runner", "--",
+             "gpu-router", "run", "--workload", "bound", "--", "/srv/alloc.py", "5", "120", "/srv/input"])
+    scope = box.wait_for(lambda: box.run("systemctl list-units --plain --no-legend 'gpu-router-bound-*.scope' "
+                                         "| awk '{print $1}'").stdout.strip(), timeout=20)
+    binds = box.run(["systemctl", "show", "-p", "BindsTo", "--value", scope]).stdout.strip()
+    assert binds == "fake-runner.service"
+    box.run(["systemctl", "stop", "fake-runner.service"])
+    box.wait_for(f"! systemctl is-active --quiet {scope}", timeout=20)
+    assert box.run(["pgrep", "-f", "alloc.py 5 120"], check=False).returncode != 0
