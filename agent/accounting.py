@@ -197,6 +197,17 @@ def _shell_status(status):
     return os.WEXITSTATUS(status)
 
 
+def append_sample(path, fields):
+    """One sample line (the format calibrate fits from) appended to ``path``; returns the file's new size."""
+    line = json.dumps({"time": round(time.time(), 3), "mode": fields["MODE"], "metric": fields["METRIC"],
+                       "result": fields["RESULT"], "peak_ram_mb": fields.get("PEAK_RAM_MB"),
+                       "peak_vram_mb": fields.get("PEAK_VRAM_MB"), "duration_s": fields.get("DURATION_S"),
+                       "predicted_vram_mb": fields.get("PREDICTED_VRAM_MB")}) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+        return f.tell()
+
+
 def record_sample(state_dir, fields):
     """Append (metric → peaks) for calibration to state_dir/samples/<workload>.jsonl, keeping the newest lines."""
     if fields.get("METRIC") in (None, "unknown") or fields["RESULT"] == "unknown":
@@ -204,13 +215,7 @@ def record_sample(state_dir, fields):
     directory = os.path.join(state_dir, "samples")
     os.makedirs(directory, mode=0o755, exist_ok=True)
     path = os.path.join(directory, f"{fields['WORKLOAD']}.jsonl")
-    line = json.dumps({"time": round(time.time(), 3), "mode": fields["MODE"], "metric": fields["METRIC"],
-                       "result": fields["RESULT"], "peak_ram_mb": fields.get("PEAK_RAM_MB"),
-                       "peak_vram_mb": fields.get("PEAK_VRAM_MB"), "duration_s": fields.get("DURATION_S"),
-                       "predicted_vram_mb": fields.get("PREDICTED_VRAM_MB")}) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
-        size = f.tell()
+    size = append_sample(path, fields)
     if size > SAMPLES_KEEP * 400:
         with open(path) as f:
             lines = f.readlines()[-SAMPLES_KEEP // 2:]

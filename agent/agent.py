@@ -14,7 +14,7 @@ import signal
 import socket
 import time
 
-from . import accounting, broker, journal, procevents, scope, slots
+from . import accounting, atomicfile, broker, journal, procevents, scope, slots
 from . import config as _config
 
 SD_LISTEN_FDS_START = 3
@@ -347,11 +347,7 @@ def metrics_text(snapshot, jobs, finished):
 
 def write_metrics(directory, snapshot, jobs, finished):
     """Atomically (the collector must never read half a file): temp file in the same folder, then rename."""
-    path = os.path.join(directory, "gpu_router.prom")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(metrics_text(snapshot, jobs, finished))
-    os.replace(tmp, path)
+    atomicfile.write(os.path.join(directory, "gpu_router.prom"), metrics_text(snapshot, jobs, finished))
 
 
 def _alive(pid):

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from . import accounting
+from . import accounting, atomicfile
 from . import config as _config
 from . import policy
 from .probe import ProbeFailed, measure
@@ -258,15 +258,9 @@ def ram_summary(samples, mode):
 
 
 def _append_sample(path, fields):
-    """The agent's line format (accounting.record_sample), into a file of the operator's choosing (--samples)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    line = json.dumps({"time": round(time.time(), 3), "mode": fields["MODE"], "metric": fields["METRIC"],
-                       "result": fields["RESULT"], "peak_ram_mb": fields.get("PEAK_RAM_MB"),
-                       "peak_vram_mb": fields.get("PEAK_VRAM_MB"), "duration_s": fields.get("DURATION_S"),
-                       "predicted_vram_mb": fields.get("PREDICTED_VRAM_MB")}) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
+    """The agent's line format, into a file of the operator's choosing (--samples)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    accounting.append_sample(path, fields)
 
 
 # ---- the fit (pure) -------------------------------------------------------------------------------------------
@@ -469,28 +463,7 @@ def _write_calibration(path, doc):
     data = ("# Written by `gpu-router calibrate`; run it again rather than editing this file.\n"
             "# A profile uses it with vram_model = \"calibrated\" (see gpu-router.toml(5)).\n\n"
             + tomli_w.dumps(doc)).encode()
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.fchmod(fd, 0o644)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.rename(tmp, path)
-    try:
-        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    atomicfile.write(path, data, durable=True)
 
 
 def _toml_clean(value):

@@ -147,15 +147,7 @@ def cmd_check(args):
         w = cfg.workload(name)
         b = policy.budget(w, vram, count, ram, cfg.host.other_ram_mb)
         b["gpu_vram_source"], b["ram_source"], b["gpus"] = vram_source, ram_source, count
-        problems = []
-        if b["vram_headroom_mb"] is not None and b["vram_headroom_mb"] < 0:
-            problems.append("VRAM headroom is negative: lower max_gpu_jobs or gpu_vram_mb")
-        if b["ram_headroom_mb"] is not None and b["ram_headroom_mb"] < 0:
-            problems.append("RAM headroom is negative: lower max_cpu_jobs or cpu_ram_mb")
-        if vram is None:
-            problems.append("GPU VRAM unknown: set [host] gpu_vram_mb or start gpu-router-agent") \
-                if w.max_gpu_jobs else None
-        problems = [p for p in problems if p]
+        problems = policy.budget_problems(w, b)
         b["problems"] = problems
         bad |= any("negative" in p for p in problems)
         results[name] = b

@@ -339,13 +339,7 @@ def cmd_init(args):
     w = _config.build(plain).workload(name)
     b = policy.budget(w, vram, count, ram, cfg.host.other_ram_mb)
     b["gpu_vram_source"], b["ram_source"], b["gpus"] = vram_source, ram_source, count
-    problems = []
-    if b["vram_headroom_mb"] is not None and b["vram_headroom_mb"] < 0:
-        problems.append("VRAM headroom is negative: lower max_gpu_jobs or gpu_vram_mb")
-    if b["ram_headroom_mb"] is not None and b["ram_headroom_mb"] < 0:
-        problems.append("RAM headroom is negative: lower max_cpu_jobs or cpu_ram_mb")
-    if vram is None and w.max_gpu_jobs:
-        problems.append("GPU VRAM unknown: set [host] gpu_vram_mb or start gpu-router-agent")
+    problems = policy.budget_problems(w, b)
     if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
         problems.append(f"{binary} is not an executable file (yet): jobs would exit 127/126")
     b["problems"] = problems

@@ -167,6 +167,18 @@ def memory_max_mb(workload, mode):
     return int(ram * (1 + workload.memory_margin) + 0.999)
 
 
+def budget_problems(workload, b):
+    """What the operator must act on in a budget() worksheet (`check` and `init` print these)."""
+    problems = []
+    if b["vram_headroom_mb"] is not None and b["vram_headroom_mb"] < 0:
+        problems.append("VRAM headroom is negative: lower max_gpu_jobs or gpu_vram_mb")
+    if b["ram_headroom_mb"] is not None and b["ram_headroom_mb"] < 0:
+        problems.append("RAM headroom is negative: lower max_cpu_jobs or cpu_ram_mb")
+    if b["gpu_vram_mb"] is None and workload.max_gpu_jobs:
+        problems.append("GPU VRAM unknown: set [host] gpu_vram_mb or start gpu-router-agent")
+    return problems
+
+
 def budget(workload, host_gpu_vram_mb, gpus_count, ram_mb, other_ram_mb):
     """The runbook's memory budget worksheet as numbers (``gpu-router check``)."""
     vram_per_job = workload.gpu_vram_mb if workload.vram_model == "constant" else None

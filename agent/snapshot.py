@@ -30,27 +30,6 @@ def twin_path(path):
 
 # ---------------------------------------------------------------- writing (agent side)
 
-def _write_atomic(path, data):
-    folder = os.path.dirname(path) or "."
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.fchmod(fd, 0o644)  # whatever the umask: readers of every uid need it, none may write it
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    os.close(fd)
-    os.rename(tmp, path)  # atomic in one folder: a reader sees the old or the new file, never half of one
-
-
 def write(path, snapshot):
     """Publish `snapshot` at `path` (JSON) and its marshal twin, each atomically; the twin first.
 
@@ -59,8 +38,10 @@ def write(path, snapshot):
     """
     import json
 
-    _write_atomic(twin_path(path), marshal.dumps(snapshot))
-    _write_atomic(path, json.dumps(snapshot, separators=(",", ":"), allow_nan=False).encode() + b"\n")
+    from . import atomicfile
+
+    atomicfile.write(twin_path(path), marshal.dumps(snapshot))
+    atomicfile.write(path, json.dumps(snapshot, separators=(",", ":"), allow_nan=False).encode() + b"\n")
 
 
 # ---------------------------------------------------------------- reading (wrapper hot path)

@@ -34,6 +34,8 @@ import os
 import stat
 import sys
 
+from . import atomicfile
+
 PACKAGE = "gpu-router"
 LAUNCHER = "/usr/bin/gpu-router"
 WRAPPED_DIR = "/var/lib/gpu-router/wrapped"
@@ -251,8 +253,8 @@ class _Host:
 
         header = ("# Written by `gpu-router wrap`; `gpu-router unwrap` restores the binary from it.\n"
                   "# Do not edit. The workload name the wrapper reads is in the .workload file beside it.\n")
-        _write_atomic(self.record_path(record["name"]), header + tomli_w.dumps(record))
-        _write_atomic(self.record_path(record["name"], ".workload"), record["workload"] + "\n")
+        atomicfile.write(self.record_path(record["name"]), header + tomli_w.dumps(record), durable=True)
+        atomicfile.write(self.record_path(record["name"], ".workload"), record["workload"] + "\n", durable=True)
 
     def drop_record(self, name):
         for suffix in (".workload", ".toml"):
@@ -260,33 +262,7 @@ class _Host:
                 os.unlink(self.record_path(name, suffix))
             except FileNotFoundError:
                 pass
-        _fsync_dir(self.state_dir)
-
-
-def _write_atomic(path, text):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.fchmod(fd, 0o644)
-        os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    _fsync_dir(os.path.dirname(path))
-
-
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        atomicfile.fsync_dir(self.state_dir)
 
 
 def _unlock(fd):
@@ -528,7 +504,7 @@ def _swap_in(host, path, real):
             except OSError:
                 pass
         raise
-    _fsync_dir(directory)
+    atomicfile.fsync_dir(directory)
 
 
 def _unlink_quietly(path):
@@ -656,7 +632,7 @@ def _unwrap_one(host, path, record, force):
             notes.append(f"left {path} and {real} as they are (--force)")
         else:
             os.rename(host.real(real), host.real(path))
-            _fsync_dir(os.path.dirname(host.real(path)))
+            atomicfile.fsync_dir(os.path.dirname(host.real(path)))
             notes.append(f"restored {path} from {real}")
     elif is_ours:
         os.unlink(host.real(path))

@@ -49,9 +49,11 @@ def test_roundtrip_writes_twin_and_json_0644(path, tmp_path):
 
 
 def test_twin_written_before_json(path, monkeypatch):
+    from gpu_router import atomicfile
+
     order = []
-    real = snapshot._write_atomic
-    monkeypatch.setattr(snapshot, "_write_atomic", lambda p, d: (order.append(os.path.basename(p)), real(p, d)))
+    real = atomicfile.write
+    monkeypatch.setattr(atomicfile, "write", lambda p, d, **kw: (order.append(os.path.basename(p)), real(p, d, **kw)))
     snapshot.write(path, make())
     assert order == ["gpus.marshal", "gpus.json"]
 
