@@ -218,7 +218,7 @@ def _restore_signals():
 
 
 def _scope(job, cfg):
-    """Put this process into its transient scope; False means: do not run (scope = "required" failed)."""
+    """Put this process into its transient scope; Blocked when scope = "required" and none can be made."""
     w = job.workload
     if w.scope == "off":
         return True
