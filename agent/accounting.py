@@ -52,6 +52,14 @@ def _read(path):
         return None
 
 
+def _oom_kills(out, text):
+    """The "oom_kill N" line of memory.events (v2) or memory.oom_control (v1), into out["oom_kills"]."""
+    for line in (text or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            out["oom_kills"] = int(value)
+
+
 def read_memory(directory):
     """{'current', 'peak', 'oom_kills', 'failcnt'} in bytes/counts from whichever cgroup version is there."""
     out = {}
@@ -61,11 +69,7 @@ def read_memory(directory):
         peak = _read(os.path.join(directory, "memory.peak"))
         if peak is not None:
             out["peak"] = int(peak)
-        events = _read(os.path.join(directory, "memory.events")) or ""
-        for line in events.splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                out["oom_kills"] = int(value)
+        _oom_kills(out, _read(os.path.join(directory, "memory.events")))
         return out
     usage = _read(os.path.join(directory, "memory.usage_in_bytes"))
     if usage is None:
@@ -77,10 +81,7 @@ def read_memory(directory):
     failcnt = _read(os.path.join(directory, "memory.failcnt"))
     if failcnt is not None:
         out["failcnt"] = int(failcnt)
-    for line in (_read(os.path.join(directory, "memory.oom_control")) or "").splitlines():
-        key, _, value = line.partition(" ")
-        if key == "oom_kill":
-            out["oom_kills"] = int(value)
+    _oom_kills(out, _read(os.path.join(directory, "memory.oom_control")))
     return out
 
 

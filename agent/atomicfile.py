@@ -8,8 +8,12 @@ calibration); files on /run (the GPU snapshot, metrics) are rewritten every seco
 import os
 
 
-def write(path, data, mode=0o644, durable=False):
-    """Atomically replace ``path`` with ``data`` (bytes or str), mode ``mode`` whatever the umask."""
+def write(path, data, mode=0o644, durable=False, exclusive=False):
+    """Atomically replace ``path`` with ``data`` (bytes or str), mode ``mode`` whatever the umask.
+
+    ``exclusive``: create ``path`` only if it does not exist (FileExistsError otherwise), still never half-written:
+    the finished temporary file is hard-linked into place, which fails rather than replaces.
+    """
     if isinstance(data, str):
         data = data.encode("utf-8")
     folder = os.path.dirname(path) or "."
@@ -29,7 +33,13 @@ def write(path, data, mode=0o644, durable=False):
             pass
         raise
     os.close(fd)
-    os.rename(tmp, path)
+    if exclusive:
+        try:
+            os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    else:
+        os.rename(tmp, path)
     if durable:
         fsync_dir(folder)
 

@@ -26,7 +26,7 @@ import sys
 import time
 
 from . import config as _config
-from . import policy
+from . import atomicfile, policy
 
 _NONE = object()  # a question without a default
 
@@ -396,40 +396,10 @@ def _write_profile(target, name, table, force):
     data = (f"# Workload profile written by `gpu-router init` on {time.strftime('%Y-%m-%d')}.\n"
             f"# Every key: gpu-router.toml(5). Check it with: gpu-router check --workload {name}\n\n"
             + tomli_w.dumps({"workloads": {name: table}})).encode()
-    tmp = os.path.join(folder, f".{os.path.basename(target)}.{os.getpid()}.tmp")  # a dot: config never reads it
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
-        os.fchmod(fd, 0o644)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-        os.close(fd)
-        fd = None
-        if force:
-            os.rename(tmp, target)
-        else:
-            try:
-                os.link(tmp, target)  # atomic, and never over a file that appeared meanwhile
-            except FileExistsError:
-                raise InitRefused(f"{target} exists: --force replaces it") from None
-            os.unlink(tmp)
-    except BaseException:
-        if fd is not None:
-            os.close(fd)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+        atomicfile.write(target, data, durable=True, exclusive=not force)  # dot-named temp: config never reads it
+    except FileExistsError:
+        raise InitRefused(f"{target} exists: --force replaces it") from None
 
 
 def _run(args):

@@ -415,3 +415,20 @@ def hold_flock(path):
     fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o660)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return fd
+
+
+def stuck_socket(path):
+    """A bound datagram socket nobody reads, its queue filled: a journald that hangs. Returns (server, client)."""
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    c.setblocking(False)
+    c.connect(path)
+    try:
+        while True:
+            c.send(b"MESSAGE=filler\n")
+    except BlockingIOError:
+        pass
+    return s, c

@@ -124,25 +124,10 @@ def test_both_sinks_failing_is_not_an_error(tmp_path):
     assert (p.returncode, p.stdout) == (0, "None\n")
 
 
-def _stuck_socket(path):
-    """A bound socket nobody reads, its queue filled: a journald that hangs."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.bind(path)
-    c = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    c.setblocking(False)
-    c.connect(path)
-    try:
-        while True:
-            c.send(b"MESSAGE=filler\n")
-    except BlockingIOError:
-        pass
-    return s, c
-
-
 def test_stuck_journald_does_not_hang_the_emitter():
     folder = helpers.public_tmpdir()
     path = str(folder / "s")
-    s, c = _stuck_socket(path)
+    s, c = helpers.stuck_socket(path)
     try:
         started = time.monotonic()
         p = subprocess.run([helpers.PYTHON, "-IS", "-c", EMIT], capture_output=True, text=True, timeout=20,
@@ -160,7 +145,7 @@ def test_stuck_journald_does_not_hang_the_emitter():
 def test_busy_journald_that_drains_in_time_still_gets_the_event():
     folder = helpers.public_tmpdir()
     path = str(folder / "s")
-    s, c = _stuck_socket(path)
+    s, c = helpers.stuck_socket(path)
     got = []
 
     def drain_later():

@@ -694,18 +694,7 @@ def test_journal_socket_absent_falls_back_to_stderr(rig, tmp_path):
 def test_stuck_journald_does_not_stop_the_job(rig, tmp_path):
     folder = helpers.public_tmpdir()
     path = str(folder / "s")
-    import socket
-
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.bind(path)
-    c = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    c.setblocking(False)
-    c.connect(path)
-    try:
-        while True:
-            c.send(b"MESSAGE=filler\n")
-    except BlockingIOError:
-        pass
+    s, c = helpers.stuck_socket(path)
     try:
         started = time.monotonic()
         res = rig.run("w", make_input(tmp_path, SMALL), env={"GPU_ROUTER_LOG": "", "GPU_ROUTER_JOURNAL_SOCKET": path},
