@@ -9,7 +9,7 @@ SELF_NAMES = ("gpu-router", "gpu_router", "__main__.py", "main.py")
 
 def workload_for_link(name):
     """The workload a symlink name stands for: the name itself, unless `gpu-router wrap` recorded another."""
-    from .wrapmap import lookup
+    from .wrapper.wrapmap import lookup
 
     return lookup(name) or name
 
@@ -18,13 +18,13 @@ def main(argv=None):
     argv = sys.argv if argv is None else argv
     name = os.path.basename(argv[0]) if argv else "gpu-router"
     if name not in SELF_NAMES:
-        from .run import run
+        from .wrapper.run import run
 
         return run(workload_for_link(name), argv[1:])
     if len(argv) > 1 and argv[1] == "run":
-        from .run import main_run
+        from .wrapper.run import main_run
 
         return main_run(argv[2:])
-    from .cli import main as cli_main
+    from .ops.cli import main as cli_main
 
     return cli_main(argv[1:])

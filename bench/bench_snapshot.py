@@ -94,7 +94,7 @@ def main(argv):
 
     lib = package_dir()
     sys.path.insert(0, str(lib))
-    from gpu_router import gpu, monitor
+    from gpu_router.daemon import gpu_backends as gpu, monitor
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench-snapshot-"))
     fake = fakenvml.FakeGpus(work / "state")

@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from gpu_router import accounting, broker, journal, procevents
+from gpu_router.daemon import accounting, broker, procevents
+from gpu_router import journal
 from gpu_router import config as gr_config
 
 NOBODY = 65534

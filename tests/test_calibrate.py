@@ -18,7 +18,8 @@ import pytest
 
 import helpers
 from fakenvml import JOB, fake_gpus  # noqa: F401  (fake_gpus is a fixture)
-from gpu_router import accounting, calibrate
+from gpu_router.daemon import accounting
+from gpu_router.ops import calibrate
 from gpu_router import config as gr_config
 
 

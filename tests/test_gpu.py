@@ -16,7 +16,7 @@ import time
 import pytest
 
 from fakenvml import PYTHON, FakeGpus, fake_gpus, have_pynvml  # noqa: F401  (fake_gpus is a fixture)
-from gpu_router import gpu
+from gpu_router.daemon import gpu_backends as gpu
 
 LIB = pathlib.Path(__file__).resolve().parent.parent / ".build" / "lib"  # made by conftest.py
 
@@ -56,7 +56,7 @@ def run_py(code, env, check=True):
 
 SAMPLE = """
 import json
-from gpu_router import gpu
+from gpu_router.daemon import gpu_backends as gpu
 b = gpu.open_backend({prefer!r}, call_timeout_s={timeout})
 s = b.sample()
 s["backend"] = type(b).__name__
@@ -312,7 +312,7 @@ class PynvmlFinder:
             warnings.warn("The pynvml package is deprecated", FutureWarning)
         return None
 sys.meta_path.insert(0, PynvmlFinder())
-from gpu_router import gpu
+from gpu_router.daemon import gpu_backends as gpu
 module, reason = gpu.import_pynvml()
 print(json.dumps([module is None, reason, "pynvml" in sys.modules]))
 """

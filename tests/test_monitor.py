@@ -10,7 +10,8 @@ import time
 import pytest
 
 from fakenvml import PYTHON, FakeGpus, fake_gpus, have_pynvml  # noqa: F401  (fake_gpus is a fixture)
-from gpu_router import gpu, monitor, snapshot
+from gpu_router.daemon import gpu_backends as gpu, monitor
+from gpu_router import snapshot
 
 LIB = pathlib.Path(__file__).resolve().parent.parent / ".build" / "lib"  # made by conftest.py
 
@@ -273,7 +274,7 @@ def test_describe():
 RUNNER = """
 import signal, sys, threading
 sys.path.insert(0, {lib!r})
-from gpu_router import monitor
+from gpu_router.daemon import monitor
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *a: stop.set())
 m = monitor.Monitor({prefer!r}, snapshot_path=sys.argv[1], interval=0.05, xid_holdoff_s=0.5, call_timeout_s=2)

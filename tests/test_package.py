@@ -43,7 +43,7 @@ EXPECTED = [
     "./usr/share/doc/gpu-router/examples/example-whisper.toml.example",
     "./usr/share/doc/gpu-router/copyright",
     "./usr/lib/python3/dist-packages/gpu_router/__init__.py",
-    "./usr/lib/python3/dist-packages/gpu_router/wrap.py",
+    "./usr/lib/python3/dist-packages/gpu_router/ops/wrap.py",
 ]
 
 
@@ -125,9 +125,10 @@ def test_deb_holds_units_tmpfiles_catalog_man_pages_and_completion(built):
 
 
 def test_every_module_is_packaged_and_nothing_else_leaks_in(built):
-    shipped = {pathlib.PurePath(p).name for p in built.paths
-               if p.startswith("./usr/lib/python3/dist-packages/gpu_router/") and p.endswith(".py")}
-    assert shipped == {p.name for p in (built.base / "src/agent").glob("*.py")}
+    prefix = "./usr/lib/python3/dist-packages/gpu_router/"
+    shipped = {p[len(prefix):] for p in built.paths if p.startswith(prefix) and p.endswith(".py")}
+    src = built.base / "src/agent"
+    assert shipped == {str(p.relative_to(src)) for p in src.rglob("*.py")}
     leaks = [p for p in built.paths if re.search(r"__pycache__|\.pyc$|pytest_cache|/tests/|\.egg-info|/\.build/", p)]
     assert not leaks, leaks
     # No console_scripts: the launchers are ours, byte for byte.
@@ -192,7 +193,7 @@ def test_slices_are_never_stopped_or_restarted_and_the_socket_never_restarted(bu
 
 def test_prerm_unwraps_on_remove_before_py3clean(built):
     prerm = built.script("prerm")
-    call = prerm.index("python3 -I -B -m gpu_router.wrap")
+    call = prerm.index("python3 -I -B -m gpu_router.ops.wrap")
     assert call < prerm.index("# Automatically added by dh_python3") < prerm.index("py3clean -p gpu-router")
     assert re.search(r"^\s+remove\)", prerm, re.M)
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import helpers
-from gpu_router import probe
+from gpu_router.wrapper import probe
 
 
 def measure(path, **profile):
@@ -156,7 +156,7 @@ def test_unreadable_input_as_unprivileged_user():
         secret = folder / "secret.wav"
         secret.write_bytes(b"x" * 100)
         secret.chmod(0o600)
-        code = ("import sys; sys.path.append(%r); from gpu_router import probe\n"
+        code = ("import sys; sys.path.append(%r); from gpu_router.wrapper import probe\n"
                 "try:\n    probe.open_input(%r)\nexcept probe.ProbeFailed as e:\n    print(e.reason)\n"
                 % (str(helpers.LIB), str(secret)))
         out = subprocess.run(helpers.as_user() + [helpers.PYTHON, "-IS", "-c", code], capture_output=True,

@@ -1,7 +1,7 @@
 """`gpu-router stats` arithmetic and advice on journal entries as journalctl -o json writes them (the lane in
 tests/systemd reads a real journal)."""
 
-from gpu_router import stats
+from gpu_router.ops import stats
 
 
 def ev(kind, workload="w", **fields):

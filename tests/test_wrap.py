@@ -13,8 +13,8 @@ import tomllib
 
 import pytest
 
-from gpu_router import wrap as W
-from gpu_router import wrapmap
+from gpu_router.ops import wrap as W
+from gpu_router.wrapper import wrapmap
 
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 LAUNCHER = "#!/usr/bin/python3 -IS\n# stand-in for the gpu-router launcher\n"
@@ -443,20 +443,20 @@ def test_unwrap_all_with_nothing_wrapped(root):
 
 
 def test_module_entry_point_as_the_prerm_runs_it(workload):
-    """prerm: python3 -I -B -m gpu_router.wrap --root "${DPKG_ROOT:-/}" unwrap --all (-I would drop PYTHONPATH)."""
+    """prerm: python3 -I -B -m gpu_router.ops.wrap --root "${DPKG_ROOT:-/}" unwrap --all (-I would drop PYTHONPATH)."""
     root = workload
     root.wrap("/usr/bin/fake-transcribe", "transcribe")
-    lib = os.path.join(os.path.dirname(os.path.dirname(W.__file__)))
+    lib = os.path.dirname(os.path.dirname(os.path.dirname(W.__file__)))  # the folder that holds gpu_router
     env = dict(ENV, PYTHONPATH=str(lib))
-    listed = subprocess.run(["/usr/bin/python3", "-B", "-m", "gpu_router.wrap", "--root", str(root.path), "list"],
+    listed = subprocess.run(["/usr/bin/python3", "-B", "-m", "gpu_router.ops.wrap", "--root", str(root.path), "list"],
                             env=env, capture_output=True, text=True)
     assert listed.returncode == 0 and "/usr/bin/fake-transcribe -> workload transcribe" in listed.stdout
     env["DPKG_ROOT"] = str(root.path)
-    proc = subprocess.run(["/usr/bin/python3", "-B", "-m", "gpu_router.wrap", "unwrap", "--all"],
+    proc = subprocess.run(["/usr/bin/python3", "-B", "-m", "gpu_router.ops.wrap", "unwrap", "--all"],
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "unwrapped /usr/bin/fake-transcribe" in proc.stdout
     assert root.diversions() == []
-    proc = subprocess.run(["/usr/bin/python3", "-B", "-m", "gpu_router.wrap", "unwrap", "nothing"],
+    proc = subprocess.run(["/usr/bin/python3", "-B", "-m", "gpu_router.ops.wrap", "unwrap", "nothing"],
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("gpu-router: ")

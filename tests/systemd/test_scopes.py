@@ -81,7 +81,7 @@ set -e
 mkdir -p /opt/gpu-router/lib /etc/gpu-router
 ln -sfn /src/agent /opt/gpu-router/lib/gpu_router
 sed 's#"/usr/lib/python3/dist-packages"#"/opt/gpu-router/lib"#' /src/packaging/bin/gpu-router > /usr/bin/gpu-router
-printf '#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, "/opt/gpu-router/lib")\nfrom gpu_router.agent import main\nsys.exit(main())\n' > /usr/sbin/gpu-router-agent
+printf '#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, "/opt/gpu-router/lib")\nfrom gpu_router.daemon.service import main\nsys.exit(main())\n' > /usr/sbin/gpu-router-agent
 chmod 755 /usr/bin/gpu-router /usr/sbin/gpu-router-agent
 cp /src/units/* /etc/systemd/system/
 cp /src/packaging/tmpfiles.d/gpu-router.conf /usr/lib/tmpfiles.d/gpu-router.conf

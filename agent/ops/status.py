@@ -3,12 +3,13 @@
 import os
 import time
 
-from . import config as _config
-from . import slots
+from .. import config as _config
+from .. import slots
 
 
 def collect(cfg):
-    from . import agent, snapshot
+    from ..daemon import service as agent
+    from .. import snapshot
 
     snap, why = snapshot.read(cfg.gpu.snapshot, cfg.gpu.snapshot_max_age)
     data = {"snapshot": {"state": "ok" if snap else why,

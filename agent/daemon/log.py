@@ -7,7 +7,7 @@ by the wrapper: ``import structlog`` alone costs ~60 ms there.
 import os
 import sys
 
-from . import journal
+from .. import journal
 
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 

@@ -9,8 +9,8 @@ import os
 import sys
 import time
 
-from . import config as _config
-from . import journal, policy, slots
+from .. import config as _config
+from .. import journal, policy, slots
 from .probe import ProbeFailed, find_input, measure
 
 EX_USAGE = 2
@@ -75,7 +75,7 @@ class Job:
 
 def read_gpus(cfg):
     """(list of policy.Gpu or None, state): the agent's snapshot, or None with why it is unknown."""
-    from . import snapshot
+    from .. import snapshot
 
     snap, why = snapshot.read(cfg.gpu.snapshot, cfg.gpu.snapshot_max_age)
     if snap is None:
@@ -222,7 +222,7 @@ def _scope(job, cfg):
     w = job.workload
     if w.scope == "off":
         return True
-    from . import scope
+    from .. import scope
 
     try:
         job.scope = scope.place(job, cfg)

@@ -6,7 +6,7 @@ Reads ``journalctl -o json`` for our MESSAGE_IDs; the advice is the runbook's tu
 import json
 import subprocess
 
-from .journal import MESSAGE_IDS
+from ..journal import MESSAGE_IDS
 
 
 def read_events(since, journal_dir=None, unit_files=None):

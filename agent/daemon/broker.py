@@ -9,8 +9,8 @@ import os
 import socket
 import struct
 
-from . import config as _config
-from . import journal, policy, scope
+from .. import config as _config
+from .. import journal, policy, scope
 
 _UCRED = struct.Struct("3i")
 MAX_REQUEST = 64 * 1024

@@ -34,7 +34,7 @@ import os
 import stat
 import sys
 
-from . import atomicfile
+from .. import atomicfile
 
 PACKAGE = "gpu-router"
 LAUNCHER = "/usr/bin/gpu-router"

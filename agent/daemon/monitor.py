@@ -18,8 +18,8 @@ sd_notify, the watchdog and the service's lifetime are agent.py's; ``on_sample``
 import threading
 import time
 
-from . import gpu as gpu_mod
-from . import journal, snapshot
+from . import gpu_backends as gpu_mod
+from .. import journal, snapshot
 
 
 class Monitor:

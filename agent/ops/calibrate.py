@@ -33,10 +33,11 @@ import sys
 import tempfile
 import time
 
-from . import accounting, atomicfile
-from . import config as _config
-from . import policy
-from .probe import ProbeFailed, measure
+from ..daemon import accounting
+from .. import atomicfile
+from .. import config as _config
+from .. import policy
+from ..wrapper.probe import ProbeFailed, measure
 
 SAMPLE_INTERVAL_S = 0.1
 DEFAULT_TIMEOUT = "1h"
@@ -488,7 +489,7 @@ def calibration_doc(w, result, rec, unit):
 
 
 def cmd_calibrate(args):
-    from . import gpu as _gpu
+    from ..daemon import gpu_backends as _gpu
     from .cli import _emit, _pick_workload
 
 

@@ -9,9 +9,9 @@ import json
 import os
 import sys
 
-from . import config as _config
-from . import policy, slots
-from .probe import ProbeFailed, find_input, measure
+from .. import config as _config
+from .. import policy, slots
+from ..wrapper.probe import ProbeFailed, find_input, measure
 
 
 def _load(args):
@@ -36,7 +36,7 @@ def _emit(args, data, text):
 
 
 def _gpus(cfg):
-    from .run import read_gpus
+    from ..wrapper.run import read_gpus
 
     return read_gpus(cfg)
 
@@ -254,15 +254,9 @@ def parser():
 
 
 def _extra_commands():
-    """Commands that live in their own modules (status, stats, init, calibrate), registered when present."""
-    found = []
-    for module in ("status", "stats", "init", "calibrate"):
-        try:
-            mod = __import__(f"gpu_router.{module}", fromlist=["register"])
-        except ImportError:
-            continue
-        found.append(mod.register)
-    return found
+    """Commands that live in their own modules (status, stats, init, calibrate)."""
+    from . import calibrate, init, stats, status
+    return [status.register, stats.register, init.register, calibrate.register]
 
 
 def enable_site():
@@ -283,7 +277,7 @@ def main(argv):
     args = p.parse_args(argv)
     if not getattr(args, "func", None):
         if args.command == "run":
-            from .run import main_run
+            from ..wrapper.run import main_run
 
             return main_run(argv[argv.index("run") + 1:])
         p.print_help()

@@ -25,8 +25,8 @@ import shlex
 import sys
 import time
 
-from . import config as _config
-from . import atomicfile, policy
+from .. import config as _config
+from .. import atomicfile, policy
 
 _NONE = object()  # a question without a default
 
@@ -39,14 +39,14 @@ class InitRefused(Exception):
 
 def detect_gpus(cfg):
     """([GPU dict with index, name, total_mb, …], where from): the agent's snapshot, else the GPU backend itself."""
-    from . import snapshot
+    from .. import snapshot
 
     snap, why = snapshot.read(cfg.gpu.snapshot, cfg.gpu.snapshot_max_age)
     if snap is not None and snap.get("gpus"):
         return list(snap["gpus"]), f"agent snapshot ({snap.get('source')})"
     if cfg.gpu.backend == "none":
         return [], "[gpu] backend = \"none\""
-    from . import gpu
+    from ..daemon import gpu_backends as gpu
 
     backend = gpu.open_backend(cfg.gpu.backend, cfg.gpu.call_timeout)
     try:
@@ -209,7 +209,7 @@ def _yes_no(text):
 
 def _default_binary(name):
     """The real binary of NAME: its .distrib / .real when wrapped already, else NAME on PATH."""
-    from .probe import which
+    from ..wrapper.probe import which
 
     found = which(name, os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin")
     folders = [os.path.dirname(found)] if found else []
@@ -225,7 +225,7 @@ def _default_binary(name):
 def _binary(text):
     path = str(text).strip()
     if not path.startswith("/"):
-        from .probe import which
+        from ..wrapper.probe import which
 
         found = which(path)
         if found is None:

@@ -14,8 +14,9 @@ import signal
 import socket
 import time
 
-from . import accounting, atomicfile, broker, journal, procevents, scope, slots
-from . import config as _config
+from . import accounting, broker, procevents
+from .. import atomicfile, journal, scope, slots
+from .. import config as _config
 
 SD_LISTEN_FDS_START = 3
 

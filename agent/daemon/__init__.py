@@ -1,0 +1,1 @@
+"""The daemon wing: the resident root agent. Imports the core, never ops."""

@@ -1,0 +1,1 @@
+"""The operator wing: commands an operator runs. May import anything."""
