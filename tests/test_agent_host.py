@@ -382,19 +382,25 @@ def test_agent_exports_prometheus_metrics(agent_setup, gr_bin):
     (base / "metrics").mkdir()
     cfg.write_text(cfg.read_text().replace("[agent]\n", f'[agent]\nmetrics_dir = "{base}/metrics"\n'))
     start()
+    prom = base / "metrics" / "gpu_router.prom"
+    import re
+
+    finished = r'gpu_router_jobs_finished_total\{mode="CPU",result="(success|unknown)",workload="tx"\} '
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not prom.exists():
+        time.sleep(0.1)
+    before = prom.read_text()
+    # Exported at 0 before the first job, so increase() sees the first one (issue 14).
+    assert re.search(finished + r"0\.0\n", before), before
     (base / "in").write_bytes(b"x" * 10)
     subprocess.run([str(gr_bin), "run", "--workload", "tx", "--", "-c", "exit 0", str(base / "in")], env=env,
                    capture_output=True, timeout=30)
-    prom = base / "metrics" / "gpu_router.prom"
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and "gpu_router_jobs_finished_total{" not in \
-            (prom.read_text() if prom.exists() else ""):
+    while time.monotonic() < deadline and not re.search(finished + r"1\.0\n", prom.read_text()):
         time.sleep(0.1)
     text = prom.read_text()
     assert "# TYPE gpu_router_jobs_finished_total counter" in text
-    import re
-
     # "success" where the kernel's proc connector reports the exit status, "unknown" where it cannot (a container)
-    assert re.search(r'gpu_router_jobs_finished_total\{workload="tx",mode="CPU",result="(success|unknown)"\} 1\n',
-                     text), text
-    assert not list((base / "metrics").glob("*.tmp"))
+    assert re.search(finished + r"1\.0\n", text), text
+    assert re.search(r'gpu_router_job_duration_seconds_count\{mode="CPU",workload="tx"\} 1\.0\n', text), text
+    assert not [p for p in (base / "metrics").iterdir() if p.name != "gpu_router.prom"]

@@ -14,8 +14,8 @@ import signal
 import socket
 import time
 
-from . import accounting, broker, procevents
-from .. import atomicfile, journal, scope, slots
+from . import accounting, broker, metrics, procevents
+from .. import journal, scope, slots
 from .. import config as _config
 
 SD_LISTEN_FDS_START = 3
@@ -115,7 +115,7 @@ class Agent:
         self.snapshot = None
         self.stopping = False
         self.selector = selectors.DefaultSelector()
-        self.finished = {}
+        self.metrics = metrics.Metrics(self.cfg.agent.state_dir, log=self.log)
         self.proc = None
 
     # -- pieces ------------------------------------------------------------------------------------------------
@@ -184,8 +184,7 @@ class Agent:
             accounting.record_sample(self.cfg.agent.state_dir, fields)
         except OSError as exc:
             self.log.warning("cannot record a calibration sample", error=str(exc))
-        key = (job.workload, job.mode, fields["RESULT"])
-        self.finished[key] = self.finished.get(key, 0) + 1
+        self.metrics.job_finished(fields)
         return fields
 
     def _vram_by_pid(self):
@@ -209,11 +208,7 @@ class Agent:
             if not _alive(pid):
                 # No exit event came (no proc connector, or it was missed): close without a status.
                 self.finish(pid, None)
-        if self.cfg.agent.metrics_dir:
-            try:
-                write_metrics(self.cfg.agent.metrics_dir, self.snapshot, self.jobs.values(), self.finished)
-            except OSError as exc:
-                self.log.warning("cannot write metrics", error=str(exc), directory=self.cfg.agent.metrics_dir)
+        self.metrics.publish(self.cfg, self.snapshot, self.jobs.values())
 
     def status_line(self):
         gpus = (self.snapshot or {}).get("gpus", [])
@@ -274,6 +269,7 @@ class Agent:
         if self.proc is not None:
             procevents.close_listener(self.proc)
         self.notify("STOPPING=1")
+        self.metrics.stop(self.cfg)
         journal.emit("agent", f"gpu-router-agent stopping; {len(self.jobs)} job(s) keep running in their scopes",
                      {"STATE": "stopping"})
         return 0
@@ -311,44 +307,6 @@ class Agent:
 
     def _stop(self, *_):
         self.stopping = True
-
-
-def metrics_text(snapshot, jobs, finished):
-    """Prometheus text exposition of the GPU state and the jobs (node_exporter's textfile collector reads it)."""
-    def esc(v):
-        return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-    lines = ["# HELP gpu_router_gpu_memory_mib GPU memory by kind, from the agent's last sample.",
-             "# TYPE gpu_router_gpu_memory_mib gauge"]
-    gpus = (snapshot or {}).get("gpus", [])
-    for g in gpus:
-        labels = f'gpu="{g["index"]}",uuid="{esc(g.get("uuid") or "")}"'
-        for kind in ("total", "used", "ours", "foreign"):
-            value = g.get(f"{kind}_mb")
-            if value is not None:
-                lines.append(f'gpu_router_gpu_memory_mib{{{labels},kind="{kind}"}} {value}')
-    lines += ["# HELP gpu_router_gpu_healthy 1 when the GPU takes jobs, 0 when jobs go to the CPU.",
-              "# TYPE gpu_router_gpu_healthy gauge"]
-    for g in gpus:
-        lines.append(f'gpu_router_gpu_healthy{{gpu="{g["index"]}",health="{esc(g.get("health"))}"}} '
-                     f'{1 if g.get("healthy") else 0}')
-    running = {}
-    for job in jobs:
-        running[(job.workload, job.mode)] = running.get((job.workload, job.mode), 0) + 1
-    lines += ["# HELP gpu_router_jobs_running Jobs in their scopes now.", "# TYPE gpu_router_jobs_running gauge"]
-    for (workload, mode), n in sorted(running.items()):
-        lines.append(f'gpu_router_jobs_running{{workload="{esc(workload)}",mode="{mode}"}} {n}')
-    lines += ["# HELP gpu_router_jobs_finished_total Jobs accounted since the agent started, by result.",
-              "# TYPE gpu_router_jobs_finished_total counter"]
-    for (workload, mode, result), n in sorted(finished.items()):
-        lines.append(f'gpu_router_jobs_finished_total{{workload="{esc(workload)}",mode="{mode}",'
-                     f'result="{result}"}} {n}')
-    return "\n".join(lines) + "\n"
-
-
-def write_metrics(directory, snapshot, jobs, finished):
-    """Atomically (the collector must never read half a file): temp file in the same folder, then rename."""
-    atomicfile.write(os.path.join(directory, "gpu_router.prom"), metrics_text(snapshot, jobs, finished))
 
 
 def _alive(pid):

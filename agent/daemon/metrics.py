@@ -1,0 +1,619 @@
+"""The agent's Prometheus metrics, for node_exporter's textfile collector (``<metrics_dir>/gpu_router.prom``).
+
+Three kinds of numbers, each from the place that knows it:
+
+* **Counters and histograms** of every decision and outcome. The wrapper's decisions (routed, BLOCKED, probe
+  failures, scope failures, config errors) are read back from the journal, where the wrapper already writes them
+  (``follow_journal``: python3-systemd's ``journal.Reader``, ``SYSLOG_IDENTIFIER=gpu-router``, from a saved
+  cursor), so the hot path pays nothing for them. Job outcomes come from the agent's accounting through one call,
+  ``Metrics.job_finished(fields)``. Counters and the journal cursor are saved together, atomically, in
+  ``<state_dir>/metrics.json``: they survive agent restarts and package upgrades, and events written while the
+  agent was down are counted when it comes back. Every known label set of every configured workload is exported
+  from the start at 0, so ``increase()`` sees the first event.
+* **Gauges** of the current state (GPU health, memory, slots, running jobs), from the last sample.
+* **Staleness**: ``gpu_router_agent_up`` (0 once the agent stops), the last successful sample's timestamp, the
+  backend's up gauge with its error as a separate info series.
+
+The file is written through prometheus_client (a ``CollectorRegistry`` with one collector, ``write_to_textfile``,
+which renames a finished temp file into place: the collector never reads half a file). Its path is recorded in
+``<state_dir>/metrics-file`` so that package removal (debian/postrm) finds it whatever ``metrics_dir`` says.
+README.md and gpu-router-agent(8) list every metric.
+"""
+
+import json
+import os
+import time
+
+from .. import __version__, atomicfile, policy, slots
+
+FILE_NAME = "gpu_router.prom"
+STATE_NAME = "metrics.json"      # under [agent] state_dir: counters, histograms, journal cursor, GPUs seen
+EXPORTED_NAME = "metrics-file"   # under [agent] state_dir: the path of the exported file, for debian/postrm
+STATE_VERSION = 1
+MiB = 1048576
+GiB = 1024 * MiB
+
+# The label values the code can produce (wrapper/run.py, policy.py, wrapper/probe.py, daemon/accounting.py).
+# Each is exported at 0 for every configured workload; a value outside these lists is still counted.
+MODES = ("GPU", "CPU")
+ROUTE_REASONS = {
+    "GPU": ("under-threshold",),
+    "CPU": ("over-threshold", "probe-failed", "gpu-disabled", "no-gpu", "gpu-unhealthy", "vram-too-large",
+            "spill:gpu-slots-full", "spill:no-vram-room"),
+}
+BLOCK_REASONS = ("gpu-slots-full", "no-vram-room", "cpu-slots-full", "wait-timeout", "scope-unavailable")
+PROBE_REASONS = ("no-input", "input-missing", "input-unreadable", "input-not-regular", "input-empty",
+                 "probe-not-found", "probe-not-runnable", "probe-timeout", "probe-bad-output", "probe-failed")
+RESULTS = ("success", "failed", "oom-kill", "cuda-oom", "timeout", "unknown")
+WAIT_OUTCOMES = ("admitted", "blocked")
+
+COUNTERS = {  # name: (help, label names)
+    "gpu_router_jobs_routed_total": ("Jobs admitted, by mode (GPU|CPU) and the policy's reason.",
+                                     ("workload", "mode", "reason")),
+    "gpu_router_jobs_blocked_total": ("Jobs refused for now (the caller got retry_exit_code), by reason.",
+                                      ("workload", "reason")),
+    "gpu_router_probe_failures_total": ("Probes that failed (the metric is unknown), by reason.",
+                                        ("workload", "reason")),
+    "gpu_router_scope_failures_total": ("Jobs run without their scope (scope = \"best-effort\") because none "
+                                        "could be made.", ("workload",)),
+    "gpu_router_jobs_waited_total": ("Jobs that waited for a slot (wait = ...), by how the wait ended.",
+                                     ("workload", "outcome")),
+    "gpu_router_jobs_finished_total": ("Jobs accounted when they ended, by mode and result.",
+                                       ("workload", "mode", "result")),
+    "gpu_router_job_exit_statuses_total": ("Finished jobs whose exit status is known, by status (128+N: signal "
+                                           "N).", ("workload", "status")),
+    "gpu_router_config_errors_total": ("Wrapper runs refused for a config error (exit 2).", ()),
+    "gpu_router_broker_refusals_total": ("Scope requests the agent refused (caller not allowed, bad request).",
+                                         ()),
+}
+
+HISTOGRAMS = {  # name: (help, label names, upper bounds)
+    "gpu_router_job_duration_seconds": ("Run time of finished jobs.", ("workload", "mode"),
+                                        (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800)),
+    "gpu_router_job_wait_seconds": ("Time a job waited for a slot before it was admitted or BLOCKED.",
+                                    ("workload",), (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)),
+    "gpu_router_job_peak_ram_bytes": ("Peak RAM of finished jobs (their scope's cgroup).", ("workload", "mode"),
+                                      tuple(x * GiB for x in (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256))),
+    "gpu_router_job_peak_vram_bytes": ("Peak VRAM of finished GPU jobs (sampled per process).", ("workload",),
+                                       tuple(x * GiB for x in (0.25, 0.5, 1, 2, 4, 8, 12, 16, 24, 32, 48, 80))),
+}
+
+# The wrapper's events this module counts from the journal (the agent's own outcomes come through job_finished).
+JOURNAL_EVENTS = ("routed", "blocked", "probe-failed", "scope-failed", "config-error", "broker-refused",
+                  "job-finished")
+JOURNAL_BATCH = 20000  # entries read per sample at most: a backlog is worked off over a few samples
+
+
+def _num(value):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if v == v and v not in (float("inf"), float("-inf")) else None
+
+
+class Store:
+    """Counters and histograms keyed by (name, label values); JSON on disk with the journal cursor."""
+
+    def __init__(self):
+        self.counters = {name: {} for name in COUNTERS}
+        self.histograms = {name: {} for name in HISTOGRAMS}  # labels -> [per-bucket counts..., +Inf count, sum]
+        self.cursor = None
+        self.gpus = {}  # str(index) -> uuid or "" : every GPU seen, so a failing backend still names them
+        self.dirty = False
+
+    def inc(self, name, labels, by=1):
+        series = self.counters[name]
+        series[labels] = series.get(labels, 0) + by
+        self.dirty = True
+
+    def zero(self, name, labels):
+        if labels not in self.counters[name]:
+            self.counters[name][labels] = 0
+            self.dirty = True
+
+    def observe(self, name, labels, value):
+        bounds = HISTOGRAMS[name][2]
+        h = self.histograms[name].setdefault(labels, [0] * (len(bounds) + 1) + [0.0])
+        i = next((i for i, b in enumerate(bounds) if value <= b), len(bounds))
+        h[i] += 1
+        h[-1] += value
+        self.dirty = True
+
+    def zero_histogram(self, name, labels):
+        if labels not in self.histograms[name]:
+            self.histograms[name][labels] = [0] * (len(HISTOGRAMS[name][2]) + 1) + [0.0]
+            self.dirty = True
+
+    def to_json(self):
+        return {"version": STATE_VERSION, "cursor": self.cursor, "gpus": self.gpus,
+                "counters": {n: [[list(k), v] for k, v in s.items()] for n, s in self.counters.items()},
+                "histograms": {n: [[list(k), v] for k, v in s.items()] for n, s in self.histograms.items()}}
+
+    @classmethod
+    def from_json(cls, data):
+        store = cls()
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            return store
+        store.cursor = data.get("cursor") if isinstance(data.get("cursor"), str) else None
+        store.gpus = {str(k): str(v or "") for k, v in (data.get("gpus") or {}).items()}
+        for name, rows in (data.get("counters") or {}).items():
+            if name in COUNTERS:
+                for labels, value in rows:
+                    if len(labels) == len(COUNTERS[name][1]) and _num(value) is not None:
+                        store.counters[name][tuple(str(x) for x in labels)] = value
+        for name, rows in (data.get("histograms") or {}).items():
+            if name in HISTOGRAMS:
+                width = len(HISTOGRAMS[name][2]) + 2
+                for labels, value in rows:
+                    if len(labels) == len(HISTOGRAMS[name][1]) and isinstance(value, list) and len(value) == width:
+                        store.histograms[name][tuple(str(x) for x in labels)] = value
+        return store
+
+
+class Metrics:
+    """The agent's metrics: what it counts, what it saves, what it writes. One per agent."""
+
+    def __init__(self, state_dir, log=None, clock=time.time):
+        self.state_dir = state_dir
+        self.log = log
+        self.clock = clock
+        self.store = self._load()
+        self.view = {}
+        self._reader = None
+        self._reader_error = None
+        self._write_error = None
+        self._save_error = None
+        self._exported = None
+
+    # ---------------------------------------------------------------- state on disk
+
+    def state_path(self):
+        return os.path.join(self.state_dir, STATE_NAME)
+
+    def _load(self):
+        try:
+            with open(self.state_path()) as f:
+                return Store.from_json(json.load(f))
+        except (OSError, ValueError):
+            return Store()
+
+    def save(self):
+        """Counters and cursor together (atomic rename), only when something changed."""
+        if not self.store.dirty:
+            return True
+        try:
+            os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
+            atomicfile.write(self.state_path(), json.dumps(self.store.to_json(), separators=(",", ":")))
+        except OSError as exc:
+            self._warn_once("_save_error", "cannot save the metrics' counters", exc, path=self.state_path())
+            return False
+        self._clear("_save_error", "metrics' counters saved again", path=self.state_path())
+        self.store.dirty = False
+        return True
+
+    # ---------------------------------------------------------------- counting
+
+    def seed(self, cfg):
+        """Every known label set of every configured workload at 0 (an existing count is kept)."""
+        z, zh = self.store.zero, self.store.zero_histogram
+        z("gpu_router_config_errors_total", ())
+        z("gpu_router_broker_refusals_total", ())
+        for name in cfg.workloads:
+            for mode, reasons in ROUTE_REASONS.items():
+                for reason in reasons:
+                    z("gpu_router_jobs_routed_total", (name, mode, reason))
+            for reason in BLOCK_REASONS:
+                z("gpu_router_jobs_blocked_total", (name, reason))
+            for reason in PROBE_REASONS:
+                z("gpu_router_probe_failures_total", (name, reason))
+            z("gpu_router_scope_failures_total", (name,))
+            for outcome in WAIT_OUTCOMES:
+                z("gpu_router_jobs_waited_total", (name, outcome))
+            zh("gpu_router_job_wait_seconds", (name,))
+            zh("gpu_router_job_peak_vram_bytes", (name,))
+            for mode in MODES:
+                for result in RESULTS:
+                    z("gpu_router_jobs_finished_total", (name, mode, result))
+                zh("gpu_router_job_duration_seconds", (name, mode))
+                zh("gpu_router_job_peak_ram_bytes", (name, mode))
+
+    def job_finished(self, fields):
+        """The hook for an accounted job: the job-finished event's fields (plain names, as journal.emit takes)."""
+        s = self.store
+        workload, mode = str(fields.get("WORKLOAD")), str(fields.get("MODE") or "unknown")
+        s.inc("gpu_router_jobs_finished_total", (workload, mode, str(fields.get("RESULT") or "unknown")))
+        status = _num(fields.get("EXIT_STATUS"))
+        if status is not None:
+            s.inc("gpu_router_job_exit_statuses_total", (workload, str(int(status))))
+        duration = _num(fields.get("DURATION_S"))
+        if duration is not None:
+            s.observe("gpu_router_job_duration_seconds", (workload, mode), max(duration, 0.0))
+        ram = _num(fields.get("PEAK_RAM_MB"))
+        if ram is not None:
+            s.observe("gpu_router_job_peak_ram_bytes", (workload, mode), ram * MiB)
+        vram = _num(fields.get("PEAK_VRAM_MB"))
+        if vram is not None and mode == "GPU":
+            s.observe("gpu_router_job_peak_vram_bytes", (workload,), vram * MiB)
+
+    def count_event(self, entry):
+        """One journal entry of the wrapper (GPU_ROUTER_* fields as journald stores them); True if counted."""
+        event = entry.get("GPU_ROUTER_EVENT")
+        if event not in JOURNAL_EVENTS:
+            return False
+        s = self.store
+        workload = str(entry.get("GPU_ROUTER_WORKLOAD") or "")
+        reason = str(entry.get("GPU_ROUTER_REASON") or "unknown")
+        if event == "routed":
+            s.inc("gpu_router_jobs_routed_total", (workload, str(entry.get("GPU_ROUTER_MODE")), reason))
+        elif event == "blocked":
+            s.inc("gpu_router_jobs_blocked_total", (workload, reason))
+        elif event == "probe-failed":
+            s.inc("gpu_router_probe_failures_total", (workload, reason))
+        elif event == "scope-failed":
+            s.inc("gpu_router_scope_failures_total", (workload,))
+        elif event == "config-error":
+            s.inc("gpu_router_config_errors_total", ())
+        elif event == "broker-refused":
+            s.inc("gpu_router_broker_refusals_total", ())
+        elif event == "job-finished":
+            # The agent's own outcomes arrive through job_finished(); the wrapper writes job-finished only when
+            # exec itself failed (127/126), and that event has no duration.
+            if entry.get("GPU_ROUTER_DURATION_S") is not None:
+                return False
+            self.job_finished({k[len("GPU_ROUTER_"):]: v for k, v in entry.items() if k.startswith("GPU_ROUTER_")})
+            return True
+        waited = _num(entry.get("GPU_ROUTER_WAITED_S"))
+        if waited is not None and event in ("routed", "blocked"):
+            s.inc("gpu_router_jobs_waited_total", (workload, "admitted" if event == "routed" else "blocked"))
+            s.observe("gpu_router_job_wait_seconds", (workload,), max(waited, 0.0))
+        return True
+
+    def follow_journal(self):
+        """Count the wrapper's events written since the saved cursor; returns how many were read."""
+        reader = self._open_reader()
+        if reader is None:
+            return 0
+        n = 0
+        try:
+            while n < JOURNAL_BATCH:
+                entry = reader.get_next()
+                if not entry:
+                    break
+                n += 1
+                self.count_event(entry)
+                self.store.cursor = entry.get("__CURSOR") or self.store.cursor
+                self.store.dirty = True
+        except OSError as exc:
+            self._warn_once("_reader_error", "cannot read the journal; wrapper decisions are not counted", exc)
+            self._close_reader()
+        return n
+
+    def _open_reader(self):
+        if self._reader is not None:
+            return self._reader
+        try:
+            from systemd import journal as sd_journal
+
+            reader = sd_journal.Reader()
+            reader.add_match(SYSLOG_IDENTIFIER="gpu-router")
+            if self.store.cursor:
+                reader.seek_cursor(self.store.cursor)
+                first = reader.get_next()
+                if first and first.get("__CURSOR") != self.store.cursor:
+                    reader.get_previous()  # the saved entry was vacuumed: start with the next one there is
+            else:
+                reader.seek_tail()   # first start: count from now on (the counters start at 0 now)
+                last = reader.get_previous()
+                self.store.cursor = (last or {}).get("__CURSOR")
+        except (ImportError, OSError) as exc:
+            self._warn_once("_reader_error", "cannot read the journal; wrapper decisions are not counted", exc)
+            return None
+        self._reader = reader
+        self._clear("_reader_error", "reading the journal again")
+        return reader
+
+    def _close_reader(self):
+        if self._reader is not None:
+            try:
+                self._reader.close()
+            except OSError:
+                pass
+        self._reader = None
+
+    # ---------------------------------------------------------------- the current state
+
+    def update(self, cfg, snapshot, jobs):
+        """The gauges' view of now: config, last GPU snapshot, running jobs, slots held."""
+        snap = snapshot or {}
+        gpus = snap.get("gpus") or []
+        for g in gpus:
+            key = str(g["index"])
+            if self.store.gpus.get(key) != (g.get("uuid") or ""):
+                self.store.gpus[key] = g.get("uuid") or ""
+                self.store.dirty = True
+        ok = snapshot is not None and not snap.get("error")
+        view = {"cfg": cfg, "snapshot": snap, "up": True, "backend_ok": ok, "jobs": list(jobs)}
+        if ok:
+            view["last_ok"] = snap.get("time")
+        elif self.view.get("last_ok") is not None:
+            view["last_ok"] = self.view["last_ok"]
+        view["slots"] = _slots_in_use(cfg, gpus if snapshot is not None else None)
+        self.view = view
+
+    # ---------------------------------------------------------------- exposition
+
+    def collect(self):
+        """prometheus_client's Collector interface: every family, counters first."""
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                            InfoMetricFamily)
+
+        for name, (help_text, labels) in COUNTERS.items():
+            fam = CounterMetricFamily(name, help_text, labels=labels)
+            for values, count in sorted(self.store.counters[name].items()):
+                fam.add_metric(values, count)
+            yield fam
+        for name, (help_text, labels, bounds) in HISTOGRAMS.items():
+            fam = HistogramMetricFamily(name, help_text, labels=labels)
+            for values, h in sorted(self.store.histograms[name].items()):
+                cumulative, running = [], 0
+                for bound, count in zip(list(bounds) + [float("inf")], h[:-1]):
+                    running += count
+                    cumulative.append((_bound(bound), running))
+                fam.add_metric(values, cumulative, h[-1])
+            yield fam
+        v = self.view
+        cfg, snap = v.get("cfg"), v.get("snapshot") or {}
+
+        def gauge(name, help_text, labels=(), rows=()):
+            fam = GaugeMetricFamily(name, help_text, labels=labels)
+            for values, value in rows:
+                fam.add_metric(values, value)
+            return fam
+
+        up = bool(v.get("up"))
+        yield gauge("gpu_router_agent_up", "1 while the agent runs; 0 once it stopped (the file is then frozen).",
+                    rows=[((), 1 if up else 0)])
+        info = InfoMetricFamily("gpu_router", "The agent's version and GPU backend.",
+                                labels=("version", "backend"))
+        info.add_metric((__version__, str(snap.get("source") or "unknown")), {})
+        yield info
+        last = v.get("last_ok")
+        yield gauge("gpu_router_last_sample_timestamp_seconds",
+                    "When the agent last sampled the GPUs successfully (Unix time).",
+                    rows=[((), last)] if last is not None else [])
+        if not up:
+            return  # the rest describes a now the agent no longer watches: leave it out rather than freeze it
+        error = snap.get("error")
+        yield gauge("gpu_router_backend_up", "1 when the GPU backend (NVML, nvidia-smi) answered the last sample.",
+                    rows=[((), 1 if v.get("backend_ok") else 0)])
+        yield gauge("gpu_router_backend_error_info", "The GPU backend's error kind while it fails (value 1).",
+                    ("source", "reason"),
+                    [((str(snap.get("source") or "unknown"), str(error).split(":", 1)[0]), 1)] if error else [])
+        yield from self._gpu_families(gauge, cfg, snap)
+        yield from self._job_families(gauge, cfg, snap)
+
+    def _gpu_families(self, gauge, cfg, snap):
+        gpus = snap.get("gpus") or []
+        seen = {str(g["index"]) for g in gpus}
+        # A GPU seen before (or configured in [host] gpus) that the backend no longer lists counts as unhealthy,
+        # so `gpu_router_gpu_healthy == 0` fires when the backend fails as a whole.
+        known = dict(self.store.gpus)
+        if cfg is not None and cfg.host.gpus:
+            for i in range(cfg.host.gpus):
+                known.setdefault(str(i), "")
+        missing = [(i, u) for i, u in sorted(known.items(), key=lambda kv: int(kv[0])) if i not in seen]
+        absent_health = "backend-error" if snap.get("error") else "absent"
+        healthy, health, memory, room, util, per_gpu = [], [], [], [], [], []
+        jobs_on = {}
+        for job in self.view.get("jobs", ()):
+            if job.mode == "GPU" and job.device is not None:
+                jobs_on[str(job.device)] = jobs_on.get(str(job.device), 0) + 1
+        reservations = {}
+        if cfg is not None:
+            try:
+                reservations = slots.live_reservations(cfg.router.lock_dir)
+            except OSError:
+                reservations = {}
+        reserve = cfg.gpu.reserve_mb if cfg is not None else 0
+        for g in gpus:
+            lab = (str(g["index"]), str(g.get("uuid") or ""))
+            healthy.append((lab, 1 if g.get("healthy") else 0))
+            health.append((lab + (str(g.get("health") or "unknown"),), 1))
+            for kind in ("total", "used", "free", "ours", "foreign"):
+                value = g.get(f"{kind}_mb")
+                if value is not None:
+                    memory.append((lab + (kind,), value * MiB))
+            gpu = policy.Gpu.from_snapshot(g)
+            r = policy.room_mb(gpu, reservations.get(gpu.key, ()), reserve) if g.get("healthy") else 0
+            if r is not None:
+                room.append((lab, max(r, 0) * MiB))
+            if g.get("utilization") is not None:
+                util.append((lab, g["utilization"] / 100.0))
+            per_gpu.append((lab, jobs_on.get(lab[0], 0)))
+        for index, uuid in missing:
+            healthy.append(((index, uuid), 0))
+            health.append(((index, uuid, absent_health), 1))
+            per_gpu.append(((index, uuid), jobs_on.get(index, 0)))
+        gl = ("gpu", "uuid")
+        yield gauge("gpu_router_gpu_healthy", "1 when the GPU takes jobs, 0 when its jobs go to the CPU.", gl, healthy)
+        yield gauge("gpu_router_gpu_health_info", "Why a GPU is (un)healthy: ok, xid-N, gpu-lost, absent, "
+                    "backend-error, ... (value 1).", gl + ("health",), health)
+        yield gauge("gpu_router_gpu_memory_bytes", "GPU memory by kind (total, used, free, ours, foreign).",
+                    gl + ("kind",), memory)
+        yield gauge("gpu_router_gpu_vram_reservable_bytes", "VRAM the router can still give to jobs on the GPU "
+                    "(total - reserve_mb - foreign - live reservations).", gl, room)
+        yield gauge("gpu_router_gpu_utilization_ratio", "GPU busy time over the last sample period (0-1), where "
+                    "the backend reports it.", gl, util)
+        yield gauge("gpu_router_gpu_jobs", "Jobs of ours running on the GPU.", gl, per_gpu)
+
+    def _job_families(self, gauge, cfg, snap):
+        running = {}
+        for job in self.view.get("jobs", ()):
+            running[(job.workload, job.mode)] = running.get((job.workload, job.mode), 0) + 1
+        for name in (cfg.workloads if cfg is not None else ()):
+            for mode in MODES:
+                running.setdefault((name, mode), 0)
+        yield gauge("gpu_router_jobs_running", "Jobs the agent follows now.", ("workload", "mode"),
+                    sorted(running.items()))
+        capacity, busy = [], []
+        for (name, pool), (cap, held) in sorted((self.view.get("slots") or {}).items()):
+            capacity.append(((name, pool), cap))
+            if held is not None:
+                busy.append(((name, pool), held))
+        yield gauge("gpu_router_slots", "Slots of the pool (gpu: max_gpu_jobs on each GPU; cpu: max_cpu_jobs).",
+                    ("workload", "pool"), capacity)
+        yield gauge("gpu_router_slots_busy", "Slots of the pool held by running jobs now.", ("workload", "pool"),
+                    busy)
+        state = drain_state(cfg)
+        yield gauge("gpu_router_draining", "1 while the host takes no new jobs (drain).",
+                    rows=[((), 1 if state else 0)] if state is not None else [])
+
+    def text(self):
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        return generate_latest(registry).decode()
+
+    def write(self, metrics_dir):
+        """Write ``<metrics_dir>/gpu_router.prom``; a failure is warned about once, not every sample."""
+        from prometheus_client import CollectorRegistry, write_to_textfile
+
+        path = os.path.join(metrics_dir, FILE_NAME)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        try:
+            write_to_textfile(path, registry)
+        except OSError as exc:
+            _remove_temp(path)
+            self._warn_once("_write_error", "cannot write metrics", exc, directory=metrics_dir)
+            return False
+        self._clear("_write_error", "writing metrics again", directory=metrics_dir)
+        self._record_exported(path)
+        return True
+
+    def _record_exported(self, path):
+        """Remember where the file is (debian/postrm removes it); a file left in a former metrics_dir goes."""
+        if self._exported == path:
+            return
+        record = os.path.join(self.state_dir, EXPORTED_NAME)
+        try:
+            with open(record) as f:
+                old = f.read().strip()
+        except OSError:
+            old = None
+        if old and old != path and os.path.basename(old) == FILE_NAME:
+            try:
+                os.unlink(old)
+            except OSError:
+                pass
+        try:
+            if old != path:
+                os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
+                atomicfile.write(record, path + "\n")
+            self._exported = path
+        except OSError:
+            pass
+
+    def publish(self, cfg, snapshot, jobs):
+        """Once per sample: count the journal's news, save, write the file (where metrics_dir is set)."""
+        self.seed(cfg)
+        self.follow_journal()
+        self.update(cfg, snapshot, jobs)
+        self.save()
+        if cfg.agent.metrics_dir:
+            self.write(cfg.agent.metrics_dir)
+
+    def stop(self, cfg):
+        """The agent is stopping: save, and mark the file down (agent_up 0, no gauges of a now nobody watches)."""
+        self.follow_journal()
+        self.save()
+        self.view["up"] = False
+        if cfg.agent.metrics_dir:
+            self.write(cfg.agent.metrics_dir)
+        self._close_reader()
+
+    # ---------------------------------------------------------------- logging once
+
+    def _warn_once(self, attr, message, exc, **fields):
+        text = str(exc)
+        if getattr(self, attr) == text:
+            return
+        setattr(self, attr, text)
+        if self.log is not None:
+            self.log.warning(message + " (said once, until it works again)", error=text, **fields)
+
+    def _clear(self, attr, message, **fields):
+        if getattr(self, attr) is not None:
+            setattr(self, attr, None)
+            if self.log is not None:
+                self.log.info(message, **fields)
+
+
+def _bound(b):
+    return "+Inf" if b == float("inf") else format(float(b), "g") if not float(b).is_integer() else str(int(b))
+
+
+def _remove_temp(path):
+    directory, base = os.path.split(path)
+    try:
+        for name in os.listdir(directory):
+            if name.startswith(base + f".{os.getpid()}."):
+                os.unlink(os.path.join(directory, name))
+    except OSError:
+        pass
+
+
+def _locked_inodes(path="/proc/locks"):
+    """Inodes that hold an flock now, from /proc/locks: looking, unlike a trial lock, never makes a wrapper's
+    non-blocking LOCK_EX fail (a trial LOCK_SH every sample would BLOCK jobs that arrive in that instant)."""
+    out = set()
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if "FLOCK" in parts and "->" not in parts:
+                    i = parts.index("FLOCK")
+                    if len(parts) > i + 4:
+                        out.add(int(parts[i + 4].rsplit(":", 1)[1]))
+    except (OSError, ValueError, IndexError):
+        return None
+    return out
+
+
+def _slots_in_use(cfg, gpus, locks_path="/proc/locks"):
+    """{(workload, pool): (capacity, held or None)} with pool "gpu" (all GPUs together) and "cpu".
+
+    ``gpus``: the snapshot's GPU list, or None when there is no snapshot. Held slots are matched by inode alone
+    (a slot file's device as stat sees it may differ from the one /proc/locks names, e.g. on overlayfs)."""
+    out = {}
+    if gpus is None:  # no snapshot: the wrapper assumes [host] gpus (or one), and so do we
+        keys = [g.key for g in policy.assumed_gpus(cfg.host.gpus)]
+    else:
+        keys = [policy.Gpu(index=g["index"]).key for g in gpus]
+    count = len(keys)
+    locked = _locked_inodes(locks_path)
+
+    def held(name, pool, n):
+        if locked is None:
+            return None
+        busy = 0
+        for i in range(n):
+            try:
+                st = os.lstat(os.path.join(cfg.router.lock_dir, slots.slot_name(name, pool, i)))
+            except OSError:
+                continue
+            busy += st.st_ino in locked
+        return busy
+
+    for name, w in cfg.workloads.items():
+        gpu_held = [held(name, key, w.max_gpu_jobs) for key in keys]
+        out[(name, "gpu")] = (w.max_gpu_jobs * count, None if None in gpu_held else sum(gpu_held))
+        out[(name, "cpu")] = (w.max_cpu_jobs, held(name, "cpu", w.max_cpu_jobs))
+    return out
+
+
+def drain_state(cfg):
+    """Hook for the drain state (issue 10): True/False once a drain state exists, None until then (no series)."""
+    return None
