@@ -155,7 +155,8 @@ def test_control_fields(built):
             fields[key] = value
     assert fields["Package"] == "gpu-router" and fields["Architecture"] == "all"
     depends = {d.strip() for d in fields["Depends"].split(",")}
-    for dep in ("python3-pystemd", "python3-structlog", "python3-tomli-w", "python3-sdnotify", "python3-systemd"):
+    for dep in ("python3-pystemd", "python3-structlog", "python3-tomli-w", "python3-sdnotify", "python3-systemd",
+                "python3-prometheus-client"):
         assert dep in depends
     assert any(d.startswith("python3:any") for d in depends)
     assert fields["Recommends"] == "python3-pynvml"
@@ -261,6 +262,26 @@ def test_postrm_purge_undoes_leftover_wraps_and_removes_state(built, tmp_path, m
     assert not os.path.lexists(root.p("/usr/local/bin/tool.real"))
     assert root.diversions() == []
     assert not root.p("/var/lib/gpu-router").exists() and not root.p("/run/gpu-router").exists()
+
+
+def test_postrm_remove_removes_the_metrics_file_wherever_metrics_dir_was(built, tmp_path):
+    """Issue 14: `apt remove` left the file served forever (healthy=1), and a custom metrics_dir survived purge."""
+    root = tmp_path / "root"
+    prom = root / "srv/prom"
+    prom.mkdir(parents=True)
+    (prom / "gpu_router.prom").write_text("gpu_router_agent_up 0\n")
+    (prom / "other.prom").write_text("x 1\n")
+    (root / "etc").mkdir()
+    (root / "etc/keep.conf").write_text("")
+    state = root / "var/lib/gpu-router"
+    state.mkdir(parents=True)
+    # the agent's record: the file it exports; a line that is not a gpu_router.prom file is never removed
+    (state / "metrics-file").write_text("/srv/prom/gpu_router.prom\n/etc/keep.conf\n")
+    head = maintscript_head(built, "postrm")
+    run("sh", str(head), "remove", env=dict(ENV, DPKG_ROOT=str(root)))
+    assert not (prom / "gpu_router.prom").exists()
+    assert (prom / "other.prom").exists() and (root / "etc/keep.conf").exists()
+    assert (state / "metrics-file").exists()  # state stays until purge
 
 
 # ---- what the files do -----------------------------------------------------------------------------------------
