@@ -270,3 +270,30 @@ def test_promtool_accepts_the_exposition(rig, tmp_path):
     m.update(cfg, {"time": 1.0, "source": "nvml", "error": None, "gpus": [gpu_entry(0)]}, [])
     p = subprocess.run(["promtool", "check", "metrics"], input=m.text(), capture_output=True, text=True)
     assert p.returncode == 0 and not p.stdout.strip() and not p.stderr.strip(), p
+
+
+@pytest.mark.skipif(shutil.which("promtool", path="/usr/bin:/bin") is None and not os.environ.get("CI"),
+                    reason="promtool (Debian's prometheus) is not installed")
+def test_promtool_accepts_the_example_alert_rules():
+    rules = os.path.join(os.path.dirname(__file__), "..", "packaging", "prometheus", "gpu-router.rules.yml")
+    p = subprocess.run(["promtool", "check", "rules", rules], capture_output=True, text=True)
+    assert p.returncode == 0 and "SUCCESS: 6 rules found" in p.stdout, p
+
+
+def test_every_exported_metric_is_documented_in_the_readme_and_the_man_page(rig, tmp_path):
+    cfg = load(rig)
+    m = metrics.Metrics(str(tmp_path / "state"))
+    m.seed(cfg)
+    m.update(cfg, {"time": 1.0, "source": "nvml", "error": "gpu-lost: x",
+                   "gpus": [dict(gpu_entry(0), utilization=50)]}, [])
+    families = {f.name for f in text_string_to_metric_families(m.text())}
+    exported = {n[:-len("_total")] if n.endswith("_total") else n for n in families}
+    declared = {n[:-len("_total")] if n.endswith("_total") else n
+                for n in list(metrics.COUNTERS) + list(metrics.HISTOGRAMS) + list(metrics.GAUGES)}
+    assert exported - {"gpu_router_draining"} <= declared  # draining: a hook until the drain state exists
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    readme = open(os.path.join(repo, "README.md")).read()
+    man = open(os.path.join(repo, "packaging", "man", "gpu-router-agent.8")).read()
+    for name in list(metrics.COUNTERS) + list(metrics.HISTOGRAMS) + list(metrics.GAUGES):
+        assert f"`{name}`" in readme, name
+        assert f" {name}" in man, name

@@ -78,6 +78,12 @@ HISTOGRAMS = {  # name: (help, label names, upper bounds)
                                        tuple(x * GiB for x in (0.25, 0.5, 1, 2, 4, 8, 12, 16, 24, 32, 48, 80))),
 }
 
+GAUGES = ("gpu_router_agent_up", "gpu_router_info", "gpu_router_last_sample_timestamp_seconds",
+          "gpu_router_backend_up", "gpu_router_backend_error_info", "gpu_router_gpu_healthy",
+          "gpu_router_gpu_health_info", "gpu_router_gpu_memory_bytes", "gpu_router_gpu_vram_reservable_bytes",
+          "gpu_router_gpu_utilization_ratio", "gpu_router_gpu_jobs", "gpu_router_jobs_running", "gpu_router_slots",
+          "gpu_router_slots_busy", "gpu_router_draining")  # the documented list (README.md, gpu-router-agent(8))
+
 # The wrapper's events this module counts from the journal (the agent's own outcomes come through job_finished).
 JOURNAL_EVENTS = ("routed", "blocked", "probe-failed", "scope-failed", "config-error", "broker-refused",
                   "job-finished")

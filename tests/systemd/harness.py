@@ -80,6 +80,10 @@ PACKAGES: tuple[str, ...] = (
     "util-linux",
 )
 
+# PACKAGES plus what the .deb depends on beyond them (python3-prometheus-client, for the agent's metrics): the
+# lanes that install the .deb or export metrics use this set, so the other lanes' cached rootfs stays valid.
+PACKAGES_WITH_METRICS: tuple[str, ...] = PACKAGES + ("python3-prometheus-client",)
+
 # Units that only get in a test's way: periodic apt runs would take the dpkg lock under an `apt install` test.
 MASKED_UNITS = (
     "apt-daily.timer",

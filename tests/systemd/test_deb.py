@@ -98,7 +98,7 @@ def debs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def box(debs):
-    c = harness.Container()
+    c = harness.Container(packages=harness.PACKAGES_WITH_METRICS)  # the .deb depends on python3-prometheus-client
     c.start()
     try:
         for deb in debs.values():
