@@ -438,3 +438,18 @@ def test_fake_library_answers_first_process_query_with_insufficient_size(nvml):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_utilization_reaches_the_snapshot_and_the_metrics(nvml, tmp_path):
+    """GPU utilisation (issue 14): NVML's busy percentage → snapshot → gpu_router_gpu_utilization_ratio."""
+    from gpu_router.daemon import metrics, monitor
+
+    nvml.add_gpu(16384)
+    nvml.set_utilization(0, 37)
+    m = monitor.Monitor(nvml.backend(), snapshot_path=None)
+    snap = m.sample_once()
+    assert snap["gpus"][0]["utilization"] == 37
+    exported = metrics.Metrics(str(tmp_path / "state"))
+    exported.update(None, snap, [])
+    line = f'gpu_router_gpu_utilization_ratio{{gpu="0",uuid="{nvml.uuid(0)}"}} 0.37'
+    assert line in exported.text()

@@ -264,6 +264,10 @@ class NvmlBackend:
         total_mb = mem.total // MIB
         self._static[index] = {"uuid": uuid, "name": name, "total_mb": total_mb}
         gpu.update(uuid=uuid, name=name, total_mb=total_mb, used_mb=mem.used // MIB, free_mb=mem.free // MIB)
+        try:  # for metrics only; not every GPU (or driver) reports it
+            gpu["utilization"] = int(n.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except n.NVMLError:
+            pass
         try:
             procs = n.nvmlDeviceGetComputeRunningProcesses(handle)
         except n.NVMLError as exc:

@@ -344,7 +344,7 @@ class Metrics:
             view["last_ok"] = snap.get("time")
         elif self.view.get("last_ok") is not None:
             view["last_ok"] = self.view["last_ok"]
-        view["slots"] = _slots_in_use(cfg, gpus if snapshot is not None else None)
+        view["slots"] = _slots_in_use(cfg, gpus if snapshot is not None else None) if cfg is not None else {}
         self.view = view
 
     # ---------------------------------------------------------------- exposition

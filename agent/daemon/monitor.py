@@ -186,12 +186,15 @@ class Monitor:
             else:
                 ours_mb = sum(p["used_mb"] or 0 for p in processes if p["ours"])
                 foreign_mb = max(used - ours_mb, 0)
-            out.append({
+            entry = {
                 "index": g["index"], "uuid": g.get("uuid"), "name": g.get("name"),
                 "total_mb": g.get("total_mb"), "used_mb": used, "free_mb": g.get("free_mb"),
                 "healthy": health == "ok", "health": health,
                 "ours_mb": ours_mb, "foreign_mb": foreign_mb, "processes": processes,
-            })
+            }
+            if g.get("utilization") is not None:
+                entry["utilization"] = g["utilization"]  # percent busy (NVML only); exported as a metric
+            out.append(entry)
             self._note_change(key, g, health, reason)
         for key in [k for k in self._health if k not in seen]:
             health, index = self._health.pop(key)

@@ -103,6 +103,10 @@ class FakeGpus:
         """VRAM used on `gpu` by nothing NVML can show as a process (another container, driver overhead)."""
         _write(self.state / f"gpu{gpu}" / "foreign_mb", f"{int(mb)}\n")
 
+    def set_utilization(self, gpu, percent):
+        """What nvmlDeviceGetUtilizationRates reports as the GPU's busy percentage."""
+        _write(self.state / f"gpu{gpu}" / "utilization", f"{int(percent)}\n")
+
     def fail_init(self, on=True, code=NVML_ERROR_DRIVER_NOT_LOADED):
         """nvmlInit* fail with `code` (and the fake nvidia-smi fails like a missing driver)."""
         _switch(self.state / "init_error", on, f"{code}\n")

@@ -542,6 +542,29 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory)
     return NVML_SUCCESS;
 }
 
+typedef struct {
+    unsigned int gpu;
+    unsigned int memory;
+} nvmlUtilization_t;
+
+/* Percent of the last sample period the GPU was busy: gpu<N>/utilization (absent: 0). */
+nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_t *utilization)
+{
+    nvmlReturn_t ret = check_device(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (!utilization)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    char path[4096], buf[64];
+    unsigned long long percent = 0;
+    if (state_path(path, sizeof path, "gpu%d/utilization", (int)device->index) == 0 &&
+        read_file(path, buf, sizeof buf) > 0)
+        percent = strtoull(buf, NULL, 10);
+    utilization->gpu = (unsigned int)(percent > 100 ? 100 : percent);
+    utilization->memory = 0;
+    return NVML_SUCCESS;
+}
+
 nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *memory)
 {
     unsigned long long total, used;
