@@ -105,6 +105,7 @@ class Store:
         self.counters = {name: {} for name in COUNTERS}
         self.histograms = {name: {} for name in HISTOGRAMS}  # labels -> [per-bucket counts..., +Inf count, sum]
         self.cursor = None
+        self.since = None  # Unix time to read the journal from while no cursor exists (the first start)
         self.gpus = {}  # str(index) -> uuid or "" : every GPU seen, so a failing backend still names them
         self.dirty = False
 
@@ -132,7 +133,7 @@ class Store:
             self.dirty = True
 
     def to_json(self):
-        return {"version": STATE_VERSION, "cursor": self.cursor, "gpus": self.gpus,
+        return {"version": STATE_VERSION, "cursor": self.cursor, "since": self.since, "gpus": self.gpus,
                 "counters": {n: [[list(k), v] for k, v in s.items()] for n, s in self.counters.items()},
                 "histograms": {n: [[list(k), v] for k, v in s.items()] for n, s in self.histograms.items()}}
 
@@ -142,6 +143,7 @@ class Store:
         if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
             return store
         store.cursor = data.get("cursor") if isinstance(data.get("cursor"), str) else None
+        store.since = _num(data.get("since"))
         store.gpus = {str(k): str(v or "") for k, v in (data.get("gpus") or {}).items()}
         for name, rows in (data.get("counters") or {}).items():
             if name in COUNTERS:
@@ -282,6 +284,7 @@ class Metrics:
             return 0
         n = 0
         try:
+            reader.process()  # take in journal files added or rotated since the last call
             while n < JOURNAL_BATCH:
                 entry = reader.get_next()
                 if not entry:
@@ -303,15 +306,22 @@ class Metrics:
 
             reader = sd_journal.Reader()
             reader.add_match(SYSLOG_IDENTIFIER="gpu-router")
+            # The inotify watch that process() needs: without it, a journal file created later (the first entry
+            # of a user >= 1000 goes to user-UID.journal) is never seen.
+            reader.fileno()
             if self.store.cursor:
                 reader.seek_cursor(self.store.cursor)
                 first = reader.get_next()
                 if first and first.get("__CURSOR") != self.store.cursor:
                     reader.get_previous()  # the saved entry was vacuumed: start with the next one there is
             else:
-                reader.seek_tail()   # first start: count from now on (the counters start at 0 now)
-                last = reader.get_previous()
-                self.store.cursor = (last or {}).get("__CURSOR")
+                # No entry counted yet: from the first start on (kept, so a restart before the first event still
+                # counts what came in between). Not seek_tail(): with no matching entry yet, the get_previous()
+                # it needs leaves the reader past the next entry written.
+                if self.store.since is None:
+                    self.store.since = self.clock()
+                    self.store.dirty = True
+                reader.seek_realtime(self.store.since)
         except (ImportError, OSError) as exc:
             self._warn_once("_reader_error", "cannot read the journal; wrapper decisions are not counted", exc)
             return None
