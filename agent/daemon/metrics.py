@@ -87,7 +87,10 @@ GAUGES = ("gpu_router_agent_up", "gpu_router_info", "gpu_router_last_sample_time
 # The wrapper's events this module counts from the journal (the agent's own outcomes come through job_finished).
 JOURNAL_EVENTS = ("routed", "blocked", "probe-failed", "scope-failed", "config-error", "broker-refused",
                   "job-finished")
-JOURNAL_BATCH = 20000  # entries read per sample at most: a backlog is worked off over a few samples
+JOURNAL_BATCH = 20000
+# Slots held are read from /proc/locks at most this often (reading it took 15-25 ms on the CI machine's kernel);
+# a saturation alert looks at minutes, not seconds.
+SLOTS_REFRESH_S = 5.0  # entries read per sample at most: a backlog is worked off over a few samples
 
 
 def _num(value):
@@ -173,6 +176,9 @@ class Metrics:
         self._write_error = None
         self._save_error = None
         self._exported = None
+        self._slots_at = None   # monotonic time of the last look at /proc/locks
+        self._slots_key = None  # what the slots depend on in the config and snapshot
+        self._slots = {}
 
     # ---------------------------------------------------------------- state on disk
 
@@ -354,7 +360,16 @@ class Metrics:
             view["last_ok"] = snap.get("time")
         elif self.view.get("last_ok") is not None:
             view["last_ok"] = self.view["last_ok"]
-        view["slots"] = _slots_in_use(cfg, gpus if snapshot is not None else None) if cfg is not None else {}
+        now = time.monotonic()
+        if cfg is None:
+            view["slots"] = {}
+        else:
+            key = (cfg.router.lock_dir, cfg.host.gpus, snapshot is None, tuple(g["index"] for g in gpus),
+                   tuple((n, w.max_gpu_jobs, w.max_cpu_jobs) for n, w in sorted(cfg.workloads.items())))
+            if self._slots_at is None or now - self._slots_at >= SLOTS_REFRESH_S or self._slots_key != key:
+                self._slots = _slots_in_use(cfg, gpus if snapshot is not None else None)
+                self._slots_at, self._slots_key = now, key
+            view["slots"] = self._slots
         self.view = view
 
     # ---------------------------------------------------------------- exposition
