@@ -90,7 +90,8 @@ JOURNAL_EVENTS = ("routed", "blocked", "probe-failed", "scope-failed", "config-e
 JOURNAL_BATCH = 20000
 # Slots held are read from /proc/locks at most this often (reading it took 15-25 ms on the CI machine's kernel);
 # a saturation alert looks at minutes, not seconds.
-SLOTS_REFRESH_S = 5.0  # entries read per sample at most: a backlog is worked off over a few samples
+SLOTS_REFRESH_S = 5.0
+SAVE_INTERVAL_S = 5.0  # entries read per sample at most: a backlog is worked off over a few samples
 
 
 def _num(value):
@@ -176,6 +177,7 @@ class Metrics:
         self._write_error = None
         self._save_error = None
         self._exported = None
+        self._saved_at = None   # monotonic time of the last save
         self._slots_at = None   # monotonic time of the last look at /proc/locks
         self._slots_key = None  # what the slots depend on in the config and snapshot
         self._slots = {}
@@ -192,10 +194,17 @@ class Metrics:
         except (OSError, ValueError):
             return Store()
 
-    def save(self):
-        """Counters and cursor together (atomic rename), only when something changed."""
+    def save(self, force=False):
+        """Counters and cursor together (atomic rename, fsync'd), when something was counted: at most every
+        SAVE_INTERVAL_S, so an agent busy counting does not fsync every second (nor before READY=1 while dpkg
+        syncs during an upgrade); ``force`` on stop. What a crash loses since the last save is re-read from the
+        journal at the saved cursor, except the agent's own job outcomes of those seconds."""
         if not self.store.dirty:
             return True
+        now = time.monotonic()
+        if not force and self._saved_at is not None and now - self._saved_at < SAVE_INTERVAL_S:
+            return True
+        self._saved_at = now
         try:
             os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
             atomicfile.write(self.state_path(), json.dumps(self.store.to_json(), separators=(",", ":")))
@@ -296,9 +305,10 @@ class Metrics:
                 if not entry:
                     break
                 n += 1
-                self.count_event(entry)
+                self.count_event(entry)  # marks the store dirty when it counted something
+                # The cursor moves on in memory and is saved with the next counts: entries re-read after a
+                # crash are only those that counted nothing, or whose counts were lost with it.
                 self.store.cursor = entry.get("__CURSOR") or self.store.cursor
-                self.store.dirty = True
         except OSError as exc:
             self._warn_once("_reader_error", "cannot read the journal; wrapper decisions are not counted", exc)
             self._close_reader()
@@ -559,7 +569,7 @@ class Metrics:
     def stop(self, cfg):
         """The agent is stopping: save, and mark the file down (agent_up 0, no gauges of a now nobody watches)."""
         self.follow_journal()
-        self.save()
+        self.save(force=True)
         self.view["up"] = False
         if cfg.agent.metrics_dir:
             self.write(cfg.agent.metrics_dir)
