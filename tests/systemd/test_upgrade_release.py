@@ -45,7 +45,7 @@ def box(tmp_path_factory):
     old = _previous_tree(base / "prev" / "src")
     new = build_gpu_router(base, NEW_VERSION)
     fake = build_fake(base, "1.0", "v1")
-    c = harness.Container()
+    c = harness.Container(packages=harness.PACKAGES_WITH_METRICS)  # the new .deb depends on python3-prometheus-client
     c.start()
     try:
         for deb in (old, new, fake):
