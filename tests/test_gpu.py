@@ -453,3 +453,25 @@ def test_utilization_reaches_the_snapshot_and_the_metrics(nvml, tmp_path):
     exported.update(None, snap, [])
     line = f'gpu_router_gpu_utilization_ratio{{gpu="0",uuid="{nvml.uuid(0)}"}} 0.37'
     assert line in exported.text()
+
+
+def test_gpu_health_changes_are_counted_from_the_monitors_events(nvml, tmp_path):
+    """The monitor's gpu-health events (a lost GPU, then back) as journald stores them → a counter per health."""
+    from gpu_router import journal
+    from gpu_router.daemon import metrics, monitor
+
+    nvml.add_gpu(16384)
+    got = []
+    mon = monitor.Monitor(nvml.backend(), snapshot_path=None,
+                          emit=lambda event, message, fields: got.append(journal.build_fields(event, message, fields)))
+    mon.sample_once()
+    nvml.lose(0)
+    mon.sample_once()
+    nvml.lose(0, on=False)
+    mon.sample_once()
+    exported = metrics.Metrics(str(tmp_path / "state"))
+    for pairs in got:
+        exported.count_event(dict(pairs))
+    text = exported.text()
+    assert 'gpu_router_gpu_health_changes_total{gpu="0",health="gpu-lost"} 1.0' in text
+    assert 'gpu_router_gpu_health_changes_total{gpu="0",health="ok"} 1.0' in text

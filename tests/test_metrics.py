@@ -297,3 +297,4 @@ def test_every_exported_metric_is_documented_in_the_readme_and_the_man_page(rig,
     for name in list(metrics.COUNTERS) + list(metrics.HISTOGRAMS) + list(metrics.GAUGES):
         assert f"`{name}`" in readme, name
         assert f" {name}" in man, name
+

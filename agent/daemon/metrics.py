@@ -62,6 +62,9 @@ COUNTERS = {  # name: (help, label names)
                                        ("workload", "mode", "result")),
     "gpu_router_job_exit_statuses_total": ("Finished jobs whose exit status is known, by status (128+N: signal "
                                            "N).", ("workload", "status")),
+    "gpu_router_gpu_health_changes_total": ("Changes of a GPU's health, by the health it changed to (ok, xid-N, "
+                                            "gpu-lost, absent, ...): flapping shows here even between scrapes.",
+                                            ("gpu", "health")),
     "gpu_router_config_errors_total": ("Wrapper runs refused for a config error (exit 2).", ()),
     "gpu_router_broker_refusals_total": ("Scope requests the agent refused (caller not allowed, bad request).",
                                          ()),
@@ -86,7 +89,7 @@ GAUGES = ("gpu_router_agent_up", "gpu_router_info", "gpu_router_last_sample_time
 
 # The wrapper's events this module counts from the journal (the agent's own outcomes come through job_finished).
 JOURNAL_EVENTS = ("routed", "blocked", "probe-failed", "scope-failed", "config-error", "broker-refused",
-                  "job-finished")
+                  "job-finished", "gpu-health")
 JOURNAL_BATCH = 20000
 # Slots held are read from /proc/locks at most this often (reading it took 15-25 ms on the CI machine's kernel);
 # a saturation alert looks at minutes, not seconds.
@@ -279,6 +282,11 @@ class Metrics:
             s.inc("gpu_router_config_errors_total", ())
         elif event == "broker-refused":
             s.inc("gpu_router_broker_refusals_total", ())
+        elif event == "gpu-health":
+            if entry.get("GPU_ROUTER_DEVICE") is None:
+                return False  # the backend as a whole: gpu_router_backend_up says it
+            s.inc("gpu_router_gpu_health_changes_total", (str(entry["GPU_ROUTER_DEVICE"]),
+                                                          str(entry.get("GPU_ROUTER_HEALTH") or "unknown")))
         elif event == "job-finished":
             # The agent's own outcomes arrive through job_finished(); the wrapper writes job-finished only when
             # exec itself failed (127/126), and that event has no duration.
