@@ -41,6 +41,8 @@ EXPECTED = [
     "./usr/share/man/man5/gpu-router.toml.5.gz",
     "./usr/share/bash-completion/completions/gpu-router",
     "./usr/share/doc/gpu-router/examples/example-whisper.toml.example",
+    "./usr/share/doc/gpu-router/examples/gpu-router.rules.yml",
+    "./usr/lib/python3/dist-packages/gpu_router/daemon/metrics.py",
     "./usr/share/doc/gpu-router/copyright",
     "./usr/lib/python3/dist-packages/gpu_router/__init__.py",
     "./usr/lib/python3/dist-packages/gpu_router/ops/wrap.py",
