@@ -147,10 +147,10 @@ def test_counters_survive_a_restart_and_seeding_keeps_them(rig, tmp_path):
     assert again.store.cursor == "s=abc;i=1"
     assert value(text, "gpu_router_jobs_finished_total", workload="tx", mode="GPU", result="oom-kill") == 1
     assert value(text, "gpu_router_jobs_finished_total", workload="tx", mode="GPU", result="success") == 0
-    assert value(text, "gpu_router_job_duration_seconds_bucket", workload="tx", mode="GPU", le="30") == 0
-    assert value(text, "gpu_router_job_duration_seconds_bucket", workload="tx", mode="GPU", le="60") == 1
+    assert value(text, "gpu_router_job_duration_seconds_bucket", workload="tx", mode="GPU", le="30.0") == 0
+    assert value(text, "gpu_router_job_duration_seconds_bucket", workload="tx", mode="GPU", le="60.0") == 1
     assert value(text, "gpu_router_job_duration_seconds_sum", workload="tx", mode="GPU") == 42.0
-    assert value(text, "gpu_router_job_peak_vram_bytes_bucket", workload="tx", le=str(8 * metrics.GiB)) == 1
+    assert value(text, "gpu_router_job_peak_vram_bytes_bucket", workload="tx", le="8.589934592e+09") == 1
     assert value(text, "gpu_router_job_peak_ram_bytes_count", workload="tx", mode="GPU") == 1
 
 

@@ -396,6 +396,7 @@ class Metrics:
         """prometheus_client's Collector interface: every family, counters first."""
         from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
                                             InfoMetricFamily)
+        from prometheus_client.utils import floatToGoString  # "le" as the client library writes it: "30.0", "+Inf"
 
         for name, (help_text, labels) in COUNTERS.items():
             fam = CounterMetricFamily(name, help_text, labels=labels)
@@ -408,7 +409,7 @@ class Metrics:
                 cumulative, running = [], 0
                 for bound, count in zip(list(bounds) + [float("inf")], h[:-1]):
                     running += count
-                    cumulative.append((_bound(bound), running))
+                    cumulative.append((floatToGoString(bound), running))
                 fam.add_metric(values, cumulative, h[-1])
             yield fam
         v = self.view
@@ -598,10 +599,6 @@ class Metrics:
             setattr(self, attr, None)
             if self.log is not None:
                 self.log.info(message, **fields)
-
-
-def _bound(b):
-    return "+Inf" if b == float("inf") else format(float(b), "g") if not float(b).is_integer() else str(int(b))
 
 
 def _remove_temp(path):
