@@ -212,7 +212,17 @@ def test_workload_upgrade_keeps_the_diversion(box, debs):
 # ---- 5. remove, then purge -------------------------------------------------------------------------------------
 
 def test_remove_gives_the_workload_back(box):
+    # Metrics exported to a directory of the administrator's choosing (issue 14): the file goes with the package.
+    box.run(r"""set -e
+        mkdir -p /srv/metrics /etc/systemd/system/gpu-router-agent.service.d
+        printf '[Service]\nReadWritePaths=/srv/metrics\n' > /etc/systemd/system/gpu-router-agent.service.d/m.conf
+        sed -i 's|^#metrics_dir = .*|metrics_dir = "/srv/metrics"|' /etc/gpu-router/config.toml
+        systemctl daemon-reload
+        systemctl restart gpu-router-agent.service""")
+    box.wait_for("grep -q '^gpu_router_agent_up 1' /srv/metrics/gpu_router.prom", timeout=30)
     box.run([*APT, "remove", "gpu-router"], timeout=300)
+    assert box.run(["test", "-e", "/srv/metrics/gpu_router.prom"], check=False).returncode != 0
+    box.run(["rm", "-r", "/etc/systemd/system/gpu-router-agent.service.d"])
     r = box.run(["stat", "-c", "%F", "/usr/bin/fake-transcribe"])
     assert r.stdout.strip() == "regular file"
     assert box.run(["/usr/bin/fake-transcribe", "x"]).stdout.strip() == "fake-transcribe v2 x"
