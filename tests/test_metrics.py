@@ -298,3 +298,21 @@ def test_every_exported_metric_is_documented_in_the_readme_and_the_man_page(rig,
         assert f"`{name}`" in readme, name
         assert f" {name}" in man, name
 
+
+
+@pytest.mark.parametrize("content,warned", [
+    ("{", ["warning"]),
+    ('{"version": 1, "counters": {"gpu_router_jobs_blocked_total": 5}}', ["warning"]),
+    ('{"version": 1, "counters": {"gpu_router_jobs_blocked_total": [[1, 2]]}}', ["warning"]),
+    ("[]", []),  # valid JSON, not ours: nothing to keep, nothing to say
+])
+def test_a_damaged_state_file_starts_the_counters_again_with_a_warning(rig, tmp_path, content, warned):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / metrics.STATE_NAME).write_text(content)
+    log = Log()
+    m = metrics.Metrics(str(state), log=log)
+    m.seed(load(rig))
+    m.update(load(rig), None, [])
+    assert value(m.text(), "gpu_router_jobs_blocked_total", workload="tx", reason="cpu-slots-full") == 0
+    assert [x[0] for x in log.lines] == warned

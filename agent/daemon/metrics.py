@@ -194,7 +194,12 @@ class Metrics:
         try:
             with open(self.state_path()) as f:
                 return Store.from_json(json.load(f))
-        except (OSError, ValueError):
+        except FileNotFoundError:
+            return Store()
+        except (OSError, ValueError, TypeError, AttributeError) as exc:  # unreadable or not ours: start at 0
+            if self.log is not None:
+                self.log.warning("cannot read the saved metrics; counters start again at 0", error=str(exc),
+                                 path=self.state_path())
             return Store()
 
     def save(self, force=False):
@@ -528,9 +533,12 @@ class Metrics:
 
     def write(self, metrics_dir):
         """Write ``<metrics_dir>/gpu_router.prom``; a failure is warned about once, not every sample."""
-        from prometheus_client import CollectorRegistry, write_to_textfile
-
         path = os.path.join(metrics_dir, FILE_NAME)
+        try:
+            from prometheus_client import CollectorRegistry, write_to_textfile
+        except ImportError as exc:  # a checkout run without the package's dependencies
+            self._warn_once("_write_error", "cannot write metrics: python3-prometheus-client is missing", exc)
+            return False
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self)
         try:
