@@ -162,7 +162,7 @@ def test_wrap_a_packaged_workload(box, debs):
 # ---- 3. upgrade gpu-router while a job runs --------------------------------------------------------------------
 
 def test_upgrade_with_a_running_job_keeps_the_job_the_wrap_and_the_socket(box, debs):
-    box.run(["systemd-run", "--unit=gr-deb-job", "-p", "RemainAfterExit=yes", "--setenv=FAKE_SLEEP=8",
+    box.run(["systemd-run", "--unit=gr-deb-job", "-p", "RemainAfterExit=yes", "--setenv=FAKE_SLEEP=30",
              "/usr/bin/fake-transcribe", "/srv/input"])
     scope = box.wait_for(lambda: box.run("systemctl list-units --plain --no-legend --state=active "
                                          "'gpu-router-transcribe-*.scope' | awk '{print $1}'").stdout.strip(),
@@ -194,7 +194,7 @@ def test_upgrade_with_a_running_job_keeps_the_job_the_wrap_and_the_socket(box, d
         props = show(box, "gr-deb-job.service", "SubState", "ExecMainStatus", "Result")
         return props if props["SubState"] == "exited" else None
 
-    props = box.wait_for(finished, timeout=30, interval=0.5)
+    props = box.wait_for(finished, timeout=90, interval=0.5)
     assert (props["Result"], props["ExecMainStatus"]) == ("success", "0"), props
     box.run(["systemctl", "stop", "gr-deb-job.service"], check=False)
 

@@ -70,7 +70,7 @@ def test_upgrade_from_the_previous_release_with_a_running_job(box):
 
     # A job of the group member's, through the agent (scope = "required"), running across the upgrade.
     box.run(["systemd-run", "--unit=gr-rel-job", "--uid=runner", "-p", "RemainAfterExit=yes",
-             "--setenv=FAKE_SLEEP=8", "/usr/bin/fake-transcribe", "/srv/input"])
+             "--setenv=FAKE_SLEEP=30", "/usr/bin/fake-transcribe", "/srv/input"])
     scope = box.wait_for(lambda: box.run("systemctl list-units --plain --no-legend --state=active "
                                          "'gpu-router-transcribe-*.scope' | awk '{print $1}'").stdout.strip(),
                          timeout=20)
@@ -101,7 +101,7 @@ def test_upgrade_from_the_previous_release_with_a_running_job(box):
         props = show(box, "gr-rel-job.service", "SubState", "ExecMainStatus", "Result")
         return props if props["SubState"] == "exited" else None
 
-    props = box.wait_for(finished, timeout=30, interval=0.5)
+    props = box.wait_for(finished, timeout=90, interval=0.5)
     assert (props["Result"], props["ExecMainStatus"]) == ("success", "0"), props
     # The next job routes through the new code, as the group member.
     out = box.wait_for(lambda: box.run(["fake-transcribe", "/srv/input"], user="runner", check=False).stdout,
