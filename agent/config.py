@@ -128,6 +128,34 @@ def parse_duration(value):
     return total
 
 
+# Sizes: K, M, G, T (and KiB, MiB, …) count in 1024s as systemd's MemoryMax does; kB, MB, GB, TB in 1000s.
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024 ** 2, "mib": 1024 ** 2, "g": 1024 ** 3,
+               "gib": 1024 ** 3, "t": 1024 ** 4, "tib": 1024 ** 4, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3,
+               "tb": 1000 ** 4}
+
+
+def parse_size(value, unit_bytes=1):
+    """'11G', '3700M', '512KiB', '2GB' or a plain number (counted in ``unit_bytes``) → a number of ``unit_bytes``
+    (1 for bytes, 1 << 20 for MiB); ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("not a size")
+    if isinstance(value, (int, float)):
+        if value < 0 or value != value:
+            raise ValueError("negative")
+        return value
+    text = str(value).strip().replace(" ", "")
+    i = 0
+    while i < len(text) and (text[i].isdigit() or text[i] == "."):
+        i += 1
+    number, unit = text[:i], text[i:].lower()
+    if not number or unit not in _SIZE_UNITS:
+        raise ValueError(f"bad size {value!r}")
+    if not unit:
+        return float(number) if "." in number else int(number)
+    size = float(number) * _SIZE_UNITS[unit] / unit_bytes
+    return int(size) if size == int(size) else size
+
+
 # ---- the schema ---------------------------------------------------------------------------------------------
 # Each entry: key → (checker, default). A checker takes the raw value and returns the clean one or raises
 # ValueError with what is allowed.
@@ -220,6 +248,51 @@ def _positive_duration(v):
     return seconds
 
 
+# The unit each built-in probe measures in, and the other names of units it converts from (factor to its own).
+_TIME = {"s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "ms": 0.001, "m": 60, "min": 60, "mins": 60,
+         "minute": 60, "minutes": 60, "h": 3600, "hour": 3600, "hours": 3600}
+_BYTES = {"bytes": 1, "byte": 1, **{k: v for k, v in _SIZE_UNITS.items() if k}}
+_PIXELS = {"pixels": 1, "pixel": 1, "px": 1, "kilopixels": 1000, "megapixels": 10 ** 6, "mp": 10 ** 6}
+PROBE_UNITS = {"ffprobe-duration": ("seconds", _TIME), "mediainfo-duration": ("seconds", _TIME),
+               "media-duration": ("seconds", _TIME), "file-size": ("bytes", _BYTES),
+               "image-pixels": ("pixels", _PIXELS), "video-pixels": ("pixels", _PIXELS),
+               "line-count": ("lines", {"lines": 1, "line": 1})}
+
+
+def unit_factor(probe, unit):
+    """How many of ``probe``'s own unit one ``unit`` is (1 for its own), or ValueError naming what is allowed.
+    The operator's command probe measures in whatever unit its author says: any name, no conversion."""
+    if probe not in PROBE_UNITS:
+        return 1
+    base, names = PROBE_UNITS[probe]
+    factor = names.get(unit.strip().lower()) if isinstance(unit, str) else None
+    if factor is None:
+        raise ValueError(f"probe {probe!r} measures in {base}; threshold_unit {unit!r} is not a unit of it "
+                         f"(allowed: {', '.join(sorted(names, key=lambda n: (names[n], n)))})")
+    return factor
+
+
+def threshold_value(probe, value):
+    """A threshold as written (3600, "1h", "90min", "11G") → a number in ``probe``'s own unit."""
+    if isinstance(value, str):
+        try:
+            if probe in PROBE_UNITS and PROBE_UNITS[probe][1] is _TIME:
+                number = parse_duration(value)
+            elif probe == "file-size":
+                number = parse_size(value)
+            else:
+                raise ValueError
+        except ValueError:
+            kind = {"file-size": ", or a size such as \"11G\""}.get(probe, "")
+            if probe in PROBE_UNITS and PROBE_UNITS[probe][1] is _TIME:
+                kind = ", or a duration such as \"1h\" or \"90min\""
+            raise ValueError(f"expected a number{kind}, got {value!r}") from None
+        if number <= 0:
+            raise ValueError(f"expected a value > 0, got {value!r}")
+        return number
+    return _number(positive=True)(value)
+
+
 def _probes(v):
     names = [v] if isinstance(v, str) else v
     if not isinstance(names, list) or not names or not all(isinstance(x, str) for x in names):
@@ -232,7 +305,12 @@ def _probes(v):
 
 def _thresholds(v):
     values = v if isinstance(v, list) else [v]
-    return [_number(positive=True)(x) for x in values]
+    for x in values:
+        if not isinstance(x, str):
+            _number(positive=True)(x)
+        elif not x.strip():
+            raise ValueError("expected a number or a value with its unit, such as \"1h\" or \"11G\"")
+    return list(values)  # numbers in the probe's unit, or strings read per probe by _normalize_thresholds
 
 
 def _units(v):
@@ -255,12 +333,35 @@ def _input(v):
                      f"\"option:--name\", got {v!r}")
 
 
+def _mib(lo=None, hi=None):
+    """MiB as a whole number, or a size with its unit ("11G", "3700M", "512MiB")."""
+    check = _int(lo, hi)
+
+    def parse(v):
+        if isinstance(v, str):
+            try:
+                mb = parse_size(v, 1 << 20)
+            except ValueError:
+                raise ValueError(f"expected a number of MiB or a size such as \"11G\" or \"3700M\", "
+                                 f"got {v!r}") from None
+            v = int(mb) if mb == int(mb) else -1
+            if v < 0:
+                raise ValueError(f"expected a whole number of MiB, got {mb:g} MiB")
+        return check(v)
+    return parse
+
+
 def _memory_max(v):
     if v in ("auto", "off"):
         return v
+    if isinstance(v, str):
+        try:
+            v = _mib(1)(v)
+        except ValueError:
+            pass
     if isinstance(v, int) and not isinstance(v, bool) and v > 0:
         return v
-    raise ValueError(f"expected \"auto\", \"off\" or a number of MiB > 0, got {v!r}")
+    raise ValueError(f"expected \"auto\", \"off\" or a number of MiB > 0 (or \"11G\"), got {v!r}")
 
 
 def _env(v):
@@ -276,9 +377,9 @@ ROUTER = {
     "probe_error_exit_code": (_int(1, 255), 65),
 }
 HOST = {
-    "gpu_vram_mb": (_optional(_int(1)), None),
-    "ram_mb": (_optional(_int(1)), None),
-    "other_ram_mb": (_int(0), 3072),
+    "gpu_vram_mb": (_optional(_mib(1)), None),
+    "ram_mb": (_optional(_mib(1)), None),
+    "other_ram_mb": (_mib(0), 3072),
     "gpus": (_optional(_int(0, 64)), None),
 }
 GPU = {
@@ -289,7 +390,7 @@ GPU = {
     "call_timeout": (_positive_duration, 5.0),
     "xid_holdoff": (_duration, 300.0),
     "ignored_xids": (_intlist, [13, 31, 43, 45, 68]),
-    "reserve_mb": (_int(0), 0),
+    "reserve_mb": (_mib(0), 0),
     "visible_devices": (_choice("uuid", "index"), "uuid"),
 }
 AGENT = {
@@ -310,12 +411,12 @@ WORKLOAD = {
     "threshold_unit": (_units, None),
     "on_probe_error": (_choice("cpu", "fail"), "cpu"),
     "admission": (_choice("slots", "vram"), "slots"),
-    "gpu_vram_mb": (_int(0), 0),
+    "gpu_vram_mb": (_mib(0), 0),
     "vram_model": (_choice("constant", "linear", "calibrated"), "constant"),
     "vram_base_mb": (_number(positive=False), 0),
     "vram_per_unit_mb": (_number(positive=False), 0),
-    "cpu_ram_mb": (_int(0), 0),
-    "gpu_ram_mb": (_optional(_int(0)), None),
+    "cpu_ram_mb": (_mib(0), 0),
+    "gpu_ram_mb": (_optional(_mib(0)), None),
     "max_gpu_jobs": (_int(0, 4096), 1),
     "max_cpu_jobs": (_int(0, 4096), 1),
     "gpu_args": (_strlist, []),
@@ -370,11 +471,10 @@ def _workload(name, raw, path, router, agent, read_calibration):
         what = "one threshold (combine = \"product\")" if w["combine"] == "product" else \
             f"{n} thresholds, one per probe"
         raise ConfigError(f"expected {what}, got {len(w['threshold'])}", path, f"{prefix}.threshold")
-    if w["threshold_unit"] is None:
-        w["threshold_unit"] = [_default_unit(p) for p in w["probe"]] if w["combine"] == "all" else \
-            ["*".join(_default_unit(p) for p in w["probe"])]
-    elif len(w["threshold_unit"]) != n:
+    if w["threshold_unit"] is not None and len(w["threshold_unit"]) != n:
         raise ConfigError(f"expected {n} unit(s) to match the thresholds", path, f"{prefix}.threshold_unit")
+    _normalize_thresholds(w, path, prefix)
+    _check_binary(w["binary"], name, path, prefix)
     if "command" in w["probe"]:
         if not w["probe_command"]:
             raise ConfigError("probe = \"command\" needs probe_command, an argv list using \"{input}\"",
@@ -404,6 +504,80 @@ def _workload(name, raw, path, router, agent, read_calibration):
     w["name"] = name
     w["source"] = path
     return w
+
+
+def _normalize_thresholds(w, path, prefix):
+    """Each threshold in its probe's own unit: "1h" → 3600 (seconds), 90 with threshold_unit = "minutes" → 5400,
+    "11G" → bytes; a unit the probe does not measure in is refused by name. The record keeps the probe's units."""
+    probes = w["probe"]
+    if w["combine"] == "product":
+        units = w["threshold_unit"][0].split("*") if w["threshold_unit"] else [None] * len(probes)
+        if len(units) != len(probes):
+            raise ConfigError(f"combine = \"product\": write one unit per probe joined by '*', e.g. "
+                              f"{'*'.join(_default_unit(p) for p in probes)!r}", path, f"{prefix}.threshold_unit")
+        factor, own = 1, []
+        for probe, unit in zip(probes, units):
+            try:
+                factor *= unit_factor(probe, unit) if unit is not None else 1
+            except ValueError as exc:
+                raise ConfigError(str(exc), path, f"{prefix}.threshold_unit") from None
+            own.append(unit if probe == "command" and unit is not None else _default_unit(probe))
+        value = w["threshold"][0]
+        if isinstance(value, str):
+            raise ConfigError("with combine = \"product\" the threshold is a plain number", path,
+                              f"{prefix}.threshold")
+        w["threshold"] = [_scaled(value, factor)]
+        w["threshold_unit"] = ["*".join(own)]
+        return
+    units = w["threshold_unit"] or [None] * len(probes)
+    values, own = [], []
+    for probe, unit, value in zip(probes, units, w["threshold"]):
+        try:
+            factor = unit_factor(probe, unit) if unit is not None else 1
+        except ValueError as exc:
+            raise ConfigError(str(exc), path, f"{prefix}.threshold_unit") from None
+        try:
+            number = threshold_value(probe, value) if isinstance(value, str) else _scaled(value, factor)
+        except ValueError as exc:
+            raise ConfigError(str(exc), path, f"{prefix}.threshold") from None
+        values.append(number)
+        own.append(unit if probe == "command" and unit is not None else _default_unit(probe))
+    w["threshold"], w["threshold_unit"] = values, own
+
+
+def _scaled(value, factor):
+    if factor == 1:
+        return value
+    number = value * factor
+    return int(number) if float(number).is_integer() else number
+
+
+# What the wrapper must never exec as a workload's real binary: itself. After `gpu-router wrap`, the wrapped path
+# is a symlink to the launcher, so a profile still naming that path would route, then call the router again.
+LAUNCHER_NAMES = ("gpu-router",)
+
+
+def wraps_router(binary):
+    """True when ``binary`` resolves to the gpu-router launcher (the wrapped name itself)."""
+    try:
+        real = os.path.realpath(binary)
+    except (OSError, ValueError):
+        return False
+    return os.path.basename(real) in LAUNCHER_NAMES or os.path.basename(real).startswith("gpu-router-")
+
+
+def _check_binary(binary, name, path, prefix):
+    if wraps_router(binary):
+        real = None
+        for suffix in (".distrib", ".real"):
+            if os.path.lexists(binary + suffix):
+                real = binary + suffix
+                break
+        fix = f"set binary = \"{real}\" (the real binary, which `gpu-router wrap` moved there)" if real else \
+            "set binary to the real program, not the wrapped name (`gpu-router wrap` moves it to NAME.distrib " \
+            "or NAME.real)"
+        raise ConfigError(f"{binary} is gpu-router itself (a wrapped name): every job would route, then call the "
+                          f"router again; {fix}", path, f"{prefix}.binary")
 
 
 CALIBRATION = {
@@ -650,13 +824,28 @@ def _read_toml(path):
         raise ConfigError(f"TOML syntax error: {exc}", path) from None
 
 
-def parse(main_path, read_calibration=None):
-    """The slow path: read and validate every source (no cache)."""
+def parse(main_path, read_calibration=None, candidate=None):
+    """The slow path: read and validate every source (no cache).
+
+    ``candidate`` = (file, target): validate the configuration as it would be with ``file`` in place of ``target``
+    (the main file or a drop-in, existing or new), without touching either: `gpu-router check -f FILE`. Errors
+    in the candidate name the candidate file.
+    """
+    cand_file, cand_target = candidate if candidate else (None, None)
+    if cand_target == main_path:
+        main_raw = _read_toml(cand_file)
+        if main_raw is None:
+            raise ConfigError("no such file", cand_file)
+        return validate(main_raw, cand_file, _read_dropins(main_path, None, None), read_calibration)
     main_raw = _read_toml(main_path)
     if main_raw is None:
         if main_path != DEFAULT_PATH:
             raise ConfigError("no such config file", main_path)
         main_raw = {}
+    return validate(main_raw, main_path, _read_dropins(main_path, cand_file, cand_target), read_calibration)
+
+
+def _read_dropins(main_path, cand_file, cand_target):
     ddir = dropin_dir(main_path)
     dropins = []
     try:
@@ -665,10 +854,18 @@ def parse(main_path, read_calibration=None):
         names = []
     except OSError as exc:
         raise ConfigError(f"cannot list: {exc.strerror}", ddir) from None
-    for name in names:
-        path = os.path.join(ddir, name)
-        dropins.append((path, _read_toml(path) or {}))
-    return validate(main_raw, main_path, dropins, read_calibration)
+    paths = [os.path.join(ddir, name) for name in names]
+    if cand_target and cand_target not in paths:
+        paths = sorted(paths + [cand_target])
+    for path in paths:
+        if path == cand_target:
+            raw = _read_toml(cand_file)
+            if raw is None:
+                raise ConfigError("no such file", cand_file)
+            dropins.append((cand_file, raw))
+        else:
+            dropins.append((path, _read_toml(path) or {}))
+    return dropins
 
 
 def load(explicit=None, use_cache=True):

@@ -106,7 +106,7 @@ BAD = [
     ("unknown-router-key", '[router]\nlock_dri = "/x"\n', (), "router.lock_dri", "did you mean 'lock_dir'"),
     ("unknown-section", '[routr]\nx = 1\n', (), "routr", "unknown section"),
     ("wrong-type-threshold", '[workloads.w]\nbinary = "/bin/w"\nthreshold = "big"\n', (),
-     "workloads.w.threshold", "expected a finite number"),
+     "workloads.w.threshold", "expected a number, or a size"),
     ("wrong-type-slots", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\nmax_gpu_jobs = "2"\n', (),
      "workloads.w.max_gpu_jobs", "expected a whole number"),
     ("wrong-type-bool", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\nmax_gpu_jobs = true\n', (),

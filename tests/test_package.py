@@ -161,8 +161,9 @@ def test_control_fields(built):
                 "python3-prometheus-client"):
         assert dep in depends
     assert any(d.startswith("python3:any") for d in depends)
-    assert fields["Recommends"] == "python3-pynvml"
-    assert fields["Suggests"] == "ffmpeg | mediainfo"
+    # the probes' tools are Recommends (installed by default): without them every media input is unknown
+    assert fields["Recommends"] == "python3-pynvml, ffmpeg | mediainfo"
+    assert fields["Suggests"] == "python3-matplotlib"
 
 
 # ---- maintainer scripts ----------------------------------------------------------------------------------------

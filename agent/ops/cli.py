@@ -12,6 +12,7 @@ import sys
 from .. import config as _config
 from .. import policy, slots
 from ..wrapper.probe import ProbeFailed, find_input, measure
+from . import preflight
 
 
 def _load(args):
@@ -29,7 +30,7 @@ def _pick_workload(cfg, name):
 
 def _emit(args, data, text):
     if args.json:
-        json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str)
+        json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str, ensure_ascii=False)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(text.rstrip("\n") + "\n")
@@ -49,8 +50,9 @@ def cmd_explain(args):
     job_args = list(args.args) if args.args else [args.file]
     path = find_input(w.input, job_args) if args.args else args.file
     values, probe_error = None, None
+    viewer = _viewer(args.user)
     try:
-        values = measure(w, path)
+        values = _measure_as(viewer, w, path)
     except ProbeFailed as exc:
         probe_error = {"reason": exc.reason, "message": str(exc)}
     gpus, gpu_state = _gpus(cfg)
@@ -73,6 +75,7 @@ def cmd_explain(args):
         mode, reason = plan.mode, plan.reason
     device = free["gpu"][0] if mode == "GPU" else ("cpu" if mode == "CPU" else None)
     args_out = (w.gpu_args if mode == "GPU" else w.cpu_args) if mode in ("GPU", "CPU") else []
+    problems = preflight.problems(w, _budget(cfg, w, gpus))
     data = {
         "workload": w.name, "input": path, "probe": w.probe, "metric": values,
         "combined_metric": policy.combined_metric(w, values) if values is not None else None,
@@ -81,20 +84,102 @@ def cmd_explain(args):
         "predicted_vram_mb": plan.predicted_vram_mb, "free_gpu_slots": free["gpu"], "free_cpu_slots": free["cpu"],
         "memory_max_mb": policy.memory_max_mb(w, mode) if mode in ("GPU", "CPU") else None,
         "command": [w.binary] + (job_args if args.args else ["…", path]) + args_out,
+        "probed_as": viewer, "problems": problems,
     }
     metric = ", ".join(f"{v:g} {u}" for v, u in zip(policy.combined_metric(w, values), w.threshold_unit)) \
         if values is not None else f"unknown ({probe_error['message']})"
     limits = ", ".join(f"{t:g} {u}" for t, u in zip(w.threshold, w.threshold_unit))
-    text = [f"workload   {w.name} ({w.source})", f"input      {path}", f"metric     {metric}",
+    who = f"{viewer['user']} (uid {viewer['uid']})"
+    text = [f"workload   {w.name} ({w.source})",
+            f"input      {path if path is not None else '(none found among the arguments)'}",
+            f"probed as  {who}" + ("" if args.user else "; the job probes as its caller: --user USER to see "
+                                                         "the runner's view"),
+            f"metric     {metric}",
             f"threshold  {limits} (GPU below, CPU at or above)", f"gpu state  {gpu_state}"]
     if plan.predicted_vram_mb is not None:
         text.append(f"vram       {plan.predicted_vram_mb} MiB predicted")
     text.append(f"decision   {mode}" + (f" {device}" if mode == "GPU" else "") + f"  ({reason})")
-    text.append(f"free slots GPU {free['gpu'] or 'none'}, CPU {free['cpu']}")
+    text.append("free slots " + _free_text(w, plan, free))
     if mode in ("GPU", "CPU"):
-        text.append(f"would run  {' '.join(data['command'])}")
+        text.append(f"would run  {' '.join(str(a) for a in data['command'])}")
+    text += [f"  ! {p}" for p in problems]
     _emit(args, data, "\n".join(text))
     return 0
+
+
+def _free_text(w, plan, free):
+    cpu = f"CPU {free['cpu']} of {w.max_cpu_jobs}"
+    if plan.mode != "GPU":
+        return cpu
+    gpu = ", ".join(str(i) for i in free["gpu"]) if free["gpu"] else "none"
+    return f"GPU {gpu} (of {w.max_gpu_jobs} per GPU); {cpu}"
+
+
+def _viewer(user):
+    """Whose view a probe takes: this process's, or ``--user``'s (uid, gid, name)."""
+    import pwd
+
+    if user is None:
+        uid = os.geteuid()
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        return {"user": name, "uid": uid}
+    try:
+        entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+    except KeyError:
+        raise _config.ConfigError(f"--user {user}: no such user") from None
+    if entry.pw_uid != os.geteuid() and os.geteuid() != 0:
+        raise _config.ConfigError(f"--user {user}: probing as another user needs root")
+    return {"user": entry.pw_name, "uid": entry.pw_uid, "gid": entry.pw_gid}
+
+
+def _measure_as(viewer, w, path):
+    """measure() as ``viewer``: in a child that drops to the user's uid, gid and groups when it is not us."""
+    if viewer["uid"] == os.geteuid():
+        return measure(w, path)
+    import pwd
+
+    r, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 0
+        try:
+            os.close(r)
+            os.setgroups(os.getgrouplist(pwd.getpwuid(viewer["uid"]).pw_name, viewer["gid"]))
+            os.setgid(viewer["gid"])
+            os.setuid(viewer["uid"])
+            try:
+                out = {"values": measure(w, path)}
+            except ProbeFailed as exc:
+                out = {"reason": exc.reason, "message": str(exc)}
+            os.write(wfd, json.dumps(out).encode())
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    with os.fdopen(r, "rb") as f:
+        blob = f.read()
+    os.waitpid(pid, 0)
+    try:
+        out = json.loads(blob)
+    except ValueError:
+        raise ProbeFailed("probe-failed", f"could not probe as {viewer['user']}") from None
+    if "values" in out:
+        return out["values"]
+    raise ProbeFailed(out["reason"], out["message"])
+
+
+def _budget(cfg, w, gpus):
+    vram = cfg.host.gpu_vram_mb
+    if vram is None and gpus:
+        totals = [g.total_mb for g in gpus if g.total_mb]
+        vram = min(totals) if totals else None
+    ram = cfg.host.ram_mb if cfg.host.ram_mb is not None else system_ram_mb()
+    count = cfg.host.gpus if cfg.host.gpus is not None else (len(gpus) if gpus is not None else 1)
+    return policy.budget(w, vram, count, ram, cfg.host.other_ram_mb)
 
 
 def _free_slots(cfg, w, plan):
@@ -125,7 +210,14 @@ def system_ram_mb():
 
 
 def cmd_check(args):
-    cfg = _load(args)
+    candidate = None
+    if args.file:
+        candidate = _candidate(args)
+        main_path = _config.config_path(args.config)
+        cfg = _config.build(_config.parse(main_path, candidate=candidate))
+        cfg.path = main_path
+    else:
+        cfg = _config.build(_config.parse(_config.config_path(args.config)))  # what the next job will read
     names = [args.workload] if args.workload else sorted(cfg.workloads)
     if not names:
         sys.stderr.write(f"gpu-router: no workload profiles in {cfg.path} or its workloads.d/\n")
@@ -143,17 +235,47 @@ def cmd_check(args):
         ram = system_ram_mb()
     count = cfg.host.gpus if cfg.host.gpus is not None else (len(gpus) if gpus is not None else 1)
     results, lines, bad = {}, [], False
+    if candidate:
+        lines.append(f"candidate {candidate[0]} as {candidate[1]}: the configuration with it is valid "
+                     f"(nothing was activated)")
+        if not os.path.basename(candidate[1]).endswith(".toml") or os.path.basename(candidate[1]).startswith("."):
+            lines.append(f"  ! {candidate[1]} would be ignored: drop-ins are read only when named *.toml")
+            bad = True
+        lines.append("")
     for name in names:
         w = cfg.workload(name)
         b = policy.budget(w, vram, count, ram, cfg.host.other_ram_mb)
         b["gpu_vram_source"], b["ram_source"], b["gpus"] = vram_source, ram_source, count
         problems = policy.budget_problems(w, b)
+        blocking = preflight.problems(w, b)
+        problems += [p for p in blocking if p not in problems]
         b["problems"] = problems
-        bad |= any("negative" in p for p in problems)
+        b["ok"] = not blocking
+        bad |= bool(blocking)
         results[name] = b
         lines += _worksheet(w, b)
-    _emit(args, {"gpu_state": gpu_state, "workloads": results, "ok": not bad}, "\n".join(lines))
+    lines.append("ok: every profile can run" if not bad else
+                 "NOT OK: fix the lines marked ! (jobs would fail or overcommit memory)")
+    data = {"gpu_state": gpu_state, "workloads": results, "ok": not bad}
+    if candidate:
+        data["candidate"] = {"file": candidate[0], "as": candidate[1], "valid": True}
+    _emit(args, data, "\n".join(lines))
     return 1 if bad else 0
+
+
+def _candidate(args):
+    """(candidate file, the path it would replace): --as, else the main file for a file named config.toml or one
+    with settings, else workloads.d/<its name>."""
+    main_path = _config.config_path(args.config)
+    cand = os.path.abspath(args.file)
+    if args.as_path:
+        return cand, os.path.abspath(args.as_path)
+    raw = _config._read_toml(cand)
+    if raw is None:
+        raise _config.ConfigError("no such file", cand)
+    if os.path.basename(cand) == os.path.basename(main_path) or set(raw) - {"workloads"}:
+        return cand, main_path
+    return cand, os.path.join(_config.dropin_dir(main_path), os.path.basename(cand))
 
 
 def _mb(v):
@@ -188,14 +310,39 @@ def _verdict(headroom):
 # ---- wrap / unwrap ----------------------------------------------------------------------------------------------
 
 def cmd_wrap(args):
-    from . import wrap
+    """Wrap BINARY, and point the profile at the real binary when it named the path being wrapped: after the wrap
+    that path is gpu-router itself, and a profile still naming it would route each job, then call the router again
+    (a second slot, BLOCKED, forever). Refuses before touching anything when the profile cannot be edited."""
+    from . import profile_edit, wrap
 
     cfg = _load(args)
     profile = cfg.workload(args.workload)
+    target = os.path.abspath(args.binary) if "/" in args.binary else None
+    if target is None:
+        from ..wrapper.probe import which
+
+        target = which(args.binary, os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin")
+    same = target is not None and (profile.binary == target or (
+        os.path.exists(target) and os.path.realpath(profile.binary) == os.path.realpath(target)))
+    placeholder = "/gpu-router-wrap-placeholder"
+    if same:
+        try:
+            profile_edit.plan(profile.source, profile.name, placeholder)  # refuse now, before anything is moved
+        except profile_edit.EditRefused as exc:
+            raise _config.ConfigError(f"profile {profile.name!r} runs {profile.binary}, the binary being wrapped, "
+                                      f"and cannot be updated: {exc} (to the path `wrap` moves the real binary to: "
+                                      f"{target}.distrib for a packaged file, {target}.real otherwise); nothing "
+                                      f"was changed") from None
     result = wrap.wrap(args.binary, args.workload)
     if isinstance(result, dict) and result.get("real") and profile.binary != result["real"]:
-        sys.stderr.write(f"gpu-router: note: profile {args.workload!r} runs {profile.binary}, but the wrapped "
-                         f"binary now lives at {result['real']}: set binary = \"{result['real']}\"\n")
+        if same:
+            profile_edit.apply(profile.source, profile_edit.plan(profile.source, profile.name, result["real"]))
+            result["profile_updated"] = {"path": profile.source, "binary": result["real"]}
+            result["message"] = (result.get("message", "") + f"; updated {profile.source}: "
+                                 f"binary = \"{result['real']}\"")
+        else:
+            sys.stderr.write(f"gpu-router: note: profile {args.workload!r} runs {profile.binary}, but the wrapped "
+                             f"binary now lives at {result['real']}: set binary = \"{result['real']}\"\n")
     _emit(args, result if isinstance(result, dict) else {"result": str(result)}, _describe(result))
     return 0
 
@@ -231,13 +378,17 @@ def parser():
 
     sub.add_parser("run", help="run a job: gpu-router run --workload NAME -- ARGS...")
     c = command("explain", "probe an input and show the decision, running nothing")
-    c.add_argument("file", help="the job's input")
+    c.add_argument("file", nargs="?", help="the job's input (options may come before or after it)")
     c.add_argument("--workload", "-w")
-    c.add_argument("args", nargs=argparse.REMAINDER, help="-- the job's full arguments (the input is found in "
-                                                          "them as the profile's `input` says)")
+    c.add_argument("--user", "-u", help="probe as this user (the job's caller), not as whoever runs explain")
+    c.epilog = "-- ARGS...: the job's full arguments; the input is found in them as the profile's `input` says"
     c.set_defaults(func=cmd_explain)
-    c = command("check", "the memory budget worksheet (VRAM and RAM headroom)")
+    c = command("check", "can every profile run: binary, probe tools, VRAM and RAM headroom (fails naming the fix)")
     c.add_argument("--workload", "-w")
+    c.add_argument("-f", "--file", help="validate a candidate file with the configuration, activating nothing "
+                                        "(like nginx -t / visudo -c -f)")
+    c.add_argument("--as", dest="as_path", metavar="PATH", help="the file the candidate would replace (default: "
+                                                                 "workloads.d/<its name>, or config.toml)")
     c.set_defaults(func=cmd_check)
     c = command("wrap", "put gpu-router in place of a workload binary (dpkg-divert for packaged files)")
     c.add_argument("binary")
@@ -274,7 +425,16 @@ def enable_site():
 def main(argv):
     enable_site()
     p = parser()
+    job_args = None
+    if argv and "explain" in argv and "--" in argv[argv.index("explain"):]:
+        # explain's options go anywhere before "--"; everything after it is the job's own arguments, verbatim
+        cut = argv.index("--", argv.index("explain"))
+        argv, job_args = argv[:cut], argv[cut + 1:]
     args = p.parse_args(argv)
+    if args.command == "explain":
+        args.args = job_args
+        if args.file is None and not job_args:
+            p.error("explain: name the job's input FILE, or give the job's arguments after --")
     if not getattr(args, "func", None):
         if args.command == "run":
             from ..wrapper.run import main_run
@@ -282,8 +442,6 @@ def main(argv):
             return main_run(argv[argv.index("run") + 1:])
         p.print_help()
         return 2
-    if args.command == "explain" and args.args and args.args[0] == "--":
-        args.args = args.args[1:]
     try:
         return args.func(args)
     except _config.ConfigError as exc:

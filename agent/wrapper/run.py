@@ -14,6 +14,7 @@ from .. import journal, policy, slots
 from .probe import ProbeFailed, find_input, measure
 
 EX_USAGE = 2
+LOOP_MARK = "GPU_ROUTER_EXEC"
 EX_UNAVAILABLE = 69
 POLL_S = 0.05
 
@@ -180,6 +181,7 @@ def _exec(job, cfg):
     env.update(w.env)
     env["GPU_ROUTER_JOB"] = job.id
     env["GPU_ROUTER_MODE"] = job.mode
+    env[LOOP_MARK] = f"{os.getpid()}:{w.name}"  # exec keeps the PID: a wrapper that finds this is ourselves again
     if job.mode == "GPU":
         gpu = job.gpu
         use_uuid = cfg.gpu.visible_devices == "uuid" and gpu.uuid
@@ -252,6 +254,16 @@ def run(workload_name, args, config_file=None):
         except OSError as exc:
             _err(f"{workload.name}: cannot run {workload.binary}: {exc.strerror}")
             return 127 if isinstance(exc, FileNotFoundError) else 126
+    if os.environ.get(LOOP_MARK) == f"{os.getpid()}:{workload.name}":
+        # The real binary we exec'd is the router again (binary = the wrapped name, or a script exec'ing it): each
+        # round would take another slot and end BLOCKED, and a retrying caller would loop for ever.
+        message = (f"{workload.name}: binary = {workload.binary} leads back to gpu-router (the profile names the "
+                   f"wrapped path, or a script that execs it): set binary to the real program (after `gpu-router "
+                   f"wrap`, NAME.distrib or NAME.real) in {workload.source}")
+        _err(f"config error: {message}")
+        journal.emit("config-error", f"config error: {message}", {"WORKLOAD": workload.name, "DETAIL": message,
+                                                                 "REASON": "binary-loops"})
+        return EX_USAGE
     job = Job(workload, args)
     if not _probe(job):
         return cfg.router.probe_error_exit_code
