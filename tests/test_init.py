@@ -145,9 +145,9 @@ def test_interactive(etc):
         "/usr/bin/python3",        # binary
         "",                        # probe: default file-size
         "option:--audio",          # input
+        "",                        # unit: default bytes (asked before the number)
         "lots",                    # threshold: not a number → asked again
         "5000000",                 # threshold
-        "",                        # unit: default bytes
         "2000",                    # VRAM per GPU job
         "4000",                    # RAM per CPU job
         "",                        # max GPU jobs: default (16384 // 2000 = 8)
@@ -164,7 +164,7 @@ def test_interactive(etc):
     out = p.stdout
     assert "GPU 0: NVIDIA Fake 16GB, 16384 MiB [nvml]" in out and "system RAM: 32768 MiB" in out
     assert "Probe measuring the input" in out and "[file-size]" in out
-    assert "expected a number, got 'lots'" in out
+    assert "expected a number of bytes (or with a unit: 11G, 500M), got 'lots'" in out
     assert "Max GPU jobs per GPU (that many fit in 16384 MiB) [8]" in out
     assert out.index("== whisper") < out.index("Write ") < out.index("wrote ")  # worksheet, question, write
     assert etc.profile("whisper") == {
@@ -177,7 +177,7 @@ def test_interactive(etc):
 def test_interactive_with_flags_and_probe_command(etc):
     """Flags answer their questions; the rest are asked, probe_command only for probe = command."""
     p = etc.init("--workload", "tx", "--binary", "/usr/bin/python3", "--gpu-vram-mb", "1000", "--cpu-ram-mb", "500",
-                 stdin="command\nwc -l {input}\n\n10\nlines\n1\n1\n\n\n\n\n\ny\n")
+                 stdin="command\nwc -l {input}\n\nlines\n10\n1\n1\n\n\n\n\n\ny\n")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "Workload name" not in p.stdout and "VRAM per GPU job" not in p.stdout
     prof = etc.profile("tx")
@@ -248,3 +248,62 @@ def test_then_calibrate_the_written_profile(etc, fake_gpus):
     assert c.returncode == 0, c.stderr
     d = json.loads(c.stdout)
     assert d["runs"][0]["peak_vram_mb"] == 2500 and d["budget"]["per_job_mb"] == 16384 // 5
+
+
+# ---- issue 10: units before numbers, values with units, the real binary after wrap, VRAM others use ----------
+
+def test_unit_is_asked_before_the_number_and_values_take_units(etc):
+    answers = "minutes\n90\n"
+    p = etc.init("--workload", "w", "--binary", "/usr/bin/python3", "--probe", "ffprobe-duration",
+                 "--gpu-vram-mb", "3.5G", "--cpu-ram-mb", "11G", "--input", "last-file", "--max-gpu-jobs", "1",
+                 "--max-cpu-jobs", "1", "--gpu-args", "", "--cpu-args", "", "--retry-exit-code", "75",
+                 "--wait", "0s", "--scope", "off", stdin=answers + "y\n")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.index("Unit of the threshold") < p.stdout.index("Threshold in minutes")
+    prof = etc.profile("w")
+    assert (prof["threshold"], prof["threshold_unit"], prof["gpu_vram_mb"], prof["cpu_ram_mb"]) == (
+        90, "minutes", 3584, 11264)
+    w = gr_config.load(str(etc.config), use_cache=False).workload("w")
+    assert (w.threshold, w.threshold_unit) == ([5400], ["seconds"])
+
+
+def test_a_duration_with_its_unit_and_a_unit_the_probe_cannot_take(etc):
+    base = ["--workload", "w", "--binary", "/usr/bin/python3", "--gpu-vram-mb", "1000", "--cpu-ram-mb", "1000",
+            "--yes"]
+    p = etc.init(*base, "--probe", "ffprobe-duration", "--threshold", "1h")
+    assert p.returncode == 0, p.stderr
+    assert gr_config.load(str(etc.config), use_cache=False).workload("w").threshold == [3600]
+    p = etc.init(*base, "--probe", "file-size", "--unit", "minutes", "--threshold", "5", "--force")
+    assert p.returncode == 2
+    assert "--unit: probe 'file-size' measures in bytes; threshold_unit 'minutes' is not a unit of it" in p.stderr
+
+
+def test_after_wrap_init_proposes_the_real_binary_and_refuses_the_wrapped_name(etc, tmp_path):
+    wrapped = tmp_path / "wrapped"
+    wrapped.mkdir()
+    (wrapped / "whisper-ctranslate2.toml").write_text(
+        'version = 1\nname = "whisper-ctranslate2"\npath = "/usr/local/bin/whisper-ctranslate2"\n'
+        'workload = "whisper"\nmethod = "rename"\nreal = "/usr/local/bin/whisper-ctranslate2.real"\n')
+    env = dict(etc.env, GPU_ROUTER_WRAPPED_DIR=str(wrapped))
+    p = etc.init("--workload", "whisper", stdin="", env=env)
+    assert "[/usr/local/bin/whisper-ctranslate2.real]" in p.stdout
+    launcher = tmp_path / "bin" / "gpu-router"
+    launcher.parent.mkdir()
+    launcher.write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "tool").symlink_to(launcher)
+    (tmp_path / "bin" / "tool.real").write_text("#!/bin/sh\n")
+    p = etc.init("--workload", "tool", "--binary", tmp_path / "bin" / "tool", "--yes", env=env)
+    assert p.returncode == 2
+    assert f"is gpu-router itself (it is wrapped): the real binary is {tmp_path}/bin/tool.real" in p.stderr
+
+
+def test_jobs_that_fit_leave_out_vram_other_processes_hold(tmp_path, gr_bin, clean_env):
+    etc = Etc(tmp_path, gr_bin, clean_env)
+    from gpu_router import snapshot
+    import time
+
+    snapshot.write(str(etc.snapshot), {"version": 1, "time": time.time(), "source": "nvml", "error": None,
+                                       "driver": "x", "gpus": [dict(helpers.gpu_entry(0, total_mb=16384),
+                                                                    foreign_mb=4000)]})
+    p = etc.init(*FLAGS, stdin="\n" * 6 + "n\n")
+    assert "that many fit in 12384 MiB: 16384 MiB less 4000 MiB other processes use now) [3]" in p.stdout

@@ -207,9 +207,36 @@ def _yes_no(text):
     raise ValueError("answer y or n")
 
 
+def _wrapped_real(name):
+    """The real binary recorded by `gpu-router wrap` for workload NAME (or a binary named NAME), or None."""
+    import tomllib
+
+    from ..wrapper.wrapmap import WRAPPED_DIR
+
+    folder = os.environ.get("GPU_ROUTER_WRAPPED_DIR") or WRAPPED_DIR
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".toml"))
+    except OSError:
+        return None
+    for n in names:
+        try:
+            with open(os.path.join(folder, n), "rb") as f:
+                record = tomllib.load(f)
+        except (OSError, ValueError):
+            continue
+        if name in (record.get("workload"), record.get("name")) and isinstance(record.get("real"), str):
+            return record["real"]
+    return None
+
+
 def _default_binary(name):
-    """The real binary of NAME: its .distrib / .real when wrapped already, else NAME on PATH."""
+    """The real binary of NAME: what `gpu-router wrap` recorded, its .distrib / .real, else NAME on PATH (never a
+    wrapped name: that is gpu-router itself)."""
     from ..wrapper.probe import which
+
+    real = _wrapped_real(name)
+    if real:
+        return real
 
     found = which(name, os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin")
     folders = [os.path.dirname(found)] if found else []
@@ -219,6 +246,8 @@ def _default_binary(name):
             candidate = os.path.join(folder, name + suffix)
             if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
                 return candidate
+    if found and _config.wraps_router(found):
+        return _NONE
     return found or _NONE
 
 
@@ -231,6 +260,11 @@ def _binary(text):
         if found is None:
             raise ValueError(f"expected an absolute path (or a command on PATH), got {path!r}")
         path = found
+    if _config.wraps_router(path):
+        real = _wrapped_real(os.path.basename(path))
+        real = real or next((path + s for s in (".distrib", ".real") if os.path.exists(path + s)), None)
+        raise ValueError(f"{path} is gpu-router itself (it is wrapped)" + (
+            f": the real binary is {real}" if real else ": give the real program"))
     return _check("binary", path)
 
 
@@ -295,9 +329,11 @@ def cmd_init(args):
                          lambda t: _check("input", str(t).strip()))
     n = len(probes)
     default_unit = [_config._default_unit(p) for p in probes]
-    thresholds = ask("threshold", "Threshold: inputs under it go to the GPU, the others to the CPU"
-                     + (f" ({n} values, comma-separated)" if n > 1 else ""), parse=_thresholds(n))
-    units = ask("unit", "Unit of the threshold", default_unit, _units(n), show=",".join(default_unit))
+    units = ask("unit", "Unit of the threshold" + _unit_hint(probes), default_unit, _units(probes),
+                show=",".join(default_unit))
+    thresholds = ask("threshold", f"Threshold in {','.join(units)}: inputs under it go to the GPU, the others to "
+                     f"the CPU" + (f" ({n} values, comma-separated)" if n > 1 else "") + _value_hint(probes),
+                     parse=_thresholds(probes, units))
     table["threshold"] = thresholds[0] if n == 1 else thresholds
     table["threshold_unit"] = units[0] if n == 1 else units
     if args.on_probe_error is not None:  # a flag only: the runbook does not ask it
@@ -305,15 +341,21 @@ def cmd_init(args):
             table["on_probe_error"] = _check("on_probe_error", args.on_probe_error)
         except ValueError as exc:
             raise _config.ConfigError(f"--on-probe-error: {exc}") from None
-    table["gpu_vram_mb"] = ask("gpu_vram_mb", "VRAM per GPU job, MiB (its measured peak plus a little)",
-                               parse=_int_text(0))
-    table["cpu_ram_mb"] = ask("cpu_ram_mb", "RAM per CPU job, MiB (its peak on a long input)", parse=_int_text(0))
+    table["gpu_vram_mb"] = ask("gpu_vram_mb", "VRAM per GPU job, MiB or e.g. 3.5G (its measured peak plus a "
+                               "little)", parse=_mib_text)
+    table["cpu_ram_mb"] = ask("cpu_ram_mb", "RAM per CPU job, MiB or e.g. 11G (its peak on a long input)",
+                              parse=_mib_text)
     gpu_default = 1
-    if vram is not None and table["gpu_vram_mb"] > 0:
-        gpu_default = max(1, (vram - cfg.gpu.reserve_mb) // table["gpu_vram_mb"])
-    table["max_gpu_jobs"] = ask("max_gpu_jobs", "Max GPU jobs per GPU" + (
-        f" (that many fit in {vram} MiB)" if vram is not None and table["gpu_vram_mb"] > 0 else ""),
-        gpu_default, _int_text(0, 4096))
+    room, foreign = vram, _foreign_mb(gpus)
+    if room is not None and foreign and cfg.host.gpu_vram_mb is None:
+        room = max(0, vram - foreign)  # VRAM other processes hold now is not ours to give out
+    if room is not None and table["gpu_vram_mb"] > 0:
+        gpu_default = max(1, (room - cfg.gpu.reserve_mb) // table["gpu_vram_mb"])
+    fits = ""
+    if room is not None and table["gpu_vram_mb"] > 0:
+        fits = f" (that many fit in {room} MiB" + (f": {vram} MiB less {foreign} MiB other processes use now"
+                                                   if room != vram else "") + ")"
+    table["max_gpu_jobs"] = ask("max_gpu_jobs", "Max GPU jobs per GPU" + fits, gpu_default, _int_text(0, 4096))
     cpu_default, cpus = 1, os.cpu_count() or 1
     if ram is not None and table["cpu_ram_mb"] > 0:  # as many as fit in RAM, but no more than the CPUs
         cpu_default = max(1, min((ram - cfg.host.other_ram_mb) // table["cpu_ram_mb"], cpus))
@@ -364,22 +406,66 @@ def _probe_command(text):
     return _check("probe_command", argv)
 
 
-def _thresholds(n):
+def _thresholds(probes, units):
+    """Numbers in the chosen unit, or values with their own unit ("1h", "90min", "11G"), checked per probe."""
     def parse(text):
-        values = [_number_text(t) for t in _list(text)]
-        if len(values) != n:
-            raise ValueError(f"expected {n} value(s), one per probe, got {len(values)}")
+        values = []
+        for probe, unit, t in zip(probes, units, _list(text)):
+            try:
+                values.append(_number_text(t))
+                continue
+            except ValueError:
+                pass
+            try:
+                _config.threshold_value(probe, t)
+            except ValueError:
+                hint = _value_hint([probe]).strip(" ()") or "a number"
+                raise ValueError(f"expected a number of {unit} ({hint}), got {t!r}") from None
+            values.append(t)
+        if len(_list(text)) != len(probes):
+            raise ValueError(f"expected {len(probes)} value(s), one per probe, got {len(_list(text))}")
         return _check("threshold", values)
     return parse
 
 
-def _units(n):
+def _units(probes):
     def parse(text):
         values = _list(text) if isinstance(text, str) else list(text)
-        if len(values) != n:
-            raise ValueError(f"expected {n} unit(s), one per probe, got {len(values)}")
+        if len(values) != len(probes):
+            raise ValueError(f"expected {len(probes)} unit(s), one per probe, got {len(values)}")
+        for probe, unit in zip(probes, values):
+            _config.unit_factor(probe, unit)  # ValueError naming the units the probe measures in
         return _check("threshold_unit", values)
     return parse
+
+
+def _unit_hint(probes):
+    kinds = {_config.PROBE_UNITS[p][0] for p in probes if p in _config.PROBE_UNITS}
+    hints = {"seconds": "minutes and hours convert", "bytes": "K, M, G (1024s) and kB, MB, GB convert",
+             "pixels": "megapixels converts"}
+    said = [hints[k] for k in sorted(kinds) if k in hints]
+    return f" ({'; '.join(said)})" if said else ""
+
+
+def _value_hint(probes):
+    if any(p in _config.PROBE_UNITS and _config.PROBE_UNITS[p][0] == "seconds" for p in probes):
+        return " (or with a unit: 1h, 90min)"
+    if "file-size" in probes:
+        return " (or with a unit: 11G, 500M)"
+    return ""
+
+
+def _mib_text(text):
+    try:
+        return _config._mib(0)(text if not str(text).strip().isdigit() else int(str(text).strip()))
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _foreign_mb(gpus):
+    """The most VRAM other processes hold on any GPU now (from the agent's snapshot), or 0."""
+    used = [g.get("foreign_mb") or 0 for g in gpus if isinstance(g, dict)]
+    return max(used) if used else 0
 
 
 def _wait(text):
