@@ -22,12 +22,13 @@ MESSAGE_IDS = {
     "broker-refused": "e86165cf4e984f68ad0df8c395cfddf0",
     "config-error": "7b68d5f6d8b14931ab335f51c2a7e293",
     "agent": "54a617728d844aa2a604f62789ccdabd",
+    "drain": "4ab238b86dc14d4c8726ea79a4dd6eed",
 }
 
 # syslog priorities: a BLOCKED job or a failed probe is worth a notice, a refused caller a warning.
 PRIORITIES = {
     "routed": 6, "blocked": 5, "probe-failed": 5, "job-finished": 6, "scope-failed": 4,
-    "gpu-health": 4, "broker-refused": 4, "config-error": 3, "agent": 6,
+    "gpu-health": 4, "broker-refused": 4, "config-error": 3, "agent": 6, "drain": 5,
 }
 
 DEFAULT_SOCKET = "/run/systemd/journal/socket"

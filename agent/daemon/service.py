@@ -177,8 +177,15 @@ class Agent:
         job.sample(self._vram_by_pid())
         fields = job.outcome()
         status = f"exit {fields['EXIT_STATUS']}" if "EXIT_STATUS" in fields else "exit status unknown"
+        ram = f"{fields['PEAK_RAM_MB']} MB" if fields.get("PEAK_RAM_MB") is not None else "not measured"
+        vram = ""
+        if job.mode == "GPU":
+            vram = f", peak VRAM {fields['PEAK_VRAM_MB']} MB" if fields.get("PEAK_VRAM_MB") is not None else \
+                ", peak VRAM not measured"
+            if fields.get("PREDICTED_VRAM_MB") is not None:
+                vram += f" (predicted {fields['PREDICTED_VRAM_MB']} MB)"
         journal.emit("job-finished", f"{job.workload}: job {job.job_id} on {job.mode} finished: {fields['RESULT']} "
-                     f"({status}, {fields['DURATION_S']:.1f}s, peak RAM {fields['PEAK_RAM_MB']} MB)", fields,
+                     f"({status}, {fields['DURATION_S']:.1f}s, peak RAM {ram}{vram})", fields,
                      priority=6 if fields["RESULT"] == "success" else 4)
         try:
             accounting.record_sample(self.cfg.agent.state_dir, fields)
@@ -231,7 +238,11 @@ class Agent:
             self.proc = procevents.open_listener()
             self.selector.register(self.proc, selectors.EVENT_READ, "exits")
         except procevents.Unavailable as exc:
-            self.log.warning("job exit statuses unavailable", reason=str(exc))
+            self.log.warning("exact job exit statuses unavailable: the kernel's process-event connector cannot be "
+                             "heard here (it only reaches the initial PID namespace, not a container); a job's "
+                             "exit status is then read from its zombie when the agent gets there first, else "
+                             "RESULT is \"unknown\" unless the cgroup shows an OOM kill or a timeout",
+                             reason=str(exc))
         self.adopt()
         self.sample()
         self.notify("READY=1")

@@ -29,7 +29,7 @@ def _pick_workload(cfg, name):
 
 
 def _emit(args, data, text):
-    if args.json:
+    if args.json and data is not None:
         json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str, ensure_ascii=False)
         sys.stdout.write("\n")
     else:
@@ -367,7 +367,10 @@ def _describe(result):
 
 def parser():
     p = argparse.ArgumentParser(prog="gpu-router", description="Route GPU jobs by predicted memory.")
+    from .. import __version__
+
     p.add_argument("--config", help="config file (default: $GPU_ROUTER_CONFIG or /etc/gpu-router/config.toml)")
+    p.add_argument("--version", action="version", version=f"gpu-router {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name, help_text):
@@ -405,9 +408,9 @@ def parser():
 
 
 def _extra_commands():
-    """Commands that live in their own modules (status, stats, init, calibrate)."""
-    from . import calibrate, init, stats, status
-    return [status.register, stats.register, init.register, calibrate.register]
+    """Commands that live in their own modules (status, stats, jobs, drain/resume, init, calibrate)."""
+    from . import calibrate, drain, init, jobs, stats, status
+    return [status.register, stats.register, jobs.register, drain.register, init.register, calibrate.register]
 
 
 def enable_site():

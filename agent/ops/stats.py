@@ -4,17 +4,22 @@ Reads ``journalctl -o json`` for our MESSAGE_IDs; the advice is the runbook's tu
 """
 
 import json
+import os
 import subprocess
 
 from ..journal import MESSAGE_IDS
 
 
-def read_events(since, journal_dir=None, unit_files=None):
+def read_events(since, journal_dir=None, unit_files=None, events=("routed", "blocked", "job-finished",
+                                                                   "probe-failed"), until=None, matches=None):
+    """Our events from ``journalctl -o json`` (one OR of MESSAGE_IDs; ``matches``: extra ANDed field matches)."""
     argv = ["journalctl", "-o", "json", "--no-pager", "--since", since]
+    if until:
+        argv += ["--until", until]
     if journal_dir:
         argv += ["-D", journal_dir]
-    matches = [f"MESSAGE_ID={MESSAGE_IDS[e]}" for e in ("routed", "blocked", "job-finished", "probe-failed")]
-    argv += [x for m in matches for x in (m, "+")][:-1]
+    ors = [[f"MESSAGE_ID={MESSAGE_IDS[e]}"] + list(matches or ()) for e in events]
+    argv += [x for group in ors for x in group + ["+"]][:-1]
     out = subprocess.run(argv, capture_output=True, text=True, check=False)
     if out.returncode != 0 and not out.stdout:
         raise RuntimeError(out.stderr.strip() or f"journalctl exited {out.returncode}")
@@ -25,6 +30,28 @@ def read_events(since, journal_dir=None, unit_files=None):
         except ValueError:
             continue
     return events
+
+
+JOURNAL_GROUPS = ("systemd-journal", "adm", "wheel")
+
+
+def visibility():
+    """None when this user reads every user's journal entries; else why not and what to do. journald gives a
+    user outside these groups only their own entries, silently: counts would be short without saying so."""
+    if os.geteuid() == 0:
+        return None
+    import grp
+
+    have = set()
+    for gid in set(os.getgroups()) | {os.getegid()}:
+        try:
+            have.add(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            continue
+    if have & set(JOURNAL_GROUPS):
+        return None
+    return ("partial view: this user sees only its own journal entries, not the jobs of other users; run as "
+            "root or as a member of group systemd-journal (adduser USER systemd-journal)")
 
 
 def summarize(events):
@@ -73,15 +100,19 @@ def advice(w):
 def cmd_stats(args):
     from .cli import _emit
 
+    import sys
+
     try:
         events = read_events(args.since, args.directory)
     except (OSError, RuntimeError) as exc:
-        import sys
-
         sys.stderr.write(f"gpu-router: cannot read the journal: {exc}\n")
         return 1
     per = summarize(events)
+    partial = visibility()
     lines = [f"since {args.since}: {len(events)} events"]
+    if partial:
+        lines.insert(0, f"note: {partial}")
+        sys.stderr.write(f"gpu-router: {partial}\n")
     for name, w in sorted(per.items()):
         lines.append(f"{name}: GPU {w['GPU']}, CPU {w['CPU']}, BLOCKED {w['BLOCKED']}, probe failures "
                      f"{w['probe_failed']}")
@@ -90,7 +121,8 @@ def cmd_stats(args):
         if w["reasons"]:
             lines.append("  reasons:  " + ", ".join(f"{k} {v}" for k, v in sorted(w["reasons"].items())))
         lines += [f"  advice:   {t}" for t in w["advice"]]
-    _emit(args, {"since": args.since, "events": len(events), "workloads": per}, "\n".join(lines))
+    _emit(args, {"since": args.since, "events": len(events), "workloads": per, "partial": partial is not None,
+                 "note": partial}, "\n".join(lines))
     return 0
 
 

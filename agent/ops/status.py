@@ -4,7 +4,7 @@ import os
 import time
 
 from .. import config as _config
-from .. import slots
+from .. import drainstate, slots
 
 
 def collect(cfg):
@@ -17,6 +17,11 @@ def collect(cfg):
                          "source": snap.get("source") if snap else None,
                          "error": snap.get("error") if snap else None},
             "gpus": snap.get("gpus", []) if snap else [], "workloads": {}, "scopes": []}
+    drain = drainstate.read(cfg.agent.state_dir)
+    data["drain"] = None if drain is None else {
+        "action": drain.get("action"), "by": drain.get("by"), "reason": drain.get("reason") or None,
+        "since": float(drain["since"]) if drain.get("since", "").replace(".", "", 1).isdigit() else None,
+        "file": drainstate.path(cfg.agent.state_dir)}
     try:
         dir_fd = slots.open_lock_dir(cfg.router.lock_dir, create=False)
     except slots.LockDirError as exc:
@@ -36,11 +41,20 @@ def collect(cfg):
     data["reservations"] = {k: [{"pid": p, "mb": mb} for p, mb in v] for k, v in reservations.items()}
     for unit, (cg, pids) in sorted(agent.running_scopes().items()):
         data["scopes"].append({"scope": unit, "cgroup": cg, "pids": pids})
+    from . import live
+
+    data["jobs"], data["waiting"] = live.running(cfg, data["gpus"], reservations)
     return data
 
 
 def render(data):
     lines = []
+    drain = data.get("drain")
+    if drain:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(drain["since"])) if drain["since"] else "?"
+        what = "run on the CPU" if drain["action"] == "cpu" else "exit with the retry code"
+        lines.append(f"GPU admission: DRAINED since {since} by {drain['by']}" + (
+            f" ({drain['reason']})" if drain["reason"] else "") + f": new GPU jobs {what}; gpu-router resume")
     snap = data["snapshot"]
     lines.append(f"GPU snapshot: {snap['state']}" + (f" ({snap['source']}, {snap['age_s']}s old)"
                                                      if snap["age_s"] is not None else ""))
@@ -55,6 +69,9 @@ def render(data):
         lines.append(f"{name} [{w['admission']}]: GPU slots {gpu}; CPU slots {w['cpu_busy']}/{w['max_cpu_jobs']}")
     for key, entries in data["reservations"].items():
         lines.append(f"  VRAM reserved on {key}: " + ", ".join(f"pid {e['pid']} {e['mb']} MiB" for e in entries))
+    from . import live
+
+    lines.append(live.render(data.get("jobs", []), data.get("waiting", [])))
     lines.append(f"running scopes: {len(data['scopes'])}")
     for s in data["scopes"]:
         lines.append(f"  {s['scope']} pids {' '.join(map(str, s['pids']))}")
@@ -62,14 +79,39 @@ def render(data):
 
 
 def cmd_status(args):
+    import json
+    import sys
+
     from .cli import _emit
 
     cfg = _config.load(args.config)
-    data = collect(cfg)
-    _emit(args, data, render(data))
-    return 0
+    if not args.watch:
+        data = collect(cfg)
+        _emit(args, data, render(data))
+        return 0
+    shown = 0
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            data = collect(cfg)
+            if args.json:  # one JSON document a line, like `journalctl -o json`
+                sys.stdout.write(json.dumps(data, sort_keys=True, default=str, ensure_ascii=False) + "\n")
+            else:
+                head = f"every {args.watch:g}s: gpu-router status    {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n"
+                sys.stdout.write(("\033[H\033[2J" if tty else "") + head + render(data) + "\n" + (
+                    "" if tty else "\n"))
+            sys.stdout.flush()
+            shown += 1
+            if args.count and shown >= args.count:
+                return 0
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
 
 
 def register(sub, command):
-    c = command("status", "GPUs, slots and running jobs now")
+    c = command("status", "GPUs, drain state, slots, running jobs and the waiting queue now (like squeue)")
+    c.add_argument("--watch", "-W", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until Ctrl-C; with --json one document a line")
+    c.add_argument("--count", "-n", type=int, default=0, help="with --watch: stop after this many refreshes")
     c.set_defaults(func=cmd_status)

@@ -10,7 +10,7 @@ import sys
 import time
 
 from .. import config as _config
-from .. import journal, policy, slots
+from .. import drainstate, journal, policy, slots
 from .probe import ProbeFailed, find_input, measure
 
 EX_USAGE = 2
@@ -58,6 +58,7 @@ class Job:
         self.gpu = None
         self.scope = None
         self.waited = 0.0
+        self.drain = None
 
     def fields(self):
         w = self.workload
@@ -92,7 +93,14 @@ def admit(job, cfg, dir_fd):
     w = job.workload
     gpus, job.gpu_state = read_gpus(cfg)
     candidates = gpus if gpus is not None else policy.assumed_gpus(cfg.host.gpus)
-    if w.admission == "vram" and gpus is not None:
+    if job.drain is not None:  # `gpu-router drain`: no new GPU job; the CPU takes it, or the caller retries
+        plan = policy.plan(w, job.values, gpus if gpus is not None else None, None, cfg.gpu.reserve_mb)
+        if plan.mode == "GPU":
+            if job.drain.get("action") == "block":
+                raise Blocked("drained", "GPUs are drained (gpu-router drain --block): no new GPU jobs")
+            plan.mode, plan.reason, plan.spill, plan.full_reason = "CPU", "drained", False, None
+            plan.predicted_vram_mb = None
+    elif w.admission == "vram" and gpus is not None:
         with slots.Ledger(dir_fd, cfg.router.lock_dir) as ledger:
             plan = policy.plan(w, job.values, gpus, ledger.live(), cfg.gpu.reserve_mb)
             job.predicted_vram_mb = plan.predicted_vram_mb
@@ -267,6 +275,7 @@ def run(workload_name, args, config_file=None):
     job = Job(workload, args)
     if not _probe(job):
         return cfg.router.probe_error_exit_code
+    job.drain = drainstate.read(cfg.agent.state_dir)
     try:
         dir_fd = slots.open_lock_dir(cfg.router.lock_dir)
     except slots.LockDirError as exc:

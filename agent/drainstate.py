@@ -1,0 +1,49 @@
+"""The drain switch: while ``<[agent] state_dir>/drain`` exists, no new job is admitted to a GPU.
+
+`gpu-router drain` writes it, `gpu-router resume` removes it; the wrapper pays one stat per job for it (hot path:
+no imports), the status command, the agent and the metrics exporter read the same file. It lives under
+/var/lib, so it survives an agent restart and a reboot (a drain before a driver update stays until resumed).
+
+Format: ``key=value`` lines, written atomically: ``action`` (``cpu``: GPU-bound jobs run on the CPU instead;
+``block``: they exit with the retry code), ``since`` (Unix time), ``by`` (user), ``reason`` (free text, one line).
+"""
+
+import os
+
+FILE = "drain"
+ACTIONS = ("cpu", "block")
+
+
+def path(state_dir):
+    return os.path.join(state_dir, FILE)
+
+
+def read(state_dir):
+    """None when not drained (the common case: one failed stat); else the state as a dict of strings.
+
+    A file not owned by root or by us, or writable by others, is ignored: it could not have come from `drain`."""
+    p = os.path.join(state_dir, FILE)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            return None
+        text = os.read(fd, 4096).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
+    state = {"action": "cpu"}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            state[key.strip()] = value.strip()
+    if state["action"] not in ACTIONS:
+        state["action"] = "cpu"
+    return state
+
+
+def render(action, since, by, reason):
+    one_line = " ".join(str(reason or "").split())
+    return f"action={action}\nsince={since:.3f}\nby={by}\nreason={one_line}\n"
