@@ -376,6 +376,9 @@ def _options(c, suppress=False):
                    help="samples file to read and append to (default: [agent] state_dir/samples/NAME.jsonl)")
     c.add_argument("--dry-run", action="store_true", default=d(False),
                    help="record nothing: no samples appended, no calibration file written")
+    c.add_argument("--chart", default=d(None), metavar="FILE",
+                   help="also draw the fit: metric against peak VRAM, budget, capacity, threshold (.png/.svg/.pdf; "
+                        "needs python3-matplotlib)")
 
 
 def register(sub, command):
@@ -589,8 +592,18 @@ def cmd_calibrate(args):
         "ram": ram, "calibration_file": cal_path, "written": written, "dry_run": bool(args.dry_run),
         "problems": problems,
     }
-    _emit(args, data, render(data, w))
-    return 1 if problems else 0
+    chart_failed = False
+    if getattr(args, "chart", None):
+        from . import charts
+
+        try:
+            data["chart"] = charts.calibration(args.chart, w.name, combined_unit, points, result, rec, budget,
+                                               vram, w.threshold[0] if w.max_gpu_jobs else None)
+        except charts.ChartError as exc:
+            sys.stderr.write(f"gpu-router: calibrate: no chart: {exc}\n")
+            data["chart"], chart_failed = None, True
+    _emit(args, data, render(data, w) + (f"\nchart: {data['chart']}" if data.get("chart") else ""))
+    return 1 if problems or chart_failed else 0
 
 
 def _load(args):

@@ -121,9 +121,42 @@ def cmd_stats(args):
         if w["reasons"]:
             lines.append("  reasons:  " + ", ".join(f"{k} {v}" for k, v in sorted(w["reasons"].items())))
         lines += [f"  advice:   {t}" for t in w["advice"]]
-    _emit(args, {"since": args.since, "events": len(events), "workloads": per, "partial": partial is not None,
-                 "note": partial}, "\n".join(lines))
-    return 0
+    data = {"since": args.since, "events": len(events), "workloads": per, "partial": partial is not None,
+            "note": partial}
+    code = 0
+    if args.chart:
+        from . import charts
+
+        try:
+            data["chart"] = charts.distribution(args.chart, metrics_by_mode(events))
+            lines.append(f"chart: {args.chart}")
+        except charts.ChartError as exc:
+            sys.stderr.write(f"gpu-router: stats: no chart: {exc}\n")
+            data["chart"], code = None, 1
+    _emit(args, data, "\n".join(lines))
+    return code
+
+
+def metrics_by_mode(events):
+    """{workload: {"unit", "threshold", "GPU": [metric…], "CPU": […], "BLOCKED": […]}} from decision events (the
+    first value of each; unknown metrics are left out)."""
+    out = {}
+    for e in events:
+        if e.get("GPU_ROUTER_EVENT") not in ("routed", "blocked"):
+            continue
+        w = out.setdefault(e.get("GPU_ROUTER_WORKLOAD", "?"), {"unit": None, "threshold": None, "GPU": [],
+                                                                "CPU": [], "BLOCKED": []})
+        try:
+            value = float(str(e.get("GPU_ROUTER_METRIC", "")).split(",")[0])
+        except ValueError:
+            continue
+        w["unit"] = str(e.get("GPU_ROUTER_UNIT") or "").split(",")[0] or w["unit"]
+        try:
+            w["threshold"] = float(str(e.get("GPU_ROUTER_THRESHOLD", "")).split(",")[0])
+        except ValueError:
+            pass
+        w.setdefault(e.get("GPU_ROUTER_MODE"), []).append(value)
+    return out
 
 
 def register(sub, command):
@@ -131,4 +164,6 @@ def register(sub, command):
     c.add_argument("--since", default="-1d", help="journalctl --since, e.g. --since=-1h or --since=today "
                                                   "(default: -1d)")
     c.add_argument("--directory", "-D", help="read journal files from this directory")
+    c.add_argument("--chart", metavar="FILE", help="also draw the jobs' metrics by decision against the threshold "
+                                                    "(.png/.svg/.pdf; needs python3-matplotlib)")
     c.set_defaults(func=cmd_stats)
