@@ -389,7 +389,28 @@ def test_bash_completion(tmp_path):
         return sorted(filter(None, run("bash", "-c", script, "x", *words, env=env).stdout.split("\n")))
 
     assert complete("gpu-router", "") == sorted(
-        "run explain check status stats wrap unwrap init calibrate".split())
+        "run explain check status jobs stats drain resume wrap unwrap init calibrate".split())
+    # every command's options as its parser has them (issue 10: --since and probe names were missing)
+    assert {"--since", "--until", "--workload", "--result", "--mode", "--caller", "--json"} <= \
+        set(complete("gpu-router", "jobs", "--"))
+    assert {"--since", "--chart", "--json"} <= set(complete("gpu-router", "stats", "--"))
+    assert {"--watch", "--count"} <= set(complete("gpu-router", "status", "--"))
+    assert {"--block", "--reason", "--wait"} <= set(complete("gpu-router", "drain", "--"))
+    assert {"--file", "--as"} <= set(complete("gpu-router", "check", "--"))
+    assert "--user" in complete("gpu-router", "explain", "--")
+    assert complete("gpu-router", "init", "--probe", "media") == ["media-duration", "mediainfo-duration"]
+    assert complete("gpu-router", "jobs", "--result", "oom") == ["oom-kill"]
+    assert "--version" in complete("gpu-router", "--")
+    from gpu_router.ops import cli
+
+    sub = next(a for a in cli.parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, command in sub.choices.items():
+        if name == "run":
+            continue
+        wanted = {o for a in command._actions for o in a.option_strings if o.startswith("--") and o != "--help"
+                  and a.help != "==SUPPRESS=="}
+        missing = wanted - set(complete("gpu-router", name, "--"))
+        assert not missing, f"completion of {name} lacks {sorted(missing)}"
     assert complete("gpu-router", "--config", str(tmp_path / "config.toml"), "check", "--workload", "") == \
         ["alpha", "beta.2", "gamma"]
     assert complete("gpu-router", "unwrap", "") == ["fake-transcribe"]
