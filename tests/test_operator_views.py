@@ -175,3 +175,14 @@ def test_a_user_outside_the_journal_groups_is_told_the_counts_are_partial(rig, c
     d = json.loads(p.stdout)
     assert d["partial"] is True and "systemd-journal" in d["note"]
     assert "partial view" in p.stderr
+
+
+def test_a_job_without_an_outcome_is_running_only_while_its_process_lives(tmp_path):
+    import os
+
+    alive = {"pid": os.getpid(), "scope": None, "result": "running"}
+    assert J.still_running(alive)
+    assert not J.still_running(dict(alive, scope="gpu-router-w-1-abc.scope"))  # not in that scope
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert not J.still_running({"pid": dead.pid, "scope": None})

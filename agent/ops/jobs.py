@@ -13,7 +13,8 @@ import time
 from . import stats
 
 EVENTS = ("routed", "blocked", "probe-failed", "job-finished", "scope-failed")
-RESULTS = ("success", "failed", "oom-kill", "cuda-oom", "timeout", "unknown", "blocked", "running", "refused")
+RESULTS = ("success", "failed", "oom-kill", "cuda-oom", "timeout", "unknown", "blocked", "running", "refused",
+           "no-outcome")
 
 
 def _ts(e):
@@ -54,7 +55,10 @@ def join(events):
         if kind in ("routed", "blocked"):
             j["time"] = _ts(e)
             j["mode"] = e.get("GPU_ROUTER_MODE")
-            j["caller_unit"] = e.get("_SYSTEMD_UNIT") or e.get("_SYSTEMD_USER_UNIT")
+            own = e.get("_SYSTEMD_UNIT") or e.get("_SYSTEMD_USER_UNIT")
+            if own and own.startswith("gpu-router-") and own.endswith(".scope"):
+                own = None  # sent from inside the job's own scope: the wrapper recorded its caller's unit
+            j["caller_unit"] = e.get("GPU_ROUTER_CALLER_UNIT") or own
             j["uid"] = _num(e.get("_UID"))
             j["pid"] = _num(e.get("GPU_ROUTER_PID") or e.get("_PID"))
             for key in ("input", "device", "slot", "scope", "reason", "metric", "unit", "threshold"):
@@ -85,6 +89,21 @@ def join(events):
         if j["time"] is None:
             j["time"] = _ts(e)
     return [jobs[k] for k in order]
+
+
+def still_running(j):
+    """A job the journal shows without an outcome: is it really still running here? Its PID must be alive and in
+    its scope (or, without a scope, be the job's own process). Else its end was never reported ("no-outcome":
+    the agent was down, or lost track of it)."""
+    pid = j.get("pid")
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{int(pid)}/cgroup") as f:
+            cgroups = f.read()
+    except (OSError, ValueError):
+        return False
+    return not j.get("scope") or j["scope"] in cgroups
 
 
 def select(jobs, workload=None, result=None, mode=None, unit=None):
@@ -186,6 +205,9 @@ def cmd_jobs(args):
     if partial:
         sys.stderr.write(f"gpu-router: {partial}\n")
     jobs = join(events)
+    for j in jobs:
+        if j["result"] == "running" and not still_running(j):
+            j["result"] = "no-outcome"
     if args.job:
         found = [j for j in jobs if j["job"] == args.job]
         if not found:

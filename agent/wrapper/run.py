@@ -59,6 +59,7 @@ class Job:
         self.scope = None
         self.waited = 0.0
         self.drain = None
+        self.caller_unit = None
 
     def fields(self):
         w = self.workload
@@ -68,7 +69,7 @@ class Job:
             "UNIT": ",".join(w.threshold_unit), "THRESHOLD": _fmt(w.threshold), "INPUT": self.input,
             "DEVICE": self.device, "SLOT": self.slot, "SCOPE": self.scope, "PID": os.getpid(),
             "PREDICTED_VRAM_MB": self.predicted_vram_mb, "GPU_STATE": self.gpu_state,
-            "PROBE_ERROR": self.probe_reason,
+            "PROBE_ERROR": self.probe_reason, "CALLER_UNIT": self.caller_unit,
         }
         if self.waited:
             f["WAITED_S"] = round(self.waited, 3)
@@ -227,6 +228,25 @@ def _restore_signals():
                 pass
 
 
+def caller_unit():
+    """The systemd unit this process runs in before it moves to its scope (the runner's service), or None."""
+    try:
+        fd = os.open("/proc/self/cgroup", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        text = os.read(fd, 8192).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
+    for line in text.splitlines():
+        _h, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "x", "")
+        if controllers in ("", "name=systemd"):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith((".service", ".scope")) and name != "init.scope":
+                return name
+    return None
+
+
 def _scope(job, cfg):
     """Put this process into its transient scope; Blocked when scope = "required" and none can be made."""
     w = job.workload
@@ -284,6 +304,8 @@ def run(workload_name, args, config_file=None):
         return EX_UNAVAILABLE
     try:
         admit_with_wait(job, cfg, dir_fd)
+        if workload.scope != "off":  # journald will attribute our events to the scope from now on
+            job.caller_unit = caller_unit()
         _scope(job, cfg)
     except Blocked as exc:
         for fd in job.fds:
