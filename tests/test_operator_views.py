@@ -82,7 +82,7 @@ def test_drain_wait_reports_running_gpu_jobs(rig, tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    p = cli(rig, "drain", "--wait", "5")
+    p = cli(rig, "drain", "--wait", "5s")
     assert p.returncode == 0 and "no GPU job is running" in p.stdout
 
 
@@ -111,6 +111,7 @@ def test_status_lists_running_jobs_and_waiters(rig, tmp_path):
         assert (w["pid"], w["position"], w["pool"]) == (waiter.pid, 1, "gpu")
         text = cli(rig, "status").stdout
         assert "running jobs: 1" in text and small.name in text and "waiting: 1" in text
+        assert "None" not in text
         p = cli(rig, "status", "--watch", "0.1", "--count", "2", "--json")
         docs = [json.loads(line) for line in p.stdout.splitlines()]
         assert len(docs) == 2 and docs[0]["jobs"][0]["pid"] == holder.pid

@@ -89,13 +89,23 @@ def cmd_resume(args):
     return 0
 
 
+def _duration(text):
+    import argparse
+
+    try:
+        return _config.parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 600, 90s or 10m, got {text!r}") from None
+
+
 def register(sub, command):
     c = command("drain", "stop admitting new GPU jobs (running ones finish); survives restarts until resume")
     c.add_argument("--block", action="store_true", help="GPU-bound jobs exit with the retry code instead of "
                                                         "running on the CPU")
     c.add_argument("--reason", help="why (shown in status and the journal)")
-    c.add_argument("--wait", type=float, metavar="SECONDS", help="wait up to SECONDS for running GPU jobs to end "
-                                                                 "(exit 1 if some still run)")
+    c.add_argument("--wait", type=_duration, metavar="DURATION", help="wait up to DURATION (600, 90s, 10m) for "
+                                                                      "running GPU jobs to end (exit 1 if some "
+                                                                      "still run)")
     c.set_defaults(func=cmd_drain)
     c = command("resume", "admit GPU jobs again after drain")
     c.set_defaults(func=cmd_resume)

@@ -60,13 +60,14 @@ def render(data):
                                                      if snap["age_s"] is not None else ""))
     for g in data["gpus"]:
         health = "healthy" if g.get("healthy") else f"UNHEALTHY ({g.get('health')})"
-        lines.append(f"  GPU {g['index']} {g.get('name', '')}: {g.get('used_mb')}/{g.get('total_mb')} MiB used "
+        lines.append(f"  GPU {g['index']} {g.get('name') or ''}: {g.get('used_mb', '?')}/{g.get('total_mb', '?')} MiB used "
                      f"(ours {g.get('ours_mb', 0)}, foreign {g.get('foreign_mb', 0)}), {health}")
     if "lock_dir_error" in data:
         lines.append(f"slots: {data['lock_dir_error']}")
     for name, w in data["workloads"].items():
         gpu = ", ".join(f"{k} {v}/{w['max_gpu_jobs']}" for k, v in w["gpu_busy"].items()) or "-"
-        lines.append(f"{name} [{w['admission']}]: GPU slots {gpu}; CPU slots {w['cpu_busy']}/{w['max_cpu_jobs']}")
+        cpu = "?" if w["cpu_busy"] is None else w["cpu_busy"]
+        lines.append(f"{name} [{w['admission']}]: GPU slots {gpu}; CPU slots {cpu}/{w['max_cpu_jobs']} busy")
     for key, entries in data["reservations"].items():
         lines.append(f"  VRAM reserved on {key}: " + ", ".join(f"pid {e['pid']} {e['mb']} MiB" for e in entries))
     from . import live
