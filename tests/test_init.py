@@ -307,3 +307,14 @@ def test_jobs_that_fit_leave_out_vram_other_processes_hold(tmp_path, gr_bin, cle
                                                                     foreign_mb=4000)]})
     p = etc.init(*FLAGS, stdin="\n" * 6 + "n\n")
     assert "that many fit in 12384 MiB: 16384 MiB less 4000 MiB other processes use now) [3]" in p.stdout
+
+
+def test_a_user_who_cannot_write_profiles_is_told_before_any_question(gr_bin, clean_env):
+    root = helpers.public_tmpdir()
+    etc = Etc(root, gr_bin, clean_env)
+    etc.config.chmod(0o644)
+    p = subprocess.run(helpers.as_user() + [etc.gr_bin, "init"], env=etc.env, input="", capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 1, p.stderr
+    assert f"cannot write profiles in {etc.dropins} as this user: run gpu-router init as root" in p.stderr
+    assert "Workload name" not in p.stdout

@@ -316,6 +316,14 @@ def cmd_wrap(args):
     from . import profile_edit, wrap
 
     cfg = _load(args)
+    if args.workload not in cfg.workloads:  # wrap first, then `init` writes the profile with the real binary
+        result = wrap.wrap(args.binary, args.workload)
+        if isinstance(result, dict) and result.get("real"):
+            result["message"] = (result.get("message", "") + f"; no profile {args.workload!r} yet: "
+                                 f"gpu-router init --workload {args.workload} writes one (it proposes "
+                                 f"binary = \"{result['real']}\"); until then its jobs exit 2")
+        _emit(args, result if isinstance(result, dict) else {"result": str(result)}, _describe(result))
+        return 0
     profile = cfg.workload(args.workload)
     target = os.path.abspath(args.binary) if "/" in args.binary else None
     if target is None:

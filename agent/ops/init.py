@@ -307,6 +307,10 @@ def cmd_init(args):
                       + "\n")
         out.write(f"  system RAM: {ram if ram is not None else 'unknown'} MiB [{ram_source}]\n")
 
+    folder = _config.dropin_dir(main_path)
+    existing = folder if os.path.isdir(folder) else os.path.dirname(folder)
+    if not os.access(existing, os.W_OK):  # say it before asking anything, not after the last answer
+        raise InitRefused(f"cannot write profiles in {folder} as this user: run gpu-router init as root")
     ask = Asker(args, out)
     name = ask("workload", "Workload name (names the profile, its lock files and scopes)", parse=_name)
     target = os.path.join(_config.dropin_dir(main_path), f"{name}.toml")

@@ -22,7 +22,10 @@ def read_events(since, journal_dir=None, unit_files=None, events=("routed", "blo
     argv += [x for group in ors for x in group + ["+"]][:-1]
     out = subprocess.run(argv, capture_output=True, text=True, check=False)
     if out.returncode != 0 and not out.stdout:
-        raise RuntimeError(out.stderr.strip() or f"journalctl exited {out.returncode}")
+        why = out.stderr.strip() or f"journalctl exited {out.returncode}"
+        if "permission" in why.lower():
+            why += " (run as root, or add this user to group systemd-journal: adduser USER systemd-journal)"
+        raise RuntimeError(why)
     events = []
     for line in out.stdout.splitlines():
         try:

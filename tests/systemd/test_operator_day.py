@@ -97,6 +97,20 @@ def test_profile_first_then_wrap_points_the_profile_at_the_real_binary(day):
     assert gr(box, "explain", "/srv/small", "-w", "transcribe", "--json", user="runner").returncode == 0
 
 
+def test_wrap_first_then_init_proposes_the_real_binary(day):
+    """The README's order: wrap with no profile yet, then init, which offers the binary wrap moved aside."""
+    box = day
+    box.write_file("/usr/local/bin/other", TRANSCRIBE.replace("transcribe", "other"), mode=0o755)
+    r = gr(box, "wrap", "/usr/local/bin/other", "--workload", "other")
+    assert "gpu-router init --workload other" in r.stdout and 'binary = "/usr/local/bin/other.real"' in r.stdout
+    r = gr(box, "init", "--workload", "other", "--yes", "--threshold", "1K", "--gpu-vram-mb", "1G",
+           "--cpu-ram-mb", "100", "--scope", "off")
+    assert 'binary = "/usr/local/bin/other.real"' in box.run(["cat", "/etc/gpu-router/workloads.d/other.toml"]).stdout
+    assert box.run(["/usr/local/bin/other", "/srv/big"], user="runner").stdout.strip() == "other /srv/big"
+    gr(box, "unwrap", "/usr/local/bin/other")
+    box.run(["rm", "-f", "/etc/gpu-router/workloads.d/other.toml", "/usr/local/bin/other"])
+
+
 def test_a_profile_naming_the_wrapped_path_is_a_config_error_naming_the_fix(day):
     box = day
     box.write_file("/root/loop.toml", PROFILE.replace("transcribe]", "looped]"))
