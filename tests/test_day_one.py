@@ -186,3 +186,21 @@ def test_explain_as_the_runner_sees_an_unreadable_input(rig, tmp_path):
     d = json.loads(cli(rig, "explain", "--json", "--user", "nobody", secret).stdout)
     assert (d["decision"], d["probe_error"]["reason"], d["probed_as"]["user"]) == ("CPU", "input-unreadable",
                                                                                  "nobody")
+
+
+def test_explain_prints_numbers_as_written_not_in_exponent_form(rig, tmp_path):
+    rig.doc["workloads"]["w"]["threshold"] = 1000000
+    rig.rewrite()
+    p = cli(rig, "explain", data(tmp_path, 5000))
+    assert "metric     5000 bytes" in p.stdout and "threshold  1000000 bytes" in p.stdout
+    assert "e+06" not in p.stdout
+
+
+def test_journal_metric_and_threshold_fields_are_plain_numbers(rig, tmp_path):
+    """GPU_ROUTER_METRIC=5000000 must match: the field was written 5e+06 for a 5 MB input."""
+    rig.doc["workloads"]["w"]["threshold"] = 1000000
+    rig.rewrite()
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * 5000000)
+    routed = rig.run("w", big).event("routed")
+    assert (routed["GPU_ROUTER_METRIC"], routed["GPU_ROUTER_THRESHOLD"]) == ("5000000", "1000000")

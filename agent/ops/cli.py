@@ -86,9 +86,9 @@ def cmd_explain(args):
         "command": [w.binary] + (job_args if args.args else ["…", path]) + args_out,
         "probed_as": viewer, "problems": problems,
     }
-    metric = ", ".join(f"{v:g} {u}" for v, u in zip(policy.combined_metric(w, values), w.threshold_unit)) \
+    metric = ", ".join(f"{_n(v)} {u}" for v, u in zip(policy.combined_metric(w, values), w.threshold_unit)) \
         if values is not None else f"unknown ({probe_error['message']})"
-    limits = ", ".join(f"{t:g} {u}" for t, u in zip(w.threshold, w.threshold_unit))
+    limits = ", ".join(f"{_n(t)} {u}" for t, u in zip(w.threshold, w.threshold_unit))
     who = f"{viewer['user']} (uid {viewer['uid']})"
     text = [f"workload   {w.name} ({w.source})",
             f"input      {path if path is not None else '(none found among the arguments)'}",
@@ -105,6 +105,13 @@ def cmd_explain(args):
     text += [f"  ! {p}" for p in problems]
     _emit(args, data, "\n".join(text))
     return 0
+
+
+def _n(value):
+    """A number as an operator writes it: 5000000, 3600, 120.032 (not 5e+06)."""
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.6g}" if abs(value) >= 1e-4 else f"{value:g}"
 
 
 def _free_text(w, plan, free):

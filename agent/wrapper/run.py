@@ -35,7 +35,10 @@ def _err(message):
 
 
 def _fmt(values):
-    return ",".join(format(v, ".6g") for v in values) if values is not None else None
+    """Numbers for the journal as written (5000000, 3600, 120.032), never 5e+06: a field one can match on."""
+    if values is None:
+        return None
+    return ",".join(str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else format(v, ".6g") for v in values)
 
 
 class Job:

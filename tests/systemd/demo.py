@@ -106,13 +106,13 @@ def demo(box, deb, fake):
     """)
     print(sh("systemctl is-active gpu-router-agent.socket gpu-router-agent.service; "
              "systemctl show -p StatusText --value gpu-router-agent.service").stdout.rstrip())
-    step("a profile in /etc/gpu-router/workloads.d/, then `gpu-router check`")
-    box.write_file("/etc/gpu-router/workloads.d/transcribe.toml", PROFILE)
-    print(textwrap.indent(sh("gpu-router check", check=False).stdout.rstrip(), "  "))
-    step("gpu-router wrap /usr/bin/fake-transcribe --workload transcribe")
+    step("gpu-router wrap /usr/bin/fake-transcribe --workload transcribe (first: the README's order)")
     print("  " + sh("gpu-router wrap /usr/bin/fake-transcribe --workload transcribe").stdout.strip())
     print("  " + sh("dpkg-divert --list /usr/bin/fake-transcribe; ls -l /usr/bin/fake-transcribe | "
                     "awk '{print $9, $10, $11}'").stdout.strip().replace("\n", "\n  "))
+    step("a profile in /etc/gpu-router/workloads.d/ naming the real binary, then `gpu-router check`")
+    box.write_file("/etc/gpu-router/workloads.d/transcribe.toml", PROFILE)
+    print(textwrap.indent(sh("gpu-router check", check=False).stdout.rstrip(), "  "))
     step("inputs: four small (GPU), two large (CPU); `gpu-router explain` on one of each")
     sh("""
         mkdir -p /srv/media
@@ -144,6 +144,8 @@ def demo(box, deb, fake):
           "   status only when it catches the job before its caller reaps it; on a host every status is known)")
     step("gpu-router stats --since=-1h")
     print(textwrap.indent(sh("gpu-router stats --since=-1h").stdout.rstrip(), "  "))
+    step("gpu-router jobs --since=-1h (like sacct: the events of each job joined by its id)")
+    print(textwrap.indent(sh("gpu-router jobs --since=-1h").stdout.rstrip(), "  "))
 
 
 if __name__ == "__main__":
