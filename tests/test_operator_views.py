@@ -187,3 +187,15 @@ def test_a_job_without_an_outcome_is_running_only_while_its_process_lives(tmp_pa
     dead = subprocess.Popen(["true"])
     dead.wait()
     assert not J.still_running({"pid": dead.pid, "scope": None})
+
+
+def test_the_metrics_exporter_reads_the_same_drain_state(rig):
+    from gpu_router import config
+    from gpu_router.daemon import metrics
+
+    cfg = config.load(str(rig.config), use_cache=False)
+    assert metrics.drain_state(cfg) is False
+    assert cli(rig, "drain").returncode == 0
+    assert metrics.drain_state(cfg) is True
+    assert cli(rig, "resume").returncode == 0
+    assert metrics.drain_state(cfg) is False

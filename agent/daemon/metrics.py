@@ -669,5 +669,7 @@ def _slots_in_use(cfg, gpus, locks_path="/proc/locks"):
 
 
 def drain_state(cfg):
-    """Hook for the drain state (issue 10): True/False once a drain state exists, None until then (no series)."""
-    return None
+    """Whether GPU admission is drained (`gpu-router drain`): the drain file the wrapper reads, via the same reader."""
+    from .. import drainstate
+
+    return drainstate.read(cfg.agent.state_dir) is not None
