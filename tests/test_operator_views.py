@@ -199,3 +199,10 @@ def test_the_metrics_exporter_reads_the_same_drain_state(rig):
     assert metrics.drain_state(cfg) is True
     assert cli(rig, "resume").returncode == 0
     assert metrics.drain_state(cfg) is False
+
+
+def test_a_finished_job_without_a_scope_is_untracked_not_lost(rig, tmp_path):
+    """scope = "off": no agent follows the job, so no outcome will come; `jobs` says so instead of "no-outcome"."""
+    jobs = J.join([ev("routed", "w-9", 100, MODE="CPU", DEVICE="cpu", PID="999999999"),
+                   ev("routed", "w-8", 100, MODE="CPU", DEVICE="cpu", PID="999999998", SCOPE="gpu-router-w-8.scope")])
+    assert [j["result"] for j in J.settle(jobs)] == ["untracked", "no-outcome"]

@@ -672,4 +672,6 @@ def drain_state(cfg):
     """Whether GPU admission is drained (`gpu-router drain`): the drain file the wrapper reads, via the same reader."""
     from .. import drainstate
 
+    if cfg is None:
+        return None  # no configuration read yet: no series
     return drainstate.read(cfg.agent.state_dir) is not None

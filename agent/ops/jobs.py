@@ -14,7 +14,7 @@ from . import stats
 
 EVENTS = ("routed", "blocked", "probe-failed", "job-finished", "scope-failed")
 RESULTS = ("success", "failed", "oom-kill", "cuda-oom", "timeout", "unknown", "blocked", "running", "refused",
-           "no-outcome")
+           "no-outcome", "untracked")
 
 
 def _ts(e):
@@ -94,7 +94,8 @@ def join(events):
 def still_running(j):
     """A job the journal shows without an outcome: is it really still running here? Its PID must be alive and in
     its scope (or, without a scope, be the job's own process). Else its end was never reported ("no-outcome":
-    the agent was down, or lost track of it)."""
+    the agent was down, lost track of it, or is about to write it; "untracked": no scope, so no agent followed
+    it)."""
     pid = j.get("pid")
     if not pid:
         return False
@@ -104,6 +105,15 @@ def still_running(j):
     except (OSError, ValueError):
         return False
     return not j.get("scope") or j["scope"] in cgroups
+
+
+def settle(jobs):
+    """Jobs the journal shows as running but whose process is gone: "no-outcome", or "untracked" without a scope
+    (scope = "off", or best-effort without one: no agent follows such a job, no outcome will come)."""
+    for j in jobs:
+        if j["result"] == "running" and not still_running(j):
+            j["result"] = "no-outcome" if j["scope"] else "untracked"
+    return jobs
 
 
 def select(jobs, workload=None, result=None, mode=None, unit=None):
@@ -205,9 +215,7 @@ def cmd_jobs(args):
     if partial:
         sys.stderr.write(f"gpu-router: {partial}\n")
     jobs = join(events)
-    for j in jobs:
-        if j["result"] == "running" and not still_running(j):
-            j["result"] = "no-outcome"
+    settle(jobs)
     if args.job:
         found = [j for j in jobs if j["job"] == args.job]
         if not found:
