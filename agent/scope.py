@@ -101,7 +101,10 @@ def ask_agent(socket_path, fields, timeout=REQUEST_TIMEOUT_S):
         sock.close()
     if len(data) < 4:
         raise ScopeError("the agent closed the connection without an answer")
-    return journal.decode_native(data[4:4 + int.from_bytes(data[:4], "little")])
+    try:
+        return journal.decode_native(data[4:4 + int.from_bytes(data[:4], "little")])
+    except ValueError:
+        raise ScopeError("the agent's answer is malformed") from None
 
 
 def place(job, cfg):
