@@ -224,6 +224,8 @@ class Agent:
             self.cfg = _config.load(self.config_file)
         except _config.ConfigError as exc:
             self.log.error("config error; keeping the last good config", error=str(exc))
+        if os.geteuid() == 0:
+            slots.tidy(self.cfg.router.lock_dir, broker.group_id(self.cfg.agent.group))
         if self.monitor is not None:
             self.snapshot = self.monitor.sample_once()
         vram = self._vram_by_pid()
