@@ -151,3 +151,20 @@ def test_the_agent_puts_folders_made_with_a_bad_umask_right(tmp_path):
         assert stat.S_IMODE(st.st_mode) == 0o3770 and st.st_gid == GID
     assert stat.S_IMODE(os.stat("/etc").st_mode) == 0o755  # never through a symlink
     assert slots.tidy(str(lock_dir), GID) == 0
+
+
+def test_an_unforeseen_error_is_exit_70_with_one_line_and_an_event(monkeypatch, capfd):
+    """The wrapper's last line of defence: whatever a bug raises is one line, one event, exit 70, no traceback."""
+    from gpu_router.wrapper import run
+
+    def boom(*args, **kw):
+        raise KeyError("gpus")
+
+    monkeypatch.setattr(run, "_run", boom)
+    monkeypatch.setenv("GPU_ROUTER_LOG", "stderr")
+    assert run.run("w", []) == 70
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert lines[0].startswith("gpu-router: internal error") and "KeyError" in lines[0]
+    assert '"GPU_ROUTER_REASON": "internal-error"' in lines[1]

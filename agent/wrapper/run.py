@@ -235,8 +235,23 @@ def _scope(job, cfg):
         return True
 
 
+EX_SOFTWARE = 70
+
+
 def run(workload_name, args, config_file=None):
-    """The whole wrapper; returns an exit code only when it does not exec."""
+    """The whole wrapper; returns an exit code only when it does not exec. Never a traceback: an error nobody
+    foresaw is one line, one journal event and exit 70 (EX_SOFTWARE), so a job runner sees a documented code."""
+    try:
+        return _run(workload_name, args, config_file)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence; every known failure has its own code
+        what = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+        _err(f"internal error, please report it: {what} (exit {EX_SOFTWARE})")
+        journal.emit("config-error", f"gpu-router internal error: {what}",
+                     {"WORKLOAD": workload_name, "REASON": "internal-error", "DETAIL": what}, priority=3)
+        return EX_SOFTWARE
+
+
+def _run(workload_name, args, config_file=None):
     try:
         cfg = _config.load(config_file)
         workload = cfg.workload(workload_name)
