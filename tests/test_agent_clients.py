@@ -475,3 +475,98 @@ def test_fuzzed_frames_against_the_agent_process(agent, batch):
     for s in socks:
         s.close()
     assert p.poll() is None
+
+
+# ---- "also unclear", decided: the agent, not the member, decides a scope's MODE; METRIC validated; INPUT cut ------
+
+HOLD = r"""
+import fcntl, os, sys, time
+fds = []
+for name in sys.argv[1:]:
+    fd = os.open(name, os.O_RDONLY | os.O_CREAT, 0o660)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    fds.append(fd)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def slot_holder(tmp_path):
+    procs = []
+
+    def hold(*names):
+        p = subprocess.Popen(["/usr/bin/python3", "-I", "-c", HOLD] + [str(tmp_path / "locks" / n) for n in names],
+                             stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "held"
+        procs.append(p)
+        return p.pid
+
+    (tmp_path / "locks").mkdir()
+    yield hold
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def _request(pid, mode, device):
+    return {b"OP": b"scope", b"WORKLOAD": b"tx", b"JOB": b"tx-1-abc", b"MODE": mode.encode(),
+            b"DEVICE": device.encode(), b"PID": str(pid).encode(), b"METRIC": b"12"}
+
+
+def _cfg_with_locks(tmp_path):
+    from gpu_router import config
+
+    path = tmp_path / "config.toml"
+    path.write_text(f'[router]\nlock_dir = "{tmp_path}/locks"\n'
+                    '[workloads.tx]\nbinary = "/bin/true"\nthreshold = 100\ncpu_ram_mb = 9000\ngpu_ram_mb = 500\n')
+    return config.load(str(path), use_cache=False)
+
+
+def test_a_member_gets_the_mode_of_the_slot_it_holds_not_the_one_it_names(tmp_path, slot_holder):
+    cfg = _cfg_with_locks(tmp_path)
+    cpu = slot_holder("tx.cpu.0")
+    with pytest.raises(broker.Refused, match="holds a CPU slot"):
+        broker.grant(cfg, _request(cpu, "GPU", "0"), cpu, 4001)
+    assert broker.grant(cfg, _request(cpu, "CPU", "cpu"), cpu, 4001).mode == "CPU"
+    gpu1 = slot_holder("tx.gpu1.0")
+    with pytest.raises(broker.Refused, match="holds a slot on GPU 1"):
+        broker.grant(cfg, _request(gpu1, "GPU", "0"), gpu1, 4001)
+    assert broker.grant(cfg, _request(gpu1, "GPU", "1"), gpu1, 4001).mode == "GPU"
+    none = slot_holder("other.cpu.0")
+    with pytest.raises(broker.Refused, match="holds no slot"):
+        broker.grant(cfg, _request(none, "CPU", "cpu"), none, 4001)
+    assert broker.grant(cfg, _request(none, "CPU", "cpu"), none, 0).mode == "CPU"  # root: it could do it itself
+
+
+@pytest.mark.parametrize("metric", [b"nan", b"inf", b"1e999", b"-1e999", b"abc", b"1,nan", b"x" * 100, b"\xff"])
+def test_a_metric_that_is_not_finite_numbers_is_unknown_and_makes_no_sample(tmp_path_factory, metric):
+    from gpu_router.daemon import accounting
+
+    cfg = _tx_config(tmp_path_factory)
+    req = {b"OP": b"scope", b"WORKLOAD": b"tx", b"JOB": b"tx-1-abc", b"MODE": b"CPU", b"METRIC": metric}
+    g = broker.grant(cfg, req, os.getpid(), 0)
+    assert g.metric == "unknown"
+    state = tmp_path_factory.mktemp("state")
+    assert accounting.record_sample(str(state), {"METRIC": g.metric, "RESULT": "success", "WORKLOAD": "tx",
+                                                 "MODE": "CPU"}) is None
+
+
+def test_an_input_over_64_kib_is_cut_not_refused(tmp_path_factory):
+    from gpu_router import scope
+
+    class W:
+        name, scope = "tx", "required"
+
+    class J:
+        workload, id, mode, device, predicted_vram_mb = W, "tx-1-abc", "CPU", "cpu", None
+        input = "/tmp/" + "\udcff" + "x" * (100 << 10)
+
+        def fields(self):
+            return {"METRIC": "12"}
+
+    fields = scope.request_fields(J(), None)
+    payload = journal.encode_native(fields)
+    assert len(payload) < broker.MAX_REQUEST
+    g = broker.grant(_tx_config(tmp_path_factory), broker.parse_request(payload), os.getpid(), 0)
+    assert g.input.startswith(b"/tmp/\xffxxx") and len(g.input) <= 4096

@@ -192,6 +192,17 @@ def grant(cfg, request, pid, uid):
     predicted = int(predicted_raw) if predicted_raw.isdigit() and len(predicted_raw) <= 9 else None
     policy_raw = request.get(b"SCOPE_POLICY", b"")
     scope_policy = policy_raw.decode("ascii") if policy_raw in (b"required", b"best-effort", b"off") else None
+    if uid != 0:
+        held = held_slots(pid, cfg.router.lock_dir, workload.name)
+        if held is not None:
+            if not held:
+                raise Refused(f"pid {pid} holds no slot of workload {workload.name!r}: only a job the wrapper "
+                              f"admitted gets a scope")
+            if mode not in held:
+                raise Refused(f"pid {pid} asks for a {mode} scope but holds a {'/'.join(sorted(held))} slot")
+            if mode == "GPU" and device is not None and device not in held["GPU"]:
+                raise Refused(f"pid {pid} asks for GPU {device} but holds a slot on GPU "
+                              f"{'/'.join(sorted(held['GPU']))}")
     memory_max = policy.memory_max_mb(workload, mode)
     unit = scope.unit_name(job_id)
     props = scope.properties(workload, mode, metric, pid, scope.caller_unit(pid), memory_max)
@@ -199,6 +210,51 @@ def grant(cfg, request, pid, uid):
                  metric=metric, pid=pid, job_id=job_id, memory_max_mb=memory_max,
                  control_group=scope.control_group(mode, job_id), scope_policy=scope_policy,
                  input=_input(request.get(b"INPUT")), predicted_vram_mb=predicted)
+
+
+def held_slots(pid, lock_dir, workload, locks_path="/proc/locks"):
+    """{"GPU": {device, …}, "CPU": {"cpu"}} of the slots of ``workload`` that ``pid`` holds (flock), from the
+    kernel's lock table; None when that cannot be known (then the request is judged on its own).
+
+    The MODE of a scope decides its limits (slice, MemoryMax): the agent takes it from the slot the caller actually
+    holds, not from what it says. The wrapper takes its slot before it asks, in the same PID, and the lock is the
+    kernel's record of who holds what."""
+    try:
+        names = os.listdir(lock_dir)
+        with open(locks_path, "rb") as f:
+            table = f.read(1 << 22)
+    except OSError:
+        return None
+    mine = set()
+    needle = f" {pid} ".encode()
+    for line in table.splitlines():
+        if b"FLOCK" not in line or needle not in line:
+            continue
+        parts = line.split()
+        try:
+            at = parts.index(str(pid).encode())
+            major, minor, inode = parts[at + 1].split(b":")
+            mine.add((int(major, 16), int(minor, 16), int(inode)))
+        except (ValueError, IndexError):
+            continue
+    held = {}
+    prefix = workload + "."
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pool, _, n = name[len(prefix):].partition(".")
+        if not n.isdigit() or not (pool == "cpu" or (pool.startswith("gpu") and pool[3:].isdigit())):
+            continue
+        try:
+            st = os.stat(os.path.join(lock_dir, name), follow_symlinks=False)
+        except OSError:
+            continue
+        if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in mine:
+            if pool == "cpu":
+                held.setdefault("CPU", set()).add("cpu")
+            else:
+                held.setdefault("GPU", set()).add(pool[3:])
+    return held
 
 
 class RateLimit:
