@@ -570,3 +570,58 @@ def test_an_input_over_64_kib_is_cut_not_refused(tmp_path_factory):
     assert len(payload) < broker.MAX_REQUEST
     g = broker.grant(_tx_config(tmp_path_factory), broker.parse_request(payload), os.getpid(), 0)
     assert g.input.startswith(b"/tmp/\xffxxx") and len(g.input) <= 4096
+
+
+ACCOUNTED = r"""
+import os, random, sys
+sys.path.insert(0, sys.argv[1])
+from gpu_router import scope
+rng = random.Random(int(sys.argv[3]))
+pool = [b"\xff\xfe", b"\n", b"\x00", b"=", "é".encode(), b"%s", b"\\", b"x" * 5000, b"1e999", b"nan", b"-1", b"7"]
+kids = []
+for i in range(int(sys.argv[4])):
+    fields = [(k, b"".join(rng.choice(pool) for _ in range(rng.randrange(0, 4)))) for k in
+              ("INPUT", "METRIC", "PREDICTED_VRAM_MB")]
+    fields += [("DEVICE", rng.choice(["cpu", "0", "1", ""])), ("SCOPE_POLICY", "best-effort")]
+    pid = os.fork()
+    if pid == 0:
+        me = str(os.getpid())
+        req = [("OP", "scope"), ("WORKLOAD", "tx"), ("JOB", "tx-" + me + "-" + str(i)), ("MODE", rng.choice(["CPU", "GPU"])),
+               ("PID", me)] + fields
+        try:
+            scope.ask_agent(sys.argv[2], req, timeout=10)
+        except Exception as exc:
+            print("client error", type(exc).__name__, exc, flush=True)
+        os._exit(0)
+    kids.append(pid)
+for pid in kids:
+    os.waitpid(pid, 0)
+print("done", flush=True)
+"""
+
+
+def test_accounting_path_takes_random_fields_and_the_agent_keeps_serving(agent):
+    """Granted requests with random INPUT/METRIC/PREDICTED/DEVICE bytes: each job is accounted and logged
+    (job-finished) with whatever it named, and the agent is alive and serving afterwards."""
+    base, p, env = agent
+    import gpu_router
+    from gpu_router import scope
+
+    lib = os.path.dirname(os.path.dirname(gpu_router.__file__))
+    for seed in range(3):
+        out = subprocess.run(["/usr/bin/python3", "-I", "-c", ACCOUNTED, lib, str(base / "agent.sock"), str(seed),
+                              "25"], capture_output=True, text=True, timeout=120).stdout
+        assert "done" in out and "client error" not in out, out
+        reply = scope.ask_agent(str(base / "agent.sock"), [("OP", "scope"), ("WORKLOAD", "nope")], timeout=10)
+        assert reply["OK"] == "0" and p.poll() is None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        text = (base / "agent.err").read_bytes()
+        if text.count(b'"job-finished"') >= 75:  # every granted job accounted, whatever it named
+            break
+        time.sleep(0.2)
+    text = (base / "agent.err").read_bytes()
+    assert text.count(b'"job-finished"') == 75, text.count(b'"job-finished"')
+    assert b"\xff\xfe" in text  # an INPUT that is not UTF-8 is written as it is
+    assert b"Traceback" not in text
+    assert p.poll() is None

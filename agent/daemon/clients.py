@@ -20,8 +20,8 @@ import time
 from . import broker
 
 DEADLINE_S = 2.0       # the wrapper sends its whole request at once: 2 s is ample, and bounds a slow client
-MAX_OPEN = 128         # connections in all
-MAX_PER_UID = 16       # connections of one uid (a member's burst of jobs is served; a flood is cut)
+MAX_OPEN = 256         # connections in all (well under the service's 1024 descriptors)
+MAX_PER_UID = 64       # connections of one uid (a runner's burst of jobs is served; a flood is cut)
 _UCRED = struct.Struct("3i")
 
 
@@ -78,7 +78,7 @@ class Clients:
                 self.dropped += 1
                 self.refuse(pid, uid, "too many open connections to the agent")
                 _send_quietly(sock, broker.frame({"OK": "0", "ERROR": "too many open connections; retry"}))
-                sock.close()
+                _close_read(sock)
                 continue
             conn = Conn(sock, pid, uid, gid, self.clock() + self.deadline_s)
             self.conns[conn.fd] = conn
@@ -169,7 +169,7 @@ class Clients:
             self.selector.unregister(conn.sock)
         except (KeyError, ValueError):
             pass
-        conn.sock.close()
+        _close_read(conn.sock)
 
     def drop(self, fd):
         conn = self.conns.get(fd)
@@ -179,6 +179,21 @@ class Clients:
     def close_all(self):
         for conn in list(self.conns.values()):
             self.close(conn)
+
+
+def _close_read(sock):
+    """Close after reading what is already there (at most a little): closing with unread data makes the kernel
+    send a reset, which can destroy the reply before the client reads it."""
+    try:
+        for _ in range(4):
+            if not sock.recv(65536):
+                break
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 def _send_quietly(sock, data):

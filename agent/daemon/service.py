@@ -299,6 +299,11 @@ class Agent:
         return 0
 
     def _dispatch(self, key, events, listener):
+        try:  # an earlier event of the same batch may have closed this fd, and its number may be in use again
+            if self.selector.get_key(key.fileobj) is not key:
+                return
+        except (KeyError, ValueError):
+            return
         data = key.data
         if data == "broker":
             self.clients.accept(listener)
