@@ -168,3 +168,39 @@ def test_an_unforeseen_error_is_exit_70_with_one_line_and_an_event(monkeypatch, 
     lines = err.splitlines()
     assert lines[0].startswith("gpu-router: internal error") and "KeyError" in lines[0]
     assert '"GPU_ROUTER_REASON": "internal-error"' in lines[1]
+
+
+PLANTS = {
+    "slot-is-dir": lambda d: (d / "w.gpu0.0").mkdir(),
+    "slot-is-fifo": lambda d: os.mkfifo(d / "w.gpu0.0"),
+    "slot-is-symlink": lambda d: (d / "w.gpu0.0").symlink_to("/etc/passwd"),
+    "vram-is-file": lambda d: (d / "vram").write_text("x"),
+    "vram-is-symlink": lambda d: (d / "vram").symlink_to("/tmp"),
+    "vram-lock-is-dir": lambda d: (d / "vram.lock").mkdir(),
+    "queue-is-file": lambda d: (d / "w.gpu.queue").write_text("x"),
+    "queue-is-fifo": lambda d: os.mkfifo(d / "w.gpu.queue"),
+    "ledger-entry-is-dir": lambda d: ((d / "vram").mkdir(), (d / "vram" / "gpu0.123").mkdir()),
+    "ledger-entry-is-fifo": lambda d: ((d / "vram").mkdir(), os.mkfifo(d / "vram" / "gpu0.123")),
+    "ledger-entry-garbage": lambda d: ((d / "vram").mkdir(), (d / "vram" / "gpu0.123").write_bytes(b"\xff" * 99)),
+    "ledger-entry-huge-mb": lambda d: ((d / "vram").mkdir(), (d / "vram" / "gpu0.123").write_text("9" * 400)),
+    "ledger-entry-negative": lambda d: ((d / "vram").mkdir(), (d / "vram" / "gpu0.5").write_text("-99999")),
+    "ledger-names": lambda d: ((d / "vram").mkdir(), *[(d / "vram" / n).write_text("1") for n in
+                                                      ("gpu0.abc", "gpu0.", "..x", "gpu0.\u0663", "x" * 200)]),
+    "queue-ticket-dir": lambda d: ((d / "w.gpu.queue").mkdir(), (d / "w.gpu.queue" / ("0" * 20)).mkdir()),
+    "queue-garbage-names": lambda d: ((d / "w.gpu.queue").mkdir(), *[(d / "w.gpu.queue" / n).write_text("") for n in
+                                                                    ("zzz", "\udcff", "1.2.3")]),
+    "world-writable-sub": lambda d: ((d / "vram").mkdir(), os.chmod(d / "vram", 0o777)),
+    "unreadable-sub": lambda d: ((d / "vram").mkdir(), os.chmod(d / "vram", 0o000)),
+}
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+@pytest.mark.parametrize("uid", [0, 4001])
+def test_no_lock_dir_state_makes_the_wrapper_raise(shared, plant, uid):
+    """Whatever is planted in the lock dir, the wrapper exits with a documented code (0, 69 or 75) and one line,
+    never a traceback or exit 1."""
+    rig, small = shared
+    PLANTS[plant](rig.lock_dir)
+    res = _run(rig, uid, "077", small)
+    assert res.rc in (0, 69, 75), res
+    assert "Traceback" not in res.err, res
