@@ -58,6 +58,9 @@ def field_name(key):
     """A journald field name: A-Z, 0-9 and '_', not starting with a digit or '_' (others are dropped by journald,
     so they are mended here rather than lost)."""
     text = key.decode("ascii", "replace") if isinstance(key, (bytes, bytearray)) else str(key)
+    if text.isascii() and text.isupper() and text[0].isalpha() and text.replace("_", "").isalnum() \
+            and len(text) <= 64:
+        return text  # the common case, in C: every name the code itself writes
     name = "".join(c if ("A" <= c <= "Z" or "0" <= c <= "9" or c == "_") else "_" for c in text.upper())[:64]
     if not name or not ("A" <= name[0] <= "Z"):
         name = "X" + name[:63]
