@@ -625,3 +625,12 @@ def test_accounting_path_takes_random_fields_and_the_agent_keeps_serving(agent):
     assert b"\xff\xfe" in text  # an INPUT that is not UTF-8 is written as it is
     assert b"Traceback" not in text
     assert p.poll() is None
+
+
+def test_rate_limited_refusals_still_count_in_the_metrics(tmp_path):
+    from gpu_router.daemon import metrics
+
+    m = metrics.Metrics(str(tmp_path))
+    m.count_event({"GPU_ROUTER_EVENT": "broker-refused", "GPU_ROUTER_SUPPRESSED": "97"})
+    m.count_event({"GPU_ROUTER_EVENT": "broker-refused"})
+    assert m.store.counters["gpu_router_broker_refusals_total"][()] == 99
