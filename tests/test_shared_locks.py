@@ -204,3 +204,14 @@ def test_no_lock_dir_state_makes_the_wrapper_raise(shared, plant, uid):
     res = _run(rig, uid, "077", small)
     assert res.rc in (0, 69, 75), res
     assert "Traceback" not in res.err, res
+
+
+def test_a_lock_dir_error_during_admission_is_69_with_an_event(shared):
+    """A folder inside the lock dir the caller cannot use (here: the queue, made unusable by root) is exit 69,
+    one line and a config-error event, as the lock dir itself is."""
+    rig, small = shared
+    (rig.lock_dir / "w.gpu.queue").mkdir(mode=0o700)
+    os.chmod(rig.lock_dir / "w.gpu.queue", 0o700)
+    res = _run(rig, 4001, "077", small)
+    assert res.rc == 69 and "Traceback" not in res.err, res
+    assert res.event("config-error")["GPU_ROUTER_WORKLOAD"] == "w"

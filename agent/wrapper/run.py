@@ -266,6 +266,9 @@ def _run(workload_name, args, config_file=None):
             os.execv(workload.binary, [workload.binary] + list(args))
         except OSError as exc:
             _err(f"{workload.name}: cannot run {workload.binary}: {exc.strerror}")
+            journal.emit("job-finished", f"{workload.name}: {workload.binary} could not be started: {exc.strerror}",
+                         {"WORKLOAD": workload.name, "RESULT": "failed",
+                          "EXIT_STATUS": 127 if isinstance(exc, FileNotFoundError) else 126})
             return 127 if isinstance(exc, FileNotFoundError) else 126
     job = Job(workload, args)
     if not _probe(job):
@@ -288,7 +291,11 @@ def _run(workload_name, args, config_file=None):
         _err(f"{workload.name}: BLOCKED ({exc}); retry later (exit {workload.retry_exit_code})")
         return workload.retry_exit_code
     except slots.LockDirError as exc:
+        for fd in job.fds:
+            os.close(fd)
         _err(str(exc))
+        journal.emit("config-error", f"{workload.name}: {exc}", {"WORKLOAD": workload.name, "JOB": job.id,
+                                                                 "DETAIL": str(exc)})
         return EX_UNAVAILABLE
     finally:
         os.close(dir_fd)
