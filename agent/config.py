@@ -33,6 +33,9 @@ class ConfigError(Exception):
     def __init__(self, message, path=None, key=None):
         self.path = path
         self.key = key
+        message = str(message)
+        if len(message) > 400:  # a hostile value is never echoed back whole
+            message = message[:400] + "…"
         where = ": ".join(x for x in (path, key) if x)
         super().__init__(f"{where}: {message}" if where else message)
 
@@ -97,26 +100,49 @@ class Config(Record):
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 
 
+MAX_DURATION_S = 366 * 86400  # no duration in this file means more than a year
+MIB_MAX = 1 << 24             # 16 TiB: no memory size in this file is larger
+SIZE_MAX_BYTES = float(1 << 60)  # parse_size: 1 EiB, far past any input or memory, far from float overflow
+NUMBER_MAX = 1e15             # thresholds and model coefficients: finite, and far from float overflow
+MAX_CONFIG_BYTES = 1 << 20    # a config file or drop-in larger than 1 MiB is not one
+MAX_DEPTH = 4                 # tables and arrays nest at most this deep (the schema needs 3)
+
+
+def _show(value, limit=60):
+    """A value as an error message shows it: repr, bounded (a 1 MB string is not echoed back)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _short(key, limit=64):
+    """A key as an error message names it (a hostile 1 MB key is cut)."""
+    key = str(key)
+    return key if len(key) <= limit else key[:limit] + "…"
+
+
 def parse_duration(value):
-    """'30s', '5m', '1h30m', '250ms' or a plain number of seconds → float seconds; ValueError otherwise."""
+    """'30s', '5m', '1h30m', '250ms' or a plain number of seconds → float seconds; ValueError otherwise.
+    Always finite, never negative, at most MAX_DURATION_S."""
     if isinstance(value, bool):
         raise ValueError("not a duration")
     if isinstance(value, (int, float)):
-        if value < 0 or value != value:
-            raise ValueError("negative")
+        if value != value or value < 0 or value > MAX_DURATION_S:
+            raise ValueError("out of range")
         return float(value)
-    text = str(value).strip().lower().replace(" ", "")
+    if not isinstance(value, str) or len(value) > 64:
+        raise ValueError("not a duration")
+    text = value.strip().lower().replace(" ", "")
     if not text:
         raise ValueError("empty")
     total, number, i = 0.0, "", 0
     while i < len(text):
         ch = text[i]
-        if ch.isdigit() or ch == ".":
+        if ch.isascii() and (ch.isdigit() or ch == "."):
             number += ch
             i += 1
             continue
         unit = ""
-        while i < len(text) and text[i].isalpha():
+        while i < len(text) and text[i].isascii() and text[i].isalpha():
             unit += text[i]
             i += 1
         if not number or unit not in _DURATION_UNITS:
@@ -125,6 +151,8 @@ def parse_duration(value):
         number = ""
     if number:
         total += float(number)
+    if total != total or total > MAX_DURATION_S:
+        raise ValueError("out of range")
     return total
 
 
@@ -140,10 +168,12 @@ def parse_size(value, unit_bytes=1):
     if isinstance(value, bool):
         raise ValueError("not a size")
     if isinstance(value, (int, float)):
-        if value < 0 or value != value:
-            raise ValueError("negative")
+        if value < 0 or value != value or value > SIZE_MAX_BYTES / unit_bytes:
+            raise ValueError("out of range")
         return value
-    text = str(value).strip().replace(" ", "")
+    if not isinstance(value, str) or len(value) > 64:
+        raise ValueError("not a size")
+    text = value.strip().replace(" ", "")
     i = 0
     while i < len(text) and (text[i].isdigit() or text[i] == "."):
         i += 1
@@ -153,6 +183,8 @@ def parse_size(value, unit_bytes=1):
     if not unit:
         return float(number) if "." in number else int(number)
     size = float(number) * _SIZE_UNITS[unit] / unit_bytes
+    if not size <= SIZE_MAX_BYTES / unit_bytes:  # NaN, inf and absurd sizes alike
+        raise ValueError(f"size out of range {value!r}")
     return int(size) if size == int(size) else size
 
 
@@ -160,12 +192,12 @@ def parse_size(value, unit_bytes=1):
 # Each entry: key → (checker, default). A checker takes the raw value and returns the clean one or raises
 # ValueError with what is allowed.
 
-def _int(lo=None, hi=None):
+def _int(lo=None, hi=MIB_MAX):
     def check(v):
         if isinstance(v, bool) or not isinstance(v, int):
             raise ValueError(f"expected a whole number{_range(lo, hi)}")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise ValueError(f"expected a whole number{_range(lo, hi)}, got {v}")
+            raise ValueError(f"expected a whole number{_range(lo, hi)}, got {_show(v)}")
         return v
     return check
 
@@ -178,14 +210,16 @@ def _range(lo, hi):
     return ""
 
 
-def _number(positive=True):
+def _number(positive=True, hi=NUMBER_MAX):
     def check(v):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
             raise ValueError("expected a finite number")
+        if v > hi:
+            raise ValueError(f"expected a number <= {hi:g}, got {_show(v)}")
         if positive and v <= 0:
-            raise ValueError(f"expected a number > 0, got {v}")
+            raise ValueError(f"expected a number > 0, got {_show(v)}")
         if not positive and v < 0:
-            raise ValueError(f"expected a number >= 0, got {v}")
+            raise ValueError(f"expected a number >= 0, got {_show(v)}")
         return float(v) if isinstance(v, float) else v
     return check
 
@@ -199,7 +233,7 @@ def _optional(check):
 def _choice(*allowed):
     def check(v):
         if v not in allowed:
-            raise ValueError(f"expected one of {', '.join(repr(a) for a in allowed)}, got {v!r}")
+            raise ValueError(f"expected one of {', '.join(repr(a) for a in allowed)}, got {_show(v)}")
         return v
     return check
 
@@ -211,40 +245,61 @@ def _bool(v):
 
 
 def _abspath(v):
-    if not isinstance(v, str) or not v.startswith("/") or "\0" in v:
-        raise ValueError(f"expected an absolute path, got {v!r}")
+    if not isinstance(v, str) or not v.startswith("/") or "\0" in v or len(v) > 4096:
+        raise ValueError(f"expected an absolute path, got {_show(v)}")
     return os.path.normpath(v)
 
 
 def _string(v):
-    if not isinstance(v, str) or not v:
-        raise ValueError("expected a non-empty string")
+    if not isinstance(v, str) or not v or len(v) > 256 or "\0" in v:
+        raise ValueError("expected a non-empty string (at most 256 characters, no NUL)")
     return v
 
 
 def _strlist(v):
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise ValueError("expected a list of strings")
+    if not isinstance(v, list) or len(v) > 256 or \
+            not all(isinstance(x, str) and len(x) <= 4096 and "\0" not in x for x in v):
+        raise ValueError("expected a list of strings (at most 256, each at most 4096 characters, no NUL)")
     return list(v)
 
 
 def _intlist(v):
-    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-        raise ValueError("expected a list of whole numbers")
+    if not isinstance(v, list) or len(v) > 1024 or \
+            not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 65535 for x in v):
+        raise ValueError("expected a list of whole numbers from 0 to 65535")
     return list(v)
 
 
-def _duration(v):
+def _duration(v, lo=0.0, hi=MAX_DURATION_S):
     try:
-        return parse_duration(v)
+        seconds = parse_duration(v)
     except ValueError:
-        raise ValueError(f"expected a duration such as \"30s\", \"5m\" or a number of seconds, got {v!r}") from None
+        raise ValueError(f"expected a duration such as \"30s\", \"5m\" or a number of seconds, at most "
+                         f"{_human(hi)}, got {_show(v)}") from None
+    if seconds < lo or seconds > hi:
+        raise ValueError(f"expected a duration from {_human(lo)} to {_human(hi)}, got {_show(v)}")
+    return seconds
+
+
+def _human(seconds):
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    if 0 < seconds < 1 and abs(seconds * 1000 - round(seconds * 1000)) < 1e-9:
+        return f"{round(seconds * 1000)}ms"
+    return f"{seconds:g}s"
+
+
+def _bounded_duration(lo, hi):
+    def check(v):
+        return _duration(v, lo, hi)
+    return check
 
 
 def _positive_duration(v):
     seconds = _duration(v)
     if seconds <= 0:
-        raise ValueError(f"expected a duration > 0, got {v!r}")
+        raise ValueError(f"expected a duration > 0, got {_show(v)}")
     return seconds
 
 
@@ -305,35 +360,39 @@ def _probes(v):
 
 def _thresholds(v):
     values = v if isinstance(v, list) else [v]
+    if len(values) > 16:
+        raise ValueError("expected at most 16 thresholds")
     for x in values:
         if not isinstance(x, str):
             _number(positive=True)(x)
-        elif not x.strip():
+        elif not x.strip() or len(x) > 64:
             raise ValueError("expected a number or a value with its unit, such as \"1h\" or \"11G\"")
     return list(values)  # numbers in the probe's unit, or strings read per probe by _normalize_thresholds
 
 
 def _units(v):
     values = v if isinstance(v, list) else [v]
+    if len(values) > 16:
+        raise ValueError("expected at most 16 units")
     return [_string(x) for x in values]
 
 
 def _input(v):
     if v == "last-file":
         return v
-    if isinstance(v, str) and v.startswith("arg:"):
+    if isinstance(v, str) and v.startswith("arg:") and 4 < len(v) <= 12:
         try:
             int(v[4:])
             return v
         except ValueError:
             pass
-    if isinstance(v, str) and v.startswith("option:") and len(v) > 7:
+    if isinstance(v, str) and v.startswith("option:") and 7 < len(v) <= 256 and "\0" not in v:
         return v
     raise ValueError(f"expected \"last-file\", \"arg:N\" (N counts from 1, negative from the end) or "
-                     f"\"option:--name\", got {v!r}")
+                     f"\"option:--name\", got {_show(v)}")
 
 
-def _mib(lo=None, hi=None):
+def _mib(lo=None, hi=MIB_MAX):
     """MiB as a whole number, or a size with its unit ("11G", "3700M", "512MiB")."""
     check = _int(lo, hi)
 
@@ -359,21 +418,34 @@ def _memory_max(v):
             v = _mib(1)(v)
         except ValueError:
             pass
-    if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+    if isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MIB_MAX:
         return v
-    raise ValueError(f"expected \"auto\", \"off\" or a number of MiB > 0 (or \"11G\"), got {v!r}")
+    raise ValueError(f"expected \"auto\", \"off\" or a number of MiB from 1 to {MIB_MAX} (or \"11G\"), "
+                     f"got {_show(v)}")
+
+
+_ENV_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")
+_ENV_REST = _ENV_FIRST | frozenset("0123456789")
 
 
 def _env(v):
-    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
-        raise ValueError("expected a table of strings")
+    """Environment for the job: names as a shell takes them ([A-Za-z_][A-Za-z0-9_]*: no '=', no NUL, which
+    execve would refuse only when the job starts), values without NUL."""
+    if not isinstance(v, dict) or len(v) > 256:
+        raise ValueError("expected a table of at most 256 strings")
+    for k, x in v.items():
+        if not isinstance(k, str) or not k or len(k) > 256 or k[0] not in _ENV_FIRST or not set(k) <= _ENV_REST:
+            raise ValueError(f"variable name {_show(k)} is not a valid name (letters, digits, '_'; not a digit "
+                             f"first)")
+        if not isinstance(x, str) or "\0" in x or len(x) > 32768:
+            raise ValueError(f"the value of {k} must be a string without NUL (at most 32 KiB)")
     return dict(v)
 
 
 ROUTER = {
     "lock_dir": (_abspath, "/run/gpu-router/locks"),
     "retry_exit_code": (_int(1, 255), 75),
-    "wait": (_duration, 0.0),
+    "wait": (_bounded_duration(0, 86400), 0.0),
     "probe_error_exit_code": (_int(1, 255), 65),
 }
 HOST = {
@@ -384,11 +456,11 @@ HOST = {
 }
 GPU = {
     "backend": (_choice("auto", "nvml", "nvidia-smi", "none"), "auto"),
-    "sample_interval": (_positive_duration, 1.0),
+    "sample_interval": (_bounded_duration(0.01, 3600), 1.0),
     "snapshot": (_abspath, "/run/gpu-router/gpus.json"),
-    "snapshot_max_age": (_positive_duration, 5.0),
-    "call_timeout": (_positive_duration, 5.0),
-    "xid_holdoff": (_duration, 300.0),
+    "snapshot_max_age": (_bounded_duration(0.01, 86400), 5.0),
+    "call_timeout": (_bounded_duration(0.01, 3600), 5.0),
+    "xid_holdoff": (_bounded_duration(0, 7 * 86400), 300.0),
     "ignored_xids": (_intlist, [13, 31, 43, 45, 68]),
     "reserve_mb": (_mib(0), 0),
     "visible_devices": (_choice("uuid", "index"), "uuid"),
@@ -404,7 +476,7 @@ WORKLOAD = {
     "binary": (_abspath, _REQUIRED),
     "probe": (_probes, ["file-size"]),
     "probe_command": (_strlist, []),
-    "probe_timeout": (_positive_duration, 10.0),
+    "probe_timeout": (_bounded_duration(0.001, 3600), 10.0),
     "combine": (_choice("all", "product"), "all"),
     "input": (_input, "last-file"),
     "threshold": (_thresholds, _REQUIRED),
@@ -413,8 +485,8 @@ WORKLOAD = {
     "admission": (_choice("slots", "vram"), "slots"),
     "gpu_vram_mb": (_mib(0), 0),
     "vram_model": (_choice("constant", "linear", "calibrated"), "constant"),
-    "vram_base_mb": (_number(positive=False), 0),
-    "vram_per_unit_mb": (_number(positive=False), 0),
+    "vram_base_mb": (_number(positive=False, hi=MIB_MAX), 0),
+    "vram_per_unit_mb": (_number(positive=False, hi=MIB_MAX), 0),
     "cpu_ram_mb": (_mib(0), 0),
     "gpu_ram_mb": (_optional(_mib(0)), None),
     "max_gpu_jobs": (_int(0, 4096), 1),
@@ -423,12 +495,12 @@ WORKLOAD = {
     "cpu_args": (_strlist, []),
     "spill_to_cpu": (_bool, False),
     "retry_exit_code": (_optional(_int(1, 255)), None),
-    "wait": (_optional(_duration), None),
+    "wait": (_optional(_bounded_duration(0, 86400)), None),
     "scope": (_choice("required", "best-effort", "off"), "best-effort"),
     "gpu_memory_max": (_memory_max, "auto"),
     "cpu_memory_max": (_memory_max, "auto"),
-    "memory_margin": (_number(positive=False), 0.2),
-    "runtime_max": (_optional(_positive_duration), None),
+    "memory_margin": (_number(positive=False, hi=10), 0.2),
+    "runtime_max": (_optional(_bounded_duration(0.001, MAX_DURATION_S)), None),
     "bind_to_caller": (_bool, False),
     "env": (_env, {}),
 }
@@ -441,7 +513,7 @@ def _section(schema, raw, path, prefix):
     if unknown:
         import difflib
 
-        key = unknown[0]
+        key = _short(unknown[0])
         near = difflib.get_close_matches(key, schema, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else f"; allowed: {', '.join(sorted(schema))}"
         raise ConfigError(f"unknown key{hint}", path, f"{prefix}.{key}")
@@ -581,8 +653,8 @@ def _check_binary(binary, name, path, prefix):
 
 
 CALIBRATION = {
-    "vram_base_mb": (_number(positive=False), _REQUIRED),
-    "vram_per_unit_mb": (_number(positive=False), _REQUIRED),
+    "vram_base_mb": (_number(positive=False, hi=MIB_MAX), _REQUIRED),
+    "vram_per_unit_mb": (_number(positive=False, hi=MIB_MAX), _REQUIRED),
 }
 
 
@@ -644,7 +716,7 @@ def validate(main_raw, main_path, dropins, read_calibration=None):
     allowed = {"router", "host", "gpu", "agent", "workloads"}
     unknown = sorted(set(main_raw) - allowed)
     if unknown:
-        raise ConfigError(f"unknown section; allowed: {', '.join(sorted(allowed))}", main_path, unknown[0])
+        raise ConfigError(f"unknown section; allowed: {', '.join(sorted(allowed))}", main_path, _short(unknown[0]))
     out = {"path": main_path}
     out["router"] = _section(ROUTER, main_raw.get("router", {}), main_path, "router")
     out["host"] = _section(HOST, main_raw.get("host", {}), main_path, "host")
@@ -655,7 +727,7 @@ def validate(main_raw, main_path, dropins, read_calibration=None):
         if path != main_path:
             extra = sorted(set(raw) - {"workloads"})
             if extra:
-                raise ConfigError("a drop-in holds only [workloads.NAME] tables", path, extra[0])
+                raise ConfigError("a drop-in holds only [workloads.NAME] tables", path, _short(extra[0]))
         tables = raw.get("workloads", {})
         if not isinstance(tables, dict):
             raise ConfigError("expected [workloads.NAME] tables", path, "workloads")
@@ -663,7 +735,9 @@ def validate(main_raw, main_path, dropins, read_calibration=None):
             if not name or name.startswith(".") or not all(c.isascii() and (c.isalnum() or c in "_.-")
                                                              for c in name):
                 raise ConfigError("a workload name is letters, digits, '_', '.' and '-' (it names lock files "
-                                  "and systemd scopes)", path, f"workloads.{name}")
+                                  "and systemd scopes)", path, f"workloads.{_short(name)}")
+            if len(name) > 64:
+                raise ConfigError("a workload name is at most 64 characters", path, f"workloads.{_short(name)}")
             if name in seen:
                 raise ConfigError(f"workload defined twice (also in {seen[name]})", path, f"workloads.{name}")
             seen[name] = path
@@ -716,9 +790,7 @@ def _sources(main_path):
     except (FileNotFoundError, NotADirectoryError):
         names = []
     for name in names:
-        path = os.path.join(ddir, name)
-        st = os.stat(path)
-        out.append((path, st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns))
+        out.append(_identity(os.path.join(ddir, name)))  # a dangling one is (path, None): parse names it
     return out
 
 
@@ -806,22 +878,83 @@ def _trusted_dir(st):
 
 
 def _read_toml(path):
+    """The TOML document at ``path``, or None when there is none. Only a regular file is read (a directory, FIFO
+    or device is refused by name, never opened for reading: a FIFO would hang, /dev/zero never end), at most
+    MAX_CONFIG_BYTES, nested at most MAX_DEPTH deep."""
     import tomllib
 
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.stat(path)  # before open: opening a FIFO or a socket is already too much
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", path) from None
-    with os.fdopen(fd, "rb") as f:
-        data = f.read()
+    _regular(st, path)
     try:
-        return tomllib.loads(data.decode("utf-8"))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", path) from None
+    try:
+        st = os.fstat(fd)
+        _regular(st, path)  # again on what was opened: the name may have been swapped in between
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"is {st.st_size} bytes; a config file is at most {MAX_CONFIG_BYTES}", path)
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > MAX_CONFIG_BYTES:
+                raise ConfigError(f"is larger than {MAX_CONFIG_BYTES} bytes; refusing it", path)
+            chunks.append(chunk)
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", path) from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"TOML syntax error: {exc}", path) from None
+    except (RecursionError, MemoryError):
+        raise ConfigError(f"nested too deeply (at most {MAX_DEPTH} levels)", path) from None
+    key = _too_deep(doc)
+    if key is not None:
+        raise ConfigError(f"nested too deeply (at most {MAX_DEPTH} levels of tables and arrays)", path, key)
+    return doc
+
+
+def _regular(st, path):
+    if not _stat.S_ISREG(st.st_mode):
+        kind = "a directory" if _stat.S_ISDIR(st.st_mode) else "a FIFO" if _stat.S_ISFIFO(st.st_mode) else \
+            "a socket" if _stat.S_ISSOCK(st.st_mode) else \
+            "a device" if _stat.S_ISCHR(st.st_mode) or _stat.S_ISBLK(st.st_mode) else "something else"
+        raise ConfigError(f"is {kind}, not a regular file; refusing it", path)
+
+
+def _too_deep(doc):
+    """The dotted key where ``doc`` nests deeper than MAX_DEPTH, or None (iterative: no recursion to exhaust)."""
+    stack = [(doc, "", 0)]
+    while stack:
+        value, key, depth = stack.pop()
+        if isinstance(value, dict):
+            items = value.items()
+        elif isinstance(value, list):
+            items = ((f"[{i}]", v) for i, v in enumerate(value))
+        else:
+            continue
+        if depth >= MAX_DEPTH:
+            return key or None
+        for k, v in items:
+            if isinstance(v, (dict, list)):
+                stack.append((v, f"{key}.{k}" if key and not k.startswith("[") else f"{key}{k}" if key else k,
+                              depth + 1))
+    return None
 
 
 def parse(main_path, read_calibration=None, candidate=None):
@@ -864,7 +997,10 @@ def _read_dropins(main_path, cand_file, cand_target):
                 raise ConfigError("no such file", cand_file)
             dropins.append((cand_file, raw))
         else:
-            dropins.append((path, _read_toml(path) or {}))
+            doc = _read_toml(path)
+            if doc is None:
+                raise ConfigError("is listed but cannot be found (a dangling symlink?); refusing it", path)
+            dropins.append((path, doc))
     return dropins
 
 

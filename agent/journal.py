@@ -40,53 +40,108 @@ def journal_socket_path():
     return os.environ.get("GPU_ROUTER_JOURNAL_SOCKET") or DEFAULT_SOCKET
 
 
+def field_bytes(value):
+    """A field's value as the bytes journald stores: bytes as they are (a file name that is not UTF-8 stays
+    itself), text as UTF-8 with surrogate escapes turned back into the bytes they stand for; never raises."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, float):
+        value = format(value, ".6g")
+    elif not isinstance(value, str):
+        value = str(value)
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte: show it, escaped
+        return value.encode("utf-8", "backslashreplace")
+
+
+def field_name(key):
+    """A journald field name: A-Z, 0-9 and '_', not starting with a digit or '_' (others are dropped by journald,
+    so they are mended here rather than lost)."""
+    text = key.decode("ascii", "replace") if isinstance(key, (bytes, bytearray)) else str(key)
+    if text.isascii() and text.isupper() and text[0].isalpha() and text.replace("_", "").isalnum() \
+            and len(text) <= 64:
+        return text  # the common case, in C: every name the code itself writes
+    name = "".join(c if ("A" <= c <= "Z" or "0" <= c <= "9" or c == "_") else "_" for c in text.upper())[:64]
+    if not name or not ("A" <= name[0] <= "Z"):
+        name = "X" + name[:63]
+    return name
+
+
 def build_fields(event, message, fields, priority=None):
-    """The full field list of one event: journald's own fields plus ours, prefixed; None values dropped."""
+    """The full field list of one event: journald's own fields plus ours, prefixed; None values dropped.
+
+    Values are bytes (``field_bytes``): whatever a caller named — a path that is not UTF-8, a newline, a NUL —
+    reaches the journal as it is, and nothing here can raise on it."""
     out = [
-        ("MESSAGE", message),
-        ("MESSAGE_ID", MESSAGE_IDS[event]),
-        ("PRIORITY", str(PRIORITIES[event] if priority is None else priority)),
-        ("SYSLOG_IDENTIFIER", "gpu-router"),
-        (PREFIX + "EVENT", event),
+        ("MESSAGE", field_bytes(message)),
+        ("MESSAGE_ID", MESSAGE_IDS[event].encode()),
+        ("PRIORITY", str(PRIORITIES[event] if priority is None else priority).encode()),
+        ("SYSLOG_IDENTIFIER", b"gpu-router"),
+        (PREFIX + "EVENT", event.encode()),
     ]
     for key, value in fields.items():
         if value is None:
             continue
-        if isinstance(value, float):
-            value = format(value, ".6g")
-        out.append((PREFIX + key, str(value)))
+        out.append((field_name(PREFIX + str(key)), field_bytes(value)))
     return out
 
 
 def encode_native(pairs):
-    """journald's native datagram format: KEY=value lines, or KEY\\n<u64le length>value\\n where value has a newline."""
+    """journald's native datagram format: KEY=value lines, or KEY\n<u64le length>value\n where value has a newline.
+    Values may be bytes or text (``field_bytes``)."""
     chunks = []
     for key, value in pairs:
-        data = value.encode("utf-8", "surrogateescape")
+        data = field_bytes(value)
+        name = key.encode("ascii", "replace") if isinstance(key, str) else bytes(key)
         if b"\n" in data:
-            chunks.append(key.encode() + b"\n" + len(data).to_bytes(8, "little") + data + b"\n")
+            chunks.append(name + b"\n" + len(data).to_bytes(8, "little") + data + b"\n")
         else:
-            chunks.append(key.encode() + b"=" + data + b"\n")
+            chunks.append(name + b"=" + data + b"\n")
     return b"".join(chunks)
 
 
-def decode_native(datagram):
-    """Inverse of encode_native (tests and the agent's own receiver use it)."""
+MAX_FIELDS = 256
+
+
+def parse_native(datagram, max_fields=MAX_FIELDS):
+    """{name bytes: value bytes} from the native format; ValueError on anything malformed (the broker's parser:
+    nothing is decoded here, every field stays bytes until its reader validates it)."""
+    if not isinstance(datagram, (bytes, bytearray, memoryview)):
+        raise ValueError("not bytes")
+    data = bytes(datagram)
     fields = {}
-    pos = 0
-    while pos < len(datagram):
-        nl = datagram.index(b"\n", pos)
-        line = datagram[pos:nl]
-        if b"=" in line:
-            key, _, value = line.partition(b"=")
+    pos, end = 0, len(data)
+    while pos < end:
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            raise ValueError(f"field at byte {pos} has no end")
+        line = data[pos:nl]
+        eq = line.find(b"=")
+        if eq >= 0:
+            key, value = line[:eq], line[eq + 1:]
             pos = nl + 1
         else:
             key = line
-            size = int.from_bytes(datagram[nl + 1:nl + 9], "little")
-            value = datagram[nl + 9:nl + 9 + size]
+            if nl + 9 > end:
+                raise ValueError(f"field {key[:32]!r} has no length")
+            size = int.from_bytes(data[nl + 1:nl + 9], "little")
+            if nl + 9 + size + 1 > end or data[nl + 9 + size:nl + 10 + size] != b"\n":
+                raise ValueError(f"field {key[:32]!r} is shorter than its length")
+            value = data[nl + 9:nl + 9 + size]
             pos = nl + 9 + size + 1
-        fields[key.decode()] = value.decode("utf-8", "surrogateescape")
+        if not key:
+            raise ValueError(f"empty field name at byte {pos}")
+        if len(fields) >= max_fields:
+            raise ValueError(f"more than {max_fields} fields")
+        fields[key] = value
     return fields
+
+
+def decode_native(datagram):
+    """Inverse of encode_native, as text (undecodable bytes as surrogate escapes); for tests and replies."""
+    return {k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
+            for k, v in parse_native(datagram, max_fields=1 << 30).items()}
 
 
 def _send_journald(payload):
@@ -122,13 +177,18 @@ def _send_journald_fd(sock, payload):
         os.close(fd)
 
 
+def _text(value):
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
 def _json_line(pairs):
     """One JSON object a line, as json.dumps(dict(pairs), ensure_ascii=False) writes it, without importing json
-    (~2-5 ms on the hot path, where journald is absent): every value is already a string."""
+    (~2-5 ms on the hot path, where journald is absent). Bytes that are not UTF-8 are written as they are (the
+    line is then as faithful as the journal's field)."""
     table = {i: "\\u%04x" % i for i in range(32)}
     table.update({8: "\\b", 9: "\\t", 10: "\\n", 12: "\\f", 13: "\\r", 34: '\\"', 92: "\\\\"})
-    return "{" + ", ".join(f'"{k.translate(table)}": "{v.translate(table)}"' for k, v in dict(pairs).items()) \
-        + "}\n"
+    return "{" + ", ".join(f'"{_text(k).translate(table)}": "{_text(v).translate(table)}"'
+                           for k, v in dict(pairs).items()) + "}\n"
 
 
 # The agent and the CLI install python3-systemd's journal.send here (log.py); the wrapper keeps the native one.
@@ -136,8 +196,13 @@ SINK = None
 
 
 def emit(event, message, fields, priority=None):
-    """Write one event; returns the sink used ("journald", "stderr" or None when both failed)."""
-    pairs = build_fields(event, message, fields, priority)
+    """Write one event; returns the sink used ("journald", "stderr" or None when both failed). Never raises: a
+    field no sink can take costs that event, never the job or the agent."""
+    try:
+        pairs = build_fields(event, message, fields, priority)
+    except Exception:  # noqa: BLE001 - an unknown event name, a str() that raises: keep the process alive
+        pairs = [("MESSAGE", field_bytes(message)), ("SYSLOG_IDENTIFIER", b"gpu-router"),
+                 (PREFIX + "EVENT", field_bytes(event))]
     if os.environ.get("GPU_ROUTER_LOG") != "stderr":
         try:
             if SINK is not None:
@@ -145,10 +210,10 @@ def emit(event, message, fields, priority=None):
             else:
                 _send_journald(encode_native(pairs))
             return "journald"
-        except OSError:
+        except Exception:  # noqa: BLE001 - OSError, or a sink that cannot take a value
             pass
     try:
         os.write(2, _json_line(pairs).encode("utf-8", "surrogateescape"))
         return "stderr"
-    except OSError:
+    except Exception:  # noqa: BLE001
         return None

@@ -76,8 +76,18 @@ def caller_unit(pid="self"):
 def request_fields(job, cfg):
     return [("OP", "scope"), ("WORKLOAD", job.workload.name), ("JOB", job.id), ("MODE", job.mode),
             ("DEVICE", str(job.device)), ("PID", str(os.getpid())), ("SCOPE_POLICY", job.workload.scope),
-            ("METRIC", job.fields()["METRIC"]), ("INPUT", job.input or ""),
+            ("METRIC", job.fields()["METRIC"]), ("INPUT", _bounded(job.input or "")),
             ("PREDICTED_VRAM_MB", str(job.predicted_vram_mb or ""))]
+
+
+MAX_INPUT_BYTES = 4096
+
+
+def _bounded(text):
+    """INPUT only labels the job's account: an input path named by an option may be any length (a 100 KiB value
+    would make the request too large and a required scope impossible), so it is cut, never refused."""
+    data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
+    return data if len(data) <= MAX_INPUT_BYTES else data[:MAX_INPUT_BYTES - 3] + b"..."
 
 
 def ask_agent(socket_path, fields, timeout=REQUEST_TIMEOUT_S):
@@ -101,7 +111,10 @@ def ask_agent(socket_path, fields, timeout=REQUEST_TIMEOUT_S):
         sock.close()
     if len(data) < 4:
         raise ScopeError("the agent closed the connection without an answer")
-    return journal.decode_native(data[4:4 + int.from_bytes(data[:4], "little")])
+    try:
+        return journal.decode_native(data[4:4 + int.from_bytes(data[:4], "little")])
+    except ValueError:
+        raise ScopeError("the agent's answer is malformed") from None
 
 
 def place(job, cfg):

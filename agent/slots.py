@@ -14,6 +14,24 @@ import time
 LEDGER = "vram"
 QUEUES = "queue"
 
+# Explicit modes for everything under the lock dir, never the caller's umask (a member with umask 077 would
+# otherwise make files and folders the next member cannot use). Folders: group-owned (setgid: what is made
+# inside keeps the folder's group, gpu-router), sticky (a member cannot delete or rename another's file: no one
+# frees a slot another job holds), 0770. Slot files 0660. Entries with content (a VRAM reservation, a queue
+# ticket) 0640: other members read and lock them, only their owner can change what they say.
+DIR_MODE = 0o3770
+FILE_MODE = 0o660
+ENTRY_MODE = 0o640
+
+
+def _own_mode(fd, st, mode):
+    """Give what this process owns its intended mode (fchmod on the open descriptor: no race with a rename)."""
+    if st.st_uid == os.geteuid() and _stat.S_IMODE(st.st_mode) != mode:
+        try:
+            os.fchmod(fd, mode)
+        except OSError:
+            pass
+
 
 class LockDirError(Exception):
     """The lock directory cannot be trusted or used; the message says why and what to do."""
@@ -42,7 +60,9 @@ def open_lock_dir(path, create=True):
         raise LockDirError(f"lock directory {path} is writable by others (mode {st.st_mode & 0o7777:04o}); "
                            f"refusing it: anyone could plant lock files there (chmod o-w {path})")
     try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        _own_mode(fd, os.fstat(fd), DIR_MODE)
+        return fd
     except PermissionError:
         raise LockDirError(f"cannot open lock directory {path}: permission denied (callers must be root or in "
                            f"the directory's group, gpu-router: `adduser USER gpu-router`)") from None
@@ -64,6 +84,7 @@ def _open_lock_file(dir_fd, name, display):
     if not _stat.S_ISREG(st.st_mode) or st.st_mode & _stat.S_IWOTH:
         os.close(fd)
         raise LockDirError(f"lock file {display} is not a regular file or is writable by others; refusing it")
+    _own_mode(fd, st, FILE_MODE)
     return fd
 
 
@@ -78,9 +99,11 @@ def _subdir(dir_fd, name, display):
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as exc:
         raise LockDirError(f"{display} is not a usable directory ({exc.strerror}); refusing it") from None
-    if os.fstat(fd).st_mode & _stat.S_IWOTH:
+    st = os.fstat(fd)
+    if st.st_mode & _stat.S_IWOTH:
         os.close(fd)
         raise LockDirError(f"{display} is writable by others; refusing it")
+    _own_mode(fd, st, DIR_MODE)
     return fd
 
 
@@ -129,11 +152,30 @@ def _publish(dir_fd, name, content):
     A reader that can lock a published entry therefore knows its owner is gone.
     """
     tmp = f".tmp.{os.getpid()}.{time.monotonic_ns()}"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640, dir_fd=dir_fd)
     try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, ENTRY_MODE,
+                     dir_fd=dir_fd)
+    except OSError as exc:
+        raise LockDirError(f"cannot create an entry in the lock directory: {exc.strerror} (is every caller in "
+                           f"group gpu-router, and is the folder mode {DIR_MODE:04o}?)") from None
+    try:
+        os.fchmod(fd, ENTRY_MODE)
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, content)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        try:
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except PermissionError:
+            # Sticky folder: a dead job of another member left this very name (the PID was reused): take a
+            # unique one beside it; readers parse "<key>.<pid>~<unique>" the same way.
+            name = f"{name}~{time.monotonic_ns()}"
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError as exc:
+        os.close(fd)
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise LockDirError(f"cannot publish an entry in the lock directory: {exc.strerror}") from None
     except BaseException:
         os.close(fd)
         try:
@@ -175,7 +217,11 @@ class Queue:
         self.ticket = _publish(self.fd, self.name, b"")
 
     def is_head(self):
-        for name in sorted(os.listdir(self.fd)):
+        try:
+            names = os.listdir(self.fd)
+        except OSError as exc:
+            raise LockDirError(f"cannot list the wait queue: {exc.strerror}") from None
+        for name in sorted(names):
             if name.startswith("."):
                 continue
             if name >= self.name:
@@ -219,20 +265,56 @@ class Ledger:
         return _publish(self.fd, f"{gpu_key}.{os.getpid()}", f"{mb}\n".encode())
 
 
+SKIPPED = set()  # ledger names already reported as malformed (each is logged once per process)
+
+
+def ledger_pid(name):
+    """The PID in a ledger entry's name ``<gpu key>.<pid>`` (or ``<gpu key>.<pid>~<unique>``), or None when the
+    name is not ours: ASCII digits only (``int()`` would take "٣" or " 7"), a sane size."""
+    key, dot, tail = name.rpartition(".")
+    pid = tail.partition("~")[0]
+    if not dot or not key or not pid.isascii() or not pid.isdigit() or len(pid) > 10:
+        return None
+    return key, int(pid)
+
+
+def _skip(name, why):
+    if name in SKIPPED:
+        return
+    if len(SKIPPED) < 1024:
+        SKIPPED.add(name)
+    from . import journal
+
+    journal.emit("config-error", f"skipping VRAM ledger entry {name!r}: {why}",
+                 {"REASON": "ledger-entry-skipped", "ENTRY": name, "DETAIL": why}, priority=4)
+
+
 def _read_ledger(fd):
     out = {}
-    for name in os.listdir(fd):
+    try:
+        names = os.listdir(fd)
+    except OSError:
+        return out
+    for name in names:
         if name.startswith("."):
             continue
-        key, _, pid = name.rpartition(".")
+        parsed = ledger_pid(name)
+        if parsed is None:
+            _skip(name, "its name has no numeric PID")
+            continue
+        key, pid = parsed
         try:
             flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
             with open(os.open(name, flags, dir_fd=fd), "rb") as f:
-                mb = int(f.read().strip() or 0)
-        except (OSError, ValueError):
+                text = f.read(64).strip() or b"0"
+        except OSError:
             continue
+        if not text.isdigit() or len(text) > 9:
+            _skip(name, "it does not hold a number of MiB")
+            continue
+        mb = int(text)
         if _alive(fd, name):
-            out.setdefault(key, []).append((int(pid), mb))
+            out.setdefault(key, []).append((pid, mb))
     return out
 
 
@@ -253,3 +335,40 @@ def inherit(*fds):
     for fd in fds:
         if fd is not None:
             os.set_inheritable(fd, True)
+
+
+def tidy(lock_dir, gid=None):
+    """The agent's (root's) pass over the lock dir: folders back to 3770 and the group, whoever made them and
+    with whatever umask (a lock dir from an older release, or a folder a member's wrapper made before it knew
+    better). Never follows a symlink; returns how many entries it changed."""
+    changed = 0
+    try:
+        top = os.open(lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        fds = [top]
+        try:
+            for name in os.listdir(top):
+                try:
+                    fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                       dir_fd=top))
+                except OSError:
+                    continue  # a file, or gone
+        except OSError:
+            pass
+        for fd in fds:
+            try:
+                st = os.fstat(fd)
+                if _stat.S_IMODE(st.st_mode) != DIR_MODE:
+                    os.fchmod(fd, DIR_MODE)
+                    changed += 1
+                if gid is not None and st.st_gid != gid:
+                    os.fchown(fd, -1, gid)
+                    changed += 1
+            except OSError:
+                pass
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return changed

@@ -75,14 +75,74 @@ def _read_trusted(path):
         os.close(fd)
 
 
+_INF = float("inf")
+_MAX_GPUS = 1024
+_MAX_PROCESSES = 65536
+
+
+def _finite(v, lo=0):
+    """A real number (not bool) that is finite and >= lo."""
+    return type(v) in (int, float) and v == v and lo <= v < _INF
+
+
+def _mb(v):
+    return v is None or (_finite(v) and v < 1 << 40)
+
+
+def _str(v, limit=256):
+    return type(v) is str and len(v) <= limit
+
+
+def _gpu_ok(g):
+    """Every field a reader uses has the type the schema gives it (None where the schema allows null)."""
+    if type(g) is not dict:
+        return False
+    index = g.get("index")
+    if type(index) is not int or not 0 <= index < _MAX_GPUS:
+        return False
+    for key in ("total_mb", "used_mb", "free_mb", "ours_mb", "foreign_mb"):
+        if not _mb(g.get(key)):
+            return False
+    if type(g.get("healthy", True)) is not bool:
+        return False
+    for key in ("uuid", "name"):
+        if g.get(key) is not None and not _str(g.get(key)):
+            return False
+    if not _str(g.get("health", "ok"), 64):
+        return False
+    procs = g.get("processes", [])
+    if type(procs) is not list or len(procs) > _MAX_PROCESSES:
+        return False
+    for p in procs:
+        if type(p) is not dict or type(p.get("pid")) is not int or not 0 < p["pid"] < 1 << 31 \
+                or not _mb(p.get("used_mb")) or type(p.get("ours", False)) is not bool:
+            return False
+    return True
+
+
+def valid(snapshot):
+    """True when ``snapshot`` has the schema's shape all the way down (what a reader may then index freely)."""
+    if type(snapshot) is not dict or type(snapshot.get("gpus")) is not list or len(snapshot["gpus"]) > _MAX_GPUS:
+        return False
+    if not _finite(snapshot.get("time")):  # NaN or inf is never fresh
+        return False
+    if snapshot.get("error") is not None and not _str(snapshot.get("error"), 4096):
+        return False
+    for key in ("source", "driver"):
+        if snapshot.get(key) is not None and not _str(snapshot.get(key)):
+            return False
+    return all(_gpu_ok(g) for g in snapshot["gpus"])
+
+
 def _check(snapshot, max_age_s, now):
-    if (type(snapshot) is not dict or type(snapshot.get("gpus")) is not list
-            or type(snapshot.get("time")) not in (int, float)):
+    if type(snapshot) is dict and "version" in snapshot and snapshot.get("version") != VERSION:
+        return None, "unsupported-snapshot"
+    if not valid(snapshot):
         return None, "corrupt-snapshot"
     if snapshot.get("version") != VERSION:
         return None, "unsupported-snapshot"
     age = now - snapshot["time"]
-    if age > max_age_s or age < -max_age_s:  # far in the future: a clock step; unknown either way
+    if not age == age or age > max_age_s or age < -max_age_s:  # far in the future: a clock step; unknown
         return None, "stale-snapshot"
     return snapshot, "ok"
 
@@ -100,7 +160,7 @@ def read(path=DEFAULT_PATH, max_age_s=DEFAULT_MAX_AGE_S, now=None):
     if data is not None:
         try:
             return _check(marshal.loads(data), max_age_s, now)
-        except (ValueError, EOFError, TypeError):
+        except (ValueError, EOFError, TypeError, RecursionError, MemoryError):
             reason = "corrupt-snapshot"  # the JSON is written after the twin, so it may still be good
     elif reason != "no-snapshot":
         return None, reason
@@ -111,6 +171,6 @@ def read(path=DEFAULT_PATH, max_age_s=DEFAULT_MAX_AGE_S, now=None):
 
     try:
         snapshot = json.loads(data)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+    except (ValueError, RecursionError, MemoryError):  # JSONDecodeError, UnicodeDecodeError; deep nesting
         return None, "corrupt-snapshot"
     return _check(snapshot, max_age_s, now)

@@ -90,7 +90,7 @@ def setup(root):
 lock_dir = "{lock_dir}"
 [gpu]
 snapshot = "{root / 'gpus.json'}"
-snapshot_max_age = "30d"
+snapshot_max_age = "1d"
 [workloads.noop]
 binary = "/bin/true"
 probe = "file-size"

@@ -116,10 +116,15 @@ BAD = [
     ("wrong-choice", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\nscope = "maybe"\n', (),
      "workloads.w.scope", "expected one of 'required', 'best-effort', 'off'"),
     ("negative-vram", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\ngpu_vram_mb = -3700\n', (),
-     "workloads.w.gpu_vram_mb", ">= 0, got -3700"),
+     "workloads.w.gpu_vram_mb", "from 0 to 16777216, got -3700"),
+    # A size with its unit is parsed (issue 10) and bounded (issue 8): 400 digits are inf as a float, not a traceback.
+    ("huge-size-string", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\ngpu_vram_mb = "%sG"\n' % ("9" * 400), (),
+     "workloads.w.gpu_vram_mb", "expected a number of MiB or a size"),
+    ("huge-threshold-size", '[workloads.w]\nbinary = "/bin/w"\nprobe = "file-size"\nthreshold = "%sG"\n' % ("9" * 60),
+     (), "workloads.w.threshold", ""),
     ("negative-ram", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\ncpu_ram_mb = -1\n', (),
-     "workloads.w.cpu_ram_mb", ">= 0, got -1"),
-    ("negative-host-ram", '[host]\nram_mb = -65536\n', (), "host.ram_mb", ">= 1, got -65536"),
+     "workloads.w.cpu_ram_mb", "from 0 to 16777216, got -1"),
+    ("negative-host-ram", '[host]\nram_mb = -65536\n', (), "host.ram_mb", "from 1 to 16777216, got -65536"),
     ("negative-threshold", '[workloads.w]\nbinary = "/bin/w"\nthreshold = -5\n', (),
      "workloads.w.threshold", "> 0, got -5"),
     ("negative-wait", '[router]\nwait = -5\n', (), "router.wait", "expected a duration"),
@@ -161,7 +166,66 @@ BAD = [
     ("dropin-syntax", '', (("10-a.toml", '[workloads.w\n'),), None, "TOML syntax error"),
     ("dropin-wrong-type", '', (("10-a.toml", '[workloads.w]\nbinary = 5\nthreshold = 1\n'),),
      "workloads.w.binary", "absolute path"),
+    # issue 8: every duration and size finite and bounded; env names valid; nesting bounded
+    ("wait-inf", '[router]\nwait = inf\n', (), "router.wait", "expected a duration"),
+    ("wait-nan", '[router]\nwait = nan\n', (), "router.wait", "expected a duration"),
+    ("wait-400-digits", '[router]\nwait = ' + "9" * 400 + '\n', (), "router.wait", "at most 1d"),
+    ("wait-400-digit-string", '[router]\nwait = "' + "9" * 400 + 's"\n', (), "router.wait", "expected a duration"),
+    ("wait-huge-string", '[router]\nwait = "1e999s"\n', (), "router.wait", "expected a duration"),
+    ("wait-over-a-day", '[router]\nwait = "2d"\n', (), "router.wait", "from 0s to 1d"),
+    ("probe-timeout-inf", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\nprobe_timeout = inf\n', (), "workloads.w.probe_timeout", "expected a duration"),
+    ("runtime-max-huge", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\nruntime_max = 1e300\n', (), "workloads.w.runtime_max", "expected a duration"),
+    ("sample-interval-zero", '[gpu]\nsample_interval = 0\n', (), "gpu.sample_interval", "from 10ms"),
+    ("per-unit-1e308", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\nvram_per_unit_mb = 1e308\n', (), "workloads.w.vram_per_unit_mb", "<= 1.67772e+07"),
+    ("threshold-1e308", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1e308\n', (), "workloads.w.threshold",
+     "<= 1e+15"),
+    ("vram-400-digits", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\ngpu_vram_mb = ' + "9" * 400 + '\n', (), "workloads.w.gpu_vram_mb", "from 0 to"),
+    ("memory-max-huge", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\ngpu_memory_max = ' + "9" * 30 + '\n', (), "workloads.w.gpu_memory_max", "from 1 to"),
+    ("env-key-equals", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\nenv = {"A=B" = "x"}\n', (), "workloads.w.env", "not a valid name"),
+    ("env-key-nul", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\nenv = {"A\\u0000" = "x"}\n', (), "workloads.w.env", "not a valid name"),
+    ("env-value-nul", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\nenv = {A = "x\\u0000"}\n', (), "workloads.w.env", "without NUL"),
+    ("env-key-empty", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\nenv = {"" = "x"}\n', (), "workloads.w.env", "not a valid name"),
+    ("probe-command-nul", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\nprobe = "command"\nprobe_command = ["a\\u0000"]\n', (), "workloads.w.probe_command",
+     "no NUL"),
+    ("nested-500", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\ngpu_args = ' + "[" * 500 + "]" * 500 + '\n',
+     (), None, "nested too deeply"),
+    ("nested-5", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\ngpu_args = [[[["x"]]]]\n', (),
+     "workloads.w.gpu_args[0]", "nested too deeply"),
+    ("long-key", '[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\n' + "k" * 5000 + ' = 1\n', (),
+     "workloads.w." + "k" * 64 + "…", "unknown key"),
 ]
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "dev-zero", "socket", "huge"])
+def test_dropin_that_is_not_a_regular_file_is_refused_by_name(tmp_path, kind):
+    """A drop-in that is a directory, a FIFO (a read would hang), a symlink to /dev/zero (would never end) or a
+    socket is refused by name; so is one larger than 1 MiB."""
+    import socket as _socket
+
+    (tmp_path / "config.toml").write_text('[workloads.w]\nbinary = "/bin/w"\nthreshold = 1\n')
+    ddir = tmp_path / "workloads.d"
+    ddir.mkdir()
+    target = ddir / "x.toml"
+    keep = None
+    if kind == "directory":
+        target.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "dev-zero":
+        target.symlink_to("/dev/zero")
+    elif kind == "socket":
+        keep = _socket.socket(_socket.AF_UNIX)
+        keep.bind(str(target))
+    else:
+        target.write_text("# " + "x" * (2 << 20) + "\n")
+    try:
+        with pytest.raises(config.ConfigError) as info:
+            config.load(str(tmp_path / "config.toml"), use_cache=False)
+        assert info.value.path == str(target)
+        assert ("not a regular file" in str(info.value)) or ("at most" in str(info.value))
+    finally:
+        if keep is not None:
+            keep.close()
 
 
 def _expected_file(tmp_path, dropins):

@@ -470,8 +470,8 @@ def test_gpu_health_changes_are_counted_from_the_monitors_events(nvml, tmp_path)
     nvml.lose(0, on=False)
     mon.sample_once()
     exported = metrics.Metrics(str(tmp_path / "state"))
-    for pairs in got:
-        exported.count_event(dict(pairs))
+    for pairs in got:  # as journald hands them back: text fields (build_fields gives bytes)
+        exported.count_event(journal.decode_native(journal.encode_native(pairs)))
     text = exported.text()
     assert 'gpu_router_gpu_health_changes_total{gpu="0",health="gpu-lost"} 1.0' in text
     assert 'gpu_router_gpu_health_changes_total{gpu="0",health="ok"} 1.0' in text

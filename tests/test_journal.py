@@ -42,11 +42,69 @@ def test_round_trip(value):
 def test_build_fields():
     fields = dict(journal.build_fields("blocked", "msg", {"MODE": "BLOCKED", "METRIC": 1234.56789, "SLOT": 0,
                                                           "DEVICE": None, "WORKLOAD": "w"}))
-    assert fields == {"MESSAGE": "msg", "MESSAGE_ID": journal.MESSAGE_IDS["blocked"], "PRIORITY": "5",
-                      "SYSLOG_IDENTIFIER": "gpu-router", "GPU_ROUTER_EVENT": "blocked",
-                      "GPU_ROUTER_MODE": "BLOCKED", "GPU_ROUTER_METRIC": "1234.57", "GPU_ROUTER_SLOT": "0",
-                      "GPU_ROUTER_WORKLOAD": "w"}
-    assert dict(journal.build_fields("routed", "m", {}, priority=2))["PRIORITY"] == "2"
+    assert fields == {"MESSAGE": b"msg", "MESSAGE_ID": journal.MESSAGE_IDS["blocked"].encode(), "PRIORITY": b"5",
+                      "SYSLOG_IDENTIFIER": b"gpu-router", "GPU_ROUTER_EVENT": b"blocked",
+                      "GPU_ROUTER_MODE": b"BLOCKED", "GPU_ROUTER_METRIC": b"1234.57", "GPU_ROUTER_SLOT": b"0",
+                      "GPU_ROUTER_WORKLOAD": b"w"}
+    assert dict(journal.build_fields("routed", "m", {}, priority=2))["PRIORITY"] == b"2"
+
+
+# ---- names that are not UTF-8 (issue 8, 1): fields are bytes; nothing a caller names can raise ---------------
+
+NOT_UTF8 = b"/tmp/in\xff\xfe.wav"
+
+
+@pytest.mark.parametrize("value", [NOT_UTF8, NOT_UTF8.decode("utf-8", "surrogateescape"), "lone \ud800 surrogate",
+                                   b"nul\0byte\nnewline", 12.5, object()])
+def test_build_fields_takes_any_value_as_bytes(value):
+    fields = dict(journal.build_fields("job-finished", "m", {"INPUT": value, "bad key=x": "v"}))
+    assert isinstance(fields["GPU_ROUTER_INPUT"], bytes)
+    assert "GPU_ROUTER_BAD_KEY_X" in fields  # a field name journald would drop is mended, not lost
+    journal.parse_native(journal.encode_native(list(fields.items())))
+
+
+def test_non_utf8_input_reaches_the_journal_byte_for_byte(jsock):
+    name = NOT_UTF8.decode("utf-8", "surrogateescape")  # how Python hands a non-UTF-8 argv to the wrapper
+    assert journal.emit("job-finished", f"finished {name}", {"INPUT": name, "RAW": NOT_UTF8}) == "journald"
+    assert jsock.wait_for(lambda e: True)
+    raw = journal.parse_native(jsock.datagrams[-1])
+    assert raw[b"GPU_ROUTER_INPUT"] == NOT_UTF8 and raw[b"GPU_ROUTER_RAW"] == NOT_UTF8
+    assert raw[b"MESSAGE"] == b"finished " + NOT_UTF8
+
+
+def test_python3_systemd_sink_takes_non_utf8_fields(monkeypatch):
+    """The agent's sink (python3-systemd): journal.send(**fields) raised UnicodeEncodeError on such a name and
+    killed the agent; the sink now hands bytes to sendv. No journald runs on this host, so sendv may fail with an
+    OSError (emit then falls back to stderr); it must not raise anything."""
+    pytest.importorskip("systemd.journal")
+    from gpu_router.daemon import log
+
+    name = NOT_UTF8.decode("utf-8", "surrogateescape")
+    pairs = journal.build_fields("job-finished", f"m {name}", {"INPUT": name})
+    try:
+        log.sd_send(pairs)
+    except OSError:
+        pass
+    monkeypatch.setattr(journal, "SINK", log.sd_send)
+    monkeypatch.delenv("GPU_ROUTER_LOG", raising=False)
+    assert journal.emit("job-finished", f"m {name}", {"INPUT": name}) in ("journald", "stderr")
+
+
+def test_a_sink_that_raises_anything_falls_back_to_stderr(monkeypatch, capfd):
+    def broken(pairs):
+        raise UnicodeEncodeError("utf-8", "x", 0, 1, "surrogates not allowed")
+
+    monkeypatch.setattr(journal, "SINK", broken)
+    monkeypatch.delenv("GPU_ROUTER_LOG", raising=False)
+    assert journal.emit("routed", "m", {"INPUT": NOT_UTF8}) == "stderr"
+    assert capfd.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("data", [b"A", b"A\n\x05", b"A\n" + (100).to_bytes(8, "little") + b"x\n", b"=v\n",
+                                  b"A\n" + (1).to_bytes(8, "little") + b"xy"])
+def test_parse_native_refuses_malformed_frames(data):
+    with pytest.raises(ValueError):
+        journal.parse_native(data)
 
 
 def test_message_ids_are_distinct_128_bit_ids_with_priorities():

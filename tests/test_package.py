@@ -328,7 +328,7 @@ def test_sysusers_and_tmpfiles_create_the_group_and_directories(built, tmp_path)
     assert gid < 1000  # a system group
     proc = run("systemd-tmpfiles", f"--root={root}", "--create", "gpu-router.conf")
     assert proc.stderr == ""
-    expected = {"run/gpu-router": (0o755, 0), "run/gpu-router/locks": (0o2770, gid),
+    expected = {"run/gpu-router": (0o755, 0), "run/gpu-router/locks": (0o3770, gid),
                 "run/gpu-router/cache": (0o755, 0)}
     for path, (mode, owner_gid) in expected.items():
         st = (root / path).stat()

@@ -3,6 +3,7 @@
 import os
 import random
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -337,7 +338,7 @@ def test_command_probe_gets_the_input_and_its_number(tmp_path):
     ("echo nan", "probe-bad-output", "nan"),
     ("echo inf", "probe-bad-output", "inf"),
     ("echo oops >&2; exit 3", "probe-failed", "exited 3: oops"),
-    ("kill -9 $$", "probe-failed", "exited -9"),
+    ("kill -9 $$", "probe-failed", "killed by signal 9"),
 ])
 def test_command_probe_failures_are_unknown(tmp_path, script, reason, words):
     (tmp_path / "in").write_bytes(b"x")
@@ -382,3 +383,89 @@ def test_line_count_timeout_is_checked(tmp_path):
     with pytest.raises(probe.ProbeFailed) as info:
         measure(tmp_path / "big", probe="line-count", probe_timeout="1ms")
     assert info.value.reason == "probe-timeout"
+
+
+# ---- issue 8: parsers honour the deadline; a probe never outlives its wrapper (nor its descendants) -------------
+
+def test_jpeg_fill_bytes_do_not_outlast_the_deadline(tmp_path):
+    """\\xff\\xd8 then megabytes of 0xFF fill: the marker scan reads in chunks and checks the deadline."""
+    path = tmp_path / "fill.jpg"
+    path.write_bytes(b"\xff\xd8" + b"\xff" * (30 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert probe._jpeg_size(fd, time.monotonic() + 60) is None  # no SOF: not a picture size
+    finally:
+        os.close(fd)
+
+
+def test_jpeg_of_many_tiny_segments_stops_at_the_deadline(tmp_path):
+    path = tmp_path / "segments.jpg"
+    path.write_bytes(b"\xff\xd8" + b"\xff\xfe\x00\x02" * (4 << 20))  # 4 M empty comment segments, no SOF
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(probe.ProbeFailed) as info:
+            probe._jpeg_size(fd, time.monotonic() + 0.05)
+        assert info.value.reason == "probe-timeout"
+    finally:
+        os.close(fd)
+    err = failure(path, probe="image-pixels", probe_timeout="50ms")
+    assert err.reason == "probe-timeout"
+
+
+def _hanging_caller(tmp_path, marker, script):
+    """A process (the stand-in for the wrapper) running a command probe that hangs; started in its own session so
+    a test can signal its process group as a runner would."""
+    (tmp_path / "in").write_bytes(b"x")
+    code = (f"import sys; sys.path.insert(0, {str(helpers.LIB)!r})\n"
+            "from gpu_router.wrapper import probe\n"
+            f"print(probe.run_command(['/bin/sh', '-c', {script.format(m=marker)!r}], 60), flush=True)\n")
+    return subprocess.Popen([helpers.PYTHON, "-IS", "-c", code], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _gone(marker, timeout=10):
+    deadline = time.monotonic() + timeout
+    while helpers.processes_with_arg(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return helpers.processes_with_arg(marker) == []
+
+
+def _wait_started(marker, n=1):
+    deadline = time.monotonic() + 10
+    while len(helpers.processes_with_arg(marker)) < n:
+        assert time.monotonic() < deadline, "the probe did not start"
+        time.sleep(0.02)
+
+
+DETACHING = "setsid sleep {m} & sleep {m} & sleep {m}"  # a child in its own session, one in the group, itself
+
+
+@pytest.mark.parametrize("how", ["sigkill-wrapper", "sigterm-group", "sigint-group"])
+def test_probe_and_its_descendants_die_with_the_wrapper(tmp_path, how):
+    marker = f"{random.randint(100000, 999999)}.7"
+    caller = _hanging_caller(tmp_path, marker, DETACHING)
+    try:
+        _wait_started(marker, 3)
+        if how == "sigkill-wrapper":
+            caller.kill()
+        else:
+            os.killpg(caller.pid, signal.SIGTERM if how == "sigterm-group" else signal.SIGINT)
+        caller.wait(10)
+        assert _gone(marker), f"probe processes outlived the wrapper: {helpers.processes_with_arg(marker)}"
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+        for pid in helpers.processes_with_arg(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_probe_that_detaches_a_child_leaves_nothing_behind(tmp_path):
+    marker = f"{random.randint(100000, 999999)}.9"
+    (tmp_path / "in").write_bytes(b"x")
+    script = f"setsid sleep {marker} >/dev/null 2>&1 & echo 12"
+    try:
+        assert command(tmp_path / "in", ["/bin/sh", "-c", script]) == [12.0]
+        assert _gone(marker, timeout=5), "the probe's detached child survived it"
+    finally:
+        for pid in helpers.processes_with_arg(marker):
+            os.kill(pid, signal.SIGKILL)

@@ -207,3 +207,82 @@ print(" ".join(sorted(set(sys.modules) - before)))
     new = set(out[1].split())
     assert "json" not in new
     assert new <= {"gpu_router", "gpu_router.snapshot"}, new
+
+
+# ---- issue 8, point 11: deep validation; a wrong inner type is "unknown", never a traceback -------------------
+
+def _g(**over):
+    g = make()["gpus"][0]
+    g.update(over)
+    return g
+
+
+MALFORMED = {
+    "gpus-int": lambda s: s.update(gpus=[1]),
+    "gpus-str": lambda s: s.update(gpus="lots"),
+    "gpus-none-entry": lambda s: s.update(gpus=[None]),
+    "processes-int": lambda s: s.update(gpus=[_g(processes=5)]),
+    "processes-str-entry": lambda s: s.update(gpus=[_g(processes=["x"])]),
+    "process-pid-str": lambda s: s.update(gpus=[_g(processes=[{"pid": "42", "used_mb": 1}])]),
+    "process-pid-missing": lambda s: s.update(gpus=[_g(processes=[{"used_mb": 1}])]),
+    "process-used-str": lambda s: s.update(gpus=[_g(processes=[{"pid": 4, "used_mb": "big"}])]),
+    "total-str": lambda s: s.update(gpus=[_g(total_mb="lots")]),
+    "free-nan": lambda s: s.update(gpus=[_g(free_mb=float("nan"))]),
+    "free-inf": lambda s: s.update(gpus=[_g(free_mb=float("inf"))]),
+    "used-negative": lambda s: s.update(gpus=[_g(used_mb=-5)]),
+    "foreign-list": lambda s: s.update(gpus=[_g(foreign_mb=[1])]),
+    "index-str": lambda s: s.update(gpus=[_g(index="0")]),
+    "index-missing": lambda s: s.update(gpus=[{k: v for k, v in _g().items() if k != "index"}]),
+    "index-bool": lambda s: s.update(gpus=[_g(index=True)]),
+    "healthy-str": lambda s: s.update(gpus=[_g(healthy="yes")]),
+    "health-int": lambda s: s.update(gpus=[_g(health=5)]),
+    "uuid-int": lambda s: s.update(gpus=[_g(uuid=5)]),
+    "time-nan": lambda s: s.update(time=float("nan")),
+    "time-inf": lambda s: s.update(time=float("inf")),
+    "time-str": lambda s: s.update(time="now"),
+    "time-bool": lambda s: s.update(time=True),
+    "error-dict": lambda s: s.update(error={"x": 1}, gpus=[]),
+    "ours-str": lambda s: s.update(gpus=[_g(processes=[{"pid": 4, "used_mb": 1, "ours": "no"}])]),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(MALFORMED))
+def test_malformed_inner_types_are_unknown(path, tmp_path, shape):
+    snap = make()
+    MALFORMED[shape](snap)
+    twin = tmp_path / "gpus.marshal"
+    twin.write_bytes(marshal.dumps(snap))
+    os.chmod(twin, 0o644)
+    snap_json = dict(snap)
+    with open(path, "w") as f:
+        json.dump(snap_json, f)  # NaN/inf as json writes them (Python's json reads them back)
+    os.chmod(path, 0o644)
+    assert snapshot.read(path, 5.0)[0] is None
+    os.unlink(twin)
+    assert snapshot.read(path, 5.0)[0] is None
+
+
+def test_deeply_nested_json_is_corrupt_not_a_crash(path):
+    with open(path, "w") as f:
+        f.write('{"version": 1, "gpus": ' + "[" * 100000 + "]" * 100000 + "}")
+    os.chmod(path, 0o644)
+    assert snapshot.read(path, 5.0) == (None, "corrupt-snapshot")
+
+
+@pytest.mark.parametrize("shape", ["gpus-int", "processes-int", "total-str", "time-nan", "process-pid-str",
+                                   "healthy-str"])
+def test_the_wrapper_routes_on_a_malformed_snapshot_without_a_traceback(tmp_path, gr_bin, clean_env, shape):
+    import helpers
+
+    rig = helpers.Rig(tmp_path, gr_bin, clean_env, {"w": {"probe": "file-size", "threshold": 1000,
+                                                         "admission": "vram", "gpu_vram_mb": 100}})
+    snap = make()
+    MALFORMED[shape](snap)
+    snapshot.write(str(rig.snapshot), snap) if shape != "time-nan" else None
+    if shape == "time-nan":
+        (tmp_path / "gpus.marshal").write_bytes(marshal.dumps(snap))
+        os.chmod(tmp_path / "gpus.marshal", 0o644)
+    (tmp_path / "in").write_bytes(b"x" * 10)
+    res = rig.run("w", tmp_path / "in")
+    assert res.rc == 0 and "Traceback" not in res.err, res
+    assert res.event("routed")["GPU_ROUTER_GPU_STATE"].startswith("unknown:")

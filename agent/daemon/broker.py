@@ -62,11 +62,26 @@ def authorize(pid, uid, group_gid):
 
 
 def read_request(conn):
+    """{name bytes: value bytes} of one framed request from a blocking socket (serve_one; the agent's loop reads
+    through clients.py instead, never blocking)."""
     header = _recv_exact(conn, 4)
+    size = frame_size(header)
+    return parse_request(_recv_exact(conn, size))
+
+
+def frame_size(header):
     size = int.from_bytes(header, "little")
     if size > MAX_REQUEST:
-        raise Refused(f"request of {size} bytes is too large")
-    return journal.decode_native(_recv_exact(conn, size))
+        raise Refused(f"request of {size} bytes is too large (at most {MAX_REQUEST})")
+    return size
+
+
+def parse_request(payload):
+    """The request's fields, still bytes; Refused when the frame is malformed."""
+    try:
+        return journal.parse_native(payload, max_fields=MAX_FIELDS)
+    except ValueError as exc:
+        raise Refused(f"malformed request: {exc}") from None
 
 
 def _recv_exact(conn, size):
@@ -79,12 +94,59 @@ def _recv_exact(conn, size):
     return data
 
 
-def reply(conn, fields):
+def frame(fields):
     payload = journal.encode_native(list(fields.items()))
+    return len(payload).to_bytes(4, "little") + payload
+
+
+def reply(conn, fields):
     try:
-        conn.sendall(len(payload).to_bytes(4, "little") + payload)
+        conn.sendall(frame(fields))
     except OSError:
         pass
+
+
+# ---- validation: every field is bytes until it passes one of these ----------------------------------------------
+
+MAX_FIELDS = 32
+_JOB_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+_METRIC_CHARS = frozenset(b"0123456789.,eE+-")
+
+
+def _shown(value, limit=64):
+    """A field as it may appear in a reply or a log line: bounded, and never an exception."""
+    return value[:limit].decode("utf-8", "backslashreplace")
+
+
+def _ascii_field(request, name, default=b""):
+    value = request.get(name.encode(), default)
+    if len(value) > 255 or not value.isascii():
+        raise Refused(f"field {name} is not a short ASCII string")
+    return value.decode("ascii")
+
+
+def _metric(value):
+    """The wrapper's METRIC: "unknown" or comma-separated finite numbers; anything else is "unknown"."""
+    if value == b"unknown" or not value or len(value) > 64 or not set(value) <= _METRIC_CHARS:
+        return "unknown"
+    text = value.decode("ascii")
+    try:
+        numbers = [float(x) for x in text.split(",")]
+    except ValueError:
+        return "unknown"
+    if not all(x == x and abs(x) != float("inf") for x in numbers):
+        return "unknown"
+    return text
+
+
+MAX_INPUT = 4096
+
+
+def _input(value):
+    """INPUT is a path the member chose: kept as bytes (journal.field_bytes logs it faithfully), bounded."""
+    if not value:
+        return None
+    return value[:MAX_INPUT]
 
 
 class Grant:
@@ -99,64 +161,199 @@ class Grant:
 
 
 def grant(cfg, request, pid, uid):
-    """Check a request against the config and the peer; the Grant, or Refused with the reason. Pure but /proc."""
-    if request.get("OP") != "scope":
-        raise Refused(f"unknown operation {request.get('OP')!r}")
-    claimed = request.get("PID")
-    if claimed is not None and claimed != str(pid):
-        raise Refused(f"request names pid {claimed} but comes from pid {pid}")
+    """Check a request (bytes fields) against the config and the peer; the Grant, or Refused with the reason."""
+    if not isinstance(request, dict) or not all(isinstance(k, bytes) and isinstance(v, bytes)
+                                                for k, v in request.items()):
+        raise Refused("malformed request")
+    op = request.get(b"OP")
+    if op != b"scope":
+        raise Refused(f"unknown operation {_shown(op or b'')!r}")
+    claimed = request.get(b"PID")
+    if claimed is not None and claimed != str(pid).encode():
+        raise Refused(f"request names pid {_shown(claimed)} but comes from pid {pid}")
+    name = _ascii_field(request, "WORKLOAD")
     try:
-        workload = cfg.workload(request.get("WORKLOAD", ""))
+        workload = cfg.workload(name)
     except _config.ConfigError as exc:
         raise Refused(str(exc)) from None
-    mode = request.get("MODE")
+    mode = _ascii_field(request, "MODE")
     if mode not in scope.SLICES:
         raise Refused(f"mode {mode!r} is not GPU or CPU")
-    job_id = request.get("JOB", "")
-    if not job_id.startswith(workload.name + "-") or not all(c.isalnum() or c in "-_." for c in job_id):
-        raise Refused(f"bad job id {job_id!r}")
-    metric = request.get("METRIC", "unknown")[:64]
+    job_raw = request.get(b"JOB", b"")
+    if not job_raw.startswith(workload.name.encode() + b"-") or len(job_raw) > 200 or \
+            not set(job_raw) <= _JOB_CHARS:
+        raise Refused(f"bad job id {_shown(job_raw)!r}")
+    job_id = job_raw.decode("ascii")
+    device = _ascii_field(request, "DEVICE", b"") or None
+    if device is not None and device != "cpu" and not device.isdigit():
+        raise Refused(f"bad device {device!r}")
+    metric = _metric(request.get(b"METRIC", b"unknown"))
+    predicted_raw = request.get(b"PREDICTED_VRAM_MB", b"")
+    predicted = int(predicted_raw) if predicted_raw.isdigit() and len(predicted_raw) <= 9 else None
+    policy_raw = request.get(b"SCOPE_POLICY", b"")
+    scope_policy = policy_raw.decode("ascii") if policy_raw in (b"required", b"best-effort", b"off") else None
+    if uid != 0:
+        held = held_slots(pid, cfg.router.lock_dir, workload.name)
+        if held is not None:
+            if not held:
+                raise Refused(f"pid {pid} holds no slot of workload {workload.name!r}: only a job the wrapper "
+                              f"admitted gets a scope")
+            if mode not in held:
+                raise Refused(f"pid {pid} asks for a {mode} scope but holds a {'/'.join(sorted(held))} slot")
+            if mode == "GPU" and device is not None and device not in held["GPU"]:
+                raise Refused(f"pid {pid} asks for GPU {device} but holds a slot on GPU "
+                              f"{'/'.join(sorted(held['GPU']))}")
     memory_max = policy.memory_max_mb(workload, mode)
-    name = scope.unit_name(job_id)
+    unit = scope.unit_name(job_id)
     props = scope.properties(workload, mode, metric, pid, scope.caller_unit(pid), memory_max)
-    predicted = request.get("PREDICTED_VRAM_MB") or None
-    return Grant(name=name, props=props, workload=workload, mode=mode, device=request.get("DEVICE"),
+    return Grant(name=unit, props=props, workload=workload, mode=mode, device=device,
                  metric=metric, pid=pid, job_id=job_id, memory_max_mb=memory_max,
-                 control_group=scope.control_group(mode, job_id), scope_policy=request.get("SCOPE_POLICY"),
-                 input=request.get("INPUT") or None, predicted_vram_mb=int(predicted) if predicted else None)
+                 control_group=scope.control_group(mode, job_id), scope_policy=scope_policy,
+                 input=_input(request.get(b"INPUT")), predicted_vram_mb=predicted)
+
+
+def held_slots(pid, lock_dir, workload, locks_path="/proc/locks"):
+    """{"GPU": {device, …}, "CPU": {"cpu"}} of the slots of ``workload`` that ``pid`` holds (flock), from the
+    kernel's lock table; None when that cannot be known (then the request is judged on its own).
+
+    The MODE of a scope decides its limits (slice, MemoryMax): the agent takes it from the slot the caller actually
+    holds, not from what it says. The wrapper takes its slot before it asks, in the same PID, and the lock is the
+    kernel's record of who holds what."""
+    try:
+        names = os.listdir(lock_dir)
+        with open(locks_path, "rb") as f:
+            table = f.read(1 << 22)
+    except OSError:
+        return None
+    mine = set()
+    needle = f" {pid} ".encode()
+    for line in table.splitlines():
+        if b"FLOCK" not in line or needle not in line:
+            continue
+        parts = line.split()
+        try:
+            at = parts.index(str(pid).encode())
+            major, minor, inode = parts[at + 1].split(b":")
+            mine.add((int(major, 16), int(minor, 16), int(inode)))
+        except (ValueError, IndexError):
+            continue
+    held = {}
+    prefix = workload + "."
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pool, _, n = name[len(prefix):].partition(".")
+        if not n.isdigit() or not (pool == "cpu" or (pool.startswith("gpu") and pool[3:].isdigit())):
+            continue
+        try:
+            st = os.stat(os.path.join(lock_dir, name), follow_symlinks=False)
+        except OSError:
+            continue
+        if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in mine:
+            if pool == "cpu":
+                held.setdefault("CPU", set()).add("cpu")
+            else:
+                held.setdefault("GPU", set()).add(pool[3:])
+    return held
+
+
+class RateLimit:
+    """At most ``burst`` events per key in any ``window`` seconds, then one line saying how many were held back
+    (what journald's own RateLimitBurst does per service, here per uid: one member cannot flood the journal)."""
+
+    def __init__(self, burst=10, window=10.0, keys=1024):
+        self.burst, self.window, self.keys = burst, window, keys
+        self.state = {}  # key -> [window start, count, suppressed]
+
+    def allow(self, key, now=None):
+        """(allowed?, events suppressed since the last allowed one)."""
+        import time
+
+        now = time.monotonic() if now is None else now
+        entry = self.state.get(key)
+        if entry is None or now - entry[0] >= self.window:
+            if entry is None and len(self.state) >= self.keys:
+                self.state.clear()  # bounded memory: a flood of distinct keys costs at most a few extra lines
+            suppressed = entry[2] if entry else 0
+            self.state[key] = [now, 1, 0]
+            return True, suppressed
+        if entry[1] < self.burst:
+            entry[1] += 1
+            suppressed, entry[2] = entry[2], 0
+            return True, suppressed
+        entry[2] += 1
+        return False, 0
+
+
+REFUSALS = RateLimit()
+
+
+def log_refusal(pid, uid, reason):
+    """A broker-refused event, rate-limited per uid; the caller is told the reason in the reply either way."""
+    allowed, suppressed = REFUSALS.allow(uid)
+    if not allowed:
+        return False
+    more = f" ({suppressed} more refusals for uid {uid} not logged)" if suppressed else ""
+    journal.emit("broker-refused", f"refused a scope request from pid {pid} (uid {uid}): {reason}{more}",
+                 {"PID": pid, "UID": uid, "REASON": reason, "SUPPRESSED": suppressed or None})
+    return True
 
 
 def refuse(conn, pid, uid, reason):
-    journal.emit("broker-refused", f"refused a scope request from pid {pid} (uid {uid}): {reason}",
-                 {"PID": pid, "UID": uid, "REASON": reason})
+    log_refusal(pid, uid, reason)
     reply(conn, {"OK": "0", "ERROR": reason})
 
 
-def serve_one(conn, cfg, group_gid, start_scope=scope.start_scope):
-    """Handle one connection; returns the Grant when a scope was made (for accounting), else None."""
+def handle(payload, pid, uid, cfg, group_gid, start_scope=scope.start_scope, existing=None):
+    """One complete request (the frame's payload) → (reply fields, Grant or None). Never raises.
+
+    ``existing(pid)``: the scope the agent already made for this PID, if any, still alive: a PID is in one scope
+    at a time (a wrapped program that execs another wrapped program, or a member asking again), so a second
+    request is answered with that scope and makes nothing new: no second unit, no second account.
+    """
+    try:
+        request = parse_request(payload)
+        authorize(pid, uid, group_gid)
+        g = grant(cfg, request, pid, uid)
+    except Refused as exc:
+        log_refusal(pid, uid, str(exc))
+        return {"OK": "0", "ERROR": str(exc)}, None
+    except Exception as exc:  # noqa: BLE001 - nothing a caller sends may take the agent down
+        reason = f"bad request: {type(exc).__name__}"
+        log_refusal(pid, uid, reason)
+        return {"OK": "0", "ERROR": reason}, None
+    held = existing(pid) if existing is not None else None
+    if held:
+        return {"OK": "1", "SCOPE": held, "REUSED": "1"}, None
+    try:
+        start_scope(g.name, g.props)
+    except scope.ScopeError as exc:
+        if g.scope_policy != "best-effort":
+            return {"OK": "0", "ERROR": str(exc)}, None
+        # The job runs anyway, without a scope (no systemd here): account for it all the same.
+        g.name = g.control_group = None
+        return {"OK": "0", "ERROR": str(exc)}, g
+    except Exception as exc:  # noqa: BLE001
+        return {"OK": "0", "ERROR": f"scope failed: {type(exc).__name__}"}, None
+    return {"OK": "1", "SCOPE": g.name}, g
+
+
+def serve_one(conn, cfg, group_gid, start_scope=scope.start_scope, existing=None):
+    """Handle one connection with blocking reads (tests, tools); returns the Grant when one was made, else None.
+    The agent's loop uses clients.Clients instead: it never waits on a client."""
     conn.settimeout(5)
     try:
         pid, uid, _ = peer_credentials(conn)
     except OSError:
         return None
     try:
-        request = read_request(conn)  # read first: closing on unread data would reset the reply away
-        authorize(pid, uid, group_gid)
-        g = grant(cfg, request, pid, uid)
+        header = _recv_exact(conn, 4)
+        payload = _recv_exact(conn, frame_size(header))  # read first: closing on unread data resets the reply
     except Refused as exc:
         refuse(conn, pid, uid, str(exc))
         return None
-    except (OSError, ValueError) as exc:
-        refuse(conn, pid, uid, f"bad request: {exc}")
+    except OSError:
         return None
-    try:
-        start_scope(g.name, g.props)
-    except scope.ScopeError as exc:
-        reply(conn, {"OK": "0", "ERROR": str(exc)})
-        if g.scope_policy != "best-effort":
-            return None
-        # The job runs anyway, without a scope (no systemd here): account for it all the same.
-        g.name = g.control_group = None
-        return g
-    reply(conn, {"OK": "1", "SCOPE": g.name})
+    fields, g = handle(payload, pid, uid, cfg, group_gid, start_scope, existing)
+    reply(conn, fields)
     return g

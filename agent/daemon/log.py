@@ -23,12 +23,17 @@ def _systemd_send():
     except ImportError:
         return None
 
-    def send(pairs):
-        fields = dict(pairs)
-        message = fields.pop("MESSAGE")
-        sd_journal.send(message, **fields)
+    return sd_send
 
-    return send
+
+def sd_send(pairs):
+    """Hand one event to python3-systemd as bytes, field by field (``sendv``): a value that is not UTF-8 (a file
+    name a caller chose) is stored as it is. ``journal.send(**fields)`` would encode text values strictly and raise
+    UnicodeEncodeError on them, in the agent's loop."""
+    from systemd import journal as sd_journal
+
+    sd_journal.sendv(*[journal.field_name(key).encode() + b"=" + journal.field_bytes(value)
+                       for key, value in pairs])
 
 
 def _render(logger, method_name, event_dict):
@@ -41,15 +46,18 @@ def _render(logger, method_name, event_dict):
         try:
             journal.SINK(pairs)
             return ""
-        except OSError:
+        except Exception:  # noqa: BLE001 - logging never takes the agent down
             pass
     if os.environ.get("GPU_ROUTER_LOG") != "stderr":
         try:
             journal._send_journald(journal.encode_native(pairs))
             return ""
-        except OSError:
+        except Exception:  # noqa: BLE001
             pass
-    sys.stderr.write(journal._json_line(pairs))
+    try:
+        os.write(2, journal._json_line(pairs).encode("utf-8", "surrogateescape"))
+    except Exception:  # noqa: BLE001
+        pass
     return ""
 
 

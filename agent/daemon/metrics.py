@@ -286,7 +286,8 @@ class Metrics:
         elif event == "config-error":
             s.inc("gpu_router_config_errors_total", ())
         elif event == "broker-refused":
-            s.inc("gpu_router_broker_refusals_total", ())
+            held_back = str(entry.get("GPU_ROUTER_SUPPRESSED") or "0")  # refusals are journaled rate-limited
+            s.inc("gpu_router_broker_refusals_total", (), 1 + (int(held_back) if held_back.isdigit() else 0))
         elif event == "gpu-health":
             if entry.get("GPU_ROUTER_DEVICE") is None:
                 return False  # the backend as a whole: gpu_router_backend_up says it

@@ -14,7 +14,7 @@ import signal
 import socket
 import time
 
-from . import accounting, broker, metrics, procevents
+from . import accounting, broker, clients, metrics, procevents
 from .. import journal, scope, slots
 from .. import config as _config
 
@@ -117,6 +117,7 @@ class Agent:
         self.selector = selectors.DefaultSelector()
         self.metrics = metrics.Metrics(self.cfg.agent.state_dir, log=self.log)
         self.proc = None
+        self.clients = clients.Clients(self.selector, self._handle_request, broker.log_refusal)
 
     # -- pieces ------------------------------------------------------------------------------------------------
 
@@ -152,7 +153,9 @@ class Agent:
             input_path=g.input))
 
     def track(self, job):
-        """Follow a job; a pidfd wakes the loop the moment it exits, while its cgroup's counters still exist."""
+        """Follow a job; a pidfd wakes the loop the moment it exits, while its cgroup's counters still exist.
+        One account per PID: a newer one replaces the older (whose descriptors are closed, never leaked)."""
+        self._forget(job.pid)
         self.jobs[job.pid] = job
         job.sample()
         try:
@@ -165,14 +168,35 @@ class Agent:
             if job.oomfd is not None:
                 self.selector.register(job.oomfd, selectors.EVENT_READ, ("oom", job.pid))
 
+    def _forget(self, pid):
+        """Drop a job's account without an event (it is being replaced), closing its descriptors."""
+        job = self.jobs.pop(pid, None)
+        if job is not None:
+            self._close_fds(job)
+
+    def _close_fds(self, job):
+        for attr in ("pidfd", "oomfd"):
+            fd = getattr(job, attr)
+            setattr(job, attr, None)
+            if fd is not None:
+                _drop_fd(self.selector, fd)
+
+    def existing_scope(self, pid):
+        """The scope this PID already sits in (one the agent made for it, its process still alive), or None.
+        A dead process's account is closed first: a reused PID is a new job."""
+        job = self.jobs.get(pid)
+        if job is None:
+            return None
+        if not _pidfd_alive(job.pidfd) or not _alive(pid):
+            self.finish(pid, procevents.zombie_status(pid))
+            return None
+        return job.scope
+
     def finish(self, pid, wait_status=None):
         job = self.jobs.pop(pid, None)
         if job is None:
             return None
-        for fd in (job.pidfd, job.oomfd):
-            if fd is not None:
-                self.selector.unregister(fd)
-                os.close(fd)
+        self._close_fds(job)
         job.wait_status = wait_status
         job.sample(self._vram_by_pid())
         fields = job.outcome()
@@ -207,6 +231,8 @@ class Agent:
             self.cfg = _config.load(self.config_file)
         except _config.ConfigError as exc:
             self.log.error("config error; keeping the last good config", error=str(exc))
+        if os.geteuid() == 0:
+            slots.tidy(self.cfg.router.lock_dir, broker.group_id(self.cfg.agent.group))
         if self.monitor is not None:
             self.snapshot = self.monitor.sample_once()
         vram = self._vram_by_pid()
@@ -262,21 +288,19 @@ class Agent:
                 self.sample()
                 self.notify(f"STATUS={self.status_line()}")
                 next_sample = now + interval
-            timeout = max(0.0, min(next_sample, next_dog if dog else next_sample) - time.monotonic())
-            for key, _ in self.selector.select(timeout):
-                if key.data == "broker":
-                    self._accept(listener)
-                elif key.data == "exits":
-                    self._drain_exits()
-                elif key.data[0] == "oom" and key.data[1] in self.jobs:
-                    self._on_oom(self.jobs[key.data[1]])
-                elif key.data[0] == "exited" and key.data[1] in self.jobs:
-                    pid = key.data[1]
-                    status = procevents.zombie_status(pid)  # wins when the caller has not reaped it yet
-                    if self.proc is not None:
-                        self._drain_exits()  # the kernel's word, if it came with the same wake-up
-                    if pid in self.jobs:
-                        self.finish(pid, status)
+            self.clients.expire()
+            wake = min(next_sample, next_dog if dog else next_sample, self.clients.next_deadline() or next_sample)
+            timeout = max(0.0, wake - time.monotonic())
+            for key, events in self.selector.select(timeout):
+                try:
+                    self._dispatch(key, events, listener)
+                except Exception as exc:  # noqa: BLE001 - one job's or client's trouble never stops the agent
+                    self.log.error("event handling failed", error=f"{type(exc).__name__}: {exc}")
+                    if isinstance(key.data, tuple) and key.data[0] == "client":
+                        self.clients.drop(key.data[1])
+                    elif key.data not in ("broker", "exits"):
+                        _drop_fd(self.selector, key.fd)  # never again: a readable fd left behind would spin
+        self.clients.close_all()
         if self.proc is not None:
             procevents.close_listener(self.proc)
         self.notify("STOPPING=1")
@@ -285,8 +309,39 @@ class Agent:
                      {"STATE": "stopping"})
         return 0
 
+    def _dispatch(self, key, events, listener):
+        try:  # an earlier event of the same batch may have closed this fd, and its number may be in use again
+            if self.selector.get_key(key.fileobj) is not key:
+                return
+        except (KeyError, ValueError):
+            return
+        data = key.data
+        if data == "broker":
+            self.clients.accept(listener)
+        elif data == "exits":
+            self._drain_exits()
+        elif isinstance(data, tuple) and data[0] == "client":
+            self.clients.ready(data[1], events)
+        elif isinstance(data, tuple) and data[0] in ("oom", "exited"):
+            job = self.jobs.get(data[1])
+            if job is None or key.fd not in (job.pidfd, job.oomfd):
+                _drop_fd(self.selector, key.fd)  # an account's leftover: never leave a readable fd registered
+            elif data[0] == "oom":
+                self._on_oom(job)
+            else:
+                pid = data[1]
+                status = procevents.zombie_status(pid)  # wins when the caller has not reaped it yet
+                if self.proc is not None:
+                    self._drain_exits()  # the kernel's word, if it came with the same wake-up
+                if pid in self.jobs:
+                    self.finish(pid, status)
+        else:
+            _drop_fd(self.selector, key.fd)
+
     def _on_oom(self, job):
         """v1: the eventfd's count is the number of OOMs; v2: memory.events changed, so read its counters now."""
+        if job.oomfd is None:
+            return
         try:
             data = os.read(job.oomfd, 4096)
         except OSError:
@@ -300,24 +355,43 @@ class Agent:
             if pid in self.jobs:
                 self.finish(pid, status)
 
-    def _accept(self, listener):
-        try:
-            conn, _ = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        with conn:
-            conn.setblocking(True)
-            try:  # a profile added a moment ago must be known to the very next request (a cache hit costs ~1 ms)
-                self.cfg = _config.load(self.config_file)
-            except _config.ConfigError as exc:
-                self.log.error("config error; keeping the last good config", error=str(exc))
-            gid = broker.group_id(self.cfg.agent.group)
-            g = broker.serve_one(conn, self.cfg, gid)
+    def _handle_request(self, payload, pid, uid):
+        """One complete scope request from clients.py → the reply frame. Never raises."""
+        try:  # a profile added a moment ago must be known to the very next request (a cache hit costs ~1 ms)
+            self.cfg = _config.load(self.config_file)
+        except _config.ConfigError as exc:
+            self.log.error("config error; keeping the last good config", error=str(exc))
+        fields, g = broker.handle(payload, pid, uid, self.cfg, broker.group_id(self.cfg.agent.group),
+                                  existing=self.existing_scope)
         if g is not None:
             self.on_grant(g)
+        return broker.frame(fields)
 
     def _stop(self, *_):
         self.stopping = True
+
+
+def _drop_fd(selector, fd):
+    try:
+        selector.unregister(fd)
+    except (KeyError, ValueError):
+        pass
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _pidfd_alive(pidfd):
+    """False once a pidfd is readable (its process has exited); True when there is no pidfd to ask."""
+    if pidfd is None:
+        return True
+    import select
+
+    try:
+        return not select.select([pidfd], [], [], 0)[0]
+    except (OSError, ValueError):
+        return True
 
 
 def _alive(pid):

@@ -1,8 +1,11 @@
 """Measure a job's input before it runs: duration, size, pixels, lines, or an operator's command.
 
 A probe that fails, times out, or prints nothing usable yields *unknown* — never 0 — with a reason the event
-carries. External probes run through posix_spawn in their own process group, so a hung probe (and anything it
-forked) is killed whole at the deadline; ``subprocess`` is not used because its import costs ~14 ms on the hot path.
+carries. External probes run under a forked guardian (``run_command``): in their own process group, with the
+guardian as their subreaper, so a hung probe and everything it started — detached children too — is killed at the
+deadline, when the wrapper dies (even by SIGKILL) and when the caller's process group is signalled; ``subprocess``
+is not used because its import costs ~14 ms on the hot path. Built-in parsers read in bounded chunks and check
+the deadline as they read.
 
 The input is opened once, non-blocking and without a controlling tty, then checked with fstat: a FIFO is never
 read (that would steal the job's data or hang), a directory or device is refused, an empty file is unknown.
@@ -103,22 +106,42 @@ def which(name, path=None):
 
 
 def run_command(argv, timeout):
-    """(exit status, stdout bytes, stderr tail) of argv, killed with its process group at ``timeout``."""
+    """(exit status, stdout bytes, stderr tail) of argv; at ``timeout`` the probe and all it started are killed.
+
+    A probe never outlives the wrapper, nor the caller's process group, and neither do its descendants. A small
+    guardian process (forked: no interpreter start, no import) stands between the wrapper and the probe:
+    - it stays in the caller's process group, so a runner's SIGTERM/SIGINT/SIGHUP to the group reaches it;
+    - it learns of the wrapper's death, SIGKILL included, from a pipe only the wrapper holds (EOF), and from
+      PR_SET_PDEATHSIG;
+    - it is a child subreaper, so a descendant that detaches (setsid, double fork) is still its child;
+    - the probe runs in a process group of its own with PR_SET_PDEATHSIG=SIGKILL bound to the guardian.
+    Whatever ends it (the probe's exit, the deadline, a signal, the wrapper's death), the guardian kills the
+    probe's group and every descendant left, reaps them, then exits. A cgroup would also do, but there is none to
+    put the probe in before the job has its scope; this needs no privilege and no systemd.
+    """
+    if not os.access(argv[0], os.X_OK) or os.path.isdir(argv[0]):
+        raise ProbeFailed("probe-not-runnable", f"cannot run {argv[0]!r}: not an executable file")
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    life_r, life_w = os.pipe()  # the wrapper holds life_w: EOF on life_r means the wrapper is gone
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    for fd in (out_r, err_r, life_w):
+        os.set_inheritable(fd, False)
     try:
-        # GPU_ROUTER_PROBING: should the probe tool itself be wrapped, that wrapper (our direct child, which it
-        # checks) runs it straight instead of probing again: no recursion.
-        env = dict(os.environ, GPU_ROUTER_PROBING=str(os.getpid()))
-        pid = os.posix_spawn(argv[0], argv, env, setpgroup=0, setsigdef=(signal.SIGPIPE,),
-                             file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
-                                           (os.POSIX_SPAWN_DUP2, err_w, 2)])
+        guard = os.fork()
     except OSError as exc:
-        for fd in (out_r, out_w, err_r, err_w, devnull):
+        for fd in (out_r, out_w, err_r, err_w, life_r, life_w, devnull):
             os.close(fd)
-        raise ProbeFailed("probe-not-runnable", f"cannot run {argv[0]!r}: {exc.strerror}") from None
-    for fd in (out_w, err_w, devnull):
+        raise ProbeFailed("probe-not-runnable", f"cannot start a probe: {exc.strerror}") from None
+    if guard == 0:
+        code = 70
+        try:
+            for fd in (out_r, err_r, life_w):
+                os.close(fd)
+            code = _guardian(argv, out_w, err_w, life_r, devnull)
+        finally:
+            os._exit(code)
+    for fd in (out_w, err_w, life_r, devnull):
         os.close(fd)
     deadline = time.monotonic() + timeout
     buffers = {out_r: b"", err_r: b""}
@@ -140,25 +163,148 @@ def run_command(argv, timeout):
                     open_fds.discard(fd)
                 elif len(buffers[fd]) < OUTPUT_LIMIT:
                     buffers[fd] += chunk
-        if timed_out:
-            _kill_group(pid)
-            os.waitpid(pid, 0)
-            raise ProbeFailed("probe-timeout", f"{os.path.basename(argv[0])} did not answer within {timeout:g}s")
-        status = _wait(pid, deadline)
-        if status is None:
-            _kill_group(pid)
-            os.waitpid(pid, 0)
-            raise ProbeFailed("probe-timeout", f"{os.path.basename(argv[0])} did not exit within {timeout:g}s")
+        status = None if timed_out else _wait(guard, deadline)
     finally:
         os.close(out_r)
         os.close(err_r)
+        os.close(life_w)  # the guardian kills what is left (nothing, after a clean exit) and exits
+    if status is None:
+        _reap_guardian(guard)
+        raise ProbeFailed("probe-timeout", f"{os.path.basename(argv[0])} did not "
+                          f"{'answer' if timed_out else 'exit'} within {timeout:g}s")
+    if status == _EXEC_FAILED:
+        raise ProbeFailed("probe-not-runnable", f"cannot run {argv[0]!r}")
     return status, buffers[out_r], buffers[err_r][-400:]
 
 
-def _kill_group(pid):
+_EXEC_FAILED = 250  # the guardian's code for "the probe could not be exec'd"
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _prctl():
     try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+def _guardian(argv, out_w, err_w, life_r, devnull):
+    """Runs in the forked guardian; returns its exit code (the probe's, or 128+signal)."""
+    parent = os.getppid()
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    state = {"probe": None}
+
+    def on_signal(signum, frame):
+        _kill_all(state["probe"])
+        os._exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    if os.getppid() != parent:  # the wrapper died before the handlers were in place
+        os._exit(128 + signal.SIGTERM)
+    # GPU_ROUTER_PROBING: should the probe tool itself be wrapped, that wrapper (the guardian's child, which it
+    # checks) runs it straight instead of probing again: no recursion.
+    env = dict(os.environ, GPU_ROUTER_PROBING=str(os.getpid()))
+    me = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setpgid(0, 0)
+            if prctl is not None:
+                prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != me:
+                os._exit(_EXEC_FAILED)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+                signal.signal(sig, signal.SIG_DFL)
+            os.dup2(devnull, 0)
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            os.execve(argv[0], argv, env)
+        except BaseException:
+            pass
+        os._exit(_EXEC_FAILED)
+    state["probe"] = pid
+    try:
+        os.setpgid(pid, pid)  # also here: no window where a kill of the group misses it
+    except OSError:
+        pass
+    os.close(out_w)
+    os.close(err_w)
+    poller = select.poll()
+    poller.register(life_r, select.POLLIN)
+    try:
+        pidfd = os.pidfd_open(pid)
+        poller.register(pidfd, select.POLLIN)
+    except (OSError, AttributeError):
+        pidfd = None
+    code = None
+    while code is None:
+        events = poller.poll(None if pidfd is not None else 20)
+        if any(fd == life_r for fd, _ in events):
+            break  # the wrapper closed its end (done, timed out) or died
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            code = 128 - code if code < 0 else code
+    _kill_all(pid)
+    return 128 + signal.SIGKILL if code is None else code
+
+
+def _kill_all(probe_pid):
+    """Kill the probe's process group and every descendant (all ours: we are their subreaper); reap them."""
+    if probe_pid is not None:
+        try:
+            os.killpg(probe_pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for _ in range(10000):
+        children = _children()
+        for child in children:
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(child, signal.SIGKILL)
+                except OSError:
+                    pass
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            return
+        if not children:
+            try:
+                os.waitpid(-1, 0)  # one still dying
+            except ChildProcessError:
+                return
+
+
+def _children():
+    pid = os.getpid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _reap_guardian(pid):
+    """The guardian was told (its pipe closed); give it a moment, then kill it for good."""
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return
+        time.sleep(0.002)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except OSError:
         pass
 
 
@@ -192,7 +338,8 @@ def _external(argv, timeout, what):
     text = out.decode("utf-8", "replace")
     if status != 0:
         detail = err.decode("utf-8", "replace").strip().splitlines()
-        raise ProbeFailed("probe-failed", f"{what} exited {status}" + (f": {detail[-1]}" if detail else ""))
+        how = f"was killed by signal {status - 128}" if 128 < status < 128 + 65 else f"exited {status}"
+        raise ProbeFailed("probe-failed", f"{what} {how}" + (f": {detail[-1]}" if detail else ""))
     return text
 
 
@@ -256,11 +403,12 @@ def _line_count(path, fd, size, timeout, workload):
 
 
 def _image_pixels(path, fd, size, timeout, workload):
+    deadline = time.monotonic() + timeout
     os.set_blocking(fd, True)
     head = os.pread(fd, 65536, 0)
-    dims = image_size(head, fd)
+    dims = image_size(head, fd, deadline)
     if dims is None:
-        return _video_pixels(path, fd, size, timeout, workload)
+        return _video_pixels(path, fd, size, max(0.001, deadline - time.monotonic()), workload)
     width, height = dims
     if width <= 0 or height <= 0:
         raise ProbeFailed("probe-bad-output", f"image header says {width}x{height}")
@@ -303,7 +451,7 @@ PROBES = {
 }
 
 
-def image_size(head, fd=None):
+def image_size(head, fd=None, deadline=None):
     """(width, height) from a PNG, GIF, BMP, WebP or JPEG header, or None: no tool needed for common images."""
     if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
         return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
@@ -322,21 +470,29 @@ def image_size(head, fd=None):
         if kind == b"VP8 ":
             return int.from_bytes(head[26:28], "little") & 0x3FFF, int.from_bytes(head[28:30], "little") & 0x3FFF
     if head[:2] == b"\xff\xd8" and fd is not None:
-        return _jpeg_size(fd)
+        return _jpeg_size(fd, deadline)
     return None
 
 
-def _jpeg_size(fd):
+def _jpeg_size(fd, deadline=None):
+    """SOF dimensions by walking the JPEG's markers. Bounded work per byte: fill bytes are skipped a chunk at a
+    time, each segment costs one read, and the deadline is checked at every step."""
     pos = 2
     while True:
-        marker = os.pread(fd, 4, pos)
-        if len(marker) < 4 or marker[0] != 0xFF:
+        if deadline is not None and time.monotonic() > deadline:
+            raise ProbeFailed("probe-timeout", "reading the JPEG's markers took longer than the probe timeout")
+        chunk = os.pread(fd, 65536, pos)
+        if len(chunk) < 4 or chunk[0] != 0xFF:
             return None
-        kind = marker[1]
-        if kind == 0xFF:  # fill byte
-            pos += 1
+        rest = chunk.lstrip(b"\xff")
+        if len(rest) < 3:  # all fill (or the marker is cut by the chunk's end): move on, keep one 0xFF
+            if len(chunk) < 65536:
+                return None
+            pos += len(chunk) - 4
             continue
-        length = int.from_bytes(marker[2:4], "big")
+        pos += len(chunk) - len(rest) - 1  # at the last 0xFF before the marker's kind
+        kind = rest[0]
+        length = int.from_bytes(rest[1:3], "big")
         if 0xC0 <= kind <= 0xCF and kind not in (0xC4, 0xC8, 0xCC):
             sof = os.pread(fd, 5, pos + 4)
             if len(sof) < 5:

@@ -268,8 +268,23 @@ def _scope(job, cfg):
         return True
 
 
+EX_SOFTWARE = 70
+
+
 def run(workload_name, args, config_file=None):
-    """The whole wrapper; returns an exit code only when it does not exec."""
+    """The whole wrapper; returns an exit code only when it does not exec. Never a traceback: an error nobody
+    foresaw is one line, one journal event and exit 70 (EX_SOFTWARE), so a job runner sees a documented code."""
+    try:
+        return _run(workload_name, args, config_file)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence; every known failure has its own code
+        what = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+        _err(f"internal error, please report it: {what} (exit {EX_SOFTWARE})")
+        journal.emit("config-error", f"gpu-router internal error: {what}",
+                     {"WORKLOAD": workload_name, "REASON": "internal-error", "DETAIL": what}, priority=3)
+        return EX_SOFTWARE
+
+
+def _run(workload_name, args, config_file=None):
     try:
         cfg = _config.load(config_file)
         workload = cfg.workload(workload_name)
@@ -284,6 +299,9 @@ def run(workload_name, args, config_file=None):
             os.execv(workload.binary, [workload.binary] + list(args))
         except OSError as exc:
             _err(f"{workload.name}: cannot run {workload.binary}: {exc.strerror}")
+            journal.emit("job-finished", f"{workload.name}: {workload.binary} could not be started: {exc.strerror}",
+                         {"WORKLOAD": workload.name, "RESULT": "failed",
+                          "EXIT_STATUS": 127 if isinstance(exc, FileNotFoundError) else 126})
             return 127 if isinstance(exc, FileNotFoundError) else 126
     if os.environ.get(LOOP_MARK) == f"{os.getpid()}:{workload.name}":
         # The real binary we exec'd is the router again (binary = the wrapped name, or a script exec'ing it): each
@@ -319,7 +337,11 @@ def run(workload_name, args, config_file=None):
         _err(f"{workload.name}: BLOCKED ({exc}); retry later (exit {workload.retry_exit_code})")
         return workload.retry_exit_code
     except slots.LockDirError as exc:
+        for fd in job.fds:
+            os.close(fd)
         _err(str(exc))
+        journal.emit("config-error", f"{workload.name}: {exc}", {"WORKLOAD": workload.name, "JOB": job.id,
+                                                                 "DETAIL": str(exc)})
         return EX_UNAVAILABLE
     finally:
         os.close(dir_fd)

@@ -133,7 +133,7 @@ def test_install_starts_the_socket_and_the_agent(box, debs):
         assert box.run(["systemctl", "is-enabled", unit]).stdout.strip() == "enabled", unit
     assert box.run(["getent", "group", "gpu-router"]).returncode == 0
     assert box.run(["stat", "-c", "%a %U %G", "/run/gpu-router/locks"]).stdout.split() == \
-        ["2770", "root", "gpu-router"]
+        ["3770", "root", "gpu-router"]
     assert box.run(["stat", "-c", "%a %G", "/run/gpu-router/agent.sock"]).stdout.split() == ["660", "gpu-router"]
     assert box.run(["head", "-1", "/usr/bin/gpu-router"]).stdout.strip() == "#!/usr/bin/python3 -IS"
     catalog = box.run(["journalctl", "--list-catalog"]).stdout       # systemd's trigger updated the catalog
