@@ -254,9 +254,9 @@ def parser():
 
 
 def _extra_commands():
-    """Commands that live in their own modules (status, stats, init, calibrate)."""
-    from . import calibrate, init, stats, status
-    return [status.register, stats.register, init.register, calibrate.register]
+    """Commands that live in their own modules (status, stats, init, calibrate, slurm-conf)."""
+    from . import calibrate, init, slurm, stats, status
+    return [status.register, stats.register, init.register, calibrate.register, slurm.register]
 
 
 def enable_site():
