@@ -326,3 +326,43 @@ def test_b_requeue_exit_is_the_backstop(lane):
     figures = check_batch(lane, ids, extra_gpu=outside_intervals(lane, t0))
     assert figures["exit_75"] > 0, "the outsider held a slot Slurm did not know of: some jobs must have met it"
     report("(b) RequeueExit backstop", figures)
+
+
+def snapshot_foreign_mb(c):
+    gpus = json.loads(c.run(["gpu-router", "status", "--json"]).stdout)["gpus"]
+    return gpus[0].get("foreign_mb") or 0 if gpus else 0
+
+
+def test_c_foreign_vram_mid_batch_never_ooms_never_loses_a_job(lane):
+    """(c) Slurm's count and the GPU disagree: a process outside Slurm and gpu-router takes 8 GB mid-batch. Slurm
+    still sees two free GRES; gpu-router (admission = "vram") sees room for one job less, exits 75 for the
+    other, and Slurm requeues it. No job OOMs, none is lost. The control: the same job without VRAM admission,
+    started into that GPU, dies of a CUDA OOM (what this test would see if gpu-router let a job through)."""
+    paths = inputs(lane, "c", 6, cpu_every=0)
+    ids = [submit(lane, "vr", p, hold=True) for p in paths]
+    foreign = None
+    try:
+        lane.run(["scontrol", "release", str(ids[0])])
+        lane.wait_for(lambda: busy(lane, "vr") == 1, timeout=30, interval=0.1)
+        foreign = lane.popen(["/src/tests/fakenvml/fake_gpu_job.py", "--device", "cuda", "--vram", str(FOREIGN_MB),
+                              "--seconds", "12", "--state", STATE, "--log", "/scratch/foreign.log"],
+                             env={"CUDA_VISIBLE_DEVICES": "0"})
+        lane.wait_for(lambda: snapshot_foreign_mb(lane) >= FOREIGN_MB, timeout=10, interval=0.1)
+        blind = lane.run(["gpu-router", "run", "--workload", "blind", "--", paths[0]], check=False)
+        assert blind.returncode == 1 and "CUDA out of memory" in blind.stderr, blind
+        lane.run(["scontrol", "release", ",".join(map(str, ids[1:]))])
+        wait_done(lane, ids)
+    finally:
+        if foreign is not None:
+            lane.kill(foreign)
+    foreign_log = [json.loads(x) for x in lane.run(["cat", "/scratch/foreign.log"]).stdout.splitlines()]
+    assert [e["event"] for e in foreign_log][:1] == ["start"], "the foreign process must really have held VRAM"
+    f_start = foreign_log[0]["t"]
+    f_end = next((e["t"] for e in foreign_log if e["event"] == "finish"), time.time())
+    figures = check_batch(lane, ids, cpu_slots=0)
+    own = ledger(lane, ids)
+    # While the foreign 8 GB were held, at most one 6 GB job ran beside it (16 GB GPU): VRAM admission at work.
+    during = [(e[0]["t"], e[1]["t"]) for e in own.values() if e[0]["t"] < f_end and e[1]["t"] > f_start]
+    assert overlap(during) <= 1
+    assert figures["exit_75"] > 0, "Slurm started a job gpu-router had no VRAM for: it must have exited 75"
+    report("(c) foreign VRAM mid-batch", figures)
