@@ -26,12 +26,13 @@ import time
 import pytest
 
 import harness
+import srcinstall
 from harness import require_lane
 
 SLURM_PACKAGES = harness.PACKAGES + ("munge", "slurm-wlm")   # a rootfs of its own: the other lanes' cache stays
 JOB_S = 3                          # each fake job's run time
 GPU_MB, JOB_VRAM_MB, FOREIGN_MB = 16384, 6000, 8000
-STATE = "/var/lib/fakegpu"
+STATE = srcinstall.FAKE_STATE
 LOG = "/scratch/jobs.log"          # the fake jobs' own ledger (JSON lines)
 LEDGER = "/scratch/ledger"         # "SLURM_JOB_ID PID" per attempt, written by the batch script before exec
 JOBCOMP = "/var/log/slurm/jobcomp.log"
@@ -71,23 +72,6 @@ max_gpu_jobs = 2
 max_cpu_jobs = 0
 gpu_args = ["--device", "cuda", "--vram", "{JOB_VRAM_MB}", "--seconds", "1", "--state", "{STATE}", "--log", "/scratch/blind.log"]
 scope = "off"
-"""
-
-INSTALL = r"""
-set -e
-mkdir -p /opt/gpu-router/lib /etc/gpu-router
-ln -sfn /src/agent /opt/gpu-router/lib/gpu_router
-sed 's#"/usr/lib/python3/dist-packages"#"/opt/gpu-router/lib"#' /src/packaging/bin/gpu-router > /usr/bin/gpu-router
-printf '#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, "/opt/gpu-router/lib")\nfrom gpu_router.daemon.service import main\nsys.exit(main())\n' > /usr/sbin/gpu-router-agent
-chmod 755 /usr/bin/gpu-router /usr/sbin/gpu-router-agent
-cp /src/units/* /etc/systemd/system/
-cp /src/packaging/tmpfiles.d/gpu-router.conf /usr/lib/tmpfiles.d/gpu-router.conf
-getent group gpu-router >/dev/null || groupadd --system gpu-router
-systemd-tmpfiles --create gpu-router.conf
-mkdir -p /var/lib/fakegpu/gpu0 /var/lib/fakegpu/claims /scratch/in /scratch/out
-printf '%s\nGPU-00000000-fake-slurm-lane\nFake GPU\n' "$GPU_MB" > /var/lib/fakegpu/gpu0/info
-systemctl daemon-reload
-systemctl enable --now gpu-router-agent.socket gpu-router-agent.service
 """
 
 # The batch script: the job's own ledger line, then exec (the wrapper keeps the PID, and so does the job).
@@ -130,12 +114,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-def fake_smi():
-    from fakenvml import HERE, SMI_TEMPLATE  # tests/ is on sys.path (its conftest)
-
-    return SMI_TEMPLATE.replace("@FAKEDIR@", repr("/src/tests/fakenvml")).replace("@STATE@", repr(STATE))
-
-
 @pytest.fixture(scope="module")
 def lane():
     require_lane()
@@ -143,13 +121,11 @@ def lane():
     c.start()
     try:
         t0 = time.monotonic()
-        c.write_file("/etc/gpu-router/config.toml", CONFIG)
-        c.write_file("/usr/local/bin/nvidia-smi", fake_smi(), mode=0o755)
         c.write_file("/usr/local/bin/lane-job", JOB_SCRIPT, mode=0o755)
-        c.run(INSTALL, env={"GPU_MB": str(GPU_MB)}, timeout=120)
+        c.run("mkdir -p /scratch/in /scratch/out")
+        srcinstall.install(c, CONFIG, GPU_MB)
         node = c.run("hostname -s").stdout.strip()
         c.run(f"echo '127.0.0.1 {node}' >> /etc/hosts")   # munge and slurmd resolve the node's name
-        c.wait_for("gpu-router status --json | grep -q '\"total_mb\": 16384'", timeout=30)
         gen = json.loads(c.run(["gpu-router", "slurm-conf", "--json", "--node", node]).stdout)
         conf = BASE_CONF.format(node=node, ctld_port=free_port(), slurmd_port=free_port(), jobcomp=JOBCOMP)
         node_line = next(line for line in gen["slurm_conf"] if line.startswith("NodeName="))
