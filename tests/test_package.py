@@ -388,7 +388,7 @@ def test_bash_completion(tmp_path):
         return sorted(filter(None, run("bash", "-c", script, "x", *words, env=env).stdout.split("\n")))
 
     assert complete("gpu-router", "") == sorted(
-        "run explain check status stats wrap unwrap init calibrate".split())
+        "run explain check status stats wrap unwrap init calibrate slurm-conf".split())
     assert complete("gpu-router", "--config", str(tmp_path / "config.toml"), "check", "--workload", "") == \
         ["alpha", "beta.2", "gamma"]
     assert complete("gpu-router", "unwrap", "") == ["fake-transcribe"]
