@@ -12,7 +12,6 @@ a scope is outside the service's cgroup, so only BindsTo= ties a job to its runn
 """
 
 import json
-import textwrap
 import time
 
 import pytest

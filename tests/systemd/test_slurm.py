@@ -20,7 +20,6 @@ import json
 import math
 import re
 import socket
-import textwrap
 import time
 
 import pytest
