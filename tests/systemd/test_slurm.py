@@ -130,6 +130,7 @@ def lane():
         node_line = next(line for line in gen["slurm_conf"] if line.startswith("NodeName="))
         conf += "\n".join(line for line in gen["slurm_conf"] if not line.startswith("NodeName=")) + "\n"
         conf += f"{node_line} NodeAddr=127.0.0.1 CPUs=16 RealMemory=2000 State=UNKNOWN\n"
+        conf += gen["licenses"] + "\n"                  # the one-node alternative, tested in (a')
         c.write_file("/etc/slurm/slurm.conf", conf)
         c.write_file("/etc/slurm/gres.conf", "\n".join(gen["gres_conf"]) + "\n")
         c.run("mkdir -p /var/lib/slurm/slurmctld /var/lib/slurm/slurmd /var/log/slurm; "
@@ -160,10 +161,11 @@ def inputs(c, tag, n, cpu_every=3):
     return names
 
 
-def submit(c, workload, path, hold=False):
-    pool = json.loads(c.run(["gpu-router", "slurm-conf", "--json", "--workload", workload,
-                             "--request", path]).stdout)
-    argv = ["sbatch", "--parsable", "--open-mode=append", f"--gres={pool['gres']}:1",
+def submit(c, workload, path, hold=False, licenses=False):
+    """sbatch with the option `gpu-router slurm-conf --request` prints for the input (--gres=… or -L …)."""
+    request = ["gpu-router", "slurm-conf", "--workload", workload, "--request", path]
+    option = c.run(request + (["--licenses"] if licenses else [])).stdout.split()
+    argv = ["sbatch", "--parsable", "--open-mode=append", *option,
             "--output=/scratch/out/%j.out", "--chdir=/scratch"] + (["--hold"] if hold else [])
     out = c.run(argv + ["/usr/local/bin/lane-job", workload, path]).stdout.strip()
     return int(out.split(";")[0])
@@ -282,6 +284,17 @@ def test_a_slurm_gates_the_slots(lane):
     figures = check_batch(lane, ids)
     assert figures["exit_75"] == 0
     report("(a) GRES gates", figures)
+
+
+def test_a_licenses_gate_the_slots_on_one_node(lane):
+    """(a') The one-node alternative: the same slots as cluster-wide licenses (`sbatch -L`), no GRES asked."""
+    paths = inputs(lane, "l", 9)
+    ids = [submit(lane, "enc", p, licenses=True) for p in paths]
+    assert "Licenses=gr_enc_" in lane.run(["scontrol", "show", "job", str(ids[0])]).stdout
+    wait_done(lane, ids)
+    figures = check_batch(lane, ids)
+    assert figures["exit_75"] == 0
+    report("(a') licenses gate", figures)
 
 
 def test_b_requeue_exit_is_the_backstop(lane):
