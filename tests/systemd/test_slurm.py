@@ -6,7 +6,8 @@ lines are what `gpu-router slurm-conf` prints on this host, so Slurm accepting a
 test. Every job's own ledger (the fake job's start/finish/oom lines, keyed by PID, and the batch script's
 "SLURM_JOB_ID PID" line) is checked against Slurm's record (jobcomp/filetxt: one line per attempt).
 
-(a) Slurm gates the slots (a count-only GRES per pool): a mixed batch three times the slots → 0 exit-75 attempts.
+(a) Slurm gates the slots (a count-only GRES per pool; (a') the same as licenses): a mixed batch three times the
+    slots → 0 exit-75 attempts.
 (b) RequeueExit=75 is the backstop when something outside Slurm holds a slot: the excess exits 75, Slurm requeues
     it, and every job still COMPLETES exactly once.
 (c) Slurm's admission and gpu-router's disagree: a foreign process takes VRAM mid-batch; Slurm sees a free GRES,
