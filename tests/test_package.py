@@ -397,7 +397,7 @@ def test_bash_completion(tmp_path):
         return sorted(filter(None, run("bash", "-c", script, "x", *words, env=env).stdout.split("\n")))
 
     assert complete("gpu-router", "") == sorted(
-        "run explain check status jobs stats drain resume wrap unwrap init calibrate".split())
+        "run explain check status jobs stats drain resume wrap unwrap init calibrate slurm-conf".split())
     # every command's options as its parser has them (issue 10: --since and probe names were missing)
     assert {"--since", "--until", "--workload", "--result", "--mode", "--caller", "--json"} <= \
         set(complete("gpu-router", "jobs", "--"))

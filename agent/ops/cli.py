@@ -423,9 +423,10 @@ def parser():
 
 
 def _extra_commands():
-    """Commands that live in their own modules (status, stats, jobs, drain/resume, init, calibrate)."""
-    from . import calibrate, drain, init, jobs, stats, status
-    return [status.register, stats.register, jobs.register, drain.register, init.register, calibrate.register]
+    """Commands that live in their own modules (status, stats, jobs, drain/resume, init, calibrate, slurm-conf)."""
+    from . import calibrate, drain, init, jobs, slurm, stats, status
+    return [status.register, stats.register, jobs.register, drain.register, init.register, calibrate.register,
+            slurm.register]
 
 
 def enable_site():
