@@ -147,7 +147,10 @@ def test_signal_to_the_wrapper_pid_reaches_the_job(rig):
     wait_for_file(rig.log / f"{p.pid}.start")
     os.kill(p.pid, signal.SIGTERM)
     assert p.wait(10) == -signal.SIGTERM
-    p = rig.spawn("w", make_input(rig.root, SMALL), env={"JOB_SLEEP": "60"})
+    # A caller started from a background shell ignores SIGINT, and exec (rightly) passes that on: give the wrapper
+    # the default disposition a foreground caller has, so the test measures the wrapper, not how pytest was started.
+    p = rig.spawn("w", make_input(rig.root, SMALL), env={"JOB_SLEEP": "60"},
+                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_file(rig.log / f"{p.pid}.start")
     os.kill(p.pid, signal.SIGINT)  # Python's own SIGINT handler must not survive into the job either
     assert p.wait(10) == -signal.SIGINT
