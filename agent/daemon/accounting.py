@@ -141,9 +141,10 @@ class JobAccount:
     """One running job as the agent follows it."""
 
     def __init__(self, job_id, pid, workload, mode, device, metric, scope, control_group, runtime_max,
-                 started=None, predicted_vram_mb=None, memory_max_mb=None, input_path=None):
+                 started=None, predicted_vram_mb=None, memory_max_mb=None, input_path=None, pid_start=None):
         self.job_id = job_id
         self.pid = pid
+        self.pid_start = pid_start
         self.workload = workload
         self.mode = mode
         self.device = device
@@ -156,24 +157,66 @@ class JobAccount:
         self.memory_max_mb = memory_max_mb
         self.input = input_path
         self.peak_ram = 0
+        self.peak_known = False     # the cgroup's own peak counter was read after the job ended
         self.peak_vram_mb = None
+        self.vram_sampled = False   # a GPU sample with per-process use was taken while the job ran
         self.oom_kills = 0
         self.failcnt = 0
         self.wait_status = None
         self.pidfd = None
         self.oomfd = None
+        self.holder = None          # holder.Holder keeping the scope's cgroup alive until the final read
+
+    def to_record(self):
+        """What jobrecord keeps of this job (what the agent knew at scope creation, plus the VRAM peak so far)."""
+        out = {k: getattr(self, k) for k in ("job_id", "pid", "pid_start", "workload", "mode", "device", "metric",
+                                             "scope", "control_group", "runtime_max", "started",
+                                             "predicted_vram_mb", "memory_max_mb", "peak_vram_mb", "vram_sampled")}
+        out["input"] = self.input
+        out["holder_pid"] = self.holder.pid if self.holder is not None else None
+        out["holder_start"] = self.holder.start if self.holder is not None else None
+        return out
+
+    @classmethod
+    def from_record(cls, r):
+        job = cls(r["job_id"], r["pid"], r.get("workload"), r.get("mode"), r.get("device"),
+                  r.get("metric") or "unknown", r.get("scope"), r.get("control_group"), r.get("runtime_max"),
+                  started=r.get("started"), predicted_vram_mb=r.get("predicted_vram_mb"),
+                  memory_max_mb=r.get("memory_max_mb"), input_path=r.get("input"), pid_start=r.get("pid_start"))
+        job.peak_vram_mb = r.get("peak_vram_mb")
+        job.vram_sampled = bool(r.get("vram_sampled"))
+        return job
 
     def sample(self, vram_by_pid=None):
-        """Fold the cgroup's counters and this job's VRAM use (from the GPU snapshot) into the peaks."""
+        """Fold the cgroup's counters and this job's VRAM use (from the GPU snapshot) into the peaks.
+
+        ``vram_by_pid``: {pid: MiB} from a GPU sample that lists processes (None when there was no such sample).
+        Returns True when the VRAM peak grew.
+        """
         if self.control_group:
             mem = read_memory(memory_dir(self.control_group))
             self.peak_ram = max(self.peak_ram, mem.get("peak", 0), mem.get("current", 0))
             self.oom_kills = max(self.oom_kills, mem.get("oom_kills", 0))
             self.failcnt = max(self.failcnt, mem.get("failcnt", 0))
-        if vram_by_pid:
-            used = vram_by_pid.get(self.pid)
-            if used is not None:
-                self.peak_vram_mb = max(self.peak_vram_mb or 0, used)
+        if vram_by_pid is None:
+            return False
+        self.vram_sampled = True
+        used = vram_by_pid.get(self.pid)
+        if used is not None and used > (self.peak_vram_mb or 0):
+            self.peak_vram_mb = used
+            return True
+        return False
+
+    def final_read(self):
+        """Read the cgroup's counters once the job has ended: exact while the holder keeps the cgroup alive."""
+        if not self.control_group:
+            return
+        mem = read_memory(memory_dir(self.control_group))
+        if "peak" in mem:
+            self.peak_ram = max(self.peak_ram, mem["peak"])
+            self.peak_known = True
+        self.oom_kills = max(self.oom_kills, mem.get("oom_kills", 0))
+        self.failcnt = max(self.failcnt, mem.get("failcnt", 0))
 
     def outcome(self, now=None):
         """The job-finished event's fields."""
@@ -182,7 +225,7 @@ class JobAccount:
         fields = {"WORKLOAD": self.workload, "JOB": self.job_id, "MODE": self.mode, "DEVICE": self.device,
                   "METRIC": self.metric, "SCOPE": self.scope, "PID": self.pid, "INPUT": self.input,
                   "RESULT": result, "DURATION_S": round(duration, 3),
-                  "PEAK_RAM_MB": round(self.peak_ram / 1048576, 1) if self.peak_ram else None,
+                  "PEAK_RAM_MB": round(self.peak_ram / 1048576, 1) if self.peak_known else None,
                   "PEAK_VRAM_MB": self.peak_vram_mb, "PREDICTED_VRAM_MB": self.predicted_vram_mb,
                   "MEMORY_MAX_MB": self.memory_max_mb}
         if self.wait_status is not None:
@@ -190,6 +233,11 @@ class JobAccount:
             if os.WIFSIGNALED(self.wait_status):
                 fields["SIGNAL"] = os.WTERMSIG(self.wait_status)
         return fields
+
+    def peaks_known(self, gpu_sampling=True):
+        """Whether this job's peaks are exact enough to calibrate from: the RAM peak read from the cgroup after
+        the job ended, and for a GPU job on a host whose backend lists processes, at least one VRAM sample."""
+        return self.peak_known and (self.mode != "GPU" or not gpu_sampling or self.vram_sampled)
 
 
 def _shell_status(status):
@@ -209,10 +257,16 @@ def append_sample(path, fields):
         return f.tell()
 
 
-def record_sample(state_dir, fields):
-    """Append (metric → peaks) for calibration to state_dir/samples/<workload>.jsonl, keeping the newest lines."""
+def record_sample(state_dir, fields, peaks_known=True):
+    """Append (metric → peaks) for calibration to state_dir/samples/<workload>.jsonl, keeping the newest lines.
+
+    Not written: an unknown metric or result, or peaks that are not known (``JobAccount.peaks_known``: the
+    cgroup's peak counter was not read after the job ended, or no GPU sample saw a GPU job).
+    """
     if fields.get("METRIC") in (None, "unknown") or fields["RESULT"] == "unknown":
         return None
+    if not peaks_known:
+        return None  # a peak that is not known is not a sample: calibration would fit a wrong value
     directory = os.path.join(state_dir, "samples")
     os.makedirs(directory, mode=0o755, exist_ok=True)
     path = os.path.join(directory, f"{fields['WORKLOAD']}.jsonl")

@@ -4,6 +4,11 @@ A job execs from the wrapper, so its parent is the caller and nobody but the cal
 records no exit status either. The proc connector announces every process exit with its wait status, to a
 listener with CAP_NET_ADMIN in the initial network namespace: exactly the agent's situation. Where it is not
 available (no capability, another network namespace) the agent still accounts jobs, without EXIT_STATUS.
+
+Across agent restarts: the agent hands its subscribed socket to systemd's file descriptor store (FDSTORE=1,
+FDNAME=proc-connector) and gets it back on the next start (``from_fd``). While no agent runs, the kernel keeps
+queueing exit events in that socket (its receive buffer is raised to RCVBUF bytes: ~10,000 exits), so the exits of
+jobs that ended during the restart are read by the next agent, in order.
 """
 
 import os
@@ -17,6 +22,9 @@ PROC_CN_MCAST_LISTEN = 1
 PROC_CN_MCAST_IGNORE = 2
 PROC_EVENT_EXIT = 0x80000000
 NLMSG_DONE = 3
+SO_RCVBUFFORCE = 33
+RCVBUF = 8 << 20
+FD_NAME = "proc-connector"
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _CN_MSG = struct.Struct("=IIIIHH")
@@ -36,6 +44,7 @@ def open_listener(verify=True):
         raise Unavailable(f"netlink connector socket: {exc.strerror}") from None
     try:
         sock.bind((0, CN_IDX_PROC))  # port id 0: the kernel picks a free one
+        _grow_buffer(sock)
         _control(sock, PROC_CN_MCAST_LISTEN)
         sock.setblocking(False)
     except OSError as exc:
@@ -49,18 +58,43 @@ def open_listener(verify=True):
     return sock
 
 
+def _grow_buffer(sock):
+    """Room for the exits of a busy host while nobody reads (an agent restart): SO_RCVBUFFORCE as root."""
+    for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, RCVBUF)
+            return
+        except OSError:
+            continue
+
+
+def from_fd(fd):
+    """The subscribed socket a previous agent left in systemd's fd store (still listening, events queued)."""
+    sock = socket.socket(fileno=fd)
+    if sock.family != socket.AF_NETLINK:
+        sock.detach()
+        raise Unavailable(f"fd {fd} is not a netlink socket")
+    sock.setblocking(False)
+    return sock
+
+
 def _control(sock, op_code):
     op = struct.pack("=I", op_code)
     cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(op), 0)
     sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(cn) + len(op), NLMSG_DONE, 0, 0, 0) + cn + op)
 
 
-def close_listener(sock):
-    """Unsubscribe, then close: the kernel counts listeners and keeps sending events to nobody otherwise."""
-    try:
-        _control(sock, PROC_CN_MCAST_IGNORE)
-    except OSError:
-        pass
+def close_listener(sock, unsubscribe=True):
+    """Unsubscribe, then close: the kernel counts listeners and keeps sending events to nobody otherwise.
+
+    ``unsubscribe=False`` when a copy of the socket stays in systemd's fd store for the next agent: the listener
+    count is global, so unsubscribing would stop the events the next agent must read.
+    """
+    if unsubscribe:
+        try:
+            _control(sock, PROC_CN_MCAST_IGNORE)
+        except OSError:
+            pass
     sock.close()
 
 

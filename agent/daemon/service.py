@@ -14,7 +14,7 @@ import signal
 import socket
 import time
 
-from . import accounting, broker, clients, metrics, procevents
+from . import accounting, broker, clients, holder, jobrecord, metrics, procevents
 from .. import journal, scope, slots
 from .. import config as _config
 
@@ -36,6 +36,43 @@ class Notifier:
         if self._n is not None:
             self._n.notify(text)
 
+    def store_fd(self, fd, name):
+        """FDSTORE=1: systemd keeps a copy of ``fd`` and passes it to the next start of this service (needs
+        FileDescriptorStoreMax= in the unit). False outside systemd or where it cannot be sent."""
+        path = os.environ.get("NOTIFY_SOCKET")
+        if not path:
+            return False
+        if path.startswith("@"):
+            path = "\0" + path[1:]
+        import array
+
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.sendmsg([f"FDSTORE=1\nFDNAME={name}".encode()],
+                          [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))], 0, path)
+        except OSError:
+            return False
+        return True
+
+
+_PASSED = None
+
+
+def passed_fds():
+    """{name: fd} systemd passed us (sd_listen_fds: the broker socket, fd-store entries), read once."""
+    global _PASSED
+    if _PASSED is None:
+        _PASSED = {}
+        if os.environ.get("LISTEN_PID") == str(os.getpid()):
+            n = int(os.environ.get("LISTEN_FDS", "0") or 0)
+            names = (os.environ.get("LISTEN_FDNAMES") or "").split(":")
+            for i in range(n):
+                name = names[i] if i < len(names) and names[i] else f"fd{i}"
+                _PASSED.setdefault(name, SD_LISTEN_FDS_START + i)
+        for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(var, None)
+    return _PASSED
+
 
 def watchdog_interval():
     """Half of WatchdogSec (systemd passes WATCHDOG_USEC), or None when no watchdog is armed for us."""
@@ -48,11 +85,10 @@ def watchdog_interval():
 
 def listening_socket(path, group):
     """The socket systemd passed us (LISTEN_FDS), or one bound here: 0660, group gpu-router."""
-    if os.environ.get("LISTEN_PID") == str(os.getpid()) and int(os.environ.get("LISTEN_FDS", "0")) >= 1:
-        sock = socket.socket(fileno=SD_LISTEN_FDS_START)
-        for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-            os.environ.pop(var, None)
-        return sock, "systemd"
+    broker_fds = [fd for name, fd in sorted(passed_fds().items(), key=lambda kv: kv[1])
+                  if name != procevents.FD_NAME]
+    if broker_fds:
+        return socket.socket(fileno=broker_fds[0]), "systemd"
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     try:
         os.unlink(path)
@@ -118,6 +154,9 @@ class Agent:
         self.metrics = metrics.Metrics(self.cfg.agent.state_dir, log=self.log)
         self.proc = None
         self.clients = clients.Clients(self.selector, self._handle_request, broker.log_refusal)
+        self.proc_stored = False  # a copy of self.proc is in systemd's fd store
+        self.records = jobrecord.directory(self.cfg.gpu.snapshot)
+        self._holders = {}  # scope name → Holder, between StartTransientUnit and the grant
 
     # -- pieces ------------------------------------------------------------------------------------------------
 
@@ -128,8 +167,24 @@ class Agent:
         return pids
 
     def adopt(self):
-        for name, (cg, pids) in running_scopes().items():
+        """Follow the jobs a previous agent left running: from their records (all it knew), else their scopes."""
+        scopes = running_scopes()
+        records = jobrecord.load_all(self.records)
+        for job_id, r in records.items():
+            if r["pid"] in self.jobs:
+                continue
+            job = accounting.JobAccount.from_record(r)
+            if r.get("holder_pid"):
+                job.holder = holder.Holder(r["holder_pid"], r.get("holder_start"))
+            if job.scope not in scopes and not _job_alive(job):
+                # Scope gone and job gone: the counters are gone too; account what the record and the queued
+                # exit event (fd store) still say.
+                job.control_group = None
+            self.track(job, write_record=False)
+        for name, (cg, pids) in scopes.items():
             job_id = name[len("gpu-router-"):-len(".scope")]
+            if job_id in records:
+                continue
             workload, _, rest = job_id.rpartition("-")
             workload, _, pid_text = workload.rpartition("-")
             pid = int(pid_text) if pid_text.isdigit() else pids[0]
@@ -144,25 +199,44 @@ class Agent:
             self.track(accounting.JobAccount(job_id, pid, workload, mode, None, "unknown", name, cg, runtime_max,
                                              started=accounting.process_start_time(pid)))
         if self.jobs:
-            self.log.info("adopted running jobs", jobs=len(self.jobs))
+            self.log.info("adopted running jobs", jobs=len(self.jobs), from_records=len(records))
+
+    def start_scope(self, name, props):
+        """The broker's StartTransientUnit, with a holder process in the scope next to the job (holder.py)."""
+        h = holder.spawn()
+        if h is not None:
+            props = [(k, list(v) + [h.pid]) if k == "PIDs" else (k, v) for k, v in props]
+        try:
+            scope.start_scope(name, props)
+        except BaseException:
+            if h is not None:
+                h.release()
+            raise
+        if h is not None:
+            self._holders[name] = h
 
     def on_grant(self, g):
-        self.track(accounting.JobAccount(
+        job = accounting.JobAccount(
             g.job_id, g.pid, g.workload.name, g.mode, g.device, g.metric, g.name, g.control_group,
             g.workload.runtime_max, predicted_vram_mb=g.predicted_vram_mb, memory_max_mb=g.memory_max_mb,
-            input_path=g.input))
+            input_path=g.input, pid_start=holder.start_ticks(g.pid))
+        job.holder = self._holders.pop(g.name, None) if g.name else None
+        self.track(job)
 
-    def track(self, job):
-        """Follow a job; a pidfd wakes the loop the moment it exits, while its cgroup's counters still exist.
+    def track(self, job, write_record=True):
+        """Follow a job: a pidfd wakes the loop the moment it exits; its holder keeps the cgroup until then.
         One account per PID: a newer one replaces the older (whose descriptors are closed, never leaked)."""
         self._forget(job.pid)
         self.jobs[job.pid] = job
+        if write_record:
+            self._write_record(job)
         job.sample()
-        try:
-            job.pidfd = os.pidfd_open(job.pid)
-            self.selector.register(job.pidfd, selectors.EVENT_READ, ("exited", job.pid))
-        except OSError:
-            job.pidfd = None  # already gone: the next sample closes it
+        if _job_alive(job):
+            try:
+                job.pidfd = os.pidfd_open(job.pid)
+                self.selector.register(job.pidfd, selectors.EVENT_READ, ("exited", job.pid))
+            except OSError:
+                job.pidfd = None  # already gone: the next sample closes it
         if job.control_group:
             job.oomfd = accounting.watch_oom(accounting.memory_dir(job.control_group))
             if job.oomfd is not None:
@@ -187,10 +261,16 @@ class Agent:
         job = self.jobs.get(pid)
         if job is None:
             return None
-        if not _pidfd_alive(job.pidfd) or not _alive(pid):
+        if not _pidfd_alive(job.pidfd) or not _job_alive(job):
             self.finish(pid, procevents.zombie_status(pid))
             return None
         return job.scope
+
+    def _write_record(self, job):
+        try:
+            jobrecord.write(self.records, job.to_record())
+        except (OSError, ValueError) as exc:
+            self.log.warning("cannot write a job record", job=job.job_id, error=str(exc))
 
     def finish(self, pid, wait_status=None):
         job = self.jobs.pop(pid, None)
@@ -199,6 +279,9 @@ class Agent:
         self._close_fds(job)
         job.wait_status = wait_status
         job.sample(self._vram_by_pid())
+        job.final_read()  # the holder still keeps the cgroup: exact peak and OOM count
+        if job.holder is not None:
+            job.holder.release()
         fields = job.outcome()
         status = f"exit {fields['EXIT_STATUS']}" if "EXIT_STATUS" in fields else "exit status unknown"
         ram = f"{fields['PEAK_RAM_MB']} MB" if fields.get("PEAK_RAM_MB") is not None else "not measured"
@@ -212,15 +295,25 @@ class Agent:
                      f"({status}, {fields['DURATION_S']:.1f}s, peak RAM {ram}{vram})", fields,
                      priority=6 if fields["RESULT"] == "success" else 4)
         try:
-            accounting.record_sample(self.cfg.agent.state_dir, fields)
+            accounting.record_sample(self.cfg.agent.state_dir, fields,
+                                     peaks_known=job.peaks_known(gpu_sampling=self._gpu_sampling()))
         except OSError as exc:
             self.log.warning("cannot record a calibration sample", error=str(exc))
+        jobrecord.remove(self.records, job.job_id)
         self.metrics.job_finished(fields)
         return fields
 
+    def _gpu_sampling(self):
+        """Whether GPU samples list processes here (a GPU backend that sees GPUs): VRAM peaks are then expected."""
+        snap = self.snapshot or {}
+        return bool(snap.get("gpus")) and not snap.get("error")
+
     def _vram_by_pid(self):
+        """{pid: MiB} from the last GPU sample, or None when it listed no processes (no GPU, a failed backend)."""
+        if not self._gpu_sampling():
+            return None
         out = {}
-        for gpu in (self.snapshot or {}).get("gpus", ()):
+        for gpu in self.snapshot.get("gpus", ()):
             for proc in gpu.get("processes", ()):
                 out[proc["pid"]] = out.get(proc["pid"], 0) + (proc.get("used_mb") or 0)  # null: NVML did not say
         return out
@@ -233,15 +326,32 @@ class Agent:
             self.log.error("config error; keeping the last good config", error=str(exc))
         if os.geteuid() == 0:
             slots.tidy(self.cfg.router.lock_dir, broker.group_id(self.cfg.agent.group))
+        alive_before = {pid for pid, job in self.jobs.items() if _job_alive(job)}
         if self.monitor is not None:
             self.snapshot = self.monitor.sample_once()
         vram = self._vram_by_pid()
         for pid, job in list(self.jobs.items()):
-            job.sample(vram)
-            if not _alive(pid):
-                # No exit event came (no proc connector, or it was missed): close without a status.
-                self.finish(pid, None)
+            # Only jobs alive before the GPU sample: a VRAM sample of a job that was already gone says nothing.
+            if job.sample(vram if pid in alive_before else None):
+                self._write_record(job)
+        self.close_vanished()
         self.metrics.publish(self.cfg, self.snapshot, self.jobs.values())
+
+    def close_vanished(self):
+        """Close jobs that ended without their pidfd waking us (gone before we followed them, or adopted dead).
+
+        The kernel's exit message may be waiting in the proc connector (it is, whenever a job ended during a
+        slow GPU sample): drain it first, so the sampling path never closes a job without its exit status.
+        """
+        dead = [pid for pid, job in self.jobs.items() if not _job_alive(job)]
+        if not dead:
+            return
+        if self.proc is not None:
+            self._drain_exits()
+        for pid in dead:
+            if pid in self.jobs:
+                job = self.jobs[pid]
+                self.finish(pid, procevents.zombie_status(pid) if _job_alive(job, zombie_ok=True) else None)
 
     def status_line(self):
         gpus = (self.snapshot or {}).get("gpus", [])
@@ -260,15 +370,7 @@ class Agent:
             listener, how = listening_socket(self.cfg.agent.socket, self.cfg.agent.group)
         listener.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ, "broker")
-        try:
-            self.proc = procevents.open_listener()
-            self.selector.register(self.proc, selectors.EVENT_READ, "exits")
-        except procevents.Unavailable as exc:
-            self.log.warning("exact job exit statuses unavailable: the kernel's process-event connector cannot be "
-                             "heard here (it only reaches the initial PID namespace, not a container); a job's "
-                             "exit status is then read from its zombie when the agent gets there first, else "
-                             "RESULT is \"unknown\" unless the cgroup shows an OOM kill or a timeout",
-                             reason=str(exc))
+        self.open_exits()
         self.adopt()
         self.sample()
         self.notify("READY=1")
@@ -302,7 +404,7 @@ class Agent:
                         _drop_fd(self.selector, key.fd)  # never again: a readable fd left behind would spin
         self.clients.close_all()
         if self.proc is not None:
-            procevents.close_listener(self.proc)
+            procevents.close_listener(self.proc, unsubscribe=not self.proc_stored)
         self.notify("STOPPING=1")
         self.metrics.stop(self.cfg)
         journal.emit("agent", f"gpu-router-agent stopping; {len(self.jobs)} job(s) keep running in their scopes",
@@ -350,6 +452,27 @@ class Agent:
         if len(data) == 8:  # an eventfd counter (inotify events are longer)
             job.oom_kills = max(job.oom_kills, int.from_bytes(data, sys.byteorder))
 
+    def open_exits(self):
+        """The proc connector: the socket a previous agent left in systemd's fd store (exits that happened
+        since are queued in it), else a new subscription, which is then stored for the next agent."""
+        fd = passed_fds().get(procevents.FD_NAME)
+        try:
+            if fd is not None:
+                self.proc = procevents.from_fd(fd)
+                self.proc_stored = True
+            else:
+                self.proc = procevents.open_listener()
+                self.proc_stored = self.notify.store_fd(self.proc.fileno(), procevents.FD_NAME)
+        except procevents.Unavailable as exc:
+            self.log.warning("exact job exit statuses unavailable: the kernel's process-event connector cannot be "
+                             "heard here (it only reaches the initial PID namespace, not a container); a job's "
+                             "exit status is then read from its zombie when the agent gets there first, else "
+                             "RESULT is \"unknown\" unless the cgroup shows an OOM kill or a timeout",
+                             reason=str(exc))
+            self.proc = None
+            return
+        self.selector.register(self.proc, selectors.EVENT_READ, "exits")
+
     def _drain_exits(self):
         for pid, status in procevents.drain(self.proc):
             if pid in self.jobs:
@@ -362,7 +485,7 @@ class Agent:
         except _config.ConfigError as exc:
             self.log.error("config error; keeping the last good config", error=str(exc))
         fields, g = broker.handle(payload, pid, uid, self.cfg, broker.group_id(self.cfg.agent.group),
-                                  existing=self.existing_scope)
+                                  existing=self.existing_scope, start_scope=self.start_scope)
         if g is not None:
             self.on_grant(g)
         return broker.frame(fields)
@@ -394,19 +517,19 @@ def _pidfd_alive(pidfd):
         return True
 
 
-def _alive(pid):
+def _job_alive(job, zombie_ok=False):
+    """The job's process (same PID and start time: a PID may be reused) exists and, unless ``zombie_ok``, runs."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{job.pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
         return False
-    except PermissionError:
-        return True
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state != b"Z"
-    except (OSError, IndexError):
+        if job.pid_start is not None and int(fields[19]) != job.pid_start:
+            return False
+    except (IndexError, ValueError):
         return False
+    return zombie_ok or fields[0] not in (b"Z", b"X")
 
 
 def _logger():

@@ -1,0 +1,92 @@
+"""A tiny process put in each job's scope, so the scope's cgroup outlives the job until the agent has read it.
+
+On cgroup v2 the kernel takes an exiting task out of its cgroup before the task's pidfd wakes anyone, and systemd
+removes an emptied scope's cgroup at once: memory.peak and memory.events (the OOM kill count) are often gone by
+the time the agent looks (DESIGN.md §5). With a second process in the scope the cgroup is not empty when the job
+ends; the agent reads the final counters, then ends the holder, and only then does systemd remove the scope.
+
+The holder is ``sleep infinity`` (no Python: its few pages are touched before it joins the scope, so it adds
+nothing measurable to the job's peak), with SIGTERM, SIGINT and SIGHUP ignored: when systemd stops the scope
+(RuntimeMaxSec=, BindsTo=, OOMPolicy=stop after an OOM kill) the job ends but the holder stays until the agent
+has read the counters. If the agent is not running then, systemd's own TimeoutStopSec ends it with SIGKILL; a
+restarted agent ends holders of jobs it finds dead. The holder is the agent's child (reaped by it) until the agent
+restarts; then it is init's.
+"""
+
+import os
+import signal
+import subprocess
+import time
+
+COMMAND = ["/bin/sh", "-c", "trap '' TERM INT HUP; exec sleep infinity"]
+READY_TIMEOUT_S = 2.0
+
+
+def start_ticks(pid):
+    """A process's start time in clock ticks since boot (/proc/PID/stat field 22): with the PID, its identity."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def is_process(pid, ticks):
+    """True while the process that had ``ticks`` as start time is alive and not a zombie (a PID may be reused)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return False
+    if fields[0] in (b"Z", b"X"):
+        return False
+    return ticks is None or int(fields[19]) == ticks
+
+
+class Holder:
+    __slots__ = ("pid", "start", "_popen")
+
+    def __init__(self, pid, start, popen=None):
+        self.pid = pid
+        self.start = start
+        self._popen = popen
+
+    def release(self):
+        """End the holder (SIGKILL: it ignores the polite signals) and reap it when it is our child."""
+        if self._popen is not None:
+            if self._popen.poll() is None:
+                self._popen.kill()
+            try:
+                self._popen.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+            self._popen = None
+            return
+        if is_process(self.pid, self.start):
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def spawn():
+    """Start a holder and wait until it sleeps (every page it needs touched); None if that fails."""
+    try:
+        p = subprocess.Popen(COMMAND, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+    except OSError:
+        return None
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{p.pid}/stat", "rb") as f:
+                head, _, tail = f.read().rpartition(b")")
+            if head.endswith(b"(sleep") and tail.split()[0] == b"S":
+                return Holder(p.pid, int(tail.split()[19]), p)
+        except (OSError, IndexError, ValueError):
+            pass
+        if p.poll() is not None:
+            return None
+        time.sleep(0.001)
+    Holder(p.pid, None, p).release()
+    return None
