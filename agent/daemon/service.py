@@ -278,7 +278,6 @@ class Agent:
             return None
         self._close_fds(job)
         job.wait_status = wait_status
-        job.sample(self._vram_by_pid())
         job.final_read()  # the holder still keeps the cgroup: exact peak and OOM count
         if job.holder is not None:
             job.holder.release()

@@ -1,0 +1,46 @@
+"""The cgroup v2 lane: boot Debian 12 (its cloud kernel, systemd 252, cgroup v2) under qemu, install the built
+.deb, and run guest/test_guest.py inside as root with jobs started by a member of group gpu-router: scope limits
+and holders, an agent restart while a job ends, and the acceptance batch (100 jobs, a slow GPU backend, an agent
+restart midway). The guest's pytest result and counts come back on the work disk; see README.md here.
+"""
+import json
+import shutil
+
+import pytest
+
+import vm
+
+
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory):
+    vm.require_lane()
+    base = tmp_path_factory.mktemp("vm")
+    payload = base / "payload"
+    payload.mkdir()
+    shutil.copy2(vm.build_deb(base / "deb"), payload / "gpu-router.deb")
+    shutil.copytree(vm.HERE / "guest", payload / "guest")
+    shutil.copy2(vm.HERE / "guest" / "run.sh", payload / "run.sh")
+    run = vm.Run(payload)
+    try:
+        run.boot()
+        yield run
+    finally:
+        run.clean()
+
+
+def test_guest_suite_passes_on_cgroup_v2(guest):
+    log = guest.read("pytest.log")
+    assert guest.read("apt.rc").strip() == "0", guest.read("apt.log")[-3000:]
+    assert guest.read("pytest.rc").strip() == "0", log[-12000:] + "\n--- agent ---\n" + guest.read("agent.log")[-4000:]
+    assert " passed" in log and "failed" not in log.splitlines()[-1]
+
+
+def test_acceptance_counts(guest):
+    data = json.loads(guest.read("acceptance.json") or "{}")
+    c = data.get("counts")
+    assert c, guest.read("pytest.log")[-4000:]
+    print(json.dumps(c, indent=1))
+    assert c["jobs"] == 100 and c["unknown"] == 0
+    assert c["oom_jobs"] == c["oom_kill"] == 20
+    assert c["peak_ok"] == c["peak_checked"] == 100
+    assert c["spanning_restart"] > 0 and c["spanning_restart_ok"] == c["spanning_restart"]
