@@ -6,7 +6,8 @@ the time the agent looks (DESIGN.md §5). With a second process in the scope the
 ends; the agent reads the final counters, then ends the holder, and only then does systemd remove the scope.
 
 The holder is ``sleep infinity`` (no Python: its few pages are touched before it joins the scope, so it adds
-nothing measurable to the job's peak), with SIGTERM, SIGINT and SIGHUP ignored: when systemd stops the scope
+nothing measurable to the job's peak), spawned with SIGTERM, SIGINT and SIGHUP blocked (a blocked signal stays
+pending and is never delivered; SIGKILL cannot be blocked): when systemd stops the scope
 (RuntimeMaxSec=, BindsTo=, OOMPolicy=stop after an OOM kill) the job ends but the holder stays until the agent
 has read the counters. If the agent is not running then, systemd's own TimeoutStopSec ends it with SIGKILL; a
 restarted agent ends holders of jobs it finds dead. The holder is the agent's child (reaped by it) until the agent
@@ -15,10 +16,10 @@ restarts; then it is init's.
 
 import os
 import signal
-import subprocess
 import time
 
-COMMAND = ["/bin/sh", "-c", "trap '' TERM INT HUP; exec sleep infinity"]
+SLEEP = ("/usr/bin/sleep", "/bin/sleep")
+BLOCKED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 READY_TIMEOUT_S = 2.0
 
 
@@ -44,23 +45,24 @@ def is_process(pid, ticks):
 
 
 class Holder:
-    __slots__ = ("pid", "start", "_popen")
+    __slots__ = ("pid", "start", "child")
 
-    def __init__(self, pid, start, popen=None):
+    def __init__(self, pid, start, child=False):
         self.pid = pid
         self.start = start
-        self._popen = popen
+        self.child = child  # ours to reap (spawned by this agent, not adopted)
 
     def release(self):
-        """End the holder (SIGKILL: it ignores the polite signals) and reap it when it is our child."""
-        if self._popen is not None:
-            if self._popen.poll() is None:
-                self._popen.kill()
+        """End the holder (SIGKILL: the polite signals are blocked) and reap it when it is our child."""
+        if self.child:
             try:
-                self._popen.wait(5)
-            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
                 pass
-            self._popen = None
+            except OSError:
+                pass
+            self.child = False
             return
         if is_process(self.pid, self.start):
             try:
@@ -71,22 +73,32 @@ class Holder:
 
 def spawn():
     """Start a holder and wait until it sleeps (every page it needs touched); None if that fails."""
+    path = next((p for p in SLEEP if os.access(p, os.X_OK)), None)
+    if path is None:
+        return None
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
-        p = subprocess.Popen(COMMAND, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+        # One exec, no shell; fds 0-2 on /dev/null, every other fd of the agent is close-on-exec.
+        pid = os.posix_spawn(path, ["sleep", "infinity"], {"PATH": "/usr/bin:/bin"}, setsid=True,
+                             setsigmask=BLOCKED, file_actions=[(os.POSIX_SPAWN_DUP2, devnull, fd)
+                                                               for fd in (0, 1, 2)])
     except OSError:
         return None
+    finally:
+        os.close(devnull)
+    h = Holder(pid, None, child=True)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         try:
-            with open(f"/proc/{p.pid}/stat", "rb") as f:
+            with open(f"/proc/{pid}/stat", "rb") as f:
                 head, _, tail = f.read().rpartition(b")")
             if head.endswith(b"(sleep") and tail.split()[0] == b"S":
-                return Holder(p.pid, int(tail.split()[19]), p)
+                h.start = int(tail.split()[19])
+                return h
+            if tail.split()[0] in (b"Z", b"X"):
+                break
         except (OSError, IndexError, ValueError):
-            pass
-        if p.poll() is not None:
-            return None
+            break
         time.sleep(0.001)
-    Holder(p.pid, None, p).release()
+    h.release()
     return None

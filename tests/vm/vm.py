@@ -40,9 +40,10 @@ CACHE_DIR = harness.CACHE_DIR
 STATE_DIR = harness.STATE_DIR
 VM_RECIPE = 1
 VM_PACKAGES = ("linux-image-cloud-amd64", "initramfs-tools", "udev")
-HOST_TOOLS = ("qemu-system-x86_64", "qemu-img", "mkfs.ext4", "debugfs", "chroot", "dpkg-buildpackage")
+HOST_TOOLS = ("qemu-system-x86_64", "qemu-img", "mkfs.ext4", "debugfs", "chroot", "dpkg-buildpackage", "gcc")
 ENV = {"PATH": harness.PATH, "LANG": "C.UTF-8", "HOME": "/root"}
-CMDLINE = ("root=/dev/vda rw console=ttyS0 panic=-1 systemd.unified_cgroup_hierarchy=1 "
+# quiet/loglevel: an OOM kill's report on a serial console costs seconds under emulation.
+CMDLINE = ("root=/dev/vda rw console=ttyS0 panic=-1 quiet loglevel=3 systemd.unified_cgroup_hierarchy=1 "
            "systemd.show_status=error net.ifnames=0")
 
 PAYLOAD_UNIT = """[Unit]
@@ -192,6 +193,12 @@ def build_deb(out: pathlib.Path) -> pathlib.Path:
     return next(out.glob("gpu-router_*_all.deb"))
 
 
+def compile_static(source: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
+    """A static binary for the guest (its image has no compiler)."""
+    _run(["gcc", "-O2", "-static", "-o", str(target), str(source)])
+    return target
+
+
 class Run:
     """One boot of the VM with a payload folder; ``out`` is the guest's /work/out after it powered off."""
 
@@ -224,18 +231,23 @@ class Run:
         t0 = time.monotonic()
         p = subprocess.Popen(cmd, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, start_new_session=True)
+        timed_out = False
         try:
             qemu_out, _ = p.communicate(timeout=self.timeout)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, 9)
-            p.wait()
-            raise VMError(f"the VM did not power off within {self.timeout} s\n--- console ---\n"
-                          f"{self.console_tail()}") from None
+            qemu_out, _ = p.communicate()
+            timed_out = True
         self.timings["vm_s"] = time.monotonic() - t0
-        if p.returncode:
-            raise VMError(f"qemu exited {p.returncode}: {qemu_out.decode(errors='replace')[-2000:]}")
+        # Read back what there is even after a timeout (the guest syncs as it goes): it says how far it got.
         r = subprocess.run(["debugfs", "-R", f"rdump /out {self.dir}", str(work)], env=ENV, capture_output=True,
                            text=True, timeout=120)
+        if timed_out:
+            raise VMError(f"the VM did not power off within {self.timeout} s\n--- payload.log ---\n"
+                          f"{self.read('payload.log')[-3000:]}\n--- pytest.log ---\n{self.read('pytest.log')[-6000:]}"
+                          f"\n--- console ---\n{self.console_tail(3000)}")
+        if p.returncode:
+            raise VMError(f"qemu exited {p.returncode}: {qemu_out.decode(errors='replace')[-2000:]}")
         if r.returncode or not self.out.is_dir():
             raise VMError(f"cannot read /out back from the work disk: {r.stderr[-2000:]}")
         overlay.unlink()

@@ -5,6 +5,8 @@ out=/work/out
 exec >"$out/payload.log" 2>&1
 set -x
 date +%s.%N >"$out/t_start"
+# Flush /work/out now and then: after a timeout the host still reads how far the payload got.
+(while sleep 10; do sync; done) &
 cat /proc/cmdline
 stat -fc %T /sys/fs/cgroup
 systemctl --version | head -1
