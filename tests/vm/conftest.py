@@ -9,10 +9,6 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "vm: boots a cgroup v2 Debian VM under qemu (tests/vm)")
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if HERE in pathlib.Path(str(getattr(item, "path", item.fspath))).resolve().parents:
