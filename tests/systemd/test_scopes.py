@@ -308,3 +308,27 @@ def test_bind_to_caller_stops_jobs_with_their_runner(box):
     box.run(["systemctl", "stop", "fake-runner.service"])
     box.wait_for(f"! systemctl is-active --quiet {scope}", timeout=20)
     assert box.run(["pgrep", "-f", "alloc.py 5 120"], check=False).returncode != 0
+
+
+def test_every_oom_kill_and_every_short_jobs_peak_is_accounted(box):
+    """cgroup v1 (this lane): four OOM kills and four 30 MiB jobs of 0.2 s side by side. Each scope holds a holder
+    next to the job, so its counters are read after the job's exit: every OOM kill is oom-kill and every short
+    job's peak is at least its allocation (tests/vm runs the same on cgroup v2)."""
+    n = len(events(box, "GPU_ROUTER_EVENT=routed"))
+    script = "\n".join(
+        [f"gpu-router run --workload hog -- /srv/alloc.py 400 1 /srv/input & p{i}=$!" for i in range(4)]
+        + [f"gpu-router run --workload hog -- /srv/alloc.py 30 0.2 /srv/input & q{i}=$!" for i in range(4)]
+        + ["wait"])
+    box.run_unit(script, user="runner", timeout=120)
+    routed = events(box, "GPU_ROUTER_EVENT=routed")[n:]
+    assert len(routed) == 8, routed
+    outcomes = [finished(box, e["GPU_ROUTER_JOB"]) for e in routed]
+    oom = [o for o in outcomes if float(o.get("GPU_ROUTER_PEAK_RAM_MB") or 0) >= 150]
+    short = [o for o in outcomes if o not in oom]
+    assert len(oom) == 4 and all(o["GPU_ROUTER_RESULT"] == "oom-kill" for o in oom), outcomes
+    assert len(short) == 4 and all(30 <= float(o["GPU_ROUTER_PEAK_RAM_MB"]) <= 30 * 1.1 + 15 for o in short), \
+        outcomes
+    assert all(o["GPU_ROUTER_RESULT"] in ("success", "unknown") for o in short), outcomes
+    # Nothing left behind: no holder, no record.
+    box.wait_for("! pgrep -fx 'sleep infinity'", timeout=20)
+    assert box.run("ls /run/gpu-router/jobs").stdout.strip() == ""
