@@ -206,12 +206,17 @@ class Agent:
         h = holder.spawn()
         if h is not None:
             props = [(k, list(v) + [h.pid]) if k == "PIDs" else (k, v) for k, v in props]
+        # A SIGTERM (agent restart) in the middle of the D-Bus call interrupts sd-bus's poll: the scope would be
+        # refused with EINTR and the job blocked. Hold the signals until the scope exists; they arrive after.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
         try:
             scope.start_scope(name, props)
         except BaseException:
             if h is not None:
                 h.release()
             raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         if h is not None:
             self._holders[name] = h
 
