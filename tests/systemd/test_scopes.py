@@ -311,14 +311,13 @@ def test_bind_to_caller_stops_jobs_with_their_runner(box):
 
 
 def test_every_oom_kill_and_every_short_jobs_peak_is_accounted(box):
-    """cgroup v1 (this lane): four OOM kills and four 30 MiB jobs of 0.2 s side by side. Each scope holds a holder
+    """cgroup v1 (this lane): four OOM kills and four 30 MiB jobs of 0.2 s, in pairs. Each scope holds a holder
     next to the job, so its counters are read after the job's exit: every OOM kill is oom-kill and every short
     job's peak is at least its allocation (tests/vm runs the same on cgroup v2)."""
     n = len(events(box, "GPU_ROUTER_EVENT=routed"))
-    script = "\n".join(
-        [f"gpu-router run --workload hog -- /srv/alloc.py 400 1 /srv/input & p{i}=$!" for i in range(4)]
-        + [f"gpu-router run --workload hog -- /srv/alloc.py 30 0.2 /srv/input & q{i}=$!" for i in range(4)]
-        + ["wait"])
+    script = "\n".join(  # two at a time: hog has 3 CPU slots
+        "gpu-router run --workload hog -- /srv/alloc.py 400 1 /srv/input & "
+        "gpu-router run --workload hog -- /srv/alloc.py 30 0.2 /srv/input & wait" for _ in range(4))
     box.run_unit(script, user="runner", timeout=120)
     routed = events(box, "GPU_ROUTER_EVENT=routed")[n:]
     assert len(routed) == 8, routed
