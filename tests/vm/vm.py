@@ -39,6 +39,8 @@ REPO = harness.REPO
 CACHE_DIR = harness.CACHE_DIR
 STATE_DIR = harness.STATE_DIR
 VM_RECIPE = 1
+# The rootfs the .deb installs into offline: the nspawn lane's package set plus what the .deb depends on beyond it.
+ROOTFS_PACKAGES = harness.PACKAGES_WITH_METRICS
 VM_PACKAGES = ("linux-image-cloud-amd64", "initramfs-tools", "udev")
 HOST_TOOLS = ("qemu-system-x86_64", "qemu-img", "mkfs.ext4", "debugfs", "chroot", "dpkg-buildpackage", "gcc")
 ENV = {"PATH": harness.PATH, "LANG": "C.UTF-8", "HOME": "/root"}
@@ -106,7 +108,7 @@ def _run(cmd, *, timeout=600, **kw):
 
 
 def image_key() -> str:
-    spec = {"rootfs": harness.rootfs_key(), "packages": sorted(VM_PACKAGES), "recipe": VM_RECIPE,
+    spec = {"rootfs": harness.rootfs_key(ROOTFS_PACKAGES), "packages": sorted(VM_PACKAGES), "recipe": VM_RECIPE,
             "unit": PAYLOAD_UNIT, "fstab": FSTAB}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -120,7 +122,7 @@ def ensure_image(log=print) -> pathlib.Path:
     final = image_path()
     if (final / "root.img").exists():
         return final
-    rootfs = harness.ensure_rootfs()
+    rootfs = harness.ensure_rootfs(ROOTFS_PACKAGES)
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with open(CACHE_DIR / f".lock-{final.name}", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
