@@ -16,7 +16,7 @@ apt-get install -y -q --no-install-recommends /work/gpu-router.deb >"$out/apt.lo
 echo $? >"$out/apt.rc"
 date +%s.%N >"$out/t_installed"
 cd /work/guest
-python3 -m pytest -p no:cacheprovider -v -rA test_guest.py >"$out/pytest.log" 2>&1
+python3 -m pytest -p no:cacheprovider -v -rA checks.py >"$out/pytest.log" 2>&1
 echo $? >"$out/pytest.rc"
 date +%s.%N >"$out/t_tests"
 journalctl -b -o json GPU_ROUTER_EVENT=job-finished >"$out/finished.json" 2>/dev/null
