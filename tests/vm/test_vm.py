@@ -34,7 +34,7 @@ def guest(tmp_path_factory):
     shutil.copy2(vm.HERE / "guest" / "run.sh", payload / "run.sh")
     vm.compile_static(vm.HERE / "guest" / "alloc.c", payload / "guest" / "alloc")
     (payload / "guest" / "params.json").write_text(json.dumps({"batch": BATCH}))
-    run = vm.Run(payload, timeout=int(os.environ.get("GPU_ROUTER_VM_TIMEOUT", "480")))
+    run = vm.Run(payload, timeout=int(os.environ.get("GPU_ROUTER_VM_TIMEOUT", "600")))
     try:
         run.boot()
         yield run
