@@ -27,7 +27,7 @@ exit 0
 CONFIG = """
 [gpu]
 backend = "nvidia-smi"
-sample_interval = "0.5s"
+sample_interval = "1s"          # each sample: 2 calls of >= 150 ms
 
 [workloads.ok]
 binary = "/usr/local/bin/alloc"
