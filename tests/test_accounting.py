@@ -130,27 +130,50 @@ def test_jobs_ending_while_the_agent_samples_keep_their_exit_status(agent_env, g
     assert got == {job: (code, "failed") for job, code in jobs.items()}
 
 
-def _notify_socket(path):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.bind(str(path))
-    s.settimeout(10)
-    return s
+class _NotifyListener:
+    """systemd's side of sd_notify for one agent: reads every message (an unread unix datagram queue of 10 would
+    block the agent's next notify), and keeps the fd that comes with FDSTORE=1 (SCM_RIGHTS, the real transfer)."""
 
+    def __init__(self, path):
+        import threading
 
-def _stored_fd(sock):
-    """What systemd's fd store would keep: the fd sent with FDSTORE=1 (SCM_RIGHTS, the real kernel transfer)."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        msg, ancdata, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
-        if b"FDSTORE=1" in msg:
-            assert f"FDNAME={procevents.FD_NAME}".encode() in msg
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.stored = None
+        self.names = []
+        self.got = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                msg, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
+            except socket.timeout:
+                continue
             fds = array.array("i")
             for level, kind, data in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-            assert len(fds) == 1
-            return fds[0]
-    raise AssertionError("no FDSTORE=1 message")
+            if b"FDSTORE=1" in msg and len(fds) == 1:
+                self.names.append(msg)
+                self.stored = fds[0]
+                self.got.set()
+            else:
+                for fd in fds:
+                    os.close(fd)
+
+    def stored_fd(self):
+        assert self.got.wait(10), "no FDSTORE=1 message"
+        assert f"FDNAME={procevents.FD_NAME}".encode() in self.names[-1]
+        return self.stored
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
 
 
 def test_a_job_that_ends_while_the_agent_restarts_is_accounted_in_full(agent_env, gr_bin, agent_bin, tmp_path):
@@ -161,17 +184,24 @@ def test_a_job_that_ends_while_the_agent_restarts_is_accounted_in_full(agent_env
     with systemd."""
     _need_proc_connector()
     base, env, start = agent_env
-    notify = _notify_socket(tmp_path / "notify")
+    notify = _NotifyListener(tmp_path / "notify")
     first = start(env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
-    stored = _stored_fd(notify)
+    stored = notify.stored_fd()
     running = _job(gr_bin, env, base, "sleep 1.5; exit 7", wait=False)
     record = None
     deadline = time.monotonic() + 10
     while record is None and time.monotonic() < deadline:
         record = next(iter(jobrecord.load_all(str(base / "jobs")).values()), None)
         time.sleep(0.05)
-    assert record and record["metric"] == "10" and record["input"] == str(base / "in")
+    if record is None:
+        running.kill()
+        _, err = running.communicate()
+        first.send_signal(signal.SIGTERM)
+        first.wait(10)
+        raise AssertionError(f"no job record; wrapper: {err}; agent: {first.stderr.read()[-3000:]}")
+    assert record["metric"] == "10" and os.fsencode(record["input"]) == os.fsencode(str(base / "in"))
     _stop(first)                      # the agent goes, the job keeps running
+    notify.close()
     out, err = running.communicate(timeout=20)
     assert running.returncode == 7    # ...and ends while no agent runs
     job = _job_id(err)
@@ -275,7 +305,7 @@ def test_no_calibration_sample_without_a_known_peak(tmp_path):
 def test_job_record_round_trip_keeps_what_the_agent_knew(tmp_path):
     job = accounting.JobAccount("tx-5-ab", 12345, "tx", "GPU", "1", "42.5", "gpu-router-tx-5-ab.scope",
                                 "/gpu.slice/x.scope", 60.0, started=1000.0, predicted_vram_mb=3000,
-                                memory_max_mb=1200, input_path="/srv/in.wav", pid_start=777)
+                                memory_max_mb=1200, input_path=b"/srv/in \xff.wav", pid_start=777)
     job.holder = holder.Holder(12346, 778)
     job.peak_vram_mb = 2900
     job.vram_sampled = True

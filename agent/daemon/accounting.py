@@ -172,7 +172,10 @@ class JobAccount:
         out = {k: getattr(self, k) for k in ("job_id", "pid", "pid_start", "workload", "mode", "device", "metric",
                                              "scope", "control_group", "runtime_max", "started",
                                              "predicted_vram_mb", "memory_max_mb", "peak_vram_mb", "vram_sampled")}
-        out["input"] = self.input
+        # INPUT is the bytes the member named (broker.py keeps them exact); JSON holds them as a surrogate-escaped
+        # string, turned back into the same bytes by from_record.
+        out["input"] = os.fsdecode(self.input) if isinstance(self.input, bytes) else self.input
+        out["input_bytes"] = isinstance(self.input, bytes)
         out["holder_pid"] = self.holder.pid if self.holder is not None else None
         out["holder_start"] = self.holder.start if self.holder is not None else None
         return out
@@ -182,7 +185,8 @@ class JobAccount:
         job = cls(r["job_id"], r["pid"], r.get("workload"), r.get("mode"), r.get("device"),
                   r.get("metric") or "unknown", r.get("scope"), r.get("control_group"), r.get("runtime_max"),
                   started=r.get("started"), predicted_vram_mb=r.get("predicted_vram_mb"),
-                  memory_max_mb=r.get("memory_max_mb"), input_path=r.get("input"), pid_start=r.get("pid_start"))
+                  memory_max_mb=r.get("memory_max_mb"), pid_start=r.get("pid_start"),
+                  input_path=os.fsencode(r["input"]) if r.get("input_bytes") and r.get("input") else r.get("input"))
         job.peak_vram_mb = r.get("peak_vram_mb")
         job.vram_sampled = bool(r.get("vram_sampled"))
         return job

@@ -14,8 +14,8 @@ from .. import atomicfile
 
 VERSION = 1
 FIELDS = ("job_id", "pid", "pid_start", "workload", "mode", "device", "metric", "scope", "control_group",
-          "runtime_max", "started", "predicted_vram_mb", "memory_max_mb", "input", "holder_pid", "holder_start",
-          "peak_vram_mb", "vram_sampled")
+          "runtime_max", "started", "predicted_vram_mb", "memory_max_mb", "input", "input_bytes", "holder_pid",
+          "holder_start", "peak_vram_mb", "vram_sampled")
 
 
 def directory(snapshot_path):
