@@ -118,6 +118,20 @@ def test_a_client_past_its_deadline_is_closed_and_told(loop):
     s.close()
 
 
+def test_a_whole_request_queued_while_the_agent_was_busy_is_served_not_expired(loop):
+    """The deadline bounds the client, not the agent: a request sent at once but read late (the loop was making
+    a scope for seconds) is answered, not refused as "no complete request" (seen in the cgroup v2 VM lane)."""
+    s = loop.connect()
+    loop.step()  # accepted, its deadline running
+    assert loop.clients.conns
+    s.sendall(_frame({"OP": "scope"}))
+    time.sleep(0.6)  # past the 0.5 s deadline, nothing read yet: the agent was busy
+    loop.clients.expire()  # what the loop does first when it gets back
+    assert loop.requests and not loop.refusals, loop.refusals
+    assert _reply(s) == {"OK": "1", "SCOPE": "x.scope"}
+    s.close()
+
+
 def test_a_dripping_client_cannot_extend_its_deadline(loop):
     s = loop.connect()
     payload = _frame({"OP": "scope", "WORKLOAD": "x" * 50})

@@ -156,6 +156,12 @@ class Clients:
         if force_oldest and not late and self.conns:
             late = [min(self.conns.values(), key=lambda c: c.deadline)]
         for conn in late:
+            if conn.outbuf is None and not force_oldest:
+                # The agent may be the slow one (a scope took seconds to make, an emulated or loaded host): what
+                # the client sent in time is read first, so only a client that really is incomplete is expired.
+                self._read(conn)
+                if self.conns.get(conn.fd) is not conn or conn.outbuf is not None:
+                    continue  # served (or gone) after all; a reply still to write keeps its deadline
             if conn.outbuf is None:
                 self.refuse(conn.pid, conn.uid, f"no complete request within {self.deadline_s:g}s")
                 _send_quietly(conn.sock, broker.frame({"OK": "0", "ERROR": "request timed out"}))
