@@ -20,7 +20,7 @@ import stat as _stat
 
 DEFAULT_PATH = "/etc/gpu-router/config.toml"
 DEFAULT_CACHE_DIR = "/run/gpu-router/cache"
-CACHE_FORMAT = 4
+CACHE_FORMAT = 5
 CALIBRATION_DIR = "calibration"  # under [agent] state_dir: written by `gpu-router calibrate`
 
 PROBES = ("ffprobe-duration", "mediainfo-duration", "media-duration", "file-size", "image-pixels",
@@ -80,7 +80,7 @@ class Workload(Record):
     __slots__ = ("name", "source", "binary", "probe", "probe_command", "probe_timeout", "combine", "input",
                  "threshold", "threshold_unit", "on_probe_error", "admission", "gpu_vram_mb", "vram_model",
                  "vram_base_mb", "vram_per_unit_mb", "vram_calibration", "cpu_ram_mb", "gpu_ram_mb", "max_gpu_jobs",
-                 "max_cpu_jobs", "gpu_args", "cpu_args", "spill_to_cpu", "retry_exit_code", "wait", "scope",
+                 "blind_max_gpu_jobs", "max_cpu_jobs", "gpu_args", "cpu_args", "spill_to_cpu", "retry_exit_code", "wait", "scope",
                  "gpu_memory_max", "cpu_memory_max", "memory_margin", "runtime_max", "bind_to_caller", "env")
 
 
@@ -489,7 +489,8 @@ WORKLOAD = {
     "vram_per_unit_mb": (_number(positive=False, hi=MIB_MAX), 0),
     "cpu_ram_mb": (_mib(0), 0),
     "gpu_ram_mb": (_optional(_mib(0)), None),
-    "max_gpu_jobs": (_int(0, 4096), 1),
+    "max_gpu_jobs": (_optional(_int(0, 4096)), None),  # slots: 1 when unset; vram: no cap (VRAM decides)
+    "blind_max_gpu_jobs": (_optional(_int(1, 4096)), None),
     "max_cpu_jobs": (_int(0, 4096), 1),
     "gpu_args": (_strlist, []),
     "cpu_args": (_strlist, []),
@@ -563,6 +564,8 @@ def _workload(name, raw, path, router, agent, read_calibration):
                                   f"run gpu-router calibrate --workload {name} again", w["vram_calibration"])
             raise ConfigError("vram_model = \"linear\" needs vram_base_mb or vram_per_unit_mb > 0",
                               path, f"{prefix}.vram_per_unit_mb")
+    if w["max_gpu_jobs"] is None and w["admission"] == "slots":
+        w["max_gpu_jobs"] = 1
     if w["max_gpu_jobs"] == 0 and w["max_cpu_jobs"] == 0:
         raise ConfigError("max_gpu_jobs and max_cpu_jobs are both 0: no job could ever run", path,
                           f"{prefix}.max_cpu_jobs")
@@ -699,6 +702,9 @@ def _calibrated(w, raw_profile, name, path, prefix, agent, read_calibration):
             raise ConfigError(str(exc), cal_path, key) from None
     w["vram_model"] = "linear"
     w["vram_calibration"] = cal_path
+    if "admission" not in raw_profile and raw.get("admission") == "vram":
+        # calibrate writes admission = "vram" when the fit is good: the model then decides, not a threshold.
+        w["admission"] = "vram"
 
 
 def _default_unit(probe):

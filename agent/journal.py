@@ -23,12 +23,14 @@ MESSAGE_IDS = {
     "config-error": "7b68d5f6d8b14931ab335f51c2a7e293",
     "agent": "54a617728d844aa2a604f62789ccdabd",
     "drain": "4ab238b86dc14d4c8726ea79a4dd6eed",
+    "vram-underpredicted": "0231da9691fb4c7cafd364e3e3c48c3c",
 }
 
 # syslog priorities: a BLOCKED job or a failed probe is worth a notice, a refused caller a warning.
 PRIORITIES = {
     "routed": 6, "blocked": 5, "probe-failed": 5, "job-finished": 6, "scope-failed": 4,
     "gpu-health": 4, "broker-refused": 4, "config-error": 3, "agent": 6, "drain": 5,
+    "vram-underpredicted": 4,
 }
 
 DEFAULT_SOCKET = "/run/systemd/journal/socket"

@@ -7,12 +7,18 @@ flock, because whether a slot is free is a fact only the kernel knows at that in
 
 
 class Gpu:
-    """One GPU as the policy sees it (from the agent's snapshot, or assumed when the state is unknown)."""
+    """One GPU as the policy sees it (from the agent's snapshot, or assumed when the state is unknown).
 
-    __slots__ = ("index", "uuid", "total_mb", "free_mb", "foreign_mb", "ours_mb", "healthy", "health", "usage")
+    ``usage``: pid → MiB that process uses on this GPU (as sampled); ``ours``: the pids of those that are our jobs'
+    (None when the snapshot does not say per process); ``owner``: pid → the pid of the admitted job (the ledger's
+    holder) whose process tree it belongs to, where the agent could tell.
+    """
+
+    __slots__ = ("index", "uuid", "total_mb", "free_mb", "foreign_mb", "ours_mb", "healthy", "health", "usage",
+                 "ours", "owner")
 
     def __init__(self, index, uuid=None, total_mb=None, free_mb=None, foreign_mb=0, ours_mb=0, healthy=True,
-                 health="ok", usage=None):
+                 health="ok", usage=None, ours=None, owner=None):
         self.index = index
         self.uuid = uuid
         self.total_mb = total_mb
@@ -22,6 +28,8 @@ class Gpu:
         self.healthy = healthy
         self.health = health
         self.usage = usage or {}  # pid → MiB used by that process on this GPU
+        self.ours = ours
+        self.owner = owner or {}
 
     @property
     def key(self):
@@ -32,20 +40,31 @@ class Gpu:
     def from_snapshot(cls, entry):
         """An unhealthy GPU's numbers are null in the snapshot, and so is a process's use when NVML cannot tell."""
         foreign = entry.get("foreign_mb")
+        procs = entry.get("processes", ())
         return cls(index=entry["index"], uuid=entry.get("uuid"), total_mb=entry.get("total_mb"),
                    free_mb=entry.get("free_mb"),
                    foreign_mb=foreign if foreign is not None else (entry.get("used_mb") or 0),
                    ours_mb=entry.get("ours_mb") or 0, healthy=entry.get("healthy", True),
                    health=entry.get("health", "ok"),
-                   usage={p["pid"]: p.get("used_mb") or 0 for p in entry.get("processes", ())})
+                   usage={p["pid"]: p.get("used_mb") or 0 for p in procs},
+                   ours={p["pid"] for p in procs if p.get("ours")} if all("ours" in p for p in procs) else None,
+                   owner={p["pid"]: p["job"] for p in procs if p.get("job") is not None})
+
+    def our_pids_outside(self, reserved):
+        """Our processes on this GPU that are not themselves a live reservation's holder (alive by its lock): the
+        wrapper checks whether these still run (a job's child, or a job that ended after the sample)."""
+        if self.ours is None:
+            return ()
+        return [pid for pid in self.ours if pid not in reserved]
 
 
 class Plan:
     """Where to try to place a job: ``mode`` GPU or CPU, GPUs in order of preference, and a CPU fallback if any."""
 
-    __slots__ = ("mode", "gpus", "reason", "spill", "predicted_vram_mb", "full_reason")
+    __slots__ = ("mode", "gpus", "reason", "spill", "predicted_vram_mb", "full_reason", "blind")
 
-    def __init__(self, mode, reason, gpus=(), spill=False, predicted_vram_mb=None, full_reason=None):
+    def __init__(self, mode, reason, gpus=(), spill=False, predicted_vram_mb=None, full_reason=None, blind=False):
+        self.blind = blind  # vram mode without a fresh snapshot: the caller applies blind_cap
         self.mode = mode
         self.reason = reason
         self.gpus = list(gpus)
@@ -84,31 +103,73 @@ def predict_vram_mb(workload, values):
     return workload.gpu_vram_mb
 
 
-def room_mb(gpu, reservations, reserve_mb):
-    """VRAM still ours to give on ``gpu``: total − reserve − foreign use − what live admitted jobs hold or use.
+def room_mb(gpu, reservations, reserve_mb, dead=()):
+    """VRAM still ours to give on ``gpu``: total − reserve − foreign − Σ max(reservation, measured use) of live jobs.
 
-    A job counts at max(its reservation, its measured use), so a job that outgrew its prediction is not
-    undercounted; our processes that hold no reservation (a job's children) count at their use.
+    Each admitted job counts once, at max(its reservation, the measured use of its process tree), so a job that
+    outgrew its prediction counts at what it uses from the sample that shows it, and a job the last sample has not
+    seen yet counts at its reservation alone. ``reservations`` are live by construction (the ledger's locks). Our
+    processes that no live reservation covers count at their use only while they live: ``dead`` are the pids the
+    caller found gone, so a finished job's VRAM, still in the last sample, is never added to the reservations of the
+    jobs that took its place. Foreign use (other processes, driver overhead) comes from the sample as it is.
     """
     if gpu.total_mb is None:
         return None
-    committed = 0
-    attributed = 0
+    held = {}
     for pid, mb in reservations:
+        held[pid] = held.get(pid, 0) + mb
+    if gpu.ours is None:
+        # No per-process ownership in the snapshot: every pid with use is ours up to ours_mb (the safe side).
+        committed = 0
+        attributed = 0
+        for pid, mb in held.items():
+            used = gpu.usage.get(pid, 0)
+            attributed += used
+            committed += max(mb, used)
+        unattributed = max(0, gpu.ours_mb - attributed)
+        return gpu.total_mb - reserve_mb - gpu.foreign_mb - committed - unattributed
+    measured = {}
+    loose = 0
+    for pid in gpu.ours:
+        if pid in dead and pid not in held:
+            continue
         used = gpu.usage.get(pid, 0)
-        attributed += used
-        committed += max(mb, used)
-    unattributed = max(0, gpu.ours_mb - attributed)
-    return gpu.total_mb - reserve_mb - gpu.foreign_mb - committed - unattributed
+        job = pid if pid in held else gpu.owner.get(pid)
+        if job in held:
+            measured[job] = measured.get(job, 0) + used
+        else:
+            loose += used
+    committed = sum(max(mb, measured.get(pid, 0)) for pid, mb in held.items())
+    return gpu.total_mb - reserve_mb - gpu.foreign_mb - committed - loose
 
 
-def plan(workload, values, gpus, reservations=None, reserve_mb=0):
+def blind_cap(workload, total_mb, reserve_mb):
+    """How many jobs of this profile one GPU may hold when its state is unknown (no fresh snapshot), vram mode.
+
+    ``blind_max_gpu_jobs`` when the operator set it; else floor((total − reserve) / largest plausible prediction),
+    the largest plausible prediction being the model's at the threshold (the largest input the GPU is ever given),
+    or the whole GPU when the threshold is out of the GPU's reach: one job at a time, never the raised slot cap.
+    Without a known total: one.
+    """
+    if workload.blind_max_gpu_jobs is not None:
+        return workload.blind_max_gpu_jobs
+    if total_mb is None:
+        return 1
+    usable = total_mb - reserve_mb
+    largest = predict_vram_mb(workload, [t for t in workload.threshold]) if workload.vram_model == "linear" \
+        else workload.gpu_vram_mb
+    largest = min(max(largest, 1), usable) if usable > 0 else 1
+    return max(1, usable // largest)
+
+
+def plan(workload, values, gpus, reservations=None, reserve_mb=0, dead=()):
     """Decide GPU or CPU for a job.
 
     ``values``: the probe's metric values, or None when unknown (the caller already chose CPU-or-fail).
     ``gpus``: list of Gpu, or None when the GPU state is unknown (no/stale snapshot): then the profile's
     threshold alone decides, as the original router did, over the GPUs assumed by the caller.
     ``reservations``: {gpu key: [(pid, MiB), …]} of live admitted jobs (vram mode).
+    ``dead``: pids of our processes in the snapshot that the caller found gone (see room_mb).
     """
     if values is None:
         return Plan("CPU", "probe-failed")
@@ -128,10 +189,11 @@ def plan(workload, values, gpus, reservations=None, reserve_mb=0):
     if workload.admission == "vram":
         predicted = predict_vram_mb(workload, values)
         if usable is None or any(g.total_mb is None for g in usable):
-            # Unknown VRAM: threshold routing with the slot cap, as in slots mode.
-            return Plan("GPU", "under-threshold", gpus=usable or [], spill=spill, predicted_vram_mb=predicted)
+            # Unknown VRAM: the caller admits at most blind_cap() jobs per GPU, under the ledger's lock.
+            return Plan("GPU", "under-threshold", gpus=usable or [], spill=spill, predicted_vram_mb=predicted,
+                        blind=True)
         reservations = reservations or {}
-        rooms = [(room_mb(g, reservations.get(g.key, ()), reserve_mb), g) for g in usable]
+        rooms = [(room_mb(g, reservations.get(g.key, ()), reserve_mb, dead), g) for g in usable]
         fitting = [(r, g) for r, g in rooms if r >= predicted]
         fitting.sort(key=lambda rg: (-rg[0], rg[1].index))
         # Too large means no GPU could ever hold it (its size less the reserve); foreign use comes and goes,
@@ -183,13 +245,17 @@ def budget(workload, host_gpu_vram_mb, gpus_count, ram_mb, other_ram_mb):
     """The runbook's memory budget worksheet as numbers (``gpu-router check``)."""
     vram_per_job = workload.gpu_vram_mb if workload.vram_model == "constant" else None
     vram_headroom = None
-    if host_gpu_vram_mb is not None and vram_per_job is not None:
+    if host_gpu_vram_mb is not None and vram_per_job is not None and workload.max_gpu_jobs is not None:
         vram_headroom = host_gpu_vram_mb - vram_per_job * workload.max_gpu_jobs
     ram_headroom = None
     if ram_mb is not None:
         ram_headroom = ram_mb - other_ram_mb - workload.cpu_ram_mb * workload.max_cpu_jobs
         if workload.gpu_ram_mb is not None and gpus_count:
-            ram_headroom -= workload.gpu_ram_mb * workload.max_gpu_jobs * gpus_count
+            per_gpu = workload.max_gpu_jobs
+            if per_gpu is None:  # vram mode without a slot cap: as many as the VRAM holds at the smallest prediction
+                smallest = workload.vram_base_mb if workload.vram_model == "linear" else workload.gpu_vram_mb
+                per_gpu = host_gpu_vram_mb // smallest if host_gpu_vram_mb and smallest and smallest > 0 else 0
+            ram_headroom -= workload.gpu_ram_mb * per_gpu * gpus_count
     gpu_peak = workload.gpu_ram_mb if workload.gpu_ram_mb is not None else 0
     suggested = int(max(gpu_peak, workload.cpu_ram_mb) * 1.2 + 0.999) or None
     return {"vram_per_job_mb": vram_per_job, "gpu_vram_mb": host_gpu_vram_mb, "max_gpu_jobs": workload.max_gpu_jobs,

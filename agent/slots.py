@@ -260,9 +260,16 @@ class Ledger:
     def live(self):
         return _read_ledger(self.fd)
 
-    def reserve(self, gpu_key, mb):
-        """The fd that holds the reservation; it must survive exec (slots.inherit) for the job's lifetime."""
-        return _publish(self.fd, f"{gpu_key}.{os.getpid()}", f"{mb}\n".encode())
+    def reserve(self, gpu_key, mb, workload=None, metric=None):
+        """The fd that holds the reservation; it must survive exec (slots.inherit) for the job's lifetime.
+
+        The entry reads ``MB [WORKLOAD [METRIC]]``: the MiB are what admission counts; the workload and metric
+        let the agent say whose prediction a job outgrew (and feed calibration) without asking the job.
+        """
+        text = f"{int(mb)}"
+        if workload:
+            text += f" {workload}" + (f" {metric}" if metric else "")
+        return _publish(self.fd, f"{gpu_key}.{os.getpid()}", (text + "\n").encode())
 
 
 SKIPPED = set()  # ledger names already reported as malformed (each is logged once per process)
@@ -289,7 +296,7 @@ def _skip(name, why):
                  {"REASON": "ledger-entry-skipped", "ENTRY": name, "DETAIL": why}, priority=4)
 
 
-def _read_ledger(fd):
+def _read_ledger(fd, detail=False):
     out = {}
     try:
         names = os.listdir(fd)
@@ -306,26 +313,32 @@ def _read_ledger(fd):
         try:
             flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
             with open(os.open(name, flags, dir_fd=fd), "rb") as f:
-                text = f.read(64).strip() or b"0"
+                words = f.read(256).split() or [b"0"]
         except OSError:
             continue
+        text = words[0]  # MB, then the workload and metric the wrapper adds (see Ledger.reserve)
         if not text.isdigit() or len(text) > 9:
             _skip(name, "it does not hold a number of MiB")
             continue
         mb = int(text)
         if _alive(fd, name):
-            out.setdefault(key, []).append((pid, mb))
+            if detail:
+                extra = [w.decode("utf-8", "replace") for w in words[1:3]]
+                out.setdefault(key, []).append((pid, mb, *(extra + [None, None])[:2]))
+            else:
+                out.setdefault(key, []).append((pid, mb))
     return out
 
 
-def live_reservations(lock_dir):
-    """{gpu key: [(pid, MiB), …]} of live reservations (the agent uses the pids to tell our processes apart)."""
+def live_reservations(lock_dir, detail=False):
+    """{gpu key: [(pid, MiB), …]} of live reservations (the agent uses the pids to tell our processes apart);
+    with ``detail``: [(pid, MiB, workload or None, metric text or None), …]."""
     try:
         dir_fd = os.open(os.path.join(lock_dir, LEDGER), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return {}
     try:
-        return _read_ledger(dir_fd)
+        return _read_ledger(dir_fd, detail)
     finally:
         os.close(dir_fd)
 

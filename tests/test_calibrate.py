@@ -134,6 +134,7 @@ def test_three_inputs_recover_the_line_and_write_the_model(cal):
     assert (doc["workload"], doc["model"], doc["vram_base_mb"], doc["vram_per_unit_mb"]) == ("fake", "linear", 0,
                                                                                             1.1)
     assert doc["fit"]["n"] == 3 and doc["recommendation"]["budget_mb"] == 8192 and doc["unit"] == "MiB-ish"
+    assert doc["admission"] == "vram" and rec["admission"] == "vram"   # a good fit: VRAM decides
     # one sample per run, in the agent's own format
     lines = [json.loads(line) for line in cal.samples.read_text().splitlines()]
     assert [set(x) for x in lines] == [sample_keys()] * 3
@@ -417,6 +418,25 @@ def _validate(tmp_path, profile, calibration=None, name="w"):
     table.update(profile)
     return gr_config.validate({"agent": {"state_dir": str(state)}, "workloads": {name: table}},
                               str(tmp_path / "config.toml"), [])
+
+
+def test_a_good_fit_makes_a_calibrated_profile_admit_by_vram(tmp_path):
+    """calibrate writes admission = "vram" into the calibration file when its fit is good; a calibrated profile
+    without an admission key follows it (no slot cap: VRAM decides), an explicit admission key wins."""
+    good = 'workload = "w"\nvram_base_mb = 500\nvram_per_unit_mb = 0.25\nadmission = "vram"\n'
+    w = _validate(tmp_path, {}, good)["workloads"]["w"]
+    assert (w["admission"], w["max_gpu_jobs"]) == ("vram", None)
+    w = _validate(tmp_path, {"admission": "slots"}, good)["workloads"]["w"]
+    assert (w["admission"], w["max_gpu_jobs"]) == ("slots", 1)
+    w = _validate(tmp_path, {}, good.replace('admission = "vram"\n', ""))["workloads"]["w"]
+    assert w["admission"] == "slots"
+    from gpu_router.ops import calibrate
+
+    line = calibrate.fit([(1, 10), (2, 20), (3, 30)])
+    assert calibrate.recommend(line, [], 0.1)["admission"] == "vram"
+    assert calibrate.recommend(calibrate.fit([(1, 10), (2, 20)]), [], 0.1)["admission"] is None   # too few
+    noisy = calibrate.fit([(1, 10), (2, 90), (3, 5), (4, 60)])
+    assert noisy["r2"] < 0.9 and calibrate.recommend(noisy, [], 0.1)["admission"] is None
 
 
 def test_calibrated_profile_validation(tmp_path):

@@ -18,7 +18,8 @@ from gpu_router import config as gr_config
 
 FLAGS = ["--workload", "whisper", "--binary", "/usr/bin/python3", "--probe", "media-duration", "--threshold",
          "3600", "--gpu-vram-mb", "3700", "--cpu-ram-mb", "11000", "--gpu-args", "--device cuda --compute_type "
-         "float16", "--cpu-args", "--device cpu --compute_type int8", "--max-cpu-jobs", "1"]
+         "float16", "--cpu-args", "--device cpu --compute_type int8", "--max-cpu-jobs", "1",
+         "--admission", "slots"]  # the runbook's worksheet; the vram default has its own test
 
 
 class Etc:
@@ -63,7 +64,7 @@ def test_flags_and_yes_write_a_valid_profile(etc):
     assert d["path"] == str(path) and d["written"] and d["workload"] == "whisper"
     assert etc.profile("whisper") == d["profile"] == {
         "binary": "/usr/bin/python3", "probe": "media-duration", "input": "last-file", "threshold": 3600,
-        "threshold_unit": "seconds", "gpu_vram_mb": 3700, "cpu_ram_mb": 11000,
+        "threshold_unit": "seconds", "gpu_vram_mb": 3700, "cpu_ram_mb": 11000, "admission": "slots",
         "max_gpu_jobs": 4,                     # default: as many as fit in the detected 16384 MiB
         "max_cpu_jobs": 1, "gpu_args": ["--device", "cuda", "--compute_type", "float16"],
         "cpu_args": ["--device", "cpu", "--compute_type", "int8"], "wait": "30s", "scope": "best-effort"}
@@ -79,6 +80,23 @@ def test_flags_and_yes_write_a_valid_profile(etc):
     assert (w.threshold, w.max_gpu_jobs, w.wait, w.retry_exit_code) == ([3600], 4, 30.0, 75)
     c = etc.check("whisper")
     assert c.returncode == 0 and json.loads(c.stdout)["ok"]
+
+
+def test_vram_admission_is_the_default_where_the_gpu_memory_is_known(etc, tmp_path, gr_bin, clean_env):
+    """With the GPU's VRAM known, init writes admission = "vram" and no slot cap (VRAM decides); --max-gpu-jobs
+    stays available as an explicit cap. Without a known GPU size: slots, one per GPU, as before."""
+    flags = [f for f in FLAGS[:-2]]  # no --admission: the default
+    d = json.loads(etc.init(*flags, "--yes", "--json").stdout)
+    assert d["profile"]["admission"] == "vram" and "max_gpu_jobs" not in d["profile"], d["profile"]
+    w = gr_config.load(str(etc.config), use_cache=False).workload("whisper")
+    assert (w.admission, w.max_gpu_jobs) == ("vram", None)
+    assert json.loads(etc.check("whisper").stdout)["workloads"]["whisper"]["max_gpu_jobs"] is None
+    d = json.loads(etc.init(*flags, "--yes", "--json", "--force", "--max-gpu-jobs", "3").stdout)
+    assert (d["profile"]["admission"], d["profile"]["max_gpu_jobs"]) == ("vram", 3)
+    (tmp_path / "nogpu").mkdir()
+    bare = Etc(tmp_path / "nogpu", gr_bin, clean_env)
+    d = json.loads(bare.init(*flags, "--yes", "--json").stdout)
+    assert (d["profile"]["admission"], d["profile"]["max_gpu_jobs"]) == ("slots", 1)
 
 
 def test_text_output_and_defaults(etc):
@@ -150,6 +168,7 @@ def test_interactive(etc):
         "5000000",                 # threshold
         "2000",                    # VRAM per GPU job
         "4000",                    # RAM per CPU job
+        "slots",                   # admission (default vram: the GPU's VRAM is known)
         "",                        # max GPU jobs: default (16384 // 2000 = 8)
         "2",                       # max CPU jobs
         "--device cuda",           # GPU args
@@ -169,7 +188,8 @@ def test_interactive(etc):
     assert out.index("== whisper") < out.index("Write ") < out.index("wrote ")  # worksheet, question, write
     assert etc.profile("whisper") == {
         "binary": "/usr/bin/python3", "probe": "file-size", "input": "option:--audio", "threshold": 5000000,
-        "threshold_unit": "bytes", "gpu_vram_mb": 2000, "cpu_ram_mb": 4000, "max_gpu_jobs": 8, "max_cpu_jobs": 2,
+        "threshold_unit": "bytes", "gpu_vram_mb": 2000, "cpu_ram_mb": 4000, "admission": "slots",
+        "max_gpu_jobs": 8, "max_cpu_jobs": 2,
         "gpu_args": ["--device", "cuda"], "cpu_args": [], "wait": "30s", "scope": "off"}
     assert etc.check("whisper").returncode == 0
 
@@ -177,7 +197,7 @@ def test_interactive(etc):
 def test_interactive_with_flags_and_probe_command(etc):
     """Flags answer their questions; the rest are asked, probe_command only for probe = command."""
     p = etc.init("--workload", "tx", "--binary", "/usr/bin/python3", "--gpu-vram-mb", "1000", "--cpu-ram-mb", "500",
-                 stdin="command\nwc -l {input}\n\nlines\n10\n1\n1\n\n\n\n\n\ny\n")
+                 stdin="command\nwc -l {input}\n\nlines\n10\nslots\n1\n1\n\n\n\n\n\ny\n")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "Workload name" not in p.stdout and "VRAM per GPU job" not in p.stdout
     prof = etc.profile("tx")
@@ -239,7 +259,8 @@ def test_then_calibrate_the_written_profile(etc, fake_gpus):
     text = etc.config.read_text() + f'\n[agent]\nstate_dir = "{state}"\n'
     etc.config.write_text(text)
     p = etc.init("--workload", "fake", "--binary", JOB, "--probe", "command", "--probe-command", "cat {input}",
-                 "--threshold", "9000", "--gpu-vram-mb", "3000", "--cpu-ram-mb", "100", "--scope", "off", "--yes")
+                 "--threshold", "9000", "--gpu-vram-mb", "3000", "--cpu-ram-mb", "100", "--scope", "off", "--yes",
+                 "--admission", "slots")
     assert p.returncode == 0, p.stderr
     data = etc.root / "in"
     data.write_text("2500\n")
@@ -255,7 +276,7 @@ def test_then_calibrate_the_written_profile(etc, fake_gpus):
 def test_unit_is_asked_before_the_number_and_values_take_units(etc):
     answers = "minutes\n90\n"
     p = etc.init("--workload", "w", "--binary", "/usr/bin/python3", "--probe", "ffprobe-duration",
-                 "--gpu-vram-mb", "3.5G", "--cpu-ram-mb", "11G", "--input", "last-file", "--max-gpu-jobs", "1",
+                 "--gpu-vram-mb", "3.5G", "--cpu-ram-mb", "11G", "--input", "last-file", "--admission", "slots", "--max-gpu-jobs", "1",
                  "--max-cpu-jobs", "1", "--gpu-args", "", "--cpu-args", "", "--retry-exit-code", "75",
                  "--wait", "0s", "--scope", "off", stdin=answers + "y\n")
     assert p.returncode == 0, p.stdout + p.stderr

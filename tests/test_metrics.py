@@ -316,3 +316,28 @@ def test_a_damaged_state_file_starts_the_counters_again_with_a_warning(rig, tmp_
     m.update(load(rig), None, [])
     assert value(m.text(), "gpu_router_jobs_blocked_total", workload="tx", reason="cpu-slots-full") == 0
     assert [x[0] for x in log.lines] == warned
+
+
+def test_a_vram_profile_without_a_slot_cap_counts_its_reservations(tmp_path, gr_bin, clean_env):
+    """admission = "vram" with no max_gpu_jobs (VRAM decides, issue 11): no slot files and no fixed capacity; the
+    places held are the workload's live reservations. Before, the metrics took max_gpu_jobs for a number and the
+    agent's sample loop died on it."""
+    (tmp_path / "rig").mkdir()
+    rig = Rig(tmp_path / "rig", gr_bin, clean_env, {
+        "vr": {"probe": "file-size", "threshold": 100, "admission": "vram", "gpu_vram_mb": 1000}})
+    cfg = load(rig)
+    assert cfg.workload("vr").max_gpu_jobs is None
+    rig.lock_dir.mkdir(exist_ok=True)
+    dir_fd = slots.open_lock_dir(str(rig.lock_dir))
+    with slots.Ledger(dir_fd, str(rig.lock_dir)) as ledger:
+        fd = ledger.reserve("gpu0", 1000, "vr", "10")
+    try:
+        m = metrics.Metrics(str(tmp_path / "state"))
+        m.update(cfg, {"time": 1.0, "source": "nvml", "error": None, "gpus": [gpu_entry(0)]}, [])
+        text = m.text()
+        assert value(text, "gpu_router_slots_busy", workload="vr", pool="gpu") == 1
+        assert value(text, "gpu_router_slots", workload="vr", pool="gpu") is None
+        assert value(text, "gpu_router_slots", workload="vr", pool="cpu") == 1
+    finally:
+        os.close(fd)
+        os.close(dir_fd)

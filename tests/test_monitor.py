@@ -68,6 +68,28 @@ def changes(m):
 
 # ---------------------------------------------------------------- ours vs foreign
 
+def test_a_job_whose_reservation_ends_during_the_sample_is_still_ours(make_monitor, nvml):
+    """The ledger is read before and after the backend's sample: a job that was admitted when sampled but whose
+    reservation is gone by the time the ledger is read again (it just ended) is ours, never foreign use. Before,
+    only the later read counted, and its VRAM showed up as foreign until the next sample."""
+    nvml.add_gpu(16384)
+    job = nvml.start_job(3000, 60, gpu=0)
+    try:
+        FakeGpus.wait_for(lambda: len(nvml.claims()) == 1)
+        reads = []
+
+        def ledger():
+            reads.append(1)
+            return [job.pid] if len(reads) == 1 else []   # the job's reservation ends between the two reads
+
+        g0 = make_monitor(reserved_pids=ledger).sample_once()["gpus"][0]
+        assert (g0["ours_mb"], g0["foreign_mb"]) == (3000, 0), g0
+        assert g0["processes"] == [{"pid": job.pid, "used_mb": 3000, "ours": True, "job": job.pid}]
+    finally:
+        job.kill()
+        job.wait()
+
+
 def test_foreign_and_ours_processes(make_monitor, nvml):
     nvml.add_gpu(16384, name="NVIDIA Fake 16GB")
     nvml.add_gpu(8192, name="NVIDIA Fake 8GB")
@@ -84,8 +106,8 @@ def test_foreign_and_ours_processes(make_monitor, nvml):
         snap = m.sample_once()
         g0, g1 = snap["gpus"]
         assert (g0["used_mb"], g0["ours_mb"], g0["foreign_mb"], g0["free_mb"]) == (5512, 3000, 2512, 10872)
-        assert sorted((p["pid"], p["used_mb"], p["ours"]) for p in g0["processes"]) == sorted(
-            [(child, 3000, True), (foreign.pid, 2000, False)])
+        assert sorted((p["pid"], p["used_mb"], p["ours"], p["job"]) for p in g0["processes"]) == sorted(
+            [(child, 3000, True, parent.pid), (foreign.pid, 2000, False, None)])  # job: the reservation's holder
         assert (g1["used_mb"], g1["ours_mb"], g1["foreign_mb"]) == (0, 0, 0)
         assert set(g0) == {"index", "uuid", "name", "total_mb", "used_mb", "free_mb", "healthy", "health",
                            "ours_mb", "foreign_mb", "processes", "utilization"}  # utilization: NVML's busy %

@@ -217,3 +217,81 @@ def test_vram_gpu_full_of_foreign_use_is_no_room_now_not_too_large():
     """A foreign process that fills the GPU is transient: BLOCKED (retry later), not a CPU job without spill."""
     p = policy.plan(vram(), [10.0], [gpu(0, foreign=14000)], {}, 0)
     assert (p.mode, p.gpus, p.full_reason, p.spill) == ("GPU", [], "no-vram-room", False)
+
+
+# ---- room under lag (issue 11): each admitted job counted once, dead pids never --------------------------------
+
+def ours_gpu(total=16384, foreign=0, procs=()):
+    """A GPU whose snapshot says per process whether it is ours and which admitted job (ledger pid) it belongs to."""
+    usage = {pid: mb for pid, mb, _ours, _job in procs}
+    return Gpu(index=0, uuid="GPU-0", total_mb=total, free_mb=total - foreign - sum(usage.values()),
+               foreign_mb=foreign, ours_mb=sum(mb for _p, mb, ours, _j in procs if ours), usage=usage,
+               ours={pid for pid, _mb, ours, _j in procs if ours},
+               owner={pid: job for pid, _mb, _o, job in procs if job is not None})
+
+
+def test_finished_jobs_still_in_the_sample_do_not_count_twice():
+    """Three 3700 MiB jobs ended after the last sample; three new ones hold reservations: a 4th fits the empty GPU.
+    Before: the finished jobs' use counted as unattributed ours on top of the reservations → no-vram-room."""
+    g = ours_gpu(procs=[(11, 3700, True, 11), (12, 3700, True, 12), (13, 3700, True, 13)])
+    res = {"gpu0": [(21, 3700), (22, 3700), (23, 3700)]}
+    assert policy.room_mb(g, res["gpu0"], 0, dead={11, 12, 13}) == 16384 - 3 * 3700
+    p = policy.plan(vram(), [10.0], [g], res, 0, dead={11, 12, 13})
+    assert [x.index for x in p.gpus] == [0] and p.full_reason is None
+    # The same pids alive (an adopted job without a reservation, say) do count: the safe side.
+    assert policy.room_mb(g, res["gpu0"], 0) == 16384 - 6 * 3700
+
+
+def test_each_job_counts_once_at_max_of_reservation_and_its_trees_measured_use():
+    g = ours_gpu(foreign=1000, procs=[
+        (100, 2500, True, 100), (101, 800, True, 100),   # job 100 and its child: 3300 measured, 3000 reserved
+        (200, 100, True, 200),                            # job 200 uses 100 of its 3700 so far
+        (300, 400, True, None),                           # ours by cgroup, no live reservation: counts at use
+        (400, 999, False, None)])                         # foreign: already in foreign_mb
+    res = [(100, 3000), (200, 3700), (500, 2000)]         # job 500: admitted after the sample, reservation only
+    assert policy.room_mb(g, res, 512) == 16384 - 512 - 1000 - (3300 + 3700 + 2000) - 400
+
+
+def test_a_job_over_its_reservation_counts_at_its_measured_use_at_once():
+    g = ours_gpu(procs=[(7, 9000, True, 7)])
+    assert policy.room_mb(g, [(7, 4000)], 0) == 16384 - 9000
+    w = vram(vram_model="linear", vram_per_unit_mb=1.0, threshold=10 ** 9)
+    p = policy.plan(w, [8000.0], [g], {"gpu0": [(7, 4000)]}, 0)
+    assert (p.mode, p.gpus, p.full_reason) == ("GPU", [], "no-vram-room")  # 7384 left, not the 12384 of 4000
+    assert policy.plan(w, [7000.0], [g], {"gpu0": [(7, 4000)]}, 0).gpus == [g]
+
+
+def test_burst_of_reservations_within_one_sample_never_exceeds_capacity():
+    g = ours_gpu(total=16000)
+    res = []
+    admitted = 0
+    for pid in range(1000, 1020):  # 20 arrivals, none sampled yet: reservations alone decide
+        p = policy.plan(vram(), [1.0], [g], {"gpu0": res}, 0)
+        if p.gpus:
+            res.append((pid, p.predicted_vram_mb))
+            admitted += 1
+    assert admitted == 16000 // 3700 and sum(mb for _, mb in res) <= 16000
+
+
+def test_vram_mode_has_no_slot_cap_unless_one_is_set():
+    assert vram().max_gpu_jobs is None
+    assert vram(max_gpu_jobs=2).max_gpu_jobs == 2
+    assert wl().max_gpu_jobs == 1  # slots mode: the runbook's one per GPU
+
+
+def test_blind_cap_is_what_fits_the_worst_case_or_the_configured_safe_cap():
+    w = vram(vram_model="linear", vram_base_mb=1000, vram_per_unit_mb=1.0, threshold=3000)  # 4000 at the threshold
+    assert policy.blind_cap(w, 16384, 384) == 16000 // 4000
+    out_of_reach = vram(vram_model="linear", vram_base_mb=1000, vram_per_unit_mb=1.0, threshold=10 ** 9)
+    assert policy.blind_cap(out_of_reach, 16384, 0) == 1       # the worst case is the whole GPU: one at a time
+    assert policy.blind_cap(vram(gpu_vram_mb=3700), 16384, 0) == 4
+    assert policy.blind_cap(vram(gpu_vram_mb=3700, blind_max_gpu_jobs=2), 16384, 0) == 2
+    assert policy.blind_cap(vram(gpu_vram_mb=3700), None, 0) == 1  # size unknown too
+    p = policy.plan(w, [10.0], None, {}, 0)
+    assert p.blind and p.mode == "GPU"
+
+
+def test_a_dead_child_of_a_live_job_does_not_inflate_the_jobs_measured_use():
+    g = ours_gpu(procs=[(100, 3000, True, 100), (101, 5000, True, 100)])  # 101: the job's child, gone since
+    assert policy.room_mb(g, [(100, 4000)], 0, dead={101}) == 16384 - 4000
+    assert policy.room_mb(g, [(100, 4000)], 0) == 16384 - 8000

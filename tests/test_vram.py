@@ -67,11 +67,12 @@ def host(tmp_path, fake_gpus):  # noqa: F811
     cfg = write_config(tmp_path, fake_gpus)
     env = dict(fake_gpus.env, GPU_ROUTER_CONFIG=str(cfg), GPU_ROUTER_CACHE_DIR=str(tmp_path),
                GPU_ROUTER_LOG="stderr")
-    agent = subprocess.Popen([str(BINARIES["agent"])], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    log = open(tmp_path / "agent.log", "w")
+    agent = subprocess.Popen([str(BINARIES["agent"])], env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    log.close()
     deadline = time.monotonic() + 20
     while not (tmp_path / "gpus.json").exists():
-        assert agent.poll() is None, agent.stderr.read()
+        assert agent.poll() is None, (tmp_path / "agent.log").read_text()
         assert time.monotonic() < deadline
         time.sleep(0.05)
     snap = json.loads((tmp_path / "gpus.json").read_text())
@@ -213,3 +214,74 @@ def test_agent_gone_means_unknown_state_and_threshold_routing(host):
     assert j.wait(30) == 0
     routed = [json.loads(x) for x in j.stderr.read().splitlines() if '"routed"' in x][0]
     assert routed["GPU_ROUTER_MODE"] == "GPU" and routed["GPU_ROUTER_GPU_STATE"].startswith("unknown:")
+
+
+def test_a_job_over_its_prediction_is_recorded_warned_about_and_widens_calibration(host):
+    """A job predicted at 1000 MiB (its input says 1000, the model is 1 MiB per unit) claims 1600: the agent's next
+    sample shows it over its reservation → one vram-underpredicted event (journal), one calibration sample; calibrate,
+    with no inputs, fits the recorded samples and its model then covers the 1600 MiB."""
+    base, fake, env = host
+    size = base / "size-under"
+    size.write_text("1000\n")
+    p = subprocess.Popen([str(BINARIES["gr"]), "run", "--workload", "fake", "--", "--vram", "1600", "--seconds", "30",
+                          str(size)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    samples = base / "state" / "samples" / "fake.jsonl"
+    try:
+        deadline = time.monotonic() + 20
+        while not samples.exists():
+            assert time.monotonic() < deadline, "the agent never recorded the under-prediction"
+            time.sleep(0.1)
+        rec = [json.loads(x) for x in samples.read_text().splitlines()]
+        assert [(r["mode"], r["result"], r["metric"], r["peak_vram_mb"], r["predicted_vram_mb"]) for r in rec] == [
+            ("GPU", "underpredicted", "1000", 1600, 1000)]
+        time.sleep(0.6)                                              # more samples: still one event for the job
+    finally:
+        p.kill()
+        p.wait(10)
+    c = subprocess.run([str(BINARIES["gr"]), "calibrate", "-w", "fake", "--json", "--dry-run"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    d = json.loads(c.stdout)
+    assert d["samples"]["recorded_usable"] == 1 and d["recommendation"]["vram_base_mb"] >= 1600, d
+    # The agent's own record of it: one journal event (stderr here, GPU_ROUTER_LOG=stderr) for the job.
+    events = [json.loads(x) for x in (base / "agent.log").read_text().splitlines() if x.startswith("{")]
+    under = [e for e in events if e.get("GPU_ROUTER_EVENT") == "vram-underpredicted"]
+    assert len(under) == 1, under
+    e = under[0]
+    assert (e["GPU_ROUTER_WORKLOAD"], e["GPU_ROUTER_PID"], e["GPU_ROUTER_PREDICTED_VRAM_MB"],
+            e["GPU_ROUTER_MEASURED_VRAM_MB"]) == ("fake", str(p.pid), "1000", "1600")
+    from gpu_router.ops import stats
+
+    summary = stats.summarize(under)               # `gpu-router stats` warns
+    assert summary["fake"]["underpredicted"] == 1
+    assert any("used more VRAM than predicted (up to 1.60x)" in t for t in summary["fake"]["advice"])
+
+
+def test_admission_asks_for_a_fresh_sample_so_new_foreign_use_is_seen_before_the_job_allocates(tmp_path, fake_gpus):  # noqa: F811
+    """The agent samples every 30 s here; a foreign process takes 6000 of 8000 MiB after the last sample. A vram job
+    of 3000 MiB must be refused (no-vram-room, exit 75), not admitted into a CUDA OOM: the wrapper asks the agent
+    for a new sample (OP=sample on its socket) when the snapshot is older than a moment."""
+    fake_gpus.add_gpu(8000)
+    (tmp_path / "locks").mkdir(mode=0o770)
+    cfg = write_config(tmp_path, fake_gpus)
+    cfg.write_text(cfg.read_text().replace('sample_interval = "0.2s"', 'sample_interval = "30s"')
+                   .replace('snapshot_max_age = "3s"', 'snapshot_max_age = "60s"'))
+    env = dict(fake_gpus.env, GPU_ROUTER_CONFIG=str(cfg), GPU_ROUTER_CACHE_DIR=str(tmp_path), GPU_ROUTER_LOG="stderr")
+    agent = subprocess.Popen([str(BINARIES["agent"])], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "gpus.json").exists():
+            assert agent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)                                   # the snapshot is now older than the wrapper's moment
+        foreign = fake_gpus.start_job(6000, 60, gpu=0)    # another user's CUDA process, after the last sample
+        log = tmp_path / "jobs.log"
+        j = job(tmp_path, env, 3000, 0.2, log, "x")
+        assert j.wait(30) == 75
+        blocked = [json.loads(x) for x in j.stderr.read().splitlines() if '"blocked"' in x]
+        assert blocked and blocked[0]["GPU_ROUTER_REASON"] == "no-vram-room"
+        assert not log.exists() or '"oom"' not in log.read_text()
+        foreign.kill()
+        foreign.wait()
+    finally:
+        agent.terminate()
+        agent.wait(10)

@@ -304,7 +304,7 @@ def refuse(conn, pid, uid, reason):
     reply(conn, {"OK": "0", "ERROR": reason})
 
 
-def handle(payload, pid, uid, cfg, group_gid, start_scope=scope.start_scope, existing=None):
+def handle(payload, pid, uid, cfg, group_gid, start_scope=scope.start_scope, existing=None, fresh_sample=None):
     """One complete request (the frame's payload) → (reply fields, Grant or None). Never raises.
 
     ``existing(pid)``: the scope the agent already made for this PID, if any, still alive: a PID is in one scope
@@ -314,6 +314,10 @@ def handle(payload, pid, uid, cfg, group_gid, start_scope=scope.start_scope, exi
     try:
         request = parse_request(payload)
         authorize(pid, uid, group_gid)
+        if request.get(b"OP") == b"sample" and fresh_sample is not None:
+            # vram admission asks it when its snapshot is older than a moment: publish a new one unless one was
+            # taken just now; the reply carries its time, nothing else is done for it.
+            return {"OK": "1", "TIME": repr(fresh_sample())}, None
         g = grant(cfg, request, pid, uid)
     except Refused as exc:
         log_refusal(pid, uid, str(exc))
@@ -338,7 +342,7 @@ def handle(payload, pid, uid, cfg, group_gid, start_scope=scope.start_scope, exi
     return {"OK": "1", "SCOPE": g.name}, g
 
 
-def serve_one(conn, cfg, group_gid, start_scope=scope.start_scope, existing=None):
+def serve_one(conn, cfg, group_gid, start_scope=scope.start_scope, existing=None, fresh_sample=None):
     """Handle one connection with blocking reads (tests, tools); returns the Grant when one was made, else None.
     The agent's loop uses clients.Clients instead: it never waits on a client."""
     conn.settimeout(5)
@@ -354,6 +358,6 @@ def serve_one(conn, cfg, group_gid, start_scope=scope.start_scope, existing=None
         return None
     except OSError:
         return None
-    fields, g = handle(payload, pid, uid, cfg, group_gid, start_scope, existing)
+    fields, g = handle(payload, pid, uid, cfg, group_gid, start_scope, existing, fresh_sample)
     reply(conn, fields)
     return g

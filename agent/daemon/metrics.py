@@ -514,7 +514,8 @@ class Metrics:
                     sorted(running.items()))
         capacity, busy = [], []
         for (name, pool), (cap, held) in sorted((self.view.get("slots") or {}).items()):
-            capacity.append(((name, pool), cap))
+            if cap is not None:
+                capacity.append(((name, pool), cap))
             if held is not None:
                 busy.append(((name, pool), held))
         yield gauge("gpu_router_slots", "Slots of the pool (gpu: max_gpu_jobs on each GPU; cpu: max_cpu_jobs).",
@@ -662,7 +663,17 @@ def _slots_in_use(cfg, gpus, locks_path="/proc/locks"):
             busy += st.st_ino in locked
         return busy
 
+    reservations = None
     for name, w in cfg.workloads.items():
+        if w.max_gpu_jobs is None:
+            # vram mode without a slot cap: no slot files; the places held are the workload's live reservations,
+            # and the capacity is what the VRAM holds (no fixed number: the series is left out).
+            if reservations is None:
+                reservations = slots.live_reservations(cfg.router.lock_dir, detail=True)
+            out[(name, "gpu")] = (None, sum(1 for key in keys for entry in reservations.get(key, ())
+                                            if entry[2] == name))
+            out[(name, "cpu")] = (w.max_cpu_jobs, held(name, "cpu", w.max_cpu_jobs))
+            continue
         gpu_held = [held(name, key, w.max_gpu_jobs) for key in keys]
         out[(name, "gpu")] = (w.max_gpu_jobs * count, None if None in gpu_held else sum(gpu_held))
         out[(name, "cpu")] = (w.max_cpu_jobs, held(name, "cpu", w.max_cpu_jobs))

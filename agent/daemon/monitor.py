@@ -74,25 +74,29 @@ class Monitor:
 
     def is_ours(self, pid, reserved, cache=None):
         """pid or an ancestor in `reserved`, or pid's cgroup path names gpu-router. `cache` spans one sample."""
+        return self.classify(pid, reserved, cache)[0]
+
+    def classify(self, pid, reserved, cache=None):
+        """(ours, job): job is pid's nearest self-or-ancestor in `reserved` (an admitted job's pid), else None."""
         cache = {} if cache is None else cache
-        chain, cur, via_tree = [], pid, False
+        chain, cur, job = [], pid, None
         for _ in range(64):  # bounded: a /proc loop or a very deep tree ends the walk
             if cur in cache:
-                via_tree = cache[cur]
+                job = cache[cur]
                 break
             chain.append(cur)
             if cur in reserved:
-                via_tree = True
+                job = cur
                 break
             cur = self._parent(cur)
             if not cur or cur <= 1:
                 break
         for p in chain:
-            cache[p] = via_tree  # caches ancestry only; the cgroup verdict below is about pid itself
-        if via_tree:
-            return True
+            cache[p] = job  # caches ancestry only; the cgroup verdict below is about pid itself
+        if job is not None:
+            return True, job
         cgroup = self._read(pid, "cgroup")
-        return bool(cgroup) and b"gpu-router" in cgroup
+        return bool(cgroup) and b"gpu-router" in cgroup, None
 
     def _reserved(self):
         try:
@@ -166,11 +170,14 @@ class Monitor:
     def sample_once(self):
         """Sample, update health, publish; returns the snapshot dict (schema: HACKING.md)."""
         started = self.clock()
+        # The ledger is read before and after the backend's sample: a job that ended in between was ours when
+        # sampled (its VRAM must not turn up as foreign use), and one admitted in between is ours too.
+        reserved = self._reserved()
         raw = self.backend.sample()
         now = self.monotonic()
         gpus = raw.get("gpus") or []
         self._apply_xids(raw.get("xid_events") or (), gpus, now)
-        reserved = self._reserved()
+        reserved |= self._reserved()
         cache = {}
         out = []
         seen = set()
@@ -178,8 +185,10 @@ class Monitor:
             key = self._key(g)
             seen.add(key)
             health, reason = self._health_of(g, now)
-            processes = [{"pid": p["pid"], "used_mb": p["used_mb"], "ours": self.is_ours(p["pid"], reserved, cache)}
-                         for p in g.get("processes") or ()]
+            processes = []
+            for p in g.get("processes") or ():
+                ours, job = self.classify(p["pid"], reserved, cache)
+                processes.append({"pid": p["pid"], "used_mb": p["used_mb"], "ours": ours, "job": job})
             used = g.get("used_mb")
             if used is None:
                 ours_mb = foreign_mb = None

@@ -157,6 +157,7 @@ class Agent:
         self.proc_stored = False  # a copy of self.proc is in systemd's fd store
         self.records = jobrecord.directory(self.cfg.gpu.snapshot)
         self._holders = {}  # scope name → Holder, between StartTransientUnit and the grant
+        self.outgrown = {}  # (gpu key, pid) → the MiB last reported for a job that outgrew its reservation
 
     # -- pieces ------------------------------------------------------------------------------------------------
 
@@ -312,6 +313,53 @@ class Agent:
         snap = self.snapshot or {}
         return bool(snap.get("gpus")) and not snap.get("error")
 
+    def fresh_sample(self, min_age_s=0.05):
+        """A snapshot no older than ``min_age_s`` (a wrapper about to admit by VRAM asks for it): sample now unless
+        one was just taken; returns the snapshot's time. A burst of wrappers shares one sample."""
+        if self.monitor is None:
+            return None
+        if self.snapshot is None or time.time() - self.snapshot.get("time", 0) > min_age_s:
+            self.snapshot = self.monitor.sample_once()
+            self.check_predictions()
+        return self.snapshot.get("time")
+
+    def check_predictions(self):
+        """Jobs whose measured VRAM (their process tree's, as the snapshot attributes it) exceeds their reservation:
+        one ``vram-underpredicted`` event and one calibration sample per job and GPU (again only if it grows by
+        another 10 %). Room already counts such a job at its measured use from this snapshot on (policy.room_mb)."""
+        try:
+            live = slots.live_reservations(self.cfg.router.lock_dir, detail=True)
+        except OSError:
+            return
+        seen = set()
+        for gpu in (self.snapshot or {}).get("gpus", ()):
+            key = f"gpu{gpu['index']}"
+            measured = {}
+            for proc in gpu.get("processes", ()):
+                if proc.get("job") is not None:
+                    measured[proc["job"]] = measured.get(proc["job"], 0) + (proc.get("used_mb") or 0)
+            for pid, mb, workload, metric in live.get(key, ()):
+                seen.add((key, pid))
+                used = measured.get(pid, 0)
+                last = self.outgrown.get((key, pid))
+                if used <= mb or (last is not None and used <= last * 1.1):
+                    continue
+                self.outgrown[(key, pid)] = used
+                fields = {"WORKLOAD": workload, "PID": pid, "DEVICE": gpu["index"], "METRIC": metric,
+                          "PREDICTED_VRAM_MB": mb, "MEASURED_VRAM_MB": used, "MODE": "GPU"}
+                journal.emit("vram-underpredicted",
+                             f"{workload or 'a'} job {pid} on GPU {gpu['index']} uses {used} MiB of VRAM, over its "
+                             f"{mb} MiB reservation (metric {metric}): admission counts {used} MiB from now on; "
+                             f"recalibrate with `gpu-router calibrate --workload {workload}`", fields)
+                if workload and metric:
+                    try:
+                        accounting.record_sample(self.cfg.agent.state_dir, dict(
+                            fields, RESULT="underpredicted", PEAK_VRAM_MB=used))
+                    except OSError as exc:
+                        self.log.warning("cannot record a calibration sample", error=str(exc))
+        for k in [k for k in self.outgrown if k not in seen]:
+            del self.outgrown[k]
+
     def _vram_by_pid(self):
         """{pid: MiB} from the last GPU sample, or None when it listed no processes (no GPU, a failed backend)."""
         if not self._gpu_sampling():
@@ -333,6 +381,7 @@ class Agent:
         alive_before = {pid for pid, job in self.jobs.items() if _job_alive(job)}
         if self.monitor is not None:
             self.snapshot = self.monitor.sample_once()
+            self.check_predictions()
         vram = self._vram_by_pid()
         for pid, job in list(self.jobs.items()):
             # Only jobs alive before the GPU sample: a VRAM sample of a job that was already gone says nothing.
@@ -489,7 +538,8 @@ class Agent:
         except _config.ConfigError as exc:
             self.log.error("config error; keeping the last good config", error=str(exc))
         fields, g = broker.handle(payload, pid, uid, self.cfg, broker.group_id(self.cfg.agent.group),
-                                  existing=self.existing_scope, start_scope=self.start_scope)
+                                  existing=self.existing_scope, start_scope=self.start_scope,
+                                  fresh_sample=self.fresh_sample)
         if g is not None:
             self.on_grant(g)
         return broker.frame(fields)

@@ -42,6 +42,8 @@ from ..wrapper.probe import ProbeFailed, measure
 SAMPLE_INTERVAL_S = 0.1
 DEFAULT_TIMEOUT = "1h"
 DEFAULT_MARGIN = 0.10
+GOOD_FIT_SAMPLES = 3   # a fit this good makes calibrate recommend (and write) admission = "vram"
+GOOD_FIT_R2 = 0.9
 OUTPUT_TAIL = 4000
 CUDA_OOM_MARKERS = (b"CUDA out of memory", b"CUDA error: out of memory", b"CUBLAS_STATUS_ALLOC_FAILED",
                     b"cudaErrorMemoryAllocation")
@@ -232,10 +234,11 @@ def _number(value):
 
 
 def gpu_points(samples):
-    """(metric, peak VRAM MiB) of the samples the fit may use: successful GPU runs, metric and peak known."""
+    """(metric, peak VRAM MiB) of the samples the fit may use: successful GPU runs, metric and peak known, and the
+    agent's "underpredicted" samples (a running job measured over its reservation: a lower bound of its peak)."""
     points = []
     for s in samples:
-        if s.get("mode") != "GPU" or s.get("result") != "success":
+        if s.get("mode") != "GPU" or s.get("result") not in ("success", "underpredicted"):
             continue
         x, y = metric_value(s.get("metric")), _number(s.get("peak_vram_mb"))
         if x is not None and y is not None and y >= 0:
@@ -337,7 +340,11 @@ def recommend(result, points, margin, budget_mb=None, threshold=None):
         notes.append(f"base raised by {shortfall:.1f} MiB so that the model covers every measured peak")
     rec_base = float(math.ceil(rec_base - 1e-9))
     model = "linear" if rec_per > 0 else "constant"
+    # A good fit (enough samples, the line explains them) lets VRAM decide: admission = "vram" routes every job
+    # whose predicted VRAM fits a GPU's room there, whatever its size; a threshold stays an optional extra cap.
+    good = result["n"] >= GOOD_FIT_SAMPLES and (result["r2"] is None or result["r2"] >= GOOD_FIT_R2)
     rec = {"model": model, "margin": margin, "vram_base_mb": rec_base, "vram_per_unit_mb": rec_per,
+           "admission": "vram" if good else None,
            "budget_mb": budget_mb, "threshold": None, "threshold_extrapolated": False,
            "vram_at_threshold_mb": None, "notes": notes}
     if threshold is not None:
@@ -446,7 +453,7 @@ def _pick_gpu(sample, wanted):
 
 
 def _budget(cfg, w, gpu_info, detected_totals):
-    if w.max_gpu_jobs <= 0:
+    if w.max_gpu_jobs is not None and w.max_gpu_jobs <= 0:
         return None, None, "max_gpu_jobs = 0"
     if cfg.host.gpu_vram_mb is not None:
         vram, source = cfg.host.gpu_vram_mb, "[host] gpu_vram_mb"
@@ -456,7 +463,8 @@ def _budget(cfg, w, gpu_info, detected_totals):
         vram, source = min(detected_totals), "detected (smallest GPU)"
     else:
         return None, None, None
-    return (vram - cfg.gpu.reserve_mb) // w.max_gpu_jobs, vram, source
+    # vram mode without a slot cap: one job may use the whole GPU (less the reserve); VRAM decides how many share it
+    return (vram - cfg.gpu.reserve_mb) // (w.max_gpu_jobs or 1), vram, source
 
 
 def _write_calibration(path, doc):
@@ -483,6 +491,7 @@ def calibration_doc(w, result, rec, unit):
     return _toml_clean({
         "workload": w.name, "calibrated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": rec["model"],
         "vram_base_mb": rec["vram_base_mb"], "vram_per_unit_mb": rec["vram_per_unit_mb"], "unit": unit,
+        "admission": rec.get("admission"),
         "margin": rec["margin"],
         "fit": {k: result[k] for k in ("model", "n", "distinct_metrics", "base_mb", "per_unit_mb", "r2",
                                        "max_residual_mb", "metric_min", "metric_max", "peak_min_mb", "peak_max_mb")},
@@ -716,6 +725,10 @@ def render(d, w):
         if rec["vram_at_threshold_mb"] is not None:
             lines.append(f"  a job just under the current threshold needs up to {rec['vram_at_threshold_mb']} MiB "
                          f"(gpu_vram_mb is {d['current']['gpu_vram_mb']})")
+        if rec.get("admission") == "vram":
+            lines.append("  admission = \"vram\": the fit is good, so VRAM decides (a profile with vram_model = "
+                         "\"calibrated\" and no admission key takes it from the calibration file); the threshold "
+                         "is then only an optional cap")
         lines += [f"  note: {n}" for n in rec["notes"]]
     ram = d["ram"]
     for key in ("cpu", "gpu"):

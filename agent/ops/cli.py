@@ -193,10 +193,10 @@ def _free_slots(cfg, w, plan):
     try:
         dir_fd = slots.open_lock_dir(cfg.router.lock_dir, create=False)
     except slots.LockDirError:
-        return {"gpu": [g.index for g in plan.gpus] if w.max_gpu_jobs else [], "cpu": w.max_cpu_jobs}
+        return {"gpu": [g.index for g in plan.gpus] if w.max_gpu_jobs != 0 else [], "cpu": w.max_cpu_jobs}
     try:
-        gpu = [g.index for g in plan.gpus
-               if slots.holders(dir_fd, cfg.router.lock_dir, w.name, g.key, w.max_gpu_jobs) < w.max_gpu_jobs]
+        gpu = [g.index for g in plan.gpus if w.max_gpu_jobs is None  # vram mode, no slot cap: the plan's room says
+               or slots.holders(dir_fd, cfg.router.lock_dir, w.name, g.key, w.max_gpu_jobs) < w.max_gpu_jobs]
         cpu = w.max_cpu_jobs - slots.holders(dir_fd, cfg.router.lock_dir, w.name, "cpu", w.max_cpu_jobs)
     finally:
         os.close(dir_fd)
@@ -293,7 +293,8 @@ def _worksheet(w, b):
     out = [f"== {w.name} ({w.source})", "GPU path:",
            f"  VRAM per job:     {_mb(b['vram_per_job_mb'])}" + ("" if b["vram_per_job_mb"] is not None
                                                                   else " (vram_model = linear: see calibrate)"),
-           f"  Max GPU jobs:     {b['max_gpu_jobs']} per GPU",
+           f"  Max GPU jobs:     " + (f"{b['max_gpu_jobs']} per GPU" if b["max_gpu_jobs"] is not None
+                                       else "no slot cap (admission = vram: as many as fit the VRAM)"),
            f"  GPU VRAM:         {_mb(b['gpu_vram_mb'])}" + (f" [{b['gpu_vram_source']}]" if b["gpu_vram_source"]
                                                              else ""),
            f"  Headroom:         {_mb(b['vram_headroom_mb'])}" + _verdict(b["vram_headroom_mb"]),

@@ -359,7 +359,20 @@ def cmd_init(args):
     if room is not None and table["gpu_vram_mb"] > 0:
         fits = f" (that many fit in {room} MiB" + (f": {vram} MiB less {foreign} MiB other processes use now"
                                                    if room != vram else "") + ")"
-    table["max_gpu_jobs"] = ask("max_gpu_jobs", "Max GPU jobs per GPU" + fits, gpu_default, _int_text(0, 4096))
+    # VRAM decides where VRAM is known: admission = "vram" admits a job whenever its VRAM fits the GPU's room, so
+    # the GPU is never idle for want of a slot nor overcommitted by one (bench/README.md: the runbook's trace).
+    vram_default = "vram" if vram is not None and table["gpu_vram_mb"] > 0 else "slots"
+    table["admission"] = ask("admission", "Admission: vram (as many GPU jobs as fit the GPU's free VRAM) or slots "
+                             "(a fixed count per GPU)", vram_default,
+                             lambda t: _check("admission", str(t).strip()))
+    if table["admission"] == "vram":
+        cap = ask("max_gpu_jobs", "Max GPU jobs per GPU as an extra cap (none: VRAM alone decides)", None,
+                  lambda t: None if str(t).strip().lower() in ("", "none") else _int_text(0, 4096)(t), show="none")
+        if cap is not None:
+            table["max_gpu_jobs"] = cap
+    else:
+        table["max_gpu_jobs"] = ask("max_gpu_jobs", "Max GPU jobs per GPU" + fits, gpu_default,
+                                    _int_text(0, 4096))
     cpu_default, cpus = 1, os.cpu_count() or 1
     if ram is not None and table["cpu_ram_mb"] > 0:  # as many as fit in RAM, but no more than the CPUs
         cpu_default = max(1, min((ram - cfg.host.other_ram_mb) // table["cpu_ram_mb"], cpus))
@@ -514,6 +527,7 @@ def register(sub, command):
     c.add_argument("--unit", help="unit(s) of the threshold(s)")
     c.add_argument("--gpu-vram-mb", help="VRAM per GPU job, MiB")
     c.add_argument("--cpu-ram-mb", help="RAM per CPU job, MiB")
+    c.add_argument("--admission", help="vram (default where the GPU's VRAM is known) or slots")
     c.add_argument("--max-gpu-jobs", help="jobs per GPU (default: as many as fit in the GPU's memory)")
     c.add_argument("--max-cpu-jobs", help="CPU jobs in all (default: as many as fit in RAM)")
     c.add_argument("--gpu-args", help="arguments appended on the GPU, one string (shell quoting)")

@@ -11,7 +11,8 @@ from ..journal import MESSAGE_IDS
 
 
 def read_events(since, journal_dir=None, unit_files=None, events=("routed", "blocked", "job-finished",
-                                                                   "probe-failed"), until=None, matches=None):
+                                                                   "probe-failed", "vram-underpredicted"),
+                until=None, matches=None):
     """Our events from ``journalctl -o json`` (one OR of MESSAGE_IDs; ``matches``: extra ANDed field matches)."""
     argv = ["journalctl", "-o", "json", "--no-pager", "--since", since]
     if until:
@@ -63,7 +64,7 @@ def summarize(events):
     for e in events:
         name = e.get("GPU_ROUTER_WORKLOAD", "?")
         w = per.setdefault(name, {"GPU": 0, "CPU": 0, "BLOCKED": 0, "reasons": {}, "results": {},
-                                  "probe_failed": 0})
+                                  "probe_failed": 0, "underpredicted": 0, "underpredicted_max_ratio": None})
         kind = e.get("GPU_ROUTER_EVENT")
         if kind in ("routed", "blocked"):
             mode = e.get("GPU_ROUTER_MODE", "?")
@@ -75,6 +76,14 @@ def summarize(events):
             w["results"][result] = w["results"].get(result, 0) + 1
         elif kind == "probe-failed":
             w["probe_failed"] += 1
+        elif kind == "vram-underpredicted":
+            w["underpredicted"] += 1
+            try:
+                ratio = float(e["GPU_ROUTER_MEASURED_VRAM_MB"]) / float(e["GPU_ROUTER_PREDICTED_VRAM_MB"])
+            except (KeyError, ValueError, ZeroDivisionError):
+                ratio = None
+            if ratio is not None and (w["underpredicted_max_ratio"] is None or ratio > w["underpredicted_max_ratio"]):
+                w["underpredicted_max_ratio"] = round(ratio, 3)
     for name, w in per.items():
         w["advice"] = advice(w)
     return per
@@ -93,6 +102,11 @@ def advice(w):
                     "wait = \"30s\" so jobs queue briefly instead of failing")
     if w["results"].get("oom-kill"):
         tips.append("jobs were OOM-killed: raise cpu_ram_mb / MemoryMax, or lower the threshold")
+    if w.get("underpredicted"):
+        worst = w.get("underpredicted_max_ratio")
+        tips.append(f"WARNING: {w['underpredicted']} job(s) used more VRAM than predicted"
+                    + (f" (up to {worst:.2f}x)" if worst else "") + ": the model under-predicts and jobs risk CUDA "
+                    "OOM; run `gpu-router calibrate --workload NAME` to widen it from the recorded samples")
     if w["probe_failed"]:
         tips.append(f"{w['probe_failed']} probe failure(s): `gpu-router explain FILE` on such an input")
     if cpu and gpu and cpu > gpu * 3:
@@ -118,7 +132,8 @@ def cmd_stats(args):
         sys.stderr.write(f"gpu-router: {partial}\n")
     for name, w in sorted(per.items()):
         lines.append(f"{name}: GPU {w['GPU']}, CPU {w['CPU']}, BLOCKED {w['BLOCKED']}, probe failures "
-                     f"{w['probe_failed']}")
+                     f"{w['probe_failed']}" + (f", VRAM under-predicted {w['underpredicted']}"
+                                               if w["underpredicted"] else ""))
         if w["results"]:
             lines.append("  outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(w["results"].items())))
         if w["reasons"]:

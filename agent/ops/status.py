@@ -33,7 +33,8 @@ def collect(cfg):
                  "gpu_busy": {}, "cpu_busy": None}
         if dir_fd is not None:
             for key in gpu_keys:
-                entry["gpu_busy"][key] = slots.holders(dir_fd, cfg.router.lock_dir, name, key, w.max_gpu_jobs)
+                entry["gpu_busy"][key] = (len(reservations.get(key, ())) if w.max_gpu_jobs is None else
+                                          slots.holders(dir_fd, cfg.router.lock_dir, name, key, w.max_gpu_jobs))
             entry["cpu_busy"] = slots.holders(dir_fd, cfg.router.lock_dir, name, "cpu", w.max_cpu_jobs)
         data["workloads"][name] = entry
     if dir_fd is not None:
@@ -65,7 +66,8 @@ def render(data):
     if "lock_dir_error" in data:
         lines.append(f"slots: {data['lock_dir_error']}")
     for name, w in data["workloads"].items():
-        gpu = ", ".join(f"{k} {v}/{w['max_gpu_jobs']}" for k, v in w["gpu_busy"].items()) or "-"
+        gpu = ", ".join(f"{k} {v}/{w['max_gpu_jobs'] if w['max_gpu_jobs'] is not None else 'vram'}"
+                        for k, v in w["gpu_busy"].items()) or "-"
         cpu = "?" if w["cpu_busy"] is None else w["cpu_busy"]
         lines.append(f"{name} [{w['admission']}]: GPU slots {gpu}; CPU slots {cpu}/{w['max_cpu_jobs']} busy")
     for key, entries in data["reservations"].items():

@@ -79,11 +79,27 @@ class Job:
         return f
 
 
-def read_gpus(cfg):
-    """(list of policy.Gpu or None, state): the agent's snapshot, or None with why it is unknown."""
+FRESH_S = 0.25  # vram admission asks the agent for a new sample when the snapshot is older than this
+
+
+def read_gpus(cfg, fresh=False):
+    """(list of policy.Gpu or None, state): the agent's snapshot, or None with why it is unknown.
+
+    ``fresh`` (vram admission): a snapshot older than FRESH_S is refreshed first by asking the agent over its
+    socket (OP=sample, ~1 ms and one NVML sample, shared by a burst): what another process took since the last
+    periodic sample is then seen before admitting, not after the job's CUDA allocation fails. No agent: as it is.
+    """
     from .. import snapshot
 
     snap, why = snapshot.read(cfg.gpu.snapshot, cfg.gpu.snapshot_max_age)
+    if fresh and (snap is None or time.time() - snap.get("time", 0) > FRESH_S):
+        from .. import scope
+
+        try:
+            if scope.ask_agent(cfg.agent.socket, [("OP", "sample")], timeout=1.0).get("OK") == "1":
+                snap, why = snapshot.read(cfg.gpu.snapshot, cfg.gpu.snapshot_max_age)
+        except (OSError, scope.ScopeError, ValueError):
+            pass
     if snap is None:
         return None, f"unknown:{why}"
     if snap.get("error") and not snap.get("gpus"):
@@ -92,10 +108,38 @@ def read_gpus(cfg):
     return [policy.Gpu.from_snapshot(g) for g in snap.get("gpus", ())], "ok"
 
 
+def _dead(pids):
+    """The pids among ``pids`` that no longer run: no /proc entry, or a zombie (its VRAM is already freed)."""
+    out = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            out.add(pid)
+            continue
+        if data[data.rfind(b")") + 2:data.rfind(b")") + 3] in (b"Z", b"X", b"x"):
+            out.add(pid)
+    return out
+
+
+def _blind_gpus(cfg):
+    """GPUs to admit against when the snapshot is not fresh: a stale snapshot still tells the GPUs and their sizes
+    ([host] gpu_vram_mb wins where set), else the configured count of GPUs of unknown size."""
+    from .. import snapshot
+
+    snap, _why = snapshot.read(cfg.gpu.snapshot, float("inf"))
+    known = [g for g in (snap or {}).get("gpus", ()) if g.get("total_mb")] if snap else []
+    if known:
+        return [policy.Gpu(index=g["index"], uuid=g.get("uuid"),
+                           total_mb=cfg.host.gpu_vram_mb or g["total_mb"]) for g in known]
+    return [policy.Gpu(index=g.index, total_mb=cfg.host.gpu_vram_mb) for g in policy.assumed_gpus(cfg.host.gpus)]
+
+
 def admit(job, cfg, dir_fd):
     """One admission attempt: True when the job holds a place (job.mode/device/slot/fds set)."""
     w = job.workload
-    gpus, job.gpu_state = read_gpus(cfg)
+    gpus, job.gpu_state = read_gpus(cfg, fresh=w.admission == "vram")
     candidates = gpus if gpus is not None else policy.assumed_gpus(cfg.host.gpus)
     if job.drain is not None:  # `gpu-router drain`: no new GPU job; the CPU takes it, or the caller retries
         plan = policy.plan(w, job.values, gpus if gpus is not None else None, None, cfg.gpu.reserve_mb)
@@ -104,18 +148,29 @@ def admit(job, cfg, dir_fd):
                 raise Blocked("drained", "GPUs are drained (gpu-router drain --block): no new GPU jobs")
             plan.mode, plan.reason, plan.spill, plan.full_reason = "CPU", "drained", False, None
             plan.predicted_vram_mb = None
-    elif w.admission == "vram" and gpus is not None:
+    elif w.admission == "vram":
         with slots.Ledger(dir_fd, cfg.router.lock_dir) as ledger:
-            plan = policy.plan(w, job.values, gpus, ledger.live(), cfg.gpu.reserve_mb)
+            live = ledger.live()
+            dead = ()
+            if gpus is not None:
+                outside = set()
+                for g in gpus:
+                    outside.update(g.our_pids_outside({pid for pid, _ in live.get(g.key, ())}))
+                dead = _dead(outside)
+            plan = policy.plan(w, job.values, gpus, live, cfg.gpu.reserve_mb, dead)
             job.predicted_vram_mb = plan.predicted_vram_mb
-            if plan.mode == "GPU" and _take_gpu(job, plan, dir_fd, cfg, ledger):
+            if plan.mode == "GPU" and plan.blind:
+                plan.gpus = _blind_places(w, _blind_gpus(cfg), live, plan.predicted_vram_mb, cfg.gpu.reserve_mb)
+                if not plan.gpus:
+                    plan.full_reason = "blind-cap"
+            if plan.mode == "GPU" and _take_gpu(job, plan, dir_fd, cfg, ledger, live):
                 return True
     else:
         plan = policy.plan(w, job.values, gpus if gpus is not None else None, None, cfg.gpu.reserve_mb)
         if plan.mode == "GPU" and gpus is None:
             plan.gpus = candidates
         job.predicted_vram_mb = plan.predicted_vram_mb
-        if plan.mode == "GPU" and _take_gpu(job, plan, dir_fd, cfg, None):
+        if plan.mode == "GPU" and _take_gpu(job, plan, dir_fd, cfg, None, None):
             return True
     job.reason = plan.reason
     if plan.mode == "GPU":
@@ -131,15 +186,33 @@ def admit(job, cfg, dir_fd):
     return True
 
 
-def _take_gpu(job, plan, dir_fd, cfg, ledger):
+def _blind_places(w, gpus, live, predicted, reserve_mb):
+    """GPUs that may take one more job while blind: fewer than blind_cap live reservations, and the reservations
+    plus this one within the GPU's size less the reserve (where the size is known)."""
+    out = []
+    for g in gpus:
+        held = live.get(g.key, ())
+        if len(held) >= policy.blind_cap(w, g.total_mb, reserve_mb):
+            continue
+        if g.total_mb is not None and sum(mb for _, mb in held) + predicted > g.total_mb - reserve_mb:
+            continue
+        out.append(g)
+    return out
+
+
+def _take_gpu(job, plan, dir_fd, cfg, ledger, live):
     w = job.workload
     for gpu in plan.gpus:
-        got = slots.try_slot(dir_fd, cfg.router.lock_dir, w.name, gpu.key, w.max_gpu_jobs)
-        if got is None:
-            continue
-        job.fds.append(got[0])
+        if w.max_gpu_jobs is None:
+            # vram mode without a slot cap: the reservation is the place (the ledger's lock serialises admission).
+            got = (None, len(live.get(gpu.key, ())))
+        else:
+            got = slots.try_slot(dir_fd, cfg.router.lock_dir, w.name, gpu.key, w.max_gpu_jobs)
+            if got is None:
+                continue
+            job.fds.append(got[0])
         if ledger is not None:
-            job.fds.append(ledger.reserve(gpu.key, plan.predicted_vram_mb))
+            job.fds.append(ledger.reserve(gpu.key, plan.predicted_vram_mb, w.name, job.fields()["METRIC"]))
         job.mode, job.reason, job.gpu, job.slot = "GPU", plan.reason, gpu, got[1]
         job.device = str(gpu.index)
         return True

@@ -1,0 +1,162 @@
+#!/usr/bin/python3
+"""On a real NVIDIA GPU: the NVML backend next to nvidia-smi, then vram admission admitting and refusing torch jobs.
+
+    /usr/bin/python3 bench/real_nvidia.py [--gpu 0] [--hold-mb 2048] [--job-mb 0] [--jobs 0]
+
+No systemd needed: everything runs in a temporary folder, the agent in the foreground (`gpu-router-agent` from
+.build/bin, as the tests build it), the wrapper with scope = "off". Needs /usr/bin/python3 with pynvml
+(nvidia-ml-py or python3-pynvml) and torch with CUDA.
+
+1. A torch process allocates --hold-mb MiB on --gpu and holds it. The NVML backend's sample (the agent's code path)
+   and `nvidia-smi --query-gpu / --query-compute-apps` are printed side by side: total/used/free per GPU and the
+   holder's per-process use, which must agree within the driver's rounding.
+2. The agent starts in the foreground (NVML, 0.5 s samples); the torch holder stays (foreign use). Then --jobs torch
+   jobs (default: as many as would fit twice over) are started through the wrapper at once, each predicted at
+   --job-mb (default: a quarter of what is free) by a constant vram model: admission = "vram", no slot cap,
+   wait = "0s". Printed: how many were admitted (exit 0) and refused (exit 75, no-vram-room), whether any hit a
+   CUDA OOM (must be none), and the peak the GPU reached.
+Has not run on hardware in this project's CI (no GPU there); record what it prints in bench/README.md.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+import conftest  # noqa: E402,F401  (builds .build/bin and .build/lib/gpu_router)
+
+sys.path.insert(0, str(REPO / ".build" / "lib"))
+from gpu_router.daemon import gpu_backends  # noqa: E402
+
+HOLDER = """
+import sys, time, torch
+x = torch.empty(int(sys.argv[1]) * 1024 * 1024, dtype=torch.uint8, device="cuda")
+x.fill_(1)
+torch.cuda.synchronize()
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+JOB = """#!/usr/bin/python3
+# A torch job: allocates the MiB its input file's size says, holds them, exits 0; a CUDA OOM exits 3.
+import os, sys, time
+import torch
+mb = os.path.getsize(sys.argv[1])
+try:
+    x = torch.empty(mb * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    x.fill_(1)
+    torch.cuda.synchronize()
+except torch.cuda.OutOfMemoryError as exc:
+    sys.stderr.write(f"CUDA OOM: {exc}\\n")
+    sys.exit(3)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def smi(gpu):
+    q = subprocess.run(["nvidia-smi", f"--id={gpu}", "--query-gpu=index,memory.total,memory.used,memory.free",
+                        "--format=csv,noheader,nounits"], capture_output=True, text=True, check=True).stdout
+    apps = subprocess.run(["nvidia-smi", f"--id={gpu}", "--query-compute-apps=pid,used_memory",
+                           "--format=csv,noheader,nounits"], capture_output=True, text=True, check=True).stdout
+    index, total, used, free = [int(x) for x in q.split(",")]
+    procs = {int(p): int(m) for p, m in (line.split(",") for line in apps.strip().splitlines() if line.strip())}
+    return {"index": index, "total_mb": total, "used_mb": used, "free_mb": free, "processes": procs}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--gpu", type=int, default=0)
+    p.add_argument("--hold-mb", type=int, default=2048)
+    p.add_argument("--job-mb", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=0)
+    args = p.parse_args()
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(args.gpu), CUDA_DEVICE_ORDER="PCI_BUS_ID")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(args.hold_mb), "600"], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held", "the torch holder did not start"
+        time.sleep(1)
+        backend = gpu_backends.open_backend("nvml")
+        sample = backend.sample()
+        backend.close()
+        mine = next(g for g in sample["gpus"] if g["index"] == args.gpu)
+        ref = smi(args.gpu)
+        print(f"== 1. NVML backend vs nvidia-smi on GPU {args.gpu} (torch holder pid {holder.pid}, "
+              f"{args.hold_mb} MiB)")
+        for key in ("total_mb", "used_mb", "free_mb"):
+            print(f"  {key:10} backend {mine.get(key)!s:>8}   nvidia-smi {ref[key]!s:>8}")
+        got = {q["pid"]: q["used_mb"] for q in mine.get("processes") or ()}
+        print(f"  holder     backend {got.get(holder.pid)!s:>8}   nvidia-smi {ref['processes'].get(holder.pid)!s:>8}"
+              f"   (allocation {args.hold_mb} + the CUDA context)")
+        with tempfile.TemporaryDirectory(prefix="gpu-router-real-") as tmp:
+            base = pathlib.Path(tmp)
+            (base / "locks").mkdir(mode=0o770)
+            job = base / "job.py"
+            job.write_text(JOB)
+            job.chmod(0o755)
+            free = ref["free_mb"]
+            job_mb = args.job_mb or max(256, free // 4 - 600)  # leave room for each job's CUDA context
+            jobs = args.jobs or max(2, 2 * free // (job_mb + 600))
+            predicted = job_mb + 600  # the allocation plus a CUDA context's usual few hundred MiB
+            (base / "config.toml").write_text(f"""
+[router]
+lock_dir = "{base}/locks"
+[gpu]
+backend = "nvml"
+snapshot = "{base}/gpus.json"
+sample_interval = "0.5s"
+[agent]
+socket = "{base}/agent.sock"
+state_dir = "{base}/state"
+[workloads.torchjob]
+binary = "{job}"
+probe = "file-size"
+threshold = 1000000000000
+threshold_unit = "bytes"
+admission = "vram"
+gpu_vram_mb = {predicted}
+max_cpu_jobs = 0
+wait = "0s"
+scope = "off"
+""")
+            size = base / "input"
+            size.write_bytes(b"\0" * job_mb)
+            genv = dict(os.environ, GPU_ROUTER_CONFIG=str(base / "config.toml"), GPU_ROUTER_CACHE_DIR=str(base),
+                        GPU_ROUTER_LOG="stderr")
+            genv.pop("CUDA_VISIBLE_DEVICES", None)
+            agent = subprocess.Popen([str(REPO / ".build" / "bin" / "gpu-router-agent")], env=genv,
+                                     stderr=open(base / "agent.log", "w"))
+            while not (base / "gpus.json").exists():
+                assert agent.poll() is None, (base / "agent.log").read_text()
+                time.sleep(0.1)
+            time.sleep(1)
+            print(f"\n== 2. {jobs} torch jobs of {job_mb} MiB (predicted {predicted} MiB) through the wrapper at once")
+            procs = [subprocess.Popen([str(REPO / ".build" / "bin" / "gpu-router"), "run", "--workload", "torchjob",
+                                       "--", str(size), "20"], env=genv, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True) for _ in range(jobs)]
+            peak = 0
+            while any(pr.poll() is None for pr in procs):
+                peak = max(peak, smi(args.gpu)["used_mb"])
+                time.sleep(0.5)
+            codes = [pr.returncode for pr in procs]
+            reasons = [json.loads(x).get("GPU_ROUTER_REASON") for pr in procs for x in pr.stderr.read().splitlines()
+                       if x.startswith("{") and '"blocked"' in x]
+            agent.terminate()
+            agent.wait(10)
+            print(f"  admitted (exit 0): {codes.count(0)}   refused (exit 75): {codes.count(75)} {sorted(set(reasons))}"
+                  f"   CUDA OOM (exit 3): {codes.count(3)}   other: {[c for c in codes if c not in (0, 3, 75)]}")
+            print(f"  GPU peak used {peak} of {ref['total_mb']} MiB (foreign holder {args.hold_mb} MiB)")
+            return 0 if codes.count(3) == 0 else 1
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
