@@ -406,3 +406,48 @@ def test_agent_exports_prometheus_metrics(agent_setup, gr_bin):
     assert re.search(finished + r"1\.0\n", text), text
     assert re.search(r'gpu_router_job_duration_seconds_count\{mode="CPU",workload="tx"\} 1\.0\n', text), text
     assert not [p for p in (base / "metrics").iterdir() if p.name != "gpu_router.prom"]
+
+
+def test_a_failing_sampling_stage_is_reported_once_and_the_agent_goes_on(tmp_path, monkeypatch):
+    """A bug in one stage of the periodic sample (issue 11's rebase met one in the metrics code: the agent died on
+    every sample, and systemd restarted it into the same bug) is logged once, and the other stages still run.
+    The fault is injected by replacing the metrics stage with one that raises: no real part can be made to have
+    a bug on purpose."""
+    from gpu_router.daemon import service
+
+    base = tmp_path / "agent"
+    base.mkdir()
+    (base / "locks").mkdir(mode=0o770)
+    cfg = base / "config.toml"
+    cfg.write_text(f"""
+[router]
+lock_dir = "{base}/locks"
+[gpu]
+backend = "none"
+snapshot = "{base}/gpus.json"
+[agent]
+socket = "{base}/agent.sock"
+state_dir = "{base}/state"
+group = "users"
+[workloads.tx]
+binary = "/bin/true"
+threshold = 100
+""")
+    monkeypatch.setenv("GPU_ROUTER_CACHE_DIR", str(base))
+    agent = service.Agent(str(cfg))
+    errors = []
+    monkeypatch.setattr(agent.log, "error", lambda msg, **kw: errors.append((msg, kw)), raising=False)
+
+    def broken(*_):
+        raise TypeError("'<' not supported between instances of 'NoneType' and 'int'")
+
+    monkeypatch.setattr(agent.metrics, "publish", broken)
+    closed = []
+    monkeypatch.setattr(agent, "close_vanished", lambda: closed.append(1))
+    for _ in range(3):
+        agent.sample()  # never raises
+    assert len(closed) == 3, "the stages after the broken one were skipped"
+    assert agent.snapshot is not None and (base / "gpus.json").exists(), "the snapshot stage did not run"
+    assert len(errors) == 1, errors
+    msg, kw = errors[0]
+    assert kw["stage"] == "metrics" and kw["error"].startswith("TypeError: ") and "test_agent_host.py:" in kw["where"]

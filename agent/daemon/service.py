@@ -158,6 +158,7 @@ class Agent:
         self.records = jobrecord.directory(self.cfg.gpu.snapshot)
         self._holders = {}  # scope name → Holder, between StartTransientUnit and the grant
         self.outgrown = {}  # (gpu key, pid) → the MiB last reported for a job that outgrew its reservation
+        self._sample_errors = set()  # (stage, exception type, where): each reported once
 
     # -- pieces ------------------------------------------------------------------------------------------------
 
@@ -377,18 +378,39 @@ class Agent:
         except _config.ConfigError as exc:
             self.log.error("config error; keeping the last good config", error=str(exc))
         if os.geteuid() == 0:
-            slots.tidy(self.cfg.router.lock_dir, broker.group_id(self.cfg.agent.group))
+            self._guarded("tidy", slots.tidy, self.cfg.router.lock_dir, broker.group_id(self.cfg.agent.group))
         alive_before = {pid for pid, job in self.jobs.items() if _job_alive(job)}
         if self.monitor is not None:
-            self.snapshot = self.monitor.sample_once()
-            self.check_predictions()
-        vram = self._vram_by_pid()
+            snapshot = self._guarded("gpu-sample", self.monitor.sample_once)
+            if snapshot is not None:
+                self.snapshot = snapshot
+            self._guarded("predictions", self.check_predictions)
+        vram = self._guarded("vram-by-pid", self._vram_by_pid) or {}
         for pid, job in list(self.jobs.items()):
             # Only jobs alive before the GPU sample: a VRAM sample of a job that was already gone says nothing.
-            if job.sample(vram if pid in alive_before else None):
-                self._write_record(job)
-        self.close_vanished()
-        self.metrics.publish(self.cfg, self.snapshot, self.jobs.values())
+            if self._guarded("job-sample", job.sample, vram if pid in alive_before else None):
+                self._guarded("job-record", self._write_record, job)
+        self._guarded("close-vanished", self.close_vanished)
+        self._guarded("metrics", self.metrics.publish, self.cfg, self.snapshot, self.jobs.values())
+
+    def _guarded(self, stage, fn, *args):
+        """One stage of the periodic sample. A bug in one stage (metrics, a job's counters, the backend) is logged
+        once per kind and the agent goes on serving: dying here would take scopes, the snapshot and accounting
+        down with it, and systemd would restart it into the same bug every second."""
+        try:
+            result = fn(*args)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            tb = exc.__traceback__
+            while tb.tb_next is not None:
+                tb = tb.tb_next
+            where = f"{os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
+            key = (stage, type(exc).__name__, where)
+            if key not in self._sample_errors:
+                self._sample_errors.add(key)
+                self.log.error("a sampling stage failed; the agent goes on (reported once per kind)",
+                               stage=stage, error=f"{type(exc).__name__}: {str(exc)[:300]}", where=where)
+            return None
+        return result
 
     def close_vanished(self):
         """Close jobs that ended without their pidfd waking us (gone before we followed them, or adopted dead).
