@@ -74,7 +74,7 @@ def main():
         fake = build_fake(base, "1.0", "v1")
         print(f"  {deb.name}, {fake.name}")
         step("booting Debian 12 with systemd (systemd-nspawn)")
-        box = harness.Container()
+        box = harness.Container(packages=harness.PACKAGES_WITH_METRICS)  # what the .deb depends on, cached
         box.start()
         try:
             demo(box, deb, fake)
