@@ -126,22 +126,43 @@ def try_slot(dir_fd, lock_dir, workload, pool, count):
     return None
 
 
-def holders(dir_fd, lock_dir, workload, pool, count):
-    """How many of the pool's slots are held right now (for status; a lock attempt per slot, released at once)."""
+def holders(dir_fd, lock_dir, workload, pool, count, locks_path="/proc/locks"):
+    """How many of the pool's slots are held right now (for status and explain).
+
+    Read from the kernel's lock table, never by trying the lock: a trial lock, however brief, makes a wrapper's
+    non-blocking LOCK_EX that arrives in that instant fail, and the job is BLOCKED (or takes a worse slot) because
+    someone ran `gpu-router status`. Slot files are matched by inode (on overlayfs the device that stat reports is
+    not the one /proc/locks names)."""
+    locked = flocked_inodes(locks_path)
+    if locked is None:
+        return 0
     held = 0
     for n in range(count):
-        name = slot_name(workload, pool, n)
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+            st = os.stat(slot_name(workload, pool, n), dir_fd=dir_fd, follow_symlinks=False)
         except OSError:
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            held += 1
-        finally:
-            os.close(fd)
+        held += st.st_ino in locked
     return held
+
+
+def flocked_inodes(locks_path="/proc/locks"):
+    """Inodes on which some process holds an flock now (waiters, the "->" lines, left out); None if unreadable."""
+    out = set()
+    try:
+        with open(locks_path, "rb") as f:
+            table = f.read(1 << 24)
+    except OSError:
+        return None
+    for line in table.splitlines():
+        parts = line.split()
+        if len(parts) < 6 or parts[1] != b"FLOCK":
+            continue
+        try:
+            out.add(int(parts[5].rsplit(b":", 1)[1]))
+        except (ValueError, IndexError):
+            continue
+    return out
 
 
 # ---- entries that live as long as their holder: queue tickets and VRAM reservations ------------------------

@@ -339,3 +339,35 @@ def test_holders_does_not_hang_on_a_planted_fifo(dir_fd, lock_dir):
     started = time.monotonic()
     slots.holders(dir_fd, lock_dir, "w", "gpu0", 2)
     assert time.monotonic() - started < 1
+
+
+def test_holders_only_looks_never_takes_the_lock(dir_fd, lock_dir):
+    """`gpu-router status` counting slots must never make a wrapper's LOCK_EX|LOCK_NB fail (it used a trial
+    LOCK_SH: a job arriving in that instant was BLOCKED). A thread counts in a tight loop while this one takes
+    and frees the free slot: every take succeeds."""
+    import threading
+
+    held = slots.try_slot(dir_fd, lock_dir, "w", "gpu0", 2)  # slot 0 busy, slot 1 free
+    stop = threading.Event()
+    counts = []
+
+    def status():
+        while not stop.is_set():
+            counts.append(slots.holders(dir_fd, lock_dir, "w", "gpu0", 2))
+
+    t = threading.Thread(target=status)
+    t.start()
+    failed = 0
+    try:
+        for _ in range(3000):
+            got = slots.try_slot(dir_fd, lock_dir, "w", "gpu0", 2)
+            if got is None or got[1] != 1:
+                failed += 1
+            if got is not None:
+                os.close(got[0])
+    finally:
+        stop.set()
+        t.join()
+        os.close(held[0])
+    assert failed == 0, f"{failed} of 3000 takes of the free slot failed while status counted"
+    assert counts and set(counts) <= {1, 2}
