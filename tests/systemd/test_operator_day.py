@@ -142,7 +142,7 @@ def test_check_f_and_a_missing_probe_tool(day):
 
 def test_status_jobs_blocked_and_drain(day):
     box = day
-    box.run(["systemd-run", "--unit=gr-day-hold", "--uid=runner", "--setenv=FAKE_SLEEP=4",
+    box.run(["systemd-run", "--unit=gr-day-hold", "--uid=runner", "--setenv=FAKE_SLEEP=12",
              "/usr/local/bin/transcribe", "/srv/small"])
 
     def holding():
@@ -169,7 +169,7 @@ def test_status_jobs_blocked_and_drain(day):
     assert (drained["action"], drained["reason"], drained["by"]) == ("cpu", "driver update", "root")
     assert job(box, "/srv/small", "gr-day-drained").stdout.strip() == "transcribe /srv/small --device cpu"
     assert gr(box, "resume").returncode == 0
-    box.wait_for("! systemctl is-active --quiet gr-day-hold.service", timeout=20)
+    box.wait_for("! systemctl is-active --quiet gr-day-hold.service", timeout=40)
     assert job(box, "/srv/small", "gr-day-gpu").stdout.strip() == "transcribe /srv/small --device cuda"
     assert job(box, "/srv/big", "gr-day-cpu").stdout.strip() == "transcribe /srv/big --device cpu"
     gr(box, "run", "--workload", "nosuch", "--", "/srv/small", check=False)  # one config error
