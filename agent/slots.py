@@ -146,9 +146,10 @@ def holders(dir_fd, lock_dir, workload, pool, count, locks_path="/proc/locks"):
     return held
 
 
-def flocked_inodes(locks_path="/proc/locks"):
-    """Inodes on which some process holds an flock now (waiters, the "->" lines, left out); None if unreadable."""
-    out = set()
+def flock_table(locks_path="/proc/locks"):
+    """{(major, minor, inode): pid} of the flocks held now, from the kernel's lock table (waiters, the "->" lines,
+    left out); None when it cannot be read. The one reader of /proc/locks: looking never disturbs a lock."""
+    out = {}
     try:
         with open(locks_path, "rb") as f:
             table = f.read(1 << 24)
@@ -159,10 +160,17 @@ def flocked_inodes(locks_path="/proc/locks"):
         if len(parts) < 6 or parts[1] != b"FLOCK":
             continue
         try:
-            out.add(int(parts[5].rsplit(b":", 1)[1]))
-        except (ValueError, IndexError):
+            major, minor, inode = parts[5].split(b":")
+            out[(int(major, 16), int(minor, 16), int(inode))] = int(parts[4])
+        except ValueError:
             continue
     return out
+
+
+def flocked_inodes(locks_path="/proc/locks"):
+    """Inodes on which some process holds an flock now; None when the table cannot be read."""
+    table = flock_table(locks_path)
+    return None if table is None else {inode for _, _, inode in table}
 
 
 # ---- entries that live as long as their holder: queue tickets and VRAM reservations ------------------------

@@ -10,7 +10,7 @@ import socket
 import struct
 
 from .. import config as _config
-from .. import journal, policy, scope
+from .. import journal, policy, scope, slots
 
 _UCRED = struct.Struct("3i")
 MAX_REQUEST = 64 * 1024
@@ -221,22 +221,12 @@ def held_slots(pid, lock_dir, workload, locks_path="/proc/locks"):
     kernel's record of who holds what."""
     try:
         names = os.listdir(lock_dir)
-        with open(locks_path, "rb") as f:
-            table = f.read(1 << 22)
     except OSError:
         return None
-    mine = set()
-    needle = f" {pid} ".encode()
-    for line in table.splitlines():
-        if b"FLOCK" not in line or needle not in line:
-            continue
-        parts = line.split()
-        try:
-            at = parts.index(str(pid).encode())
-            major, minor, inode = parts[at + 1].split(b":")
-            mine.add((int(major, 16), int(minor, 16), int(inode)))
-        except (ValueError, IndexError):
-            continue
+    table = slots.flock_table(locks_path)
+    if table is None:
+        return None
+    mine = {key for key, holder in table.items() if holder == pid}
     held = {}
     prefix = workload + "."
     for name in names:

@@ -622,20 +622,9 @@ def _remove_temp(path):
 
 
 def _locked_inodes(path="/proc/locks"):
-    """Inodes that hold an flock now, from /proc/locks: looking, unlike a trial lock, never makes a wrapper's
-    non-blocking LOCK_EX fail (a trial LOCK_SH every sample would BLOCK jobs that arrive in that instant)."""
-    out = set()
-    try:
-        with open(path) as f:
-            for line in f:
-                parts = line.split()
-                if "FLOCK" in parts and "->" not in parts:
-                    i = parts.index("FLOCK")
-                    if len(parts) > i + 4:
-                        out.add(int(parts[i + 4].rsplit(":", 1)[1]))
-    except (OSError, ValueError, IndexError):
-        return None
-    return out
+    """Inodes that hold an flock now: looking, unlike a trial lock, never makes a wrapper's non-blocking LOCK_EX
+    fail (a trial LOCK_SH every sample would BLOCK jobs that arrive in that instant)."""
+    return slots.flocked_inodes(path)
 
 
 def _slots_in_use(cfg, gpus, locks_path="/proc/locks"):

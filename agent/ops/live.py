@@ -11,26 +11,12 @@ import os
 import pwd
 import time
 
+from .. import slots
+
 
 def _lock_table():
-    """{(major, minor, inode): pid} of flock holders (waiters, the '->' lines, are skipped)."""
-    out = {}
-    try:
-        with open("/proc/locks") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        parts = line.split()
-        if len(parts) < 6 or parts[1] == "->" or parts[1] != "FLOCK":
-            continue
-        try:
-            pid = int(parts[4])
-            major, minor, inode = parts[5].split(":")
-            out[(int(major, 16), int(minor, 16), int(inode))] = pid
-        except ValueError:
-            continue
-    return out
+    """{(major, minor, inode): pid} of flock holders (waiters skipped); empty when /proc/locks cannot be read."""
+    return slots.flock_table() or {}
 
 
 def _boot_time():
