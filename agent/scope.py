@@ -22,6 +22,10 @@ class ScopeError(Exception):
     """No scope could be made; the message says why (agent down, refused, systemd not running, …)."""
 
 
+class Unanswered(ScopeError):
+    """The agent took the request and went away without a word (killed, crashed, or an older agent's stop)."""
+
+
 def unit_name(job_id):
     return f"gpu-router-{job_id}.scope"
 
@@ -110,7 +114,7 @@ def ask_agent(socket_path, fields, timeout=REQUEST_TIMEOUT_S):
     finally:
         sock.close()
     if len(data) < 4:
-        raise ScopeError("the agent closed the connection without an answer")
+        raise Unanswered("the agent closed the connection without an answer")
     try:
         return journal.decode_native(data[4:4 + int.from_bytes(data[:4], "little")])
     except ValueError:
@@ -119,8 +123,19 @@ def ask_agent(socket_path, fields, timeout=REQUEST_TIMEOUT_S):
 
 def place(job, cfg):
     """Move this process into its scope and return the scope's name; ScopeError when that is impossible."""
+    import time
+
+    end = time.monotonic() + REQUEST_TIMEOUT_S
     try:
-        reply = ask_agent(cfg.agent.socket, request_fields(job, cfg))
+        try:
+            reply = ask_agent(cfg.agent.socket, request_fields(job, cfg))
+        except Unanswered:
+            # The agent went away holding the request (a restart's SIGKILL, a crash). Asking the next one is
+            # safe: had the scope been made, the agent answers with the scope this PID is already in (REUSED).
+            left = end - time.monotonic()
+            if left < 1.0:
+                raise
+            reply = ask_agent(cfg.agent.socket, request_fields(job, cfg), timeout=left)
     except OSError as exc:
         if os.geteuid() != 0:
             raise ScopeError(f"the agent is not reachable at {cfg.agent.socket} ({exc.strerror or exc}); "

@@ -648,3 +648,83 @@ def test_rate_limited_refusals_still_count_in_the_metrics(tmp_path):
     m.count_event({"GPU_ROUTER_EVENT": "broker-refused", "GPU_ROUTER_SUPPRESSED": "97"})
     m.count_event({"GPU_ROUTER_EVENT": "broker-refused"})
     assert m.store.counters["gpu_router_broker_refusals_total"][()] == 99
+
+
+# ---- an agent that stops or goes away with a request in hand ---------------------------------------------------
+
+def test_a_stopping_agent_answers_the_requests_it_already_took(agent):
+    """A restart (every upgrade) while wrappers are connected: what the agent accepted is answered before it
+    leaves. It used to close them unanswered, and their jobs exited 75 (the cgroup v2 lane's batch saw it)."""
+    base, p, env = agent
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(str(base / "agent.sock"))
+    time.sleep(0.5)  # accepted by now (the loop wakes at least every 0.2 s)
+    p.terminate()
+    time.sleep(0.3)  # the agent has seen its SIGTERM and left its loop
+    c.sendall(_frame({"OP": "scope", "WORKLOAD": "nope"}))
+    c.shutdown(socket.SHUT_WR)
+    c.settimeout(10)
+    data = c.recv(65536)
+    c.close()
+    assert len(data) > 4, "the stopping agent closed the connection without an answer"
+    reply = journal.decode_native(data[4:4 + int.from_bytes(data[:4], "little")])
+    assert reply["OK"] == "0" and "no workload profile" in reply["ERROR"]
+    assert p.wait(10) == 0
+
+
+def test_the_wrapper_asks_again_when_the_agent_went_away_unanswered(tmp_path, gr_bin, clean_env):
+    """An agent killed holding a request (SIGKILL at the end of a stop, a crash): the wrapper asks the next
+    agent, within its one 10 s budget, instead of blocking the job. A real socket stands in for the agent."""
+    sock_path = tmp_path / "agent.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen(4)
+    listener.settimeout(30)
+    asked = []
+
+    def serve():
+        for answer in (False, True):
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "little"):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                asked.append(journal.decode_native(data[4:]))
+                if answer:
+                    conn.sendall(_frame({"OK": "1", "SCOPE": "gpu-router-tx-test.scope"}))
+
+    t = threading.Thread(target=serve)
+    t.start()
+    (tmp_path / "locks").mkdir()
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f"""
+[router]
+lock_dir = "{tmp_path}/locks"
+[gpu]
+backend = "none"
+snapshot = "{tmp_path}/gpus.json"
+[agent]
+socket = "{sock_path}"
+[workloads.tx]
+binary = "/bin/sh"
+probe = "file-size"
+threshold = 100
+input = "arg:3"
+scope = "required"
+""")
+    (tmp_path / "in").write_bytes(b"x" * 10)
+    env = dict(clean_env, GPU_ROUTER_CONFIG=str(cfg), GPU_ROUTER_LOG="stderr")
+    try:
+        r = subprocess.run([str(gr_bin), "run", "--workload", "tx", "--", "-c", "exit 7", str(tmp_path / "in")],
+                           env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        listener.close()
+        t.join(30)
+    assert r.returncode == 7, r.stderr
+    assert len(asked) == 2 and asked[0]["JOB"] == asked[1]["JOB"], asked

@@ -477,6 +477,7 @@ class Agent:
                         self.clients.drop(key.data[1])
                     elif key.data not in ("broker", "exits"):
                         _drop_fd(self.selector, key.fd)  # never again: a readable fd left behind would spin
+        self._answer_accepted(listener)
         self.clients.close_all()
         if self.proc is not None:
             procevents.close_listener(self.proc, unsubscribe=not self.proc_stored)
@@ -568,6 +569,27 @@ class Agent:
 
     def _stop(self, *_):
         self.stopping = True
+
+    def _answer_accepted(self, listener):
+        """Stopping (an upgrade, a restart): answer the wrappers already accepted before leaving. Closing them
+        unanswered made their jobs exit 75 ("closed the connection without an answer"); new connections are no
+        longer taken and wait in the socket's queue for the next agent (socket activation keeps the socket).
+        Bounded by the clients' own deadline, so a silent client cannot hold a stop up either."""
+        try:
+            self.selector.unregister(listener)
+        except (KeyError, ValueError):
+            pass
+        end = time.monotonic() + self.clients.deadline_s
+        while self.clients.conns and time.monotonic() < end:
+            self.clients.expire()
+            for key, events in self.selector.select(max(0.0, min(end, self.clients.next_deadline() or end)
+                                                        - time.monotonic())):
+                try:
+                    self._dispatch(key, events, listener)
+                except Exception as exc:  # noqa: BLE001 - as in the loop: one client's trouble stops nothing
+                    self.log.error("event handling failed", error=f"{type(exc).__name__}: {exc}")
+                    if isinstance(key.data, tuple) and key.data[0] == "client":
+                        self.clients.drop(key.data[1])
 
 
 def _drop_fd(selector, fd):
