@@ -11,6 +11,7 @@ Per trace, the same jobs are run three times, one configuration after the other,
                  foreground (NVML backend over the fake libnvidia-ml of tests/fakenvml, 1 s samples): admission =
                  "vram", the true linear model (what calibrate fits here), threshold out of reach, no slot cap,
                  wait = "30s", 1 CPU slot, no spill
+  vram+reserve   (only with --configs) vram with [gpu] reserve_mb = --reserve-mb held back for other users
 The runner is PeerTube's: concurrency 4, a failed attempt is retried after 0.2 s, the 5th failure loses the job.
 The workload (bench/trace_job.py) claims its VRAM in the fake NVML state (fails like a CUDA OOM when it does not
 fit), shares the GPU's throughput with the other GPU jobs (n jobs each at 1/n speed), runs 6x slower on the CPU,
@@ -150,7 +151,7 @@ def events_thread(events, fake, t0, log, stop):
     return t
 
 
-def write_config(base, trace):
+def write_config(base, trace, reserve_mb=0):
     base_mb, per_min = trace["model"]
     model = (f'vram_model = "linear"\nvram_base_mb = {base_mb}\nvram_per_unit_mb = {per_min}' if per_min
              else f'gpu_vram_mb = {base_mb}')
@@ -160,6 +161,7 @@ lock_dir = "{base}/locks"
 [gpu]
 backend = "nvml"
 snapshot = "{base}/gpus.json"
+reserve_mb = {reserve_mb}
 [agent]
 socket = "{base}/agent.sock"
 state_dir = "{base}/state"
@@ -195,12 +197,12 @@ def replay(name, trace, config, jobs, args, root):
         path.write_bytes(b"\0" * minutes)
         job_args = ["--vram", str(trace["vram"](minutes)), "--work", f"{minutes * args.ms_per_minute / 1000:.4f}",
                     "--log", str(log), str(path)]
-        if config == "vram":
+        if config.startswith("vram"):
             commands.append([str(BIN / "gpu-router"), "run", "--workload", "trace", "--"] + job_args)
         else:
             commands.append([str(RUNBOOK), str(JOB)] + job_args)
-    if config == "vram":
-        cfg = write_config(base, trace)
+    if config.startswith("vram"):
+        cfg = write_config(base, trace, args.reserve_mb if config == "vram+reserve" else 0)
         env = dict(env, GPU_ROUTER_CONFIG=str(cfg), GPU_ROUTER_CACHE_DIR=str(base), GPU_ROUTER_LOG="stderr")
         agent = subprocess.Popen([str(BIN / "gpu-router-agent")], env=env, stdout=subprocess.DEVNULL,
                                  stderr=open(base / "agent.log", "w"))
@@ -267,6 +269,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--ms-per-minute", type=float, default=2.5, help="GPU work per minute of media (default 2.5 ms)")
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--reserve-mb", type=int, default=6000,
+                   help="[gpu] reserve_mb of the vram+reserve configuration (default 6000: the foreign process's)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     jobs = make_jobs(args.jobs, args.seed)

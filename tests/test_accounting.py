@@ -321,3 +321,15 @@ def test_job_record_round_trip_keeps_what_the_agent_knew(tmp_path):
     assert records["tx-5-ab"]["holder_pid"] == 12346 and records["tx-5-ab"]["holder_start"] == 778
     jobrecord.remove(str(tmp_path), "tx-5-ab")
     assert jobrecord.load_all(str(tmp_path)) == {}
+
+
+def test_job_records_are_the_agents_alone(tmp_path):
+    """Records name other accounts' inputs: only root (the agent) may list or read them, also in a folder that an
+    older agent made world-readable."""
+    folder = tmp_path / "jobs"
+    folder.mkdir(mode=0o755)
+    os.chmod(folder, 0o755)
+    jobrecord.write(str(folder), {"job_id": "tx-1-abc", "pid": 1, "input": "/home/alice/secret interview.wav"})
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert (folder / "tx-1-abc.json").stat().st_mode & 0o777 == 0o600
+    assert jobrecord.load_all(str(folder))["tx-1-abc"]["input"] == "/home/alice/secret interview.wav"

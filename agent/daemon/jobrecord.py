@@ -30,11 +30,16 @@ def _path(folder, job_id):
 
 
 def write(folder, values):
-    """Atomically (re)write the record of one job; ``values`` holds FIELDS (others are dropped)."""
-    os.makedirs(folder, mode=0o755, exist_ok=True)
+    """Atomically (re)write the record of one job; ``values`` holds FIELDS (others are dropped).
+
+    Only the agent reads records, and they name other accounts' inputs: the folder is 0700 and each file 0600
+    (a folder an older agent made 0755 is narrowed)."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    if os.stat(folder).st_mode & 0o077:
+        os.chmod(folder, 0o700)
     data = {"version": VERSION}
     data.update({k: values.get(k) for k in FIELDS})
-    atomicfile.write(_path(folder, values["job_id"]), json.dumps(data, sort_keys=True) + "\n", mode=0o644)
+    atomicfile.write(_path(folder, values["job_id"]), json.dumps(data, sort_keys=True) + "\n", mode=0o600)
 
 
 def remove(folder, job_id):
