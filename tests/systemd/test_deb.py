@@ -38,8 +38,15 @@ scope = "required"
 
 def fake_workload(version, text):
     return f"""#!/bin/sh
-# fake workload {version}: waits $FAKE_SLEEP seconds, then prints its version and arguments
-[ -n "$FAKE_SLEEP" ] && sleep "$FAKE_SLEEP"
+# fake workload {version}: holds (see below), then prints its version and arguments
+# Holds until the file $FAKE_UNTIL exists (at most $FAKE_SLEEP s, default 120), else sleeps $FAKE_SLEEP s:
+# a lane releases a job when it has checked what it needs, never after a guessed time.
+if [ -n "$FAKE_UNTIL" ]; then
+    i=0
+    while [ ! -e "$FAKE_UNTIL" ] && [ "$i" -lt "$(( ${{FAKE_SLEEP:-120}} * 10 ))" ]; do sleep 0.1; i=$((i + 1)); done
+elif [ -n "$FAKE_SLEEP" ]; then
+    sleep "$FAKE_SLEEP"
+fi
 echo "fake-transcribe {text} $*"
 """
 
@@ -161,8 +168,9 @@ def test_wrap_a_packaged_workload(box, debs):
 
 # ---- 3. upgrade gpu-router while a job runs --------------------------------------------------------------------
 
-def test_upgrade_with_a_running_job_keeps_the_job_the_wrap_and_the_socket(box, debs):
-    box.run(["systemd-run", "--unit=gr-deb-job", "-p", "RemainAfterExit=yes", "--setenv=FAKE_SLEEP=30",
+def test_upgrade_with_a_running_job_keeps_the_job_the_wrap_and_the_socket(box, debs, request):
+    request.addfinalizer(lambda: box.run(["touch", "/run/gr-deb-release"], check=False))  # also on a failure
+    box.run(["systemd-run", "--unit=gr-deb-job", "-p", "RemainAfterExit=yes", "--setenv=FAKE_UNTIL=/run/gr-deb-release",
              "/usr/bin/fake-transcribe", "/srv/input"])
     scope = box.wait_for(lambda: box.run("systemctl list-units --plain --no-legend --state=active "
                                          "'gpu-router-transcribe-*.scope' | awk '{print $1}'").stdout.strip(),
@@ -189,6 +197,8 @@ def test_upgrade_with_a_running_job_keeps_the_job_the_wrap_and_the_socket(box, d
     agent = show(box, "gpu-router-agent.service", "MainPID")["MainPID"]
     assert agent not in ("0", before["gpu-router-agent.service"]["MainPID"]), "the agent was not restarted"
     assert box.run(["readlink", "/usr/bin/fake-transcribe"]).stdout.strip() == "/usr/bin/gpu-router"
+
+    box.run(["touch", "/run/gr-deb-release"])  # checked: the job may end now
 
     def finished():
         props = show(box, "gr-deb-job.service", "SubState", "ExecMainStatus", "Result")

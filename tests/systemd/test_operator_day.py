@@ -20,8 +20,15 @@ from test_deb import APT, build_gpu_router
 from test_scopes import FAKE_SMI
 
 TRANSCRIBE = """#!/bin/sh
-# a stand-in workload: waits $FAKE_SLEEP seconds, then prints its arguments
-[ -n "$FAKE_SLEEP" ] && sleep "$FAKE_SLEEP"
+# a stand-in workload: holds (see below), then prints its arguments
+# Holds until the file $FAKE_UNTIL exists (at most $FAKE_SLEEP s, default 120), else sleeps $FAKE_SLEEP s:
+# a lane releases a job when it has checked what it needs, never after a guessed time.
+if [ -n "$FAKE_UNTIL" ]; then
+    i=0
+    while [ ! -e "$FAKE_UNTIL" ] && [ "$i" -lt "$(( ${FAKE_SLEEP:-120} * 10 ))" ]; do sleep 0.1; i=$((i + 1)); done
+elif [ -n "$FAKE_SLEEP" ]; then
+    sleep "$FAKE_SLEEP"
+fi
 echo "transcribe $*"
 """
 
@@ -142,12 +149,20 @@ def test_check_f_and_a_missing_probe_tool(day):
 
 def test_status_jobs_blocked_and_drain(day):
     box = day
-    box.run(["systemd-run", "--unit=gr-day-hold", "--uid=runner", "--setenv=FAKE_SLEEP=12",
+    box.run(["systemd-run", "--unit=gr-day-hold", "--uid=runner", "--setenv=FAKE_UNTIL=/run/gr-day-release",
              "/usr/local/bin/transcribe", "/srv/small"])
 
-    def holding():
+    def holding():  # listed from its slot at once; its scope (made by the agent) a moment later under load
         st = json.loads(gr(box, "status", "--json", user="runner").stdout)
-        return st if st["jobs"] else None
+        return st if st["jobs"] and st["jobs"][0]["scope"] else None
+
+    try:
+        _busy_day(box, holding)
+    finally:
+        box.run(["touch", "/run/gr-day-release"])  # the held GPU job ends (also when a check above failed)
+
+
+def _busy_day(box, holding):
 
     st = box.wait_for(holding, timeout=15, interval=0.2)
     [j] = st["jobs"]
@@ -169,6 +184,7 @@ def test_status_jobs_blocked_and_drain(day):
     assert (drained["action"], drained["reason"], drained["by"]) == ("cpu", "driver update", "root")
     assert job(box, "/srv/small", "gr-day-drained").stdout.strip() == "transcribe /srv/small --device cpu"
     assert gr(box, "resume").returncode == 0
+    box.run(["touch", "/run/gr-day-release"])  # the held GPU job ends: its slot is the next job's
     box.wait_for("! systemctl is-active --quiet gr-day-hold.service", timeout=40)
     assert job(box, "/srv/small", "gr-day-gpu").stdout.strip() == "transcribe /srv/small --device cuda"
     assert job(box, "/srv/big", "gr-day-cpu").stdout.strip() == "transcribe /srv/big --device cpu"

@@ -56,7 +56,8 @@ def box(tmp_path_factory):
         c.stop()
 
 
-def test_upgrade_from_the_previous_release_with_a_running_job(box):
+def test_upgrade_from_the_previous_release_with_a_running_job(box, request):
+    request.addfinalizer(lambda: box.run(["touch", "/run/gr-rel-release"], check=False))  # also on a failure
     box.run([*APT, "install", box.debs["old"], box.debs["fake"]], timeout=300)
     old_version = box.run(["dpkg-query", "-W", "-f=${Version}", "gpu-router"]).stdout
     assert old_version != NEW_VERSION
@@ -70,7 +71,7 @@ def test_upgrade_from_the_previous_release_with_a_running_job(box):
 
     # A job of the group member's, through the agent (scope = "required"), running across the upgrade.
     box.run(["systemd-run", "--unit=gr-rel-job", "--uid=runner", "-p", "RemainAfterExit=yes",
-             "--setenv=FAKE_SLEEP=30", "/usr/bin/fake-transcribe", "/srv/input"])
+             "--setenv=FAKE_UNTIL=/run/gr-rel-release", "/usr/bin/fake-transcribe", "/srv/input"])
     scope = box.wait_for(lambda: box.run("systemctl list-units --plain --no-legend --state=active "
                                          "'gpu-router-transcribe-*.scope' | awk '{print $1}'").stdout.strip(),
                          timeout=20)
@@ -96,6 +97,8 @@ def test_upgrade_from_the_previous_release_with_a_running_job(box):
     assert box.run(["test", "-f", f"{lib}/daemon/service.py"], check=False).returncode == 0
     cmdline = box.run(["cat", f"/proc/{show(box, 'gpu-router-agent.service', 'MainPID')['MainPID']}/cmdline"])
     assert "gpu-router-agent" in cmdline.stdout
+
+    box.run(["touch", "/run/gr-rel-release"])  # checked: the job may end now
 
     def finished():
         props = show(box, "gr-rel-job.service", "SubState", "ExecMainStatus", "Result")
