@@ -179,13 +179,20 @@ def _measure_as(viewer, w, path):
     raise ProbeFailed(out["reason"], out["message"])
 
 
-def _budget(cfg, w, gpus):
+def host_figures(cfg, gpus):
+    """(GPU count, VRAM per GPU, RAM) a budget counts with: the [host] keys, else what the snapshot and
+    /proc/meminfo say (the smallest GPU's VRAM, so every GPU can take what is planned)."""
     vram = cfg.host.gpu_vram_mb
     if vram is None and gpus:
         totals = [g.total_mb for g in gpus if g.total_mb]
         vram = min(totals) if totals else None
     ram = cfg.host.ram_mb if cfg.host.ram_mb is not None else system_ram_mb()
     count = cfg.host.gpus if cfg.host.gpus is not None else (len(gpus) if gpus is not None else 1)
+    return count, vram, ram
+
+
+def _budget(cfg, w, gpus):
+    count, vram, ram = host_figures(cfg, gpus)
     return policy.budget(w, vram, count, ram, cfg.host.other_ram_mb)
 
 

@@ -25,16 +25,10 @@ def gres_name(workload, pool):
 
 def host_figures(cfg):
     """(gpus, gpu_vram_mb, ram_mb, gpu_state): what `gpu-router check` counts with."""
-    from .cli import _gpus, system_ram_mb
+    from . import cli
 
-    gpus, gpu_state = _gpus(cfg)
-    vram = cfg.host.gpu_vram_mb
-    if vram is None and gpus:
-        totals = [g.total_mb for g in gpus if g.total_mb]
-        vram = min(totals) if totals else None
-    ram = cfg.host.ram_mb if cfg.host.ram_mb is not None else system_ram_mb()
-    count = cfg.host.gpus if cfg.host.gpus is not None else (len(gpus) if gpus is not None else 1)
-    return count, vram, ram, gpu_state
+    gpus, gpu_state = cli._gpus(cfg)
+    return (*cli.host_figures(cfg, gpus), gpu_state)
 
 
 def conf(cfg, names, node=None):
