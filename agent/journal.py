@@ -24,13 +24,14 @@ MESSAGE_IDS = {
     "agent": "54a617728d844aa2a604f62789ccdabd",
     "drain": "4ab238b86dc14d4c8726ea79a4dd6eed",
     "vram-underpredicted": "0231da9691fb4c7cafd364e3e3c48c3c",
+    "vram-foreign": "7f0e3c5a1d6b4e2f9a8c4b7d2e1f6a93",
 }
 
 # syslog priorities: a BLOCKED job or a failed probe is worth a notice, a refused caller a warning.
 PRIORITIES = {
     "routed": 6, "blocked": 5, "probe-failed": 5, "job-finished": 6, "scope-failed": 4,
     "gpu-health": 4, "broker-refused": 4, "config-error": 3, "agent": 6, "drain": 5,
-    "vram-underpredicted": 4,
+    "vram-underpredicted": 4, "vram-foreign": 5,
 }
 
 DEFAULT_SOCKET = "/run/systemd/journal/socket"

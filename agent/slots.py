@@ -167,6 +167,27 @@ def flock_table(locks_path="/proc/locks"):
     return out
 
 
+def slot_holder_pids(lock_dir, locks_path="/proc/locks"):
+    """PIDs holding a slot of any pool now: each is a job (the wrapper took the slot, then exec'd into the job,
+    same PID), so its VRAM is ours even with no scope and no reservation (slots mode, scope = "off"). Slot files
+    are the plain files directly in the lock dir; queue tickets and the ledger live in its subfolders."""
+    table = flock_table(locks_path)
+    if not table:
+        return set()
+    by_inode = {}
+    for (_, _, inode), pid in table.items():
+        by_inode.setdefault(inode, set()).add(pid)
+    pids = set()
+    try:
+        with os.scandir(lock_dir) as it:
+            for entry in it:
+                if entry.is_file(follow_symlinks=False):
+                    pids |= by_inode.get(entry.inode(), set())
+    except OSError:
+        pass
+    return pids
+
+
 def flocked_inodes(locks_path="/proc/locks"):
     """Inodes on which some process holds an flock now; None when the table cannot be read."""
     table = flock_table(locks_path)
@@ -215,8 +236,14 @@ def _publish(dir_fd, name, content):
     return fd
 
 
-def _alive(dir_fd, name):
-    """True while the entry's owner holds its lock; a dead owner's entry is removed on the way."""
+def _alive(dir_fd, name, pid=None, start=None):
+    """True while the entry's owner holds its lock; a dead owner's entry is removed on the way.
+
+    With ``pid`` and ``start`` (a VRAM reservation's job and its start time in clock ticks since boot, as the
+    entry records it): also while that very process still runs, lock or not. The lock goes in exit_files(),
+    before the process is reaped, and a job may close its inherited descriptors (a daemonising tool,
+    close_range): its VRAM is still held either way, so its reservation must still count. The start time makes
+    it that process and no other, also where the PID was reused or the wrapper ran in another PID namespace."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -229,11 +256,29 @@ def _alive(dir_fd, name):
         os.close(fd)
         return True
     try:
+        if start is not None and start_ticks(pid) == start:
+            return True
         os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
-    os.close(fd)
+    finally:
+        os.close(fd)
     return False
+
+
+def start_ticks(pid="self"):
+    """Field 22 of /proc/PID/stat (start time in clock ticks since boot: the same in every PID namespace) of a
+    process that runs, not a zombie; None when there is none."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            stat = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        fields = stat[stat.rindex(b")") + 2:].split()
+        return None if fields[0] in (b"Z", b"X", b"x") else int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Queue:
@@ -292,12 +337,13 @@ class Ledger:
     def reserve(self, gpu_key, mb, workload=None, metric=None):
         """The fd that holds the reservation; it must survive exec (slots.inherit) for the job's lifetime.
 
-        The entry reads ``MB [WORKLOAD [METRIC]]``: the MiB are what admission counts; the workload and metric
-        let the agent say whose prediction a job outgrew (and feed calibration) without asking the job.
+        The entry reads ``MB WORKLOAD METRIC START`` ("-" for what is unknown): the MiB are what admission
+        counts; the workload and metric let the agent say whose prediction a job outgrew (and feed calibration)
+        without asking the job; START (this process's start in clock ticks) keeps the entry counting while the
+        job runs even if it lets go of the lock (``_alive``). Entries of older wrappers stop after METRIC.
         """
-        text = f"{int(mb)}"
-        if workload:
-            text += f" {workload}" + (f" {metric}" if metric else "")
+        start = start_ticks()
+        text = f"{int(mb)} {workload or '-'} {metric or '-'} {start if start is not None else '-'}"
         return _publish(self.fd, f"{gpu_key}.{os.getpid()}", (text + "\n").encode())
 
 
@@ -350,9 +396,10 @@ def _read_ledger(fd, detail=False):
             _skip(name, "it does not hold a number of MiB")
             continue
         mb = int(text)
-        if _alive(fd, name):
+        start = int(words[3]) if len(words) > 3 and words[3].isdigit() and len(words[3]) < 20 else None
+        if _alive(fd, name, pid, start):
             if detail:
-                extra = [w.decode("utf-8", "replace") for w in words[1:3]]
+                extra = [None if w == b"-" else w.decode("utf-8", "replace") for w in words[1:3]]
                 out.setdefault(key, []).append((pid, mb, *(extra + [None, None])[:2]))
             else:
                 out.setdefault(key, []).append((pid, mb))

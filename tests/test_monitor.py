@@ -124,6 +124,58 @@ def test_foreign_and_ours_processes(make_monitor, nvml):
             p.wait()
 
 
+def test_another_users_process_with_real_vram_is_journaled_once(make_monitor, nvml):
+    """vram-foreign: a process that is not a job appears with >= 256 MiB; each process once, at most one event
+    per GPU per 5 minutes unless a larger one appears; our jobs, small processes and driver overhead never."""
+    nvml.add_gpu(32768)
+    nvml.set_foreign(0, 900)                             # no process: driver overhead, never an event
+    ours = nvml.start_job(3000, 60, gpu=0)
+    small = nvml.start_job(100, 60, gpu=0)               # a monitoring tool's context: under the floor
+    procs = [ours, small]
+    try:
+        m = make_monitor(reserved_pids=lambda: [ours.pid])
+
+        def foreign_events():
+            out = [f for e, _msg, f in m.events if e == "vram-foreign"]
+            m.events.clear()
+            return out
+
+        m.sample_once()
+        assert foreign_events() == []
+        big = nvml.start_job(6000, 60, gpu=0)
+        procs.append(big)
+        m.sample_once()
+        [f] = foreign_events()
+        assert (f["DEVICE"], f["PID"], f["USED_VRAM_MB"], f["FOREIGN_MB"], f["TOTAL_MB"]) == \
+            (0, big.pid, 6000, 900 + 100 + 6000, 32768)
+        assert f["COMM"] == open(f"/proc/{big.pid}/comm").read().strip()
+        m.sample_once()
+        assert foreign_events() == []                    # the same process: once
+        second = nvml.start_job(2000, 60, gpu=0)
+        procs.append(second)
+        m.clock_.t += 60
+        m.sample_once()
+        assert foreign_events() == []                    # smaller, within the quiet 5 minutes
+        larger = nvml.start_job(7000, 60, gpu=0)
+        procs.append(larger)
+        m.sample_once()
+        assert [f["PID"] for f in foreign_events()] == [larger.pid]   # larger than any reported: at once
+        for p in (second, larger):
+            p.kill()
+            p.wait()
+        FakeGpus.wait_for(lambda: all(pid not in (second.pid, larger.pid) for _g, pid, _mb in nvml.claims()))
+        m.sample_once()                                  # they are gone from the GPU
+        again = nvml.start_job(2000, 60, gpu=0)
+        procs.append(again)
+        m.clock_.t += 301
+        m.sample_once()
+        assert [f["PID"] for f in foreign_events()] == [again.pid]    # after the quiet time, any new one
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 def test_cgroup_path_makes_a_process_ours(tmp_path):
     """The cgroup rule, against a fake /proc: our scopes' processes count as ours whoever their parents are."""
     proc = tmp_path / "proc"
@@ -360,7 +412,12 @@ def test_agent_loop_publishes_and_tracks_health(fake_gpus, tmp_path):
     seen = [(e.get("GPU_ROUTER_DEVICE"), e["GPU_ROUTER_HEALTH"]) for e in events
             if e.get("GPU_ROUTER_EVENT") == "gpu-health"]
     assert seen == [("1", "gpu-lost"), ("1", "ok"), ("0", "xid-79"), ("0", "ok")]
-    assert all(e["MESSAGE_ID"] == "a25b79794e8d4660a62ed16a535b122f" for e in events)
+    health_events = [e for e in events if e.get("GPU_ROUTER_EVENT") == "gpu-health"]
+    assert all(e["MESSAGE_ID"] == "a25b79794e8d4660a62ed16a535b122f" for e in health_events)
+    [foreign] = [e for e in events if e.get("GPU_ROUTER_EVENT") == "vram-foreign"]  # the 4000 MiB job: not ours
+    assert (foreign["GPU_ROUTER_DEVICE"], foreign["GPU_ROUTER_PID"], foreign["GPU_ROUTER_USED_VRAM_MB"]) == \
+        ("1", str(job.pid), "4000")
+    assert foreign["MESSAGE_ID"] == "7f0e3c5a1d6b4e2f9a8c4b7d2e1f6a93" and len(events) == len(health_events) + 1
 
 
 def test_agent_loop_on_nvidia_smi_fallback(fake_gpus, tmp_path):

@@ -307,7 +307,25 @@ def test_ledger_entry_is_locked_from_birth(lock_dir, dir_fd):
     os.close(other)
     assert [n for n in os.listdir(os.path.join(lock_dir, "vram")) if n.startswith(".tmp")] == []
     os.close(fd)
-    assert slots.live_reservations(lock_dir) == {}
+    # Unlocked, but its process (this one) runs: its VRAM may still be in use, so it still counts.
+    assert slots.live_reservations(lock_dir) == {"gpu0": [(os.getpid(), 100)]}
+    entry = open(name).read().split()
+    assert entry == ["100", "-", "-", str(slots.start_ticks())]
+
+
+def test_an_unlocked_entry_counts_only_for_the_process_that_made_it(lock_dir, dir_fd):
+    """A start time that is not the PID's (a reused PID, another namespace's PID) or no start time at all (an
+    older wrapper's entry): the lock alone decides, as before."""
+    folder = os.path.join(lock_dir, "vram")
+    with slots.Ledger(dir_fd, lock_dir):
+        pass
+    me, start = os.getpid(), slots.start_ticks()
+    for name, text in ((f"gpu0.{me}", f"100 w 5 {start + 1}\n"), (f"gpu1.{me}", "200 w 5\n"),
+                       (f"gpu2.{me}", f"300 w 5 {start}\n")):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(text)
+    assert slots.live_reservations(lock_dir) == {"gpu2": [(me, 300)]}
+    assert sorted(os.listdir(folder)) == [f"gpu2.{me}"]    # the others were a dead owner's: removed
 
 
 def test_ledger_admission_is_serialised(lock_dir, dir_fd):

@@ -35,3 +35,16 @@ def test_advice_names_the_pool_that_blocks():
     assert any("on the GPU" in t for t in tips) and not any("CPU slots" in t for t in tips)
     quiet = [ev("routed", MODE="GPU", REASON="under-threshold")] * 10
     assert stats.summarize(quiet)["w"]["advice"] == []
+
+
+def test_other_users_processes_are_counted_per_gpu_and_advised_against_the_reserve():
+    events = [ev("vram-foreign", workload=None, DEVICE="0", PID="41", COMM="python3", USED_VRAM_MB="6000"),
+              ev("vram-foreign", workload=None, DEVICE="0", PID="42", COMM="blender", USED_VRAM_MB="2000"),
+              ev("vram-foreign", workload=None, DEVICE="1", PID="43", COMM="x", USED_VRAM_MB="not a number"),
+              ev("routed", MODE="GPU", REASON="vram-fits")]
+    assert set(stats.summarize(events)) == {"w"}  # a GPU's event is no workload's
+    g = stats.foreign(events, reserve_mb=0)
+    assert set(g) == {"0"} and (g["0"]["events"], g["0"]["largest_mb"], g["0"]["largest_comm"]) == (2, 6000, "python3")
+    assert any("reserve_mb = 6000" in t for t in g["0"]["advice"])
+    assert stats.foreign(events, reserve_mb=6000)["0"]["advice"] == []      # already held back
+    assert stats.foreign(events, reserve_mb=None)["0"]["advice"] == []      # no config: no advice, still counted

@@ -111,6 +111,38 @@ def test_live_untracked_use_still_counts(rig):
             h.wait()
 
 
+CLOSER = """#!/usr/bin/python3
+import os, sys, time
+os.closerange(3, 65536)        # a job that drops what it inherited (a daemonising tool, close_range)
+open(os.path.join(os.path.dirname(sys.argv[0]), "closed-%d" % os.getpid()), "w").close()
+time.sleep(30)
+"""
+
+
+def test_a_job_that_closes_its_reservation_still_counts_while_it_runs(rig):
+    """A job that closes its inherited descriptors drops its reservation's lock, but its VRAM is still in use:
+    the reservation counts while the process runs, and only then is it gone. Before: the next wrappers admitted
+    into VRAM that job still held (a CUDA OOM waiting to happen); the same gap opens at every job's exit, between
+    exit_files() releasing the lock and the process being reaped."""
+    configure, publish, start, tmp = rig
+    configure()
+    (tmp / "job").write_text(CLOSER)
+    publish(total=8000)                               # 2 x 3700 fit in 8000, a 3rd does not
+    first, e = start()
+    assert e["GPU_ROUTER_MODE"] == "GPU"
+    deadline = time.monotonic() + 20
+    while not (tmp / f"closed-{first.pid}").exists():
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.02)
+    assert slots.live_reservations(str(tmp / "locks"))["gpu0"] == [(first.pid, 3700)]
+    assert start()[1]["GPU_ROUTER_MODE"] == "GPU"
+    p, e = start()
+    assert (e["GPU_ROUTER_MODE"], e["GPU_ROUTER_REASON"]) == ("BLOCKED", "no-vram-room") and p.wait(10) == 75
+    first.kill()
+    first.wait()                                      # reaped: its reservation is gone, its room is free
+    assert start()[1]["GPU_ROUTER_MODE"] == "GPU"
+
+
 def test_vram_mode_is_not_capped_at_one_job_per_gpu(rig):
     """No max_gpu_jobs in a vram profile: as many as fit (4 × 3700 in 16384). Before: the default slot cap of 1."""
     configure, publish, start, tmp = rig

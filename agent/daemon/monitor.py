@@ -7,6 +7,7 @@ Health of a GPU, from worst to best reason:
   comes back only if its queries succeed then; application Xids (``xid_ignore``, 13/31/43/45/68 by default, as in
   NVIDIA's Kubernetes device plugin) are a job's fault, not the GPU's, and change nothing.
 A change of a GPU's health is one ``gpu-health`` journal event; so is the backend itself failing or recovering.
+Another user's process that appears with at least FOREIGN_NOTE_MB of VRAM is one ``vram-foreign`` event.
 
 A process is ours when it or an ancestor is among ``reserved_pids()`` (the lead wires the VRAM ledger's holders) or
 its cgroup path contains "gpu-router" (our scopes). Everything else, including memory no process accounts for
@@ -20,6 +21,9 @@ import time
 
 from . import gpu_backends as gpu_mod
 from .. import journal, snapshot
+
+FOREIGN_NOTE_MB = 256    # a smaller foreign process (a display server, a monitoring tool) is not worth a line
+FOREIGN_QUIET_S = 300.0  # one vram-foreign event per GPU per 5 minutes, unless a larger process appears
 
 
 class Monitor:
@@ -53,6 +57,7 @@ class Monitor:
         self._xid = {}                # gpu key -> (xid, monotonic deadline of the hold-off)
         self._health = {}             # gpu key -> (health, index) as last published
         self._backend_error = None    # the kind of the backend's error as last published
+        self._foreign = {}            # gpu key -> {"pids", "last", "largest"}: other users' processes reported
 
     # ---------------------------------------------------------------- process ownership
 
@@ -159,6 +164,33 @@ class Monitor:
             self._emit(f"GPU backend {source} works again (was {prev})",
                        {"HEALTH": "ok", "REASON": f"{source} answers again", "SOURCE": source})
 
+    def _note_foreign(self, key, entry, now):
+        """Journal another user's process that appears with real VRAM (vram-foreign): admission by VRAM cannot
+        see an allocation before it happens, so such a process can take what a job was just admitted for. Each
+        process once; at most one event per GPU per FOREIGN_QUIET_S unless a larger process appears."""
+        known = self._foreign.setdefault(key, {"pids": set(), "last": None, "largest": 0})
+        procs = [p for p in entry["processes"] if not p["ours"] and (p["used_mb"] or 0) >= FOREIGN_NOTE_MB]
+        new = [p for p in procs if p["pid"] not in known["pids"]]
+        known["pids"] = {p["pid"] for p in procs}  # bounded by what runs now
+        if not new:
+            return
+        big = max(new, key=lambda p: p["used_mb"])
+        quiet = known["last"] is not None and now - known["last"] < FOREIGN_QUIET_S
+        if quiet and big["used_mb"] <= known["largest"]:
+            return
+        known["largest"] = max(known["largest"] if quiet else 0, big["used_mb"])
+        known["last"] = now
+        comm = (self._read(big["pid"], "comm") or b"?").strip().decode("utf-8", "replace")
+        try:
+            self.emit("vram-foreign", f"GPU {entry['index']}: another process (pid {big['pid']}, {comm}) holds "
+                      f"{big['used_mb']} MiB that gpu-router does not manage; if other users share this GPU "
+                      f"regularly, hold that much back with [gpu] reserve_mb",
+                      {"DEVICE": entry["index"], "UUID": entry.get("uuid"), "PID": big["pid"], "COMM": comm,
+                       "USED_VRAM_MB": big["used_mb"], "FOREIGN_MB": entry.get("foreign_mb"),
+                       "TOTAL_MB": entry.get("total_mb")})
+        except Exception:  # logging never stops the monitor
+            pass
+
     def _emit(self, message, fields):
         try:
             self.emit("gpu-health", message, fields)
@@ -205,6 +237,7 @@ class Monitor:
                 entry["utilization"] = g["utilization"]  # percent busy (NVML only); exported as a metric
             out.append(entry)
             self._note_change(key, g, health, reason)
+            self._note_foreign(key, entry, now)
         for key in [k for k in self._health if k not in seen]:
             health, index = self._health.pop(key)
             self._emit(f"GPU {index} is no longer reported (was {health})",

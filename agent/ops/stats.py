@@ -11,7 +11,8 @@ from ..journal import MESSAGE_IDS
 
 
 def read_events(since, journal_dir=None, unit_files=None, events=("routed", "blocked", "job-finished",
-                                                                   "probe-failed", "vram-underpredicted"),
+                                                                   "probe-failed", "vram-underpredicted",
+                                                                   "vram-foreign"),
                 until=None, matches=None):
     """Our events from ``journalctl -o json`` (one OR of MESSAGE_IDs; ``matches``: extra ANDed field matches)."""
     argv = ["journalctl", "-o", "json", "--no-pager", "--since", since]
@@ -62,6 +63,8 @@ def summarize(events):
     """Counts per workload: decisions by mode and reason, outcomes by result, plus advice (pure)."""
     per = {}
     for e in events:
+        if e.get("GPU_ROUTER_EVENT") == "vram-foreign":
+            continue  # the GPU's, not a workload's: foreign()
         name = e.get("GPU_ROUTER_WORKLOAD", "?")
         w = per.setdefault(name, {"GPU": 0, "CPU": 0, "BLOCKED": 0, "reasons": {}, "results": {},
                                   "probe_failed": 0, "underpredicted": 0, "underpredicted_max_ratio": None})
@@ -86,6 +89,31 @@ def summarize(events):
                 w["underpredicted_max_ratio"] = round(ratio, 3)
     for name, w in per.items():
         w["advice"] = advice(w)
+    return per
+
+
+def foreign(events, reserve_mb=None):
+    """Per GPU, other users' processes the agent saw take VRAM (vram-foreign): how often, the largest, and advice
+    when the configured reserve_mb would not hold that much back (pure)."""
+    per = {}
+    for e in events:
+        if e.get("GPU_ROUTER_EVENT") != "vram-foreign":
+            continue
+        try:
+            used = int(float(e.get("GPU_ROUTER_USED_VRAM_MB", "")))
+        except ValueError:
+            continue
+        g = per.setdefault(str(e.get("GPU_ROUTER_DEVICE", "?")), {"events": 0, "largest_mb": 0, "largest_comm": None})
+        g["events"] += 1
+        if used > g["largest_mb"]:
+            g["largest_mb"], g["largest_comm"] = used, e.get("GPU_ROUTER_COMM")
+    for g in per.values():
+        g["advice"] = []
+        if reserve_mb is not None and g["largest_mb"] > reserve_mb:
+            g["advice"].append(
+                f"other processes took up to {g['largest_mb']} MiB on this GPU ({g['largest_comm'] or '?'}); one "
+                f"that allocates just after a job's admission can make that job fail with a CUDA OOM: if they "
+                f"are regular, set [gpu] reserve_mb = {g['largest_mb']} (now {reserve_mb})")
     return per
 
 
@@ -130,6 +158,13 @@ def cmd_stats(args):
     if partial:
         lines.insert(0, f"note: {partial}")
         sys.stderr.write(f"gpu-router: {partial}\n")
+    try:
+        from .. import config as _config
+
+        reserve_mb = _config.load(getattr(args, "config", None)).gpu.reserve_mb
+    except Exception:  # noqa: BLE001 - stats read the journal; a config it cannot load only costs that advice
+        reserve_mb = None
+    gpus = foreign(events, reserve_mb)
     for name, w in sorted(per.items()):
         lines.append(f"{name}: GPU {w['GPU']}, CPU {w['CPU']}, BLOCKED {w['BLOCKED']}, probe failures "
                      f"{w['probe_failed']}" + (f", VRAM under-predicted {w['underpredicted']}"
@@ -139,8 +174,12 @@ def cmd_stats(args):
         if w["reasons"]:
             lines.append("  reasons:  " + ", ".join(f"{k} {v}" for k, v in sorted(w["reasons"].items())))
         lines += [f"  advice:   {t}" for t in w["advice"]]
-    data = {"since": args.since, "events": len(events), "workloads": per, "partial": partial is not None,
-            "note": partial}
+    for index, g in sorted(gpus.items()):
+        lines.append(f"GPU {index}: other users' processes took VRAM {g['events']} time(s), the largest "
+                     f"{g['largest_mb']} MiB ({g['largest_comm'] or '?'})")
+        lines += [f"  advice:   {t}" for t in g["advice"]]
+    data = {"since": args.since, "events": len(events), "workloads": per, "foreign": gpus,
+            "partial": partial is not None, "note": partial}
     code = 0
     if args.chart:
         from . import charts
