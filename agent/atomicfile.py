@@ -56,3 +56,23 @@ def fsync_dir(path):
         pass
     finally:
         os.close(fd)
+
+
+def read_trusted(path, limit=4096):
+    """The text of a small state file only root (or this user) could have written, else None: not there, a
+    symlink, not owned by root or us, or writable by group or others. Its readers act on it (the drain switch, the
+    wrap map): a file another account could plant or edit must count as absent."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            return None
+        return os.read(fd, limit).decode("utf-8", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+

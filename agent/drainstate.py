@@ -10,6 +10,8 @@ Format: ``key=value`` lines, written atomically: ``action`` (``cpu``: GPU-bound 
 
 import os
 
+from . import atomicfile
+
 FILE = "drain"
 ACTIONS = ("cpu", "block")
 
@@ -22,18 +24,9 @@ def read(state_dir):
     """None when not drained (the common case: one failed stat); else the state as a dict of strings.
 
     A file not owned by root or by us, or writable by others, is ignored: it could not have come from `drain`."""
-    p = os.path.join(state_dir, FILE)
-    try:
-        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+    text = atomicfile.read_trusted(os.path.join(state_dir, FILE))
+    if text is None:
         return None
-    try:
-        st = os.fstat(fd)
-        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
-            return None
-        text = os.read(fd, 4096).decode("utf-8", "replace")
-    finally:
-        os.close(fd)
     state = {"action": "cpu"}
     for line in text.splitlines():
         key, sep, value = line.partition("=")
