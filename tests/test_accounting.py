@@ -333,3 +333,60 @@ def test_job_records_are_the_agents_alone(tmp_path):
     assert folder.stat().st_mode & 0o777 == 0o700
     assert (folder / "tx-1-abc.json").stat().st_mode & 0o777 == 0o600
     assert jobrecord.load_all(str(folder))["tx-1-abc"]["input"] == "/home/alice/secret interview.wav"
+
+
+def test_a_scope_without_a_record_is_adopted_with_its_holder(tmp_path, monkeypatch):
+    """The agent is SIGKILLed between StartTransientUnit and writing the job's record (the systemd kill storm,
+    tests/systemd/test_kill_storm.py, found it): the next agent adopts the job from its bare scope, and must take
+    the holder in it along, or the holder sleeps for ever and systemd never removes the scope. Real job, holder and
+    decoy processes; the scope's cgroup is a plain folder in the layout of cgroup v2 (CGROUP_ROOT pointed at it),
+    as this host's cgroups are not systemd's to lend."""
+    from gpu_router.daemon import service
+
+    base = tmp_path / "agent"
+    (base / "locks").mkdir(parents=True, mode=0o770)
+    cfg = base / "config.toml"
+    cfg.write_text(f"""
+[router]
+lock_dir = "{base}/locks"
+[gpu]
+backend = "none"
+snapshot = "{base}/gpus.json"
+[agent]
+socket = "{base}/agent.sock"
+state_dir = "{base}/state"
+group = "users"
+[workloads.tx]
+binary = "/bin/true"
+threshold = 100
+""")
+    monkeypatch.setenv("GPU_ROUTER_CACHE_DIR", str(base))
+    monkeypatch.setenv("GPU_ROUTER_LOG", "stderr")
+    cgroot = tmp_path / "cgroup"
+    cgroot.mkdir()
+    (cgroot / "cgroup.controllers").write_text("memory pids\n")
+    monkeypatch.setattr(accounting, "CGROUP_ROOT", str(cgroot))
+    h = holder.spawn()
+    job = subprocess.Popen(["sleep", "0.3"])
+    decoy = subprocess.Popen(["sleep", "infinity"])  # a job's own `sleep infinity` is not the holder
+    try:
+        scope = f"gpu-router-tx-{job.pid}-abcdef.scope"
+        folder = cgroot / "gpu.slice/gpu-router.slice/gpu-router-cpu.slice" / scope
+        folder.mkdir(parents=True)
+        (folder / "cgroup.procs").write_text(f"{job.pid}\n{decoy.pid}\n{h.pid}\n")
+        agent = service.Agent(str(cfg))
+        agent.adopt()
+        adopted = agent.jobs[job.pid]
+        assert adopted.scope == scope and adopted.holder is not None, "adopted without its holder"
+        assert (adopted.holder.pid, adopted.holder.start) == (h.pid, h.start)
+        assert job.wait(10) == 0
+        agent.close_vanished()  # the job is accounted: its holder is ended, so systemd can remove the scope
+        assert job.pid not in agent.jobs
+        assert not holder.is_process(h.pid, h.start)
+        assert decoy.poll() is None
+    finally:
+        h.release()
+        decoy.kill()
+        decoy.wait()
+        job.kill()
+        job.wait()

@@ -71,6 +71,33 @@ class Holder:
                 pass
 
 
+def is_holder(pid):
+    """Whether ``pid`` is a holder as spawn() makes them: ``sleep infinity``, leader of its own session, with the
+    polite signals blocked. What a restarted agent goes by when a scope has no job record (the agent that made it
+    was killed before writing one): a job's own ``sleep infinity`` child is none of these."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if f.read() != b"sleep\0infinity\0":
+                return False
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        with open(f"/proc/{pid}/status", "rb") as f:
+            blocked = next(int(line.split()[1], 16) for line in f if line.startswith(b"SigBlk:"))
+    except (OSError, IndexError, ValueError, StopIteration):
+        return False
+    if fields[0] in (b"Z", b"X") or int(fields[3]) != pid:  # field 6: the session id
+        return False
+    return all(blocked >> (int(sig) - 1) & 1 for sig in BLOCKED)
+
+
+def find(pids):
+    """The holder among a scope's ``pids`` (is_holder), as a Holder that is not ours to reap; None if none is."""
+    for pid in pids:
+        if is_holder(pid):
+            return Holder(pid, start_ticks(pid))
+    return None
+
+
 def spawn():
     """Start a holder and wait until it sleeps (every page it needs touched); None if that fails."""
     path = next((p for p in SLEEP if os.access(p, os.X_OK)), None)

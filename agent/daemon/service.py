@@ -201,8 +201,12 @@ class Agent:
                 runtime_max = w.runtime_max
             except _config.ConfigError:
                 runtime_max = None
-            self.track(accounting.JobAccount(job_id, pid, workload, mode, None, "unknown", name, cg, runtime_max,
-                                             started=accounting.process_start_time(pid)))
+            job = accounting.JobAccount(job_id, pid, workload, mode, None, "unknown", name, cg, runtime_max,
+                                        started=accounting.process_start_time(pid))
+            # No record: the agent that made the scope was killed before it wrote one. Its holder is in the scope
+            # all the same, and must be ended once the job is accounted, or the scope stays for ever.
+            job.holder = holder.find([p for p in pids if p != pid])
+            self.track(job)
         if self.jobs:
             self.log.info("adopted running jobs", jobs=len(self.jobs), from_records=len(records))
 
