@@ -335,12 +335,10 @@ def test_job_records_are_the_agents_alone(tmp_path):
     assert jobrecord.load_all(str(folder))["tx-1-abc"]["input"] == "/home/alice/secret interview.wav"
 
 
-def test_a_scope_without_a_record_is_adopted_with_its_holder(tmp_path, monkeypatch):
-    """The agent is SIGKILLed between StartTransientUnit and writing the job's record (the systemd kill storm,
-    tests/systemd/test_kill_storm.py, found it): the next agent adopts the job from its bare scope, and must take
-    the holder in it along, or the holder sleeps for ever and systemd never removes the scope. Real job, holder and
-    decoy processes; the scope's cgroup is a plain folder in the layout of cgroup v2 (CGROUP_ROOT pointed at it),
-    as this host's cgroups are not systemd's to lend."""
+def _bare_scope_agent(tmp_path, monkeypatch, pids):
+    """An in-process agent (backend none) and a scope without a job record for pids[0]: the scope's cgroup is a
+    plain folder in the layout of cgroup v2 (CGROUP_ROOT pointed at it), as this host's cgroups are not systemd's
+    to lend; the processes in it are real."""
     from gpu_router.daemon import service
 
     base = tmp_path / "agent"
@@ -366,15 +364,60 @@ threshold = 100
     cgroot.mkdir()
     (cgroot / "cgroup.controllers").write_text("memory pids\n")
     monkeypatch.setattr(accounting, "CGROUP_ROOT", str(cgroot))
+    scope = f"gpu-router-tx-{pids[0]}-abcdef.scope"
+    folder = cgroot / "gpu.slice/gpu-router.slice/gpu-router-cpu.slice" / scope
+    folder.mkdir(parents=True)
+    (folder / "cgroup.procs").write_text("".join(f"{p}\n" for p in pids))
+    return service.Agent(str(cfg)), scope
+
+
+def test_a_bare_adopted_job_is_completed_from_its_wrappers_second_request(tmp_path, monkeypatch):
+    """The agent was killed after making the scope and before the record: its wrapper, unanswered, asks the next
+    agent again (same JOB, same PID), which adopted the job from the bare scope knowing no device, metric or
+    input. The answer is the same scope (REUSED), and the account takes what the request says, so the job is
+    accounted in full (the systemd kill storm found such jobs accounted with metric unknown and no input)."""
+    from gpu_router import journal
+    from gpu_router.daemon import service
+
+    job = subprocess.Popen(["sleep", "0.5"])
+    try:
+        agent, scope = _bare_scope_agent(tmp_path, monkeypatch, [job.pid])
+        agent.adopt()
+        assert agent.jobs[job.pid].metric == "unknown" and agent.jobs[job.pid].device is None
+        request = journal.encode_native([
+            ("OP", "scope"), ("WORKLOAD", "tx"), ("JOB", f"tx-{job.pid}-abcdef"), ("MODE", "CPU"),
+            ("DEVICE", "cpu"), ("PID", str(job.pid)), ("METRIC", "150"), ("INPUT", b"/srv/in \xff.wav"),
+            ("SCOPE_POLICY", "required")])
+        reply = journal.decode_native(agent._handle_request(request, job.pid, 0)[4:])
+        assert reply == {"OK": "1", "SCOPE": scope, "REUSED": "1"}
+        other = journal.encode_native([  # another job id from the same PID (a chained wrapper) changes nothing
+            ("OP", "scope"), ("WORKLOAD", "tx"), ("JOB", f"tx-{job.pid}-123456"), ("MODE", "CPU"),
+            ("DEVICE", "cpu"), ("PID", str(job.pid)), ("METRIC", "7"), ("INPUT", "/other")])
+        assert journal.decode_native(agent._handle_request(other, job.pid, 0)[4:])["REUSED"] == "1"
+        record = jobrecord.load_all(agent.records)[f"tx-{job.pid}-abcdef"]
+        assert (record["metric"], record["device"], os.fsencode(record["input"])) == \
+            ("150", "cpu", b"/srv/in \xff.wav")
+        events = []
+        monkeypatch.setattr(service.journal, "emit", lambda name, msg, fields, **kw: events.append((name, fields)))
+        assert job.wait(10) == 0
+        agent.close_vanished()
+        fields = next(f for name, f in events if name == "job-finished")
+        assert (fields["METRIC"], fields["DEVICE"], fields["INPUT"]) == ("150", "cpu", b"/srv/in \xff.wav")
+    finally:
+        job.kill()
+        job.wait()
+
+
+def test_a_scope_without_a_record_is_adopted_with_its_holder(tmp_path, monkeypatch):
+    """The agent is SIGKILLed between StartTransientUnit and writing the job's record (the systemd kill storm,
+    tests/systemd/test_kill_storm.py, found it): the next agent adopts the job from its bare scope, and must take
+    the holder in it along, or the holder sleeps for ever and systemd never removes the scope. Real job, holder and
+    decoy processes (_bare_scope_agent)."""
     h = holder.spawn()
     job = subprocess.Popen(["sleep", "0.3"])
     decoy = subprocess.Popen(["sleep", "infinity"])  # a job's own `sleep infinity` is not the holder
     try:
-        scope = f"gpu-router-tx-{job.pid}-abcdef.scope"
-        folder = cgroot / "gpu.slice/gpu-router.slice/gpu-router-cpu.slice" / scope
-        folder.mkdir(parents=True)
-        (folder / "cgroup.procs").write_text(f"{job.pid}\n{decoy.pid}\n{h.pid}\n")
-        agent = service.Agent(str(cfg))
+        agent, scope = _bare_scope_agent(tmp_path, monkeypatch, [job.pid, decoy.pid, h.pid])
         agent.adopt()
         adopted = agent.jobs[job.pid]
         assert adopted.scope == scope and adopted.holder is not None, "adopted without its holder"

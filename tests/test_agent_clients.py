@@ -315,10 +315,10 @@ def test_a_second_request_for_the_same_pid_reuses_its_scope(tmp_path_factory):
     made = []
     req = journal.encode_native([("OP", "scope"), ("WORKLOAD", "tx"), ("JOB", "tx-1-abc"), ("MODE", "CPU")])
     fields, g = broker.handle(req, os.getpid(), 0, cfg, None, start_scope=lambda n, p: made.append(n),
-                              existing=lambda pid: None)
+                              existing=lambda pid, g: None)
     assert fields["OK"] == "1" and g is not None and made == [g.name]
     fields, g2 = broker.handle(req, os.getpid(), 0, cfg, None, start_scope=lambda n, p: made.append(n),
-                               existing=lambda pid: g.name)
+                               existing=lambda pid, g_: g.name)
     assert fields == {"OK": "1", "SCOPE": g.name, "REUSED": "1"} and g2 is None and len(made) == 1
 
 

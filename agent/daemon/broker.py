@@ -297,9 +297,10 @@ def refuse(conn, pid, uid, reason):
 def handle(payload, pid, uid, cfg, group_gid, start_scope=scope.start_scope, existing=None, fresh_sample=None):
     """One complete request (the frame's payload) → (reply fields, Grant or None). Never raises.
 
-    ``existing(pid)``: the scope the agent already made for this PID, if any, still alive: a PID is in one scope
-    at a time (a wrapped program that execs another wrapped program, or a member asking again), so a second
-    request is answered with that scope and makes nothing new: no second unit, no second account.
+    ``existing(pid, grant)``: the scope the agent already made for this PID, if any, still alive: a PID is in one
+    scope at a time (a wrapped program that execs another wrapped program, or a member asking again), so a second
+    request is answered with that scope and makes nothing new: no second unit, no second account. ``grant`` is
+    the checked request, for an account that knows less than it says (see Agent.existing_scope).
     """
     try:
         request = parse_request(payload)
@@ -316,7 +317,7 @@ def handle(payload, pid, uid, cfg, group_gid, start_scope=scope.start_scope, exi
         reason = f"bad request: {type(exc).__name__}"
         log_refusal(pid, uid, reason)
         return {"OK": "0", "ERROR": reason}, None
-    held = existing(pid) if existing is not None else None
+    held = existing(pid, g) if existing is not None else None
     if held:
         return {"OK": "1", "SCOPE": held, "REUSED": "1"}, None
     try:

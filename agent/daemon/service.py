@@ -269,15 +269,25 @@ class Agent:
             if fd is not None:
                 _drop_fd(self.selector, fd)
 
-    def existing_scope(self, pid):
+    def existing_scope(self, pid, grant=None):
         """The scope this PID already sits in (one the agent made for it, its process still alive), or None.
-        A dead process's account is closed first: a reused PID is a new job."""
+        A dead process's account is closed first: a reused PID is a new job.
+
+        An account adopted from a bare scope (the agent that made it was killed before it wrote the job's record:
+        no device, metric or input known) is completed from ``grant`` when that is the same job asking again (a
+        wrapper whose agent went away unanswered asks the next one, scope.Unanswered): the same JOB id from the
+        same PID, its fields checked by broker.grant. Without it the job would be accounted with metric unknown,
+        no input and no device, although the wrapper has just said all of it."""
         job = self.jobs.get(pid)
         if job is None:
             return None
         if not _pidfd_alive(job.pidfd) or not _job_alive(job):
             self.finish(pid, procevents.zombie_status(pid))
             return None
+        if grant is not None and grant.job_id == job.job_id and job.device is None and grant.mode == job.mode:
+            job.device, job.metric, job.input = grant.device, grant.metric, grant.input
+            job.predicted_vram_mb, job.memory_max_mb = grant.predicted_vram_mb, grant.memory_max_mb
+            self._write_record(job)
         return job.scope
 
     def _write_record(self, job):
