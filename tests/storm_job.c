@@ -5,7 +5,8 @@
  *
  *   storm_job VRAM_MB MILLISECONDS LOG [INPUT...]    env: FAKE_NVML_STATE, CUDA_VISIBLE_DEVICES (index; "" = CPU)
  *
- * Appends one line to LOG per outcome ("oom PID MB FREE" or "done PID MB"); exit 0, or 1 on OOM.
+ * Appends one line to LOG per outcome ("oom PID MB FREE" or "done PID MB"); exit 0, or 1 on OOM. With STORM_EXIT=N
+ * in the environment it exits N after its "done" line (a job that fails with its own code: tests/systemd's storm).
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -104,5 +105,6 @@ int main(int argc, char **argv) {
     if (*claim) unlink(claim);
     snprintf(line, sizeof line, "done %ld %ld\n", pid, *claim ? mb : 0);
     log_line(log, line);
-    return 0;
+    const char *code = getenv("STORM_EXIT");
+    return code && *code ? atoi(code) : 0;
 }
