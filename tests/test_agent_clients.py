@@ -306,7 +306,7 @@ def test_refusals_of_one_member_are_rate_limited_in_the_journal(monkeypatch):
     monkeypatch.setattr(broker, "REFUSALS", broker.RateLimit(burst=10, window=10))
     monkeypatch.setattr(journal, "emit", lambda *a, **k: js_events.append(a))
     for _ in range(1000):
-        broker.handle(b"garbage", 4242, 1234, _Cfg, None, start_scope=_no_scope)
+        broker.handle(b"garbage", os.getpid(), 1234, _Cfg, None, start_scope=_no_scope)  # a living sender
     assert len(js_events) == 10
 
 
@@ -728,3 +728,34 @@ scope = "required"
         t.join(30)
     assert r.returncode == 7, r.stderr
     assert len(asked) == 2 and asked[0]["JOB"] == asked[1]["JOB"], asked
+
+
+def test_a_request_whose_sender_is_gone_is_answered_but_not_logged_as_a_refusal(tmp_path, monkeypatch):
+    """A wrapper's request that waited in the socket's queue while the agent restarted, or that its wrapper gave
+    up on (OP=sample waits 1 s), is read when the sender has exited, or is a zombie: the systemd kill storm saw
+    each agent restart log "refused a scope request … cannot read the groups of pid N" for members that were
+    never refused (and counted them in gpu_router_broker_refusals_total). A living sender is still logged."""
+    from gpu_router import config
+
+    (tmp_path / "locks").mkdir()
+    path = tmp_path / "config.toml"
+    path.write_text(f'[router]\nlock_dir = "{tmp_path}/locks"\n'
+                    '[workloads.tx]\nbinary = "/bin/true"\nthreshold = 100\n')
+    cfg = config.load(str(path), use_cache=False)
+    events = []
+    monkeypatch.setattr(broker, "REFUSALS", broker.RateLimit(burst=100, window=10))
+    monkeypatch.setattr(journal, "emit", lambda name, msg, fields, **kw: events.append((name, fields)))
+    zombie = subprocess.Popen(["true"])
+    while open(f"/proc/{zombie.pid}/stat", "rb").read().rsplit(b")", 1)[1].split()[0] != b"Z":
+        time.sleep(0.01)
+    reaped = subprocess.Popen(["true"])
+    reaped.wait()
+    try:
+        for pid in (zombie.pid, reaped.pid, os.getpid()):
+            req = journal.encode_native([("OP", "scope"), ("WORKLOAD", "tx"), ("JOB", f"tx-{pid}-abc"),
+                                         ("MODE", "CPU"), ("DEVICE", "cpu"), ("PID", str(pid))])
+            fields, g = broker.handle(req, pid, 4321, cfg, os.getgid(), start_scope=_no_scope)
+            assert fields["OK"] == "0" and g is None, fields
+    finally:
+        zombie.wait()
+    assert [f["PID"] for name, f in events if name == "broker-refused"] == [os.getpid()], events

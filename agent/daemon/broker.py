@@ -294,6 +294,19 @@ def refuse(conn, pid, uid, reason):
     reply(conn, {"OK": "0", "ERROR": reason})
 
 
+def peer_gone(pid):
+    """The process that sent a request has exited (no /proc entry, or a zombie). Its request waited in the socket's
+    queue while no agent ran (a restart), or its wrapper gave up waiting (the 1 s of OP=sample), exec'd its job
+    and the job ended: refusing it refuses nobody, so it is answered but not logged as a refusal (which would
+    show a member refused, and count in gpu_router_broker_refusals_total, after every agent restart)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in (b"Z", b"X")
+
+
 def handle(payload, pid, uid, cfg, group_gid, start_scope=scope.start_scope, existing=None, fresh_sample=None):
     """One complete request (the frame's payload) → (reply fields, Grant or None). Never raises.
 
@@ -311,7 +324,8 @@ def handle(payload, pid, uid, cfg, group_gid, start_scope=scope.start_scope, exi
             return {"OK": "1", "TIME": repr(fresh_sample())}, None
         g = grant(cfg, request, pid, uid)
     except Refused as exc:
-        log_refusal(pid, uid, str(exc))
+        if not peer_gone(pid):
+            log_refusal(pid, uid, str(exc))
         return {"OK": "0", "ERROR": str(exc)}, None
     except Exception as exc:  # noqa: BLE001 - nothing a caller sends may take the agent down
         reason = f"bad request: {type(exc).__name__}"
