@@ -223,7 +223,9 @@ def test_kill_storm_with_real_scopes_leaves_nothing_and_the_ledger_matches_the_j
         elif any(e.get("GPU_ROUTER_INPUT", a["input"]) != a["input"] for e in got):
             why = "another attempt's input"
         elif code == 75:
-            if kinds != ["blocked"]:
+            # (with its job-finished where a scope had been made: an agent killed under both of the wrapper's
+            # asks leaves it without an answer, so it exits 75 from inside its scope: failed, 75)
+            if [k for k in kinds if k != "job-finished"] != ["blocked"]:
                 why = "retry-later without exactly one blocked event"
         elif code != 137 and kinds != ["routed", "job-finished"]:
             why = "a job that ran without its routed and job-finished events"
