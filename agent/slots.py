@@ -11,6 +11,8 @@ import os
 import stat as _stat
 import time
 
+from . import procstat
+
 LEDGER = "vram"
 QUEUES = "queue"
 
@@ -256,7 +258,7 @@ def _alive(dir_fd, name, pid=None, start=None):
         os.close(fd)
         return True
     try:
-        if start is not None and start_ticks(pid) == start:
+        if start is not None and procstat.is_process(pid, start):
             return True
         os.unlink(name, dir_fd=dir_fd)
     except OSError:
@@ -264,21 +266,6 @@ def _alive(dir_fd, name, pid=None, start=None):
     finally:
         os.close(fd)
     return False
-
-
-def start_ticks(pid="self"):
-    """Field 22 of /proc/PID/stat (start time in clock ticks since boot: the same in every PID namespace) of a
-    process that runs, not a zombie; None when there is none."""
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            stat = os.read(fd, 4096)
-        finally:
-            os.close(fd)
-        fields = stat[stat.rindex(b")") + 2:].split()
-        return None if fields[0] in (b"Z", b"X", b"x") else int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 class Queue:
@@ -342,7 +329,7 @@ class Ledger:
         without asking the job; START (this process's start in clock ticks) keeps the entry counting while the
         job runs even if it lets go of the lock (``_alive``). Entries of older wrappers stop after METRIC.
         """
-        start = start_ticks()
+        start = procstat.start_ticks()
         text = f"{int(mb)} {workload or '-'} {metric or '-'} {start if start is not None else '-'}"
         return _publish(self.fd, f"{gpu_key}.{os.getpid()}", (text + "\n").encode())
 

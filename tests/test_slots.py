@@ -9,7 +9,7 @@ import time
 import pytest
 
 import helpers
-from gpu_router import slots
+from gpu_router import procstat, slots
 
 HOLDER = r"""
 import os, sys, time
@@ -310,7 +310,7 @@ def test_ledger_entry_is_locked_from_birth(lock_dir, dir_fd):
     # Unlocked, but its process (this one) runs: its VRAM may still be in use, so it still counts.
     assert slots.live_reservations(lock_dir) == {"gpu0": [(os.getpid(), 100)]}
     entry = open(name).read().split()
-    assert entry == ["100", "-", "-", str(slots.start_ticks())]
+    assert entry == ["100", "-", "-", str(procstat.start_ticks())]
 
 
 def test_an_unlocked_entry_counts_only_for_the_process_that_made_it(lock_dir, dir_fd):
@@ -319,7 +319,7 @@ def test_an_unlocked_entry_counts_only_for_the_process_that_made_it(lock_dir, di
     folder = os.path.join(lock_dir, "vram")
     with slots.Ledger(dir_fd, lock_dir):
         pass
-    me, start = os.getpid(), slots.start_ticks()
+    me, start = os.getpid(), procstat.start_ticks()
     for name, text in ((f"gpu0.{me}", f"100 w 5 {start + 1}\n"), (f"gpu1.{me}", "200 w 5\n"),
                        (f"gpu2.{me}", f"300 w 5 {start}\n")):
         with open(os.path.join(folder, name), "w") as f:

@@ -1,0 +1,52 @@
+"""A process's identity: PID plus start time, read from a real /proc (real processes, a real zombie)."""
+
+import os
+import subprocess
+import time
+
+from gpu_router import procstat
+
+
+def test_a_running_process_is_itself_and_no_other():
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        ticks = procstat.start_ticks(p.pid)
+        assert ticks is not None and ticks >= procstat.start_ticks()      # started after this test process
+        assert procstat.is_process(p.pid, ticks) and procstat.is_process(p.pid, None)
+        assert not procstat.is_process(p.pid, ticks + 1)                  # the same PID, another start: reused
+        assert abs(procstat.start_time(p.pid) - time.time()) < 5
+    finally:
+        p.kill()
+        p.wait()
+    assert procstat.start_ticks(p.pid) is None and not procstat.is_process(p.pid, ticks)
+
+
+def test_a_zombie_has_a_start_time_but_is_not_running():
+    p = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 10
+    while open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        ticks = procstat.start_ticks(p.pid)
+        assert ticks is not None and not procstat.is_process(p.pid, ticks)
+    finally:
+        p.wait()
+
+
+def test_a_command_name_with_spaces_and_parentheses():
+    exe = f"/tmp/a ) b ( {os.getpid()}"
+    os.symlink("/bin/sleep", exe)
+    try:
+        p = subprocess.Popen([exe, "30"])
+        try:
+            deadline = time.monotonic() + 10
+            while b") b (" not in open(f"/proc/{p.pid}/stat", "rb").read():
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert procstat.is_process(p.pid, procstat.start_ticks(p.pid))
+        finally:
+            p.kill()
+            p.wait()
+    finally:
+        os.unlink(exe)
