@@ -55,3 +55,16 @@ def start_time(pid):
     except (OSError, ValueError, IndexError, StopIteration):
         return None
     return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def uids(pid):
+    """The real, effective, saved and filesystem uids (/proc/PID/status "Uid:"), or () when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return tuple(int(x) for x in line.split()[1:5])
+    except (OSError, ValueError):
+        pass
+    return ()
+

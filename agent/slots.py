@@ -258,7 +258,9 @@ def _alive(dir_fd, name, pid=None, start=None):
         os.close(fd)
         return True
     try:
-        if start is not None and procstat.is_process(pid, start):
+        # Its maker, and no one else: a member cannot name another account's process (pid 1, a root daemon) in
+        # an entry of its own to hold VRAM "reserved" for ever, as the entry's owner must be among its uids.
+        if start is not None and procstat.is_process(pid, start) and os.fstat(fd).st_uid in procstat.uids(pid):
             return True
         os.unlink(name, dir_fd=dir_fd)
     except OSError:
@@ -358,12 +360,13 @@ def _skip(name, why):
                  {"REASON": "ledger-entry-skipped", "ENTRY": name, "DETAIL": why}, priority=4)
 
 
-def _read_ledger(fd, detail=False):
+def _read_ledger(fd, detail=False, verify=False):
     out = {}
     try:
         names = os.listdir(fd)
     except OSError:
         return out
+    locks = flock_table() if verify else None
     for name in names:
         if name.startswith("."):
             continue
@@ -385,6 +388,8 @@ def _read_ledger(fd, detail=False):
         mb = int(text)
         start = int(words[3]) if len(words) > 3 and words[3].isdigit() and len(words[3]) < 20 else None
         if _alive(fd, name, pid, start):
+            if locks is not None and not _held_by(fd, name, pid, locks):
+                continue
             if detail:
                 extra = [None if w == b"-" else w.decode("utf-8", "replace") for w in words[1:3]]
                 out.setdefault(key, []).append((pid, mb, *(extra + [None, None])[:2]))
@@ -393,15 +398,28 @@ def _read_ledger(fd, detail=False):
     return out
 
 
-def live_reservations(lock_dir, detail=False):
+def _held_by(fd, name, pid, locks):
+    """Whether the entry's lock is held by the PID its name gives (or it is unlocked: _alive then matched that
+    process by start time and owner). A member's entry "gpu0.1", locked by a process of theirs, would make the
+    agent take PID 1's whole tree for a job's; /proc/locks says who really holds it."""
+    try:
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except OSError:
+        return False
+    holders = {p for (_, _, inode), p in locks.items() if inode == st.st_ino}
+    return not holders or pid in holders
+
+
+def live_reservations(lock_dir, detail=False, verify=False):
     """{gpu key: [(pid, MiB), …]} of live reservations (the agent uses the pids to tell our processes apart);
-    with ``detail``: [(pid, MiB, workload or None, metric text or None), …]."""
+    with ``detail``: [(pid, MiB, workload or None, metric text or None), …]. ``verify``: only entries whose lock
+    is held by the PID they name (one read of /proc/locks; the agent's view, not the wrapper's hot path)."""
     try:
         dir_fd = os.open(os.path.join(lock_dir, LEDGER), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return {}
     try:
-        return _read_ledger(dir_fd, detail)
+        return _read_ledger(dir_fd, detail, verify)
     finally:
         os.close(dir_fd)
 

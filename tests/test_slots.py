@@ -328,6 +328,37 @@ def test_an_unlocked_entry_counts_only_for_the_process_that_made_it(lock_dir, di
     assert sorted(os.listdir(folder)) == [f"gpu2.{me}"]    # the others were a dead owner's: removed
 
 
+def test_a_member_cannot_pin_a_reservation_on_another_accounts_process(lock_dir, dir_fd):
+    """An unlocked entry counts only for the process that made it: one naming PID 1 with PID 1's real start time,
+    but owned by another account (a member planting it), counts for nothing and is removed."""
+    folder = os.path.join(lock_dir, "vram")
+    with slots.Ledger(dir_fd, lock_dir):
+        pass
+    planted = os.path.join(folder, "gpu0.1")
+    with open(planted, "w") as f:
+        f.write(f"16000 w 5 {procstat.start_ticks(1)}\n")
+    os.chown(planted, 65534, -1)
+    assert procstat.is_process(1, procstat.start_ticks(1))   # PID 1 runs, with that very start time
+    assert slots.live_reservations(lock_dir) == {} and not os.path.exists(planted)
+
+
+def test_the_agent_takes_only_entries_held_by_the_pid_they_name(lock_dir, dir_fd):
+    """A locked entry named after PID 1 but held by another process would make PID 1's whole tree "ours" in the
+    agent's view; with verify (the agent's read) /proc/locks decides who holds it."""
+    folder = os.path.join(lock_dir, "vram")
+    with slots.Ledger(dir_fd, lock_dir) as ledger:
+        mine = ledger.reserve("gpu0", 100)
+    fd = os.open(os.path.join(folder, "gpu1.1"), os.O_RDWR | os.O_CREAT, 0o640)
+    os.write(fd, b"200 w 5\n")
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert slots.live_reservations(lock_dir) == {"gpu0": [(os.getpid(), 100)], "gpu1": [(1, 200)]}
+        assert slots.live_reservations(lock_dir, verify=True) == {"gpu0": [(os.getpid(), 100)]}
+    finally:
+        os.close(fd)
+        os.close(mine)
+
+
 def test_ledger_admission_is_serialised(lock_dir, dir_fd):
     with Holder(lock_dir, "ledger-guard") as h:
         assert h.line == "guarding"

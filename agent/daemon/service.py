@@ -166,7 +166,7 @@ class Agent:
         """Our jobs' PIDs for the monitor: accounted jobs, VRAM reservations, and slot holders (a slots-mode job
         without a scope is in neither of the others, and its VRAM would count as another user's)."""
         pids = set(self.jobs)
-        for entries in slots.live_reservations(self.cfg.router.lock_dir).values():
+        for entries in slots.live_reservations(self.cfg.router.lock_dir, verify=True).values():
             pids.update(pid for pid, _ in entries)
         pids |= slots.slot_holder_pids(self.cfg.router.lock_dir)
         return pids
