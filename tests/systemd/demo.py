@@ -79,8 +79,13 @@ def main():
         try:
             demo(box, deb, fake)
             if args.keep:
-                print(f"\ncontainer {box.name} is running: nsenter -t {box.leader} -a bash   (Ctrl-C stops it)")
+                print(f"\ncontainer {box.name} is running: nsenter -t {box.leader} -a bash   (Ctrl-C or SIGTERM "
+                      f"stops it)", flush=True)
+                import signal
                 import time
+
+                # SIGTERM too (kill, a background job's SIGINT is ignored): the container is stopped, never left.
+                signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
                 while True:
                     time.sleep(3600)
         except KeyboardInterrupt:
