@@ -85,7 +85,7 @@ def main():
                 import time
 
                 # SIGTERM too (kill, a background job's SIGINT is ignored): the container is stopped, never left.
-                signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+                signal.signal(signal.SIGTERM, signal.default_int_handler)
                 while True:
                     time.sleep(3600)
         except KeyboardInterrupt:
