@@ -20,7 +20,7 @@ import stat as _stat
 
 DEFAULT_PATH = "/etc/gpu-router/config.toml"
 DEFAULT_CACHE_DIR = "/run/gpu-router/cache"
-CACHE_FORMAT = 5
+CACHE_FORMAT = 6
 CALIBRATION_DIR = "calibration"  # under [agent] state_dir: written by `gpu-router calibrate`
 
 PROBES = ("ffprobe-duration", "mediainfo-duration", "media-duration", "file-size", "image-pixels",
@@ -69,7 +69,7 @@ class Host(Record):
 
 class Gpu(Record):
     __slots__ = ("backend", "sample_interval", "snapshot", "snapshot_max_age", "call_timeout", "xid_holdoff",
-                 "ignored_xids", "reserve_mb", "visible_devices")
+                 "ignored_xids", "reserve_mb", "visible_devices", "accounting")
 
 
 class Agent(Record):
@@ -464,6 +464,7 @@ GPU = {
     "ignored_xids": (_intlist, [13, 31, 43, 45, 68]),
     "reserve_mb": (_mib(0), 0),
     "visible_devices": (_choice("uuid", "index"), "uuid"),
+    "accounting": (_choice("auto", "off"), "auto"),
 }
 AGENT = {
     "socket": (_abspath, "/run/gpu-router/agent.sock"),

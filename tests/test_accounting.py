@@ -299,6 +299,9 @@ def test_no_calibration_sample_without_a_known_peak(tmp_path):
     assert not job.peaks_known(gpu_sampling=True)   # a GPU job no GPU sample saw
     assert job.peaks_known(gpu_sampling=False)      # a host whose backend lists no processes
     job.vram_sampled = True
+    job.vram_samples = 1
+    assert not job.peaks_known(gpu_sampling=True)   # one sample of a GPU job is a guess (issue 9)
+    job.vram_samples = accounting.MIN_VRAM_SAMPLES
     assert job.peaks_known(gpu_sampling=True)
 
 
@@ -309,6 +312,8 @@ def test_job_record_round_trip_keeps_what_the_agent_knew(tmp_path):
     job.holder = holder.Holder(12346, 778)
     job.peak_vram_mb = 2900
     job.vram_sampled = True
+    job.vram_samples = 7
+    job.vram_pids = [12345, 12399]
     jobrecord.write(str(tmp_path), job.to_record())
     (tmp_path / "junk.json").write_text("{not json")
     records = jobrecord.load_all(str(tmp_path))
@@ -316,7 +321,7 @@ def test_job_record_round_trip_keeps_what_the_agent_knew(tmp_path):
     back = accounting.JobAccount.from_record(records["tx-5-ab"])
     for attr in ("job_id", "pid", "pid_start", "workload", "mode", "device", "metric", "scope", "control_group",
                  "runtime_max", "started", "predicted_vram_mb", "memory_max_mb", "input", "peak_vram_mb",
-                 "vram_sampled"):
+                 "vram_sampled", "vram_samples", "vram_pids"):
         assert getattr(back, attr) == getattr(job, attr), attr
     assert records["tx-5-ab"]["holder_pid"] == 12346 and records["tx-5-ab"]["holder_start"] == 778
     jobrecord.remove(str(tmp_path), "tx-5-ab")

@@ -11,6 +11,9 @@ import time
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 SAMPLES_KEEP = 5000
+# A VRAM peak from the agent's own samples (no driver accounting) becomes a calibration sample only when at least
+# this many GPU samples saw the job running: the max of fewer is a guess at a short job's peak (HACKING.md).
+MIN_VRAM_SAMPLES = 5
 
 
 def classify(wait_status, oom_kills, runtime_max, duration, failcnt=0):
@@ -83,6 +86,18 @@ def read_memory(directory):
         out["failcnt"] = int(failcnt)
     _oom_kills(out, _read(os.path.join(directory, "memory.oom_control")))
     return out
+
+
+def ticks_to_time(ticks):
+    """Wall-clock time of a /proc/PID/stat start time (field 22, clock ticks since boot), or None."""
+    if ticks is None:
+        return None
+    try:
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def process_start_time(pid):
@@ -160,6 +175,9 @@ class JobAccount:
         self.peak_known = False     # the cgroup's own peak counter was read after the job ended
         self.peak_vram_mb = None
         self.vram_sampled = False   # a GPU sample with per-process use was taken while the job ran
+        self.vram_samples = 0       # how many such samples
+        self.vram_pids = []         # the job's processes the GPU samples saw (its main PID comes first at the end)
+        self.vram_source = None     # "accounting" (the driver's per-process peaks) | "sampled" (our samples)
         self.oom_kills = 0
         self.failcnt = 0
         self.wait_status = None
@@ -171,7 +189,8 @@ class JobAccount:
         """What jobrecord keeps of this job (what the agent knew at scope creation, plus the VRAM peak so far)."""
         out = {k: getattr(self, k) for k in ("job_id", "pid", "pid_start", "workload", "mode", "device", "metric",
                                              "scope", "control_group", "runtime_max", "started",
-                                             "predicted_vram_mb", "memory_max_mb", "peak_vram_mb", "vram_sampled")}
+                                             "predicted_vram_mb", "memory_max_mb", "peak_vram_mb", "vram_sampled",
+                                             "vram_samples", "vram_pids")}
         # INPUT is the bytes the member named (broker.py keeps them exact); JSON holds them as a surrogate-escaped
         # string, turned back into the same bytes by from_record.
         out["input"] = os.fsdecode(self.input) if isinstance(self.input, bytes) else self.input
@@ -189,27 +208,52 @@ class JobAccount:
                   input_path=os.fsencode(r["input"]) if r.get("input_bytes") and r.get("input") else r.get("input"))
         job.peak_vram_mb = r.get("peak_vram_mb")
         job.vram_sampled = bool(r.get("vram_sampled"))
+        job.vram_samples = int(r.get("vram_samples") or (1 if job.vram_sampled else 0))
+        job.vram_pids = [int(p) for p in r.get("vram_pids") or () if isinstance(p, int)]
         return job
 
-    def sample(self, vram_by_pid=None):
+    def sample(self, vram=None):
         """Fold the cgroup's counters and this job's VRAM use (from the GPU snapshot) into the peaks.
 
-        ``vram_by_pid``: {pid: MiB} from a GPU sample that lists processes (None when there was no such sample).
-        Returns True when the VRAM peak grew.
+        ``vram``: {pid: MiB} of this job's processes (the main PID and those the monitor attributes to it) in a
+        GPU sample that lists processes ({} when it listed none of them; None when there was no such sample).
+        Their sum is the job's use at that moment. Returns True when the VRAM peak grew.
         """
         if self.control_group:
             mem = read_memory(memory_dir(self.control_group))
             self.peak_ram = max(self.peak_ram, mem.get("peak", 0), mem.get("current", 0))
             self.oom_kills = max(self.oom_kills, mem.get("oom_kills", 0))
             self.failcnt = max(self.failcnt, mem.get("failcnt", 0))
-        if vram_by_pid is None:
+        if vram is None:
             return False
         self.vram_sampled = True
-        used = vram_by_pid.get(self.pid)
+        self.vram_samples += 1
+        grew = False
+        for pid in vram:
+            if pid not in self.vram_pids:
+                self.vram_pids.append(pid)
+                grew = True  # the record keeps them: an agent restarted later still asks the driver for them
+        used = sum(vram.values()) if vram else None
         if used is not None and used > (self.peak_vram_mb or 0):
             self.peak_vram_mb = used
             return True
-        return False
+        return grew
+
+    def accounting_pids(self):
+        """The PIDs whose driver-kept peaks make the job's: its main PID, and its processes the samples saw."""
+        return [self.pid] + [p for p in self.vram_pids if p != self.pid]
+
+    def first_start(self):
+        """Wall-clock start of the job's main process (no process of the job can be older), or None."""
+        return ticks_to_time(self.pid_start) if self.pid_start is not None else None
+
+    def take_accounted(self, peaks):
+        """The driver's per-PID peaks (backend.accounted_peaks) or None → PEAK_VRAM_MB and its source."""
+        if peaks is not None:
+            self.peak_vram_mb = sum(peaks.values())
+            self.vram_source = "accounting"
+        else:
+            self.vram_source = "sampled"
 
     def final_read(self):
         """Read the cgroup's counters once the job has ended: exact while the holder keeps the cgroup alive."""
@@ -230,7 +274,8 @@ class JobAccount:
                   "METRIC": self.metric, "SCOPE": self.scope, "PID": self.pid, "INPUT": self.input,
                   "RESULT": result, "DURATION_S": round(duration, 3),
                   "PEAK_RAM_MB": round(self.peak_ram / 1048576, 1) if self.peak_known else None,
-                  "PEAK_VRAM_MB": self.peak_vram_mb, "PREDICTED_VRAM_MB": self.predicted_vram_mb,
+                  "PEAK_VRAM_MB": self.peak_vram_mb, "PEAK_VRAM_SOURCE": self.vram_source,
+                  "PREDICTED_VRAM_MB": self.predicted_vram_mb,
                   "MEMORY_MAX_MB": self.memory_max_mb}
         if self.wait_status is not None:
             fields["EXIT_STATUS"] = _shell_status(self.wait_status)
@@ -240,8 +285,14 @@ class JobAccount:
 
     def peaks_known(self, gpu_sampling=True):
         """Whether this job's peaks are exact enough to calibrate from: the RAM peak read from the cgroup after
-        the job ended, and for a GPU job on a host whose backend lists processes, at least one VRAM sample."""
-        return self.peak_known and (self.mode != "GPU" or not gpu_sampling or self.vram_sampled)
+        the job ended, and for a GPU job on a host whose backend lists processes, the driver's accounting, or at
+        least MIN_VRAM_SAMPLES samples of the job (the max of fewer is a guess: a short job's peak falls between
+        samples, and a low peak in the calibration samples admits jobs into CUDA OOMs)."""
+        if not self.peak_known:
+            return False
+        if self.mode != "GPU" or not gpu_sampling:
+            return True
+        return self.vram_source == "accounting" or self.vram_samples >= MIN_VRAM_SAMPLES
 
 
 def _shell_status(status):
@@ -254,7 +305,8 @@ def append_sample(path, fields):
     """One sample line (the format calibrate fits from) appended to ``path``; returns the file's new size."""
     line = json.dumps({"time": round(time.time(), 3), "mode": fields["MODE"], "metric": fields["METRIC"],
                        "result": fields["RESULT"], "peak_ram_mb": fields.get("PEAK_RAM_MB"),
-                       "peak_vram_mb": fields.get("PEAK_VRAM_MB"), "duration_s": fields.get("DURATION_S"),
+                       "peak_vram_mb": fields.get("PEAK_VRAM_MB"),
+                       "peak_vram_source": fields.get("PEAK_VRAM_SOURCE"), "duration_s": fields.get("DURATION_S"),
                        "predicted_vram_mb": fields.get("PREDICTED_VRAM_MB")}) + "\n"
     with open(path, "a") as f:
         f.write(line)

@@ -20,15 +20,25 @@ sampling resumes by itself when the call returns. A subprocess per sample would 
 binding's import and nvmlInit (up to seconds without persistence mode) every time, which is what the agent exists
 to avoid.
 
+Per-process accounting (the driver's own peak of each process, ``maxMemoryUsage``, kept in a ring after the process
+exits): with ``accounting = "auto"`` each backend checks every GPU's accounting mode as it samples and turns it on
+where it is off (root only; NVIDIA: no performance cost; not persistent across driver reloads, so it is checked
+again). Each GPU's state ("on", "off", "unsupported", "no-permission", "error:<x>") goes into its sample as
+``accounting``; a change is one note (``drain_notes``) for the agent's log. ``accounted_peaks`` answers, once a job
+has ended, the summed peaks of its PIDs on its GPU, or None where accounting cannot vouch for them (mode off or
+turned on after the job started, not supported, the call failed): the agent then falls back to its samples.
+
 Xid watching follows NVIDIA's Kubernetes device plugin: register ``nvmlEventTypeXidCriticalError`` (masked by
 ``nvmlDeviceGetSupportedEventTypes``) on an event set, and treat Xids as the GPU's fault except the application ones
 (13, 31, 43, 45, 68 by default: a faulting kernel, not a faulting GPU). Events are drained with a zero timeout at each
 sample, in the same worker thread, so NVML is only ever used from one thread at a time.
 """
 
+import math
 import os
 import sys
 import threading
+import time
 
 APPLICATION_XIDS = (13, 31, 43, 45, 68)
 XID_CRITICAL_EVENT = 0x8  # nvmlEventTypeXidCriticalError
@@ -45,6 +55,9 @@ NVML_ERRORS = {
     999: "unknown",
 }
 NVML_GPU_IS_LOST, NVML_RESET_REQUIRED, NVML_TIMEOUT, NVML_LIBRARY_NOT_FOUND = 15, 16, 10, 12
+NVML_NOT_SUPPORTED, NVML_NO_PERMISSION, NVML_NOT_FOUND = 3, 4, 6
+ACCOUNTING_POLICIES = ("auto", "off")
+START_SLACK_S = 1.0  # clock granularity between /proc's start time (ticks) and the driver's (µs)
 # Codes after which the session itself is suspect: shut NVML down and initialise it again.
 _REINIT_CODES = (1, 9, 17, 18, 999)
 
@@ -94,6 +107,60 @@ def _gpu(index, static=None, health="ok", reason=None):
             "health": health, "reason": reason, "processes": []}
 
 
+class _Accounting:
+    """Per-GPU accounting state shared by the NVML and nvidia-smi backends (see the module docstring)."""
+
+    def _init_accounting(self, policy):
+        if policy not in ACCOUNTING_POLICIES:
+            raise ValueError(f"accounting must be one of {ACCOUNTING_POLICIES}, not {policy!r}")
+        self.accounting = policy
+        self._acct = {}       # index -> {"state": ..., "since": wall time from which it has been on}
+        self._notes = []      # (level, message, fields) for the agent's log, one per change
+
+    def drain_notes(self):
+        notes, self._notes = self._notes, []
+        return notes
+
+    def _acct_state(self, index, state, detail=None, enabled_by_us=False):
+        """Record a GPU's accounting state; a change (or the first sight) is one note."""
+        prev = self._acct.get(index)
+        if prev is not None and prev["state"] == state:
+            return prev
+        if state == "on":
+            # On at first sight: on since before us (an admin's `nvidia-smi -am 1`, an earlier agent). Turned on
+            # by us or seen turning on: only jobs that start from now are covered in full.
+            since = -math.inf if prev is None and not enabled_by_us else time.time()
+        else:
+            since = None
+        entry = self._acct[index] = {"state": state, "since": since}
+        fields = {"device": index, "accounting": state}
+        if detail:
+            fields["detail"] = detail
+        if state == "on":
+            msg = ("turned on the GPU's per-process accounting mode: job VRAM peaks come from the driver"
+                   if enabled_by_us else "the GPU's per-process accounting mode is on: job VRAM peaks come from "
+                   "the driver")
+            self._notes.append(("info", msg, fields))
+        elif state == "off":
+            self._notes.append(("warning", "the GPU's per-process accounting mode is off ([gpu] accounting = "
+                                "\"off\" or left to the admin): job VRAM peaks are sampled, and a short job's "
+                                "peak can be missed", fields))
+        else:
+            self._notes.append(("warning", "cannot use the GPU's per-process accounting: job VRAM peaks are "
+                                "sampled, and a short job's peak can be missed" + (
+                                    " (the agent is not root, or the driver refused)" if state == "no-permission"
+                                    else " (not supported: MIG, vGPU or an old GPU)" if state == "unsupported"
+                                    else ""), fields))
+        return entry
+
+    def _acct_usable(self, index, job_started):
+        """Whether GPU index's accounting covers a job that started at job_started (wall time)."""
+        entry = self._acct.get(index)
+        if not entry or entry["state"] != "on":
+            return False
+        return job_started is None or entry["since"] <= job_started
+
+
 class NoGpuBackend:
     """No GPU here, or none we can query: an empty sample. `error` says why when someone asked for a GPU."""
 
@@ -108,6 +175,12 @@ class NoGpuBackend:
 
     def sample(self):
         return {"source": self.source, "error": self.error, "driver": None, "gpus": [], "xid_events": []}
+
+    def accounted_peaks(self, pids, device=None, job_started=None, not_before=None):
+        return None
+
+    def drain_notes(self):
+        return []
 
     def close(self):
         pass
@@ -126,12 +199,12 @@ class _Box:
         self.done = threading.Event()
 
 
-class NvmlBackend:
+class NvmlBackend(_Accounting):
     """NVML through the pynvml binding, with every call under a deadline (see the module docstring)."""
 
     source = "nvml"
 
-    def __init__(self, pynvml=None, call_timeout_s=5.0, reinit_after=10, watch_xid=True):
+    def __init__(self, pynvml=None, call_timeout_s=5.0, reinit_after=10, watch_xid=True, accounting="auto"):
         if pynvml is None:
             pynvml, reason = import_pynvml()
             if pynvml is None:
@@ -155,6 +228,7 @@ class NvmlBackend:
         self._closed = False
         self._library_missing = False
         self.open_error = None
+        self._init_accounting(accounting)
 
     # ---------------------------------------------------------------- running calls under a deadline
 
@@ -279,9 +353,90 @@ class NvmlBackend:
         for proc in procs:
             used = proc.usedGpuMemory
             gpu["processes"].append({"pid": int(proc.pid), "used_mb": None if used is None else int(used) // MIB})
+        if self.accounting != "off":
+            gpu["accounting"] = self._check_accounting(handle, index)
         if self._event_set is not None and index not in self._registered and index not in self._unwatchable:
             self._register(handle, index)
         return gpu
+
+    def _check_accounting(self, handle, index):
+        """The GPU's accounting mode, turned on where it is off (auto). Never raises: a GPU that refuses these
+        calls stays usable, its jobs' VRAM peaks are then sampled."""
+        n = self.nvml
+        entry = self._acct.get(index)
+        if entry is not None and entry["state"] == "unsupported":
+            return "unsupported"  # asked once: it will not start supporting it
+        try:
+            on = n.nvmlDeviceGetAccountingMode(handle) == 1  # NVML_FEATURE_ENABLED
+        except n.NVMLError as exc:
+            state = "unsupported" if exc.value in (NVML_NOT_SUPPORTED, 13) else health_of_code(exc.value)
+            return self._acct_state(index, state, str(exc))["state"]
+        except Exception as exc:  # an old binding without the function, a ctypes surprise
+            return self._acct_state(index, "unsupported", f"{type(exc).__name__}: {exc}")["state"]
+        if on:
+            return self._acct_state(index, "on")["state"]
+        if entry is not None and entry["state"] in ("no-permission", "error:no-permission"):
+            return entry["state"]  # refused once; an admin may still turn it on, which the query above sees
+        try:
+            n.nvmlDeviceSetAccountingMode(handle, 1)
+        except n.NVMLError as exc:
+            state = {NVML_NOT_SUPPORTED: "unsupported", NVML_NO_PERMISSION: "no-permission"}.get(
+                exc.value, health_of_code(exc.value))
+            return self._acct_state(index, state, str(exc))["state"]
+        except Exception as exc:
+            return self._acct_state(index, "unsupported", f"{type(exc).__name__}: {exc}")["state"]
+        return self._acct_state(index, "on", enabled_by_us=True)["state"]
+
+    def _accounted_job(self, box, pids, device, job_started, not_before):
+        """Worker side of accounted_peaks: box.gpus = {pid: MiB}, or None where accounting cannot vouch."""
+        n = self.nvml
+        if not self._initialized:
+            return
+        indices = [device] if device is not None else sorted(self._acct)
+        out, usable = {}, False
+        for index in indices:
+            if not self._acct_usable(index, job_started):
+                return  # one GPU that cannot vouch spoils the sum: the samples answer instead
+            handle = n.nvmlDeviceGetHandleByIndex(index)
+            usable = True
+            for pid in pids:
+                try:
+                    stats = n.nvmlDeviceGetAccountingStats(handle, pid)
+                except n.NVMLError as exc:
+                    if exc.value == NVML_NOT_FOUND:
+                        if self._ring_full(handle):
+                            return  # the ring overflowed: its record may have been pushed out
+                        continue  # no context on this GPU: the process used none of it
+                    self._acct_state(index, "unsupported" if exc.value == NVML_NOT_SUPPORTED
+                                     else health_of_code(exc.value), str(exc))
+                    return  # mode turned off meanwhile (that clears the ring), or the GPU failed
+                if stats.maxMemoryUsage is None:
+                    return  # the driver does not know per-process memory here
+                if not_before is not None and stats.startTime / 1e6 < not_before - START_SLACK_S:
+                    continue  # an older process that had the same PID (the ring keeps the latest)
+                out[pid] = out.get(pid, 0) + int(stats.maxMemoryUsage) // MIB
+        if usable:
+            box.gpus = out
+
+    def _ring_full(self, handle):
+        n = self.nvml
+        try:
+            return len(n.nvmlDeviceGetAccountingPids(handle)) >= n.nvmlDeviceGetAccountingBufferSize(handle)
+        except n.NVMLError:
+            return True  # cannot tell: do not vouch
+
+    def accounted_peaks(self, pids, device=None, job_started=None, not_before=None):
+        """{pid: peak MiB} the driver kept for ``pids`` on GPU ``device`` (all GPUs when None), a PID the ring
+        does not hold being one that made no context there; None where accounting cannot vouch for the job (see
+        the module docstring). ``job_started``: when the job could first allocate (the mode must have been on
+        since); ``not_before``: the job's first process's start (a record older than that is a reused PID's)."""
+        if self._closed or self.accounting == "off":
+            return None
+        box = _Box()
+        box.gpus = None
+        if not self._run(lambda b: self._accounted_job(b, pids, device, job_started, not_before), box):
+            return None
+        return box.gpus if box.error is None else None
 
     def _register(self, handle, index):
         n = self.nvml
@@ -365,34 +520,96 @@ class NvmlBackend:
             self._run(lambda box: self._shutdown_session(), _Box())
 
 
-class SmiBackend:
+class SmiBackend(_Accounting):
     """``nvidia-smi`` queries with a timeout: the fallback when no NVML binding is installed. No Xid watching."""
 
     source = "nvidia-smi"
     GPU_QUERY = "index,uuid,name,memory.total,memory.used,memory.free"
     APP_QUERY = "pid,used_memory,gpu_uuid"
+    MODE_QUERY = "index,accounting.mode"
+    ACCOUNTED_QUERY = "gpu_uuid,pid,max_memory_usage"
+    MODE_EVERY_S = 30.0  # the accounting mode is checked at the first sample and then this often (a process each)
 
-    def __init__(self, path=None, call_timeout_s=5.0):
+    def __init__(self, path=None, call_timeout_s=5.0, accounting="auto"):
         self.path = path or find_executable("nvidia-smi")
         self.call_timeout_s = call_timeout_s
         self.note = None
         self._static = {}
         self._driver = None
+        self._mode_checked = None  # monotonic time of the last accounting-mode check
+        self._init_accounting(accounting)
 
     def open(self):
         return self
 
     def _query(self, what, fields):
         """(rc, stdout lines, stderr) or raises TimeoutError / OSError."""
+        return self._smi([f"--query-{what}={fields}", "--format=csv,noheader,nounits"])
+
+    def _smi(self, args):
         import subprocess
 
         try:
-            proc = subprocess.run([self.path, f"--query-{what}={fields}", "--format=csv,noheader,nounits"],
-                                  capture_output=True, timeout=self.call_timeout_s, text=True,
+            proc = subprocess.run([self.path, *args], capture_output=True, timeout=self.call_timeout_s, text=True,
                                   errors="replace", stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired as exc:  # run() kills the child before raising
             raise TimeoutError(f"nvidia-smi did not answer in {self.call_timeout_s:g} s") from exc
         return proc.returncode, [l for l in proc.stdout.splitlines() if l.strip()], proc.stderr
+
+    def _check_accounting(self, gpus):
+        """`--query-gpu=index,accounting.mode`, and `-i N -am 1` where it is Disabled (auto). Never raises."""
+        try:
+            _rc, lines, _err = self._query("gpu", self.MODE_QUERY)
+        except (TimeoutError, OSError):
+            return
+        for line in lines:
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) not in gpus:
+                continue
+            index, mode = int(parts[0]), parts[1].lower()
+            entry = self._acct.get(index)
+            if mode == "enabled":
+                self._acct_state(index, "on")
+            elif mode != "disabled":
+                self._acct_state(index, "unsupported", parts[1])  # [N/A], [Not Supported]
+            elif entry is not None and entry["state"] == "no-permission":
+                continue  # refused once; an admin may still turn it on, which this query sees
+            else:
+                try:
+                    rc, out, err = self._smi(["-i", str(index), "-am", "1"])
+                except (TimeoutError, OSError) as exc:
+                    self._acct_state(index, "error:timeout" if isinstance(exc, TimeoutError) else "error:exec",
+                                     str(exc))
+                    continue
+                said = " ".join(out) + " " + err
+                if rc == 0 and "enabled" in said.lower():
+                    self._acct_state(index, "on", enabled_by_us=True)
+                elif "permission" in said.lower():
+                    self._acct_state(index, "no-permission", said.strip()[:200])
+                elif "not supported" in said.lower():
+                    self._acct_state(index, "unsupported", said.strip()[:200])
+                else:
+                    self._acct_state(index, f"error:exit-{rc}", said.strip()[:200])
+
+    def accounted_peaks(self, pids, device=None, job_started=None, not_before=None):
+        """As NvmlBackend.accounted_peaks, from `--query-accounted-apps=gpu_uuid,pid,max_memory_usage`. nvidia-smi
+        gives no start time, so ``not_before`` cannot be checked; and since it lists nothing for a GPU whose mode
+        is off, no row for any of the PIDs means "not known" (None), never 0."""
+        if self.accounting == "off":
+            return None
+        indices = [device] if device is not None else sorted(self._acct)
+        uuids = {}
+        for index in indices:
+            if not self._acct_usable(index, job_started) or not (self._static.get(index) or {}).get("uuid"):
+                return None
+            uuids[self._static[index]["uuid"]] = index
+        if not uuids:
+            return None
+        try:
+            rc, lines, _err = self._query("accounted-apps", self.ACCOUNTED_QUERY)
+        except (TimeoutError, OSError):
+            return None
+        return parse_accounted_apps(lines, uuids, pids)
 
     @staticmethod
     def _bracket_health(value):
@@ -460,6 +677,13 @@ class SmiBackend:
                     continue
                 used = int(parts[1]) if parts[1].isdigit() else None
                 by_uuid[parts[2]]["processes"].append({"pid": int(parts[0]), "used_mb": used})
+        if self.accounting != "off" and by_uuid and (
+                self._mode_checked is None or time.monotonic() - self._mode_checked >= self.MODE_EVERY_S):
+            self._mode_checked = time.monotonic()
+            self._check_accounting({g["index"] for g in by_uuid.values()})
+        for g in gpus.values():
+            if g["index"] in self._acct:
+                g["accounting"] = self._acct[g["index"]]["state"]
         if self._driver is None and gpus:
             try:
                 _rc, dl, _err = self._query("gpu", "driver_version")
@@ -474,6 +698,29 @@ class SmiBackend:
         pass
 
 
+def parse_accounted_apps(lines, uuids, pids):
+    """{pid: MiB} from `--query-accounted-apps=gpu_uuid,pid,max_memory_usage` lines, for ``pids`` on the GPUs in
+    ``uuids``; None when no row names any of them. A value that is not a number ([N/A], [Not Supported], empty)
+    makes the answer None: a peak the driver does not know is not a peak of 0. A PID listed twice (a reused PID)
+    counts its last row, the process that ended last."""
+    wanted = set(pids)
+    rows = {}
+    for line in lines:
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 3 or parts[0] not in uuids or not parts[1].isdigit() or int(parts[1]) not in wanted:
+            continue
+        rows[(parts[0], int(parts[1]))] = parts[2]
+    if not rows:
+        return None
+    out = {}
+    for (_uuid, pid), value in rows.items():
+        value = value.removesuffix("MiB").strip()
+        if not value.isdigit():
+            return None
+        out[pid] = out.get(pid, 0) + int(value)
+    return out
+
+
 def find_executable(name, path=None):
     """shutil.which without importing shutil (agent start-up counts too)."""
     for folder in (path if path is not None else os.environ.get("PATH", os.defpath)).split(os.pathsep):
@@ -483,7 +730,7 @@ def find_executable(name, path=None):
     return None
 
 
-def open_backend(prefer="auto", call_timeout_s=5.0, smi_path=None):
+def open_backend(prefer="auto", call_timeout_s=5.0, smi_path=None, accounting="auto"):
     """The backend to use. Never raises; an unusable choice comes back as a NoGpuBackend whose samples say why.
 
     "auto": NVML when a (non-shim) binding imports and libnvidia-ml loads; else nvidia-smi when on PATH; else
@@ -501,14 +748,14 @@ def open_backend(prefer="auto", call_timeout_s=5.0, smi_path=None):
                 return NoGpuBackend(error=reason)
             notes.append(reason)
         else:
-            backend = NvmlBackend(module, call_timeout_s=call_timeout_s).open()
+            backend = NvmlBackend(module, call_timeout_s=call_timeout_s, accounting=accounting).open()
             if prefer == "nvml" or not backend.library_missing:
                 return backend
             notes.append("nvml: libnvidia-ml.so.1 not found")
     if prefer in ("auto", "nvidia-smi"):
         path = smi_path or find_executable("nvidia-smi")
         if path:
-            backend = SmiBackend(path, call_timeout_s=call_timeout_s)
+            backend = SmiBackend(path, call_timeout_s=call_timeout_s, accounting=accounting)
             backend.note = "; ".join(notes) or None
             return backend
         if prefer == "nvidia-smi":

@@ -2,7 +2,7 @@
 
 The scope's name and cgroup say little (workload, PID, slice); the request said much more (metric, device, input,
 limits, predicted VRAM). The agent writes one record per job when the scope is made, updates it when the job's
-VRAM peak grows, and removes it when the job is accounted, so an agent restarted mid-job (every package upgrade)
+VRAM peak grows (or a sample sees a new process of it), and removes it when the job is accounted, so an agent restarted mid-job (every package upgrade)
 adopts the job with everything it knew and accounts it in full. /run is a tmpfs: records end with the boot, as
 the jobs do. A record that cannot be read is ignored (the job is then adopted from its scope alone).
 """
@@ -15,7 +15,7 @@ from .. import atomicfile
 VERSION = 1
 FIELDS = ("job_id", "pid", "pid_start", "workload", "mode", "device", "metric", "scope", "control_group",
           "runtime_max", "started", "predicted_vram_mb", "memory_max_mb", "input", "input_bytes", "holder_pid",
-          "holder_start", "peak_vram_mb", "vram_sampled")
+          "holder_start", "peak_vram_mb", "vram_sampled", "vram_samples", "vram_pids")
 
 
 def directory(snapshot_path):

@@ -37,9 +37,11 @@ class Monitor:
 
     def __init__(self, backend="auto", snapshot_path=snapshot.DEFAULT_PATH, interval=2.0, reserved_pids=None,
                  xid_ignore=gpu_mod.APPLICATION_XIDS, xid_holdoff_s=300.0, call_timeout_s=5.0, emit=None,
-                 on_sample=None, proc_root="/proc", clock=time.time, monotonic=time.monotonic):
+                 on_sample=None, proc_root="/proc", clock=time.time, monotonic=time.monotonic, accounting="auto",
+                 log=None):
         if isinstance(backend, str):
-            backend = gpu_mod.open_backend(backend, call_timeout_s=call_timeout_s)
+            backend = gpu_mod.open_backend(backend, call_timeout_s=call_timeout_s, accounting=accounting)
+        self.log = log  # structlog-like logger for the backend's notes (accounting mode turned on, refused, ...)
         self.backend = backend
         self.snapshot_path = snapshot_path
         self.interval = float(interval)
@@ -191,6 +193,18 @@ class Monitor:
         except Exception:  # logging never stops the monitor
             pass
 
+    def _log_notes(self):
+        drain = getattr(self.backend, "drain_notes", None)
+        if drain is None:
+            return
+        for level, message, fields in drain():
+            if self.log is None:
+                continue
+            try:
+                getattr(self.log, level)(message, **fields)
+            except Exception:  # logging never stops the monitor
+                pass
+
     def _emit(self, message, fields):
         try:
             self.emit("gpu-health", message, fields)
@@ -235,6 +249,8 @@ class Monitor:
             }
             if g.get("utilization") is not None:
                 entry["utilization"] = g["utilization"]  # percent busy (NVML only); exported as a metric
+            if g.get("accounting") is not None:
+                entry["accounting"] = g["accounting"]    # the driver's per-process accounting: on, off, ...
             out.append(entry)
             self._note_change(key, g, health, reason)
             self._note_foreign(key, entry, now)
@@ -244,6 +260,7 @@ class Monitor:
                        {"DEVICE": index, "UUID": None if key.startswith("index-") else key,
                         "HEALTH": "absent", "REASON": "the backend no longer lists it", "PREVIOUS_HEALTH": health})
         self._note_backend(raw.get("source"), raw.get("error"))
+        self._log_notes()
         snap = {"version": snapshot.VERSION, "time": started, "source": raw.get("source"),
                 "error": raw.get("error"), "driver": raw.get("driver"), "gpus": out}
         if self.snapshot_path:

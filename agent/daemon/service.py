@@ -147,7 +147,7 @@ class Agent:
         self.log = _logger()
         self.notify = Notifier()
         self.jobs = {}  # pid → JobAccount
-        self.monitor = monitor if monitor is not None else _make_monitor(self.cfg, self.reserved_pids)
+        self.monitor = monitor if monitor is not None else _make_monitor(self.cfg, self.reserved_pids, self.log)
         self.snapshot = None
         self.stopping = False
         self.selector = selectors.DefaultSelector()
@@ -305,6 +305,8 @@ class Agent:
         job.final_read()  # the holder still keeps the cgroup: exact peak and OOM count
         if job.holder is not None:
             job.holder.release()
+        if job.mode == "GPU":
+            job.take_accounted(self._guarded("vram-accounting", self._accounted_peaks, job))
         fields = job.outcome()
         status = f"exit {fields['EXIT_STATUS']}" if "EXIT_STATUS" in fields else "exit status unknown"
         ram = f"{fields['PEAK_RAM_MB']} MB" if fields.get("PEAK_RAM_MB") is not None else "not measured"
@@ -325,6 +327,15 @@ class Agent:
         jobrecord.remove(self.records, job.job_id)
         self.metrics.job_finished(fields)
         return fields
+
+    def _accounted_peaks(self, job):
+        """The driver's per-process peaks of the job's PIDs on its GPU ({pid: MiB}), or None where the backend's
+        accounting cannot vouch for them (then the samples' maximum stands)."""
+        ask = getattr(getattr(self.monitor, "backend", None), "accounted_peaks", None)
+        if ask is None or self.cfg.gpu.accounting == "off":
+            return None
+        device = int(job.device) if isinstance(job.device, str) and job.device.isdigit() else None
+        return ask(job.accounting_pids(), device=device, job_started=job.started, not_before=job.first_start())
 
     def _gpu_sampling(self):
         """Whether GPU samples list processes here (a GPU backend that sees GPUs): VRAM peaks are then expected."""
@@ -372,20 +383,24 @@ class Agent:
                 if workload and metric:
                     try:
                         accounting.record_sample(self.cfg.agent.state_dir, dict(
-                            fields, RESULT="underpredicted", PEAK_VRAM_MB=used))
+                            fields, RESULT="underpredicted", PEAK_VRAM_MB=used, PEAK_VRAM_SOURCE="sampled"))
                     except OSError as exc:
                         self.log.warning("cannot record a calibration sample", error=str(exc))
         for k in [k for k in self.outgrown if k not in seen]:
             del self.outgrown[k]
 
-    def _vram_by_pid(self):
-        """{pid: MiB} from the last GPU sample, or None when it listed no processes (no GPU, a failed backend)."""
+    def _vram_by_job(self):
+        """{job pid: {pid: MiB}} of the processes the last GPU sample attributes to each job (the job's own PID and
+        its descendants, by the monitor's `job`), summed over GPUs; None when it listed no processes (no GPU, a
+        failed backend)."""
         if not self._gpu_sampling():
             return None
         out = {}
         for gpu in self.snapshot.get("gpus", ()):
             for proc in gpu.get("processes", ()):
-                out[proc["pid"]] = out.get(proc["pid"], 0) + (proc.get("used_mb") or 0)  # null: NVML did not say
+                owner = proc.get("job") if proc.get("job") is not None else proc["pid"]
+                mine = out.setdefault(owner, {})
+                mine[proc["pid"]] = mine.get(proc["pid"], 0) + (proc.get("used_mb") or 0)  # null: NVML did not say
         return out
 
     def sample(self):
@@ -402,10 +417,11 @@ class Agent:
             if snapshot is not None:
                 self.snapshot = snapshot
             self._guarded("predictions", self.check_predictions)
-        vram = self._guarded("vram-by-pid", self._vram_by_pid) or {}
+        vram = self._guarded("vram-by-job", self._vram_by_job)
         for pid, job in list(self.jobs.items()):
             # Only jobs alive before the GPU sample: a VRAM sample of a job that was already gone says nothing.
-            if self._guarded("job-sample", job.sample, vram if pid in alive_before else None):
+            mine = None if vram is None or pid not in alive_before else vram.get(pid, {})
+            if self._guarded("job-sample", job.sample, mine):
                 self._guarded("job-record", self._write_record, job)
         self._guarded("close-vanished", self.close_vanished)
         self._guarded("metrics", self.metrics.publish, self.cfg, self.snapshot, self.jobs.values())
@@ -653,13 +669,13 @@ def _logger():
     return log.setup()
 
 
-def _make_monitor(cfg, reserved_pids):
+def _make_monitor(cfg, reserved_pids, log=None):
     from . import monitor
 
     g = cfg.gpu
     return monitor.Monitor(backend=g.backend, snapshot_path=g.snapshot, interval=g.sample_interval,
                            reserved_pids=reserved_pids, xid_ignore=g.ignored_xids, xid_holdoff_s=g.xid_holdoff,
-                           call_timeout_s=g.call_timeout)
+                           call_timeout_s=g.call_timeout, accounting=g.accounting, log=log)
 
 
 def main(argv=None):

@@ -23,7 +23,7 @@ import uuid as _uuid
 
 import pytest
 
-from .fake_gpu_job import gpu_dirs, gpu_info, live_claims, try_claim  # noqa: F401  (re-exported)
+from .fake_gpu_job import accounted, gpu_dirs, gpu_info, live_claims, set_claim, try_claim  # noqa: F401
 
 HERE = pathlib.Path(__file__).resolve().parent
 SOURCE = HERE / "fakenvml.c"
@@ -127,6 +127,34 @@ class FakeGpus:
         """Raise Xid `code` on `gpu`: event sets registered for Xid events deliver it once each."""
         with open(self.state / f"gpu{gpu}" / "xid", "a") as f:
             f.write(f"{int(code)}\n")
+
+    # -------------------------------------------------------------- the driver's per-process accounting
+
+    def set_accounting(self, gpu, on=True):
+        """Accounting mode as the driver holds it (off by default, as after a driver load); off clears the ring."""
+        _write(self.state / f"gpu{gpu}" / "accounting", "1\n" if on else "0\n")
+        if not on:
+            for f in (self.state / f"gpu{gpu}" / "accounted").glob("*"):
+                f.unlink()
+
+    def accounting_mode(self, gpu):
+        path = self.state / f"gpu{gpu}" / "accounting"
+        return path.exists() and path.read_text().strip() == "1"
+
+    def deny_accounting(self, gpu, on=True):
+        """nvmlDeviceSetAccountingMode answers NO_PERMISSION (what a non-root agent always gets)."""
+        _switch(self.state / f"gpu{gpu}" / "accounting_denied", on)
+
+    def accounting_unsupported(self, gpu, on=True):
+        """Every accounting call answers NOT_SUPPORTED (MIG, vGPU, GPUs before Kepler)."""
+        _switch(self.state / f"gpu{gpu}" / "accounting_unsupported", on)
+
+    def set_accounting_buffer(self, gpu, size):
+        _write(self.state / f"gpu{gpu}" / "accounting_buffer", f"{int(size)}\n")
+
+    def accounted(self, gpu):
+        """{pid: max_mb} of the accounting ring (newest record per PID), as the driver would answer."""
+        return {pid: mb for _seq, pid, _start, mb, _b, _l in accounted(str(self.state), gpu)}
 
     def set_driver(self, version):
         _write(self.state / "driver", version + "\n")
@@ -234,8 +262,33 @@ def hang(path):
         pass
 
 
+def set_accounting(argv):
+    """nvidia-smi [-i N] -am 0|1: root only; prints what the real one prints."""
+    value = argv[argv.index("-am") + 1] if argv.index("-am") + 1 < len(argv) else ""
+    ids = [argv[argv.index(o) + 1] for o in ("-i", "--id") if o in argv]
+    targets = range(len(s.gpu_dirs(state))) if not ids else [int(x) for x in ids[0].split(",")]
+    rc = 0
+    for i in targets:
+        folder = os.path.join(state, f"gpu{i}")
+        bus = "00000000:%02X:00.0" % (i + 1)
+        if os.path.exists(os.path.join(folder, "accounting_unsupported")):
+            print(f"Setting accounting mode is not supported for GPU {bus}.")
+            rc = 3
+        elif os.geteuid() != 0 or os.path.exists(os.path.join(folder, "accounting_denied")):
+            print(f"Unable to set the accounting mode for GPU {bus}: Insufficient Permissions")
+            rc = 4
+        else:
+            with open(os.path.join(folder, "accounting"), "w") as f:
+                f.write(("1" if value == "1" else "0") + "\n")
+            word = "Enabled" if value == "1" else "Disabled"
+            print(f"{word} Accounting Mode for GPU {bus}.")
+    return rc
+
+
 def main(argv):
     hang(os.path.join(state, "hang"))
+    if "-am" in argv:
+        return set_accounting(argv)
     if os.path.exists(os.path.join(state, "init_error")):
         print("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
               "Make sure that the latest NVIDIA driver is installed and running.")
@@ -266,7 +319,10 @@ def main(argv):
             continue
         used = foreign + sum(m for g, _p, m in s.live_claims(state) if g == i)
         mib = (lambda v: "[GPU requires reset]" if reset else (f"{v} MiB" if units else str(v)))
+        unsupported = os.path.exists(os.path.join(folder, "accounting_unsupported"))
+        mode = "[N/A]" if unsupported else ("Enabled" if s.accounting_on(state, i) else "Disabled")
         values = {"index": str(i), "uuid": uuid, "name": name, "memory.total": mib(total),
+                  "accounting.mode": mode, "accounting.buffer_size": "[N/A]" if unsupported else "4000",
                   "memory.used": mib(used), "memory.free": mib(max(total - used, 0)),
                   "driver_version": "550.54.15", "pci.bus_id": bus, "count": str(len(s.gpu_dirs(state)))}
         rows.append([values.get(f, "[Not Supported]") for f in fields])
@@ -278,6 +334,19 @@ def main(argv):
                       "gpu_uuid": uuids[gpu], "gpu_bus_id": "00000000:%02X:00.0" % (gpu + 1),
                       "process_name": "python3"}
             rows.append([values.get(f, "[Not Supported]") for f in fields])
+    if kind == "--query-accounted-apps":
+        odd = os.path.join(state, "smi_accounted_odd")  # a test's verbatim rows: [N/A], [Not Supported], junk
+        if os.path.exists(odd):
+            with open(odd) as f:
+                sys.stdout.write(f.read())
+        for gpu in sorted(uuids):
+            if not s.accounting_on(state, gpu):
+                continue  # the real one lists nothing for a GPU whose accounting mode is off
+            for _seq, pid, _start, mb, _began, _last in s.accounted(state, gpu):
+                values = {"pid": str(pid), "max_memory_usage": f"{mb} MiB" if units else str(mb),
+                          "gpu_uuid": uuids[gpu], "gpu_bus_id": "00000000:%02X:00.0" % (gpu + 1),
+                          "gpu_name": "Fake", "time": "0"}
+                rows.append([values.get(f, "[Not Supported]") for f in fields])
     for row in rows:
         print(", ".join(row))
     return rc

@@ -1,13 +1,18 @@
 #!/usr/bin/python3
 """A fake GPU workload: holds VRAM in the fake NVML state while it runs, fails like a CUDA OOM when it does not fit.
 
-    fake_gpu_job.py [--device cuda|cuda:N|cpu] --vram MB --seconds S [--ram MB] [--log FILE] [--state DIR] [INPUT...]
+    fake_gpu_job.py [--device cuda|cuda:N|cpu] --vram MB --seconds S [--then MB:S ...] [--ram MB] [--log FILE]
+                    [--state DIR] [INPUT...]
 
 The GPU comes from CUDA_VISIBLE_DEVICES as gpu-router exports it (an index or a GPU UUID; the first entry is the
 job's device 0; empty means no GPU; unset means every GPU, so device 0). The claim is made atomically under
 ``flock(STATE/lock)``: it fits when foreign + live claims + mine <= total. It is a file
 ``STATE/claims/<gpu>.<pid>.<starttime>`` that counts only while this process lives (the fake libnvidia-ml and
 ``live_claims`` check /proc/PID/stat), so it vanishes however the job ends, SIGKILL included.
+
+``--then MB:S`` (repeatable): after the first phase, hold MB instead for S seconds (a job that frees part of its
+memory before it exits, or grows). Every allocation change also updates the GPU's accounting record of this process
+when the GPU's accounting mode is on (``accounting_note``): the driver's own per-process peak, kept after exit.
 
 Exit: 0 when done; 1 with ``CUDA out of memory. Tried to allocate N MiB`` on stderr when the claim does not fit (or
 no CUDA device is visible). ``--log`` gets one JSON line per start / finish / oom / no-device (O_APPEND, one write
@@ -116,6 +121,7 @@ def try_claim(state, gpu, mb, pid=None):
         with open(tmp, "w") as f:
             f.write(f"{mb}\n")
         os.replace(tmp, final)
+        accounting_note(state, gpu, pid, proc_start_time(pid), mb)
         return True, free
 
 
@@ -125,6 +131,108 @@ def release(state, gpu, pid=None):
         os.unlink(os.path.join(state, "claims", f"{gpu}.{pid}.{proc_start_time(pid)}"))
     except OSError:
         pass
+
+
+def set_claim(state, gpu, mb, pid=None):
+    """Change this process's claim on gpu to mb MiB (growth must fit, like a cudaMalloc). Returns (ok, free_mb)."""
+    pid = os.getpid() if pid is None else pid
+    with StateLock(state):
+        total, _uuid, _name, foreign = gpu_info(state, gpu)
+        others = sum(m for g, p, m in live_claims(state, prune=True) if g == gpu and p != pid)
+        free = max(total - foreign - others, 0)
+        if foreign + others + mb > total:
+            return False, free
+        start = proc_start_time(pid)
+        final = os.path.join(state, "claims", f"{gpu}.{pid}.{start}")
+        with open(final + ".tmp", "w") as f:
+            f.write(f"{mb}\n")
+        os.replace(final + ".tmp", final)
+        accounting_note(state, gpu, pid, start, mb)
+        return True, free
+
+
+# ---------------------------------------------------------------- the driver's accounting (fakenvml.c reads it)
+#
+#   gpu<N>/accounting          "1": accounting mode on; "0" or absent: off (the driver's default)
+#   gpu<N>/accounting_buffer   how many processes the ring keeps (default 4000, as the driver reports)
+#   gpu<N>/accounting_denied   present: turning the mode on or off answers NO_PERMISSION (even for root)
+#   gpu<N>/accounting_unsupported  present: every accounting call answers NOT_SUPPORTED (MIG, vGPU, old GPUs)
+#   gpu<N>/accounted/<seq>.<pid>.<starttime>   "max_mb start_us last_us": one process's peak, written by the
+#                              process itself at each allocation change while the mode is on; kept after it exits;
+#                              the oldest beyond the buffer size are dropped (a ring, newest seq wins a PID)
+
+ACCOUNTING_BUFFER = 4000
+
+
+def accounting_on(state, gpu):
+    try:
+        with open(os.path.join(state, f"gpu{gpu}", "accounting")) as f:
+            on = f.read().strip() == "1"
+    except OSError:
+        return False
+    return on and not os.path.exists(os.path.join(state, f"gpu{gpu}", "accounting_unsupported"))
+
+
+def _boot_time():
+    with open("/proc/stat") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("btime "))
+
+
+def start_us(ticks):
+    """Wall-clock start of a process in microseconds (what nvmlAccountingStats_t.startTime holds)."""
+    return int((_boot_time() + ticks / os.sysconf("SC_CLK_TCK")) * 1e6)
+
+
+def accounting_note(state, gpu, pid, start, mb):
+    """Fold an allocation of mb MiB by (pid, start) into the GPU's accounting ring (caller holds StateLock)."""
+    if start is None or not accounting_on(state, gpu):
+        return
+    folder = os.path.join(state, f"gpu{gpu}", "accounted")
+    os.makedirs(folder, exist_ok=True)
+    records = accounted(state, gpu)
+    now = int(time.time() * 1e6)
+    mine = [r for r in records if r[1] == pid and r[2] == start]
+    if mine:
+        seq, _pid, _start, peak, began, _last = mine[-1]
+        name = f"{seq}.{pid}.{start}"
+    else:
+        seq = (records[-1][0] + 1) if records else 1
+        peak, began, name = 0, start_us(start), f"{seq}.{pid}.{start}"
+    tmp = os.path.join(folder, "." + name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{max(peak, mb)} {began} {now}\n")
+    os.replace(tmp, os.path.join(folder, name))
+    try:
+        with open(os.path.join(state, f"gpu{gpu}", "accounting_buffer")) as f:
+            keep = int(f.read().strip())
+    except (OSError, ValueError):
+        keep = ACCOUNTING_BUFFER
+    for old in (records + ([] if mine else [(seq, pid, start, 0, 0, 0)]))[:-keep or None]:
+        try:
+            os.unlink(os.path.join(folder, f"{old[0]}.{old[1]}.{old[2]}"))
+        except OSError:
+            pass
+
+
+def accounted(state, gpu):
+    """[(seq, pid, starttime, max_mb, start_us, last_us)] of the GPU's accounting ring, oldest first."""
+    folder = os.path.join(state, f"gpu{gpu}", "accounted")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        parts = name.split(".")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            continue
+        try:
+            with open(os.path.join(folder, name)) as f:
+                peak, began, last = (int(x) for x in f.read().split()[:3])
+        except (OSError, ValueError):
+            continue
+        out.append((int(parts[0]), int(parts[1]), int(parts[2]), peak, began, last))
+    return sorted(out)
 
 
 # ---------------------------------------------------------------- the job
@@ -163,16 +271,20 @@ def log_event(path, event, **fields):
 
 def parse_args(argv):
     opts = {"device": "cuda", "vram": 0, "seconds": 0.0, "ram": 0, "log": None,
-            "state": os.environ.get("FAKE_NVML_STATE"), "inputs": []}
+            "state": os.environ.get("FAKE_NVML_STATE"), "inputs": [], "then": []}
     it = iter(argv)
     for arg in it:
         key, eq, value = arg.partition("=")
-        if key in ("--device", "--vram", "--seconds", "--ram", "--log", "--state"):
+        if key in ("--device", "--vram", "--seconds", "--ram", "--log", "--state", "--then"):
             if not eq:
                 value = next(it, None)
                 if value is None:
                     sys.exit(f"fake_gpu_job: {key} needs a value")
             name = key[2:]
+            if name == "then":
+                mb, _, secs = value.partition(":")
+                opts["then"].append((int(mb), float(secs or 0)))
+                continue
             opts[name] = float(value) if name == "seconds" else int(value) if name in ("vram", "ram") else value
         elif arg.startswith("--"):
             continue  # other device arguments a profile passes (--compute_type float16, ...): accepted, ignored
@@ -214,6 +326,15 @@ def main(argv):
             ballast[i] = 1
     try:
         time.sleep(opts["seconds"])
+        for mb, secs in opts["then"]:
+            if gpu is not None:
+                ok, free = set_claim(opts["state"], gpu, mb)
+                if not ok:
+                    sys.stderr.write(f"torch.OutOfMemoryError: CUDA out of memory. Tried to allocate {mb} MiB "
+                                     f"({free} MiB free).\n")
+                    log_event(log, "oom", gpu=gpu, vram_mb=mb, free_mb=free)
+                    return 1
+            time.sleep(secs)
     finally:
         if gpu is not None:
             release(opts["state"], gpu)

@@ -18,6 +18,14 @@
  *   gpu<N>/reset        present: calls on this GPU answer NVML_ERROR_RESET_REQUIRED
  *   gpu<N>/hang         seconds (float): calls on this GPU sleep that long first
  *   gpu<N>/xid          Xid codes, one a line, appended; an event set delivers the lines added after it registered
+ *   gpu<N>/accounting   "1": per-process accounting mode on; "0" or absent: off (the driver's default)
+ *   gpu<N>/accounting_buffer  how many processes the accounting ring keeps (default 4000)
+ *   gpu<N>/accounting_denied  present: nvmlDeviceSetAccountingMode answers NO_PERMISSION (as for a non-root
+ *                       caller, which always gets it)
+ *   gpu<N>/accounting_unsupported  present: every accounting call answers NOT_SUPPORTED (MIG, vGPU, old GPUs)
+ *   gpu<N>/accounted/<seq>.<pid>.<starttime>  "max_mb start_us last_us": a process's peak, written by the
+ *                       allocating process itself (fake_gpu_job.accounting_note) while the mode is on, kept after
+ *                       it exits; the newest seq answers for a PID (the one that terminated last, as NVML says)
  *   claims/<gpu>.<pid>.<starttime>   MiB held by that process; counted only while /proc/<pid>/stat still shows
  *                       that start time (field 22) and the process is not a zombie: a SIGKILLed job's memory
  *                       vanishes, and a recycled PID does not inherit it.
@@ -42,6 +50,7 @@ enum {
     NVML_ERROR_UNINITIALIZED = 1,
     NVML_ERROR_INVALID_ARGUMENT = 2,
     NVML_ERROR_NOT_SUPPORTED = 3,
+    NVML_ERROR_NO_PERMISSION = 4,
     NVML_ERROR_NOT_FOUND = 6,
     NVML_ERROR_INSUFFICIENT_SIZE = 7,
     NVML_ERROR_DRIVER_NOT_LOADED = 9,
@@ -765,5 +774,250 @@ nvmlReturn_t nvmlEventSetFree(nvmlEventSet_t set)
     if (init_count <= 0)
         return NVML_ERROR_UNINITIALIZED;
     free(set);
+    return NVML_SUCCESS;
+}
+
+/* ---------------------------------------------------------------- per-process accounting */
+
+typedef struct {
+    unsigned int gpuUtilization;
+    unsigned int memoryUtilization;
+    unsigned long long maxMemoryUsage;
+    unsigned long long time;
+    unsigned long long startTime;
+    unsigned int isRunning;
+    unsigned int reserved[5];
+} nvmlAccountingStats_t;
+
+#define ACCOUNTING_BUFFER 4000u
+
+static int gpu_flag(int gpu, const char *name)
+{
+    char path[4096];
+    return state_path(path, sizeof path, "gpu%d/%s", gpu, name) == 0 && exists(path);
+}
+
+static int accounting_is_on(int gpu)
+{
+    char path[4096], buf[16];
+    if (state_path(path, sizeof path, "gpu%d/accounting", gpu) != 0 || read_file(path, buf, sizeof buf) <= 0)
+        return 0;
+    return buf[0] == '1';
+}
+
+static unsigned int accounting_buffer(int gpu)
+{
+    char path[4096], buf[64];
+    if (state_path(path, sizeof path, "gpu%d/accounting_buffer", gpu) != 0 || read_file(path, buf, sizeof buf) <= 0)
+        return ACCOUNTING_BUFFER;
+    unsigned long n = strtoul(buf, NULL, 10);
+    return n ? (unsigned int)n : ACCOUNTING_BUFFER;
+}
+
+typedef struct {
+    unsigned long long seq, start_ticks, max_mb, start_us, last_us;
+    unsigned int pid;
+} acct_record;
+
+static int by_seq(const void *a, const void *b)
+{
+    const acct_record *x = a, *y = b;
+    return x->seq < y->seq ? -1 : x->seq > y->seq;
+}
+
+/* The GPU's accounting ring, oldest first, at most its buffer size (the newest); returns how many (malloc'd). */
+static int accounting_records(int gpu, acct_record **out)
+{
+    char path[4096];
+    *out = NULL;
+    if (state_path(path, sizeof path, "gpu%d/accounted", gpu) != 0)
+        return 0;
+    DIR *d = opendir(path);
+    if (!d)
+        return 0;
+    int n = 0, cap = 0;
+    acct_record *recs = NULL;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        acct_record r;
+        char tail;
+        if (sscanf(e->d_name, "%llu.%u.%llu%c", &r.seq, &r.pid, &r.start_ticks, &tail) != 3)
+            continue;
+        char file[4096], buf[128];
+        if (state_path(file, sizeof file, "gpu%d/accounted/%s", gpu, e->d_name) != 0 ||
+            read_file(file, buf, sizeof buf) <= 0)
+            continue;
+        if (sscanf(buf, "%llu %llu %llu", &r.max_mb, &r.start_us, &r.last_us) != 3)
+            continue;
+        if (n == cap) {
+            cap = cap ? cap * 2 : 16;
+            acct_record *grown = realloc(recs, (size_t)cap * sizeof *recs);
+            if (!grown)
+                break;
+            recs = grown;
+        }
+        recs[n++] = r;
+    }
+    closedir(d);
+    if (n > 1)
+        qsort(recs, (size_t)n, sizeof *recs, by_seq);
+    unsigned int keep = accounting_buffer(gpu);
+    if ((unsigned int)n > keep) {
+        memmove(recs, recs + (n - (int)keep), keep * sizeof *recs);
+        n = (int)keep;
+    }
+    *out = recs;
+    return n;
+}
+
+/* Every accounting call starts here: the device, then whether the GPU supports accounting at all. */
+static nvmlReturn_t check_accounting(nvmlDevice_t device)
+{
+    nvmlReturn_t ret = check_device(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (gpu_flag((int)device->index, "accounting_unsupported"))
+        return NVML_ERROR_NOT_SUPPORTED;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetAccountingMode(nvmlDevice_t device, int *mode)
+{
+    nvmlReturn_t ret = check_accounting(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (!mode)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *mode = accounting_is_on((int)device->index);
+    return NVML_SUCCESS;
+}
+
+static void clear_records(int gpu, int only_terminated)
+{
+    acct_record *recs;
+    int n = accounting_records(gpu, &recs);
+    for (int i = 0; i < n; i++) {
+        if (only_terminated && start_time_of(recs[i].pid) == recs[i].start_ticks)
+            continue;
+        char path[4096];
+        if (state_path(path, sizeof path, "gpu%d/accounted/%llu.%u.%llu", gpu, recs[i].seq, recs[i].pid,
+                       recs[i].start_ticks) == 0)
+            unlink(path);
+    }
+    free(recs);
+}
+
+/* Root only (NO_PERMISSION otherwise, or with accounting_denied); turning it off clears every record. */
+nvmlReturn_t nvmlDeviceSetAccountingMode(nvmlDevice_t device, int mode)
+{
+    nvmlReturn_t ret = check_accounting(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (mode != 0 && mode != 1)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    int gpu = (int)device->index;
+    if (geteuid() != 0 || gpu_flag(gpu, "accounting_denied"))
+        return NVML_ERROR_NO_PERMISSION;
+    char path[4096], tmp[4200];
+    if (state_path(path, sizeof path, "gpu%d/accounting", gpu) != 0)
+        return NVML_ERROR_UNKNOWN;
+    snprintf(tmp, sizeof tmp, "%s.%d.tmp", path, (int)getpid());
+    FILE *f = fopen(tmp, "we");
+    if (!f)
+        return NVML_ERROR_UNKNOWN;
+    fprintf(f, "%d\n", mode);
+    fclose(f);
+    if (rename(tmp, path) != 0)
+        return NVML_ERROR_UNKNOWN;
+    if (!mode)
+        clear_records(gpu, 0);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceClearAccountingPids(nvmlDevice_t device)
+{
+    nvmlReturn_t ret = check_accounting(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (geteuid() != 0)
+        return NVML_ERROR_NO_PERMISSION;
+    clear_records((int)device->index, 1);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetAccountingBufferSize(nvmlDevice_t device, unsigned int *bufferSize)
+{
+    nvmlReturn_t ret = check_accounting(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (!bufferSize)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *bufferSize = accounting_buffer((int)device->index);
+    return NVML_SUCCESS;
+}
+
+/* The PIDs in the ring (each once), with the two-call pattern of the process queries. Mode off: NOT_SUPPORTED. */
+nvmlReturn_t nvmlDeviceGetAccountingPids(nvmlDevice_t device, unsigned int *count, unsigned int *pids)
+{
+    nvmlReturn_t ret = check_accounting(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (!count)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    int gpu = (int)device->index;
+    if (!accounting_is_on(gpu))
+        return NVML_ERROR_NOT_SUPPORTED;
+    acct_record *recs;
+    int n = accounting_records(gpu, &recs);
+    unsigned int distinct = 0;
+    for (int i = n - 1; i >= 0; i--) { /* newest first; a PID listed once */
+        int seen = 0;
+        for (int j = n - 1; j > i; j--)
+            if (recs[j].pid == recs[i].pid)
+                seen = 1;
+        if (seen)
+            continue;
+        if (pids && distinct < *count)
+            pids[distinct] = recs[i].pid;
+        distinct++;
+    }
+    free(recs);
+    if (!pids || *count < distinct) {
+        *count = distinct;
+        return distinct ? NVML_ERROR_INSUFFICIENT_SIZE : NVML_SUCCESS;
+    }
+    *count = distinct;
+    return NVML_SUCCESS;
+}
+
+/* A process's stats: the newest record of that PID (the one that terminated last). Mode off: NOT_SUPPORTED;
+ * no record: NOT_FOUND. */
+nvmlReturn_t nvmlDeviceGetAccountingStats(nvmlDevice_t device, unsigned int pid, nvmlAccountingStats_t *stats)
+{
+    nvmlReturn_t ret = check_accounting(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (!stats)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    int gpu = (int)device->index;
+    if (!accounting_is_on(gpu))
+        return NVML_ERROR_NOT_SUPPORTED;
+    acct_record *recs;
+    int n = accounting_records(gpu, &recs);
+    int found = -1;
+    for (int i = 0; i < n; i++)
+        if (recs[i].pid == pid)
+            found = i;
+    if (found < 0) {
+        free(recs);
+        return NVML_ERROR_NOT_FOUND;
+    }
+    acct_record r = recs[found];
+    free(recs);
+    memset(stats, 0, sizeof *stats);
+    stats->maxMemoryUsage = r.max_mb * MIB;
+    stats->startTime = r.start_us;
+    stats->isRunning = start_time_of(r.pid) == r.start_ticks;
+    stats->time = stats->isRunning || r.last_us < r.start_us ? 0 : (r.last_us - r.start_us) / 1000;
     return NVML_SUCCESS;
 }
