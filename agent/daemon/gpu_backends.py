@@ -116,10 +116,15 @@ class _Accounting:
         self.accounting = policy
         self._acct = {}       # index -> {"state": ..., "since": wall time from which it has been on}
         self._notes = []      # (level, message, fields) for the agent's log, one per change
+        self.enabled_at = {}  # index -> wall time a privileged helper turned the mode on (service.enable_accounting)
 
     def drain_notes(self):
         notes, self._notes = self._notes, []
         return notes
+
+    def enabled_here(self):
+        """{index: wall time} of the GPUs whose accounting mode this backend turned on."""
+        return {i: e["since"] for i, e in self._acct.items() if e["state"] == "on" and e.get("enabled_by_us")}
 
     def _acct_state(self, index, state, detail=None, enabled_by_us=False):
         """Record a GPU's accounting state; a change (or the first sight) is one note."""
@@ -127,12 +132,16 @@ class _Accounting:
         if prev is not None and prev["state"] == state:
             return prev
         if state == "on":
-            # On at first sight: on since before us (an admin's `nvidia-smi -am 1`, an earlier agent). Turned on
-            # by us or seen turning on: only jobs that start from now are covered in full.
-            since = -math.inf if prev is None and not enabled_by_us else time.time()
+            # On at first sight: on since before us (an admin's `nvidia-smi -am 1`, an earlier agent), or since
+            # the agent's privileged start (ExecStartPre=+... --enable-accounting) turned it on (enabled_at).
+            # Turned on by us or seen turning on: only jobs that start from now are covered in full.
+            if prev is None and not enabled_by_us:
+                since = self.enabled_at.get(index, -math.inf)
+            else:
+                since = time.time()
         else:
             since = None
-        entry = self._acct[index] = {"state": state, "since": since}
+        entry = self._acct[index] = {"state": state, "since": since, "enabled_by_us": enabled_by_us}
         fields = {"device": index, "accounting": state}
         if detail:
             fields["detail"] = detail
@@ -181,6 +190,9 @@ class NoGpuBackend:
 
     def drain_notes(self):
         return []
+
+    def enabled_here(self):
+        return {}
 
     def close(self):
         pass

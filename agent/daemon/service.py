@@ -673,16 +673,81 @@ def _make_monitor(cfg, reserved_pids, log=None):
     from . import monitor
 
     g = cfg.gpu
-    return monitor.Monitor(backend=g.backend, snapshot_path=g.snapshot, interval=g.sample_interval,
-                           reserved_pids=reserved_pids, xid_ignore=g.ignored_xids, xid_holdoff_s=g.xid_holdoff,
-                           call_timeout_s=g.call_timeout, accounting=g.accounting, log=log)
+    mon = monitor.Monitor(backend=g.backend, snapshot_path=g.snapshot, interval=g.sample_interval,
+                          reserved_pids=reserved_pids, xid_ignore=g.ignored_xids, xid_holdoff_s=g.xid_holdoff,
+                          call_timeout_s=g.call_timeout, accounting=g.accounting, log=log)
+    if hasattr(mon.backend, "enabled_at"):
+        mon.backend.enabled_at = _read_enabled_at(cfg)
+    return mon
+
+
+def _enabled_at_path(cfg):
+    return os.path.join(os.path.dirname(cfg.gpu.snapshot), "accounting-enabled.json")
+
+
+def _read_enabled_at(cfg):
+    """{GPU index: when --enable-accounting turned its accounting mode on}, from this boot (/run)."""
+    import json
+
+    try:
+        with open(_enabled_at_path(cfg)) as f:
+            data = json.load(f)
+        return {int(k): float(v) for k, v in data.items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def enable_accounting(config_file=None):
+    """`gpu-router-agent --enable-accounting`, the unit's ExecStartPre=+: turn on the GPUs' per-process accounting
+    mode with full privileges. The driver lets only CAP_SYS_ADMIN change it, and the agent's own sandbox does not
+    have that capability (nor should it, for this one call). Honours [gpu] accounting and backend; records when it
+    turned a GPU's mode on (the agent then knows which already-running jobs the driver did not see from their
+    start). Logs what it did or why it could not; always exits 0: a GPU without accounting still works."""
+    log = _logger()
+    try:
+        cfg = _config.load(config_file)
+    except _config.ConfigError as exc:
+        log.warning("accounting mode not changed: config error", error=str(exc))
+        return 0
+    if cfg.gpu.accounting == "off" or cfg.gpu.backend == "none":
+        return 0
+    try:
+        from . import gpu_backends
+
+        backend = gpu_backends.open_backend(cfg.gpu.backend, call_timeout_s=cfg.gpu.call_timeout)
+        try:
+            backend.sample()
+            notes = backend.drain_notes()
+            enabled = backend.enabled_here()
+        finally:
+            backend.close()
+        for level, message, fields in notes:
+            getattr(log, level)(message, **fields)
+        if enabled:
+            import json
+
+            from .. import atomicfile
+
+            known = _read_enabled_at(cfg)
+            known.update(enabled)
+            os.makedirs(os.path.dirname(_enabled_at_path(cfg)), mode=0o755, exist_ok=True)
+            atomicfile.write(_enabled_at_path(cfg), json.dumps({str(k): v for k, v in known.items()}) + "\n",
+                             mode=0o644)
+    except Exception as exc:  # noqa: BLE001 - never a traceback, never a failed start over this
+        log.warning("accounting mode not changed", error=f"{type(exc).__name__}: {exc}")
+    return 0
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="gpu-router-agent", description="gpu-router's resident agent")
     p.add_argument("--config", help="config file (default: $GPU_ROUTER_CONFIG or /etc/gpu-router/config.toml)")
     p.add_argument("--once", action="store_true", help="publish one GPU snapshot and exit")
+    p.add_argument("--enable-accounting", action="store_true",
+                   help="turn on the GPUs' per-process accounting mode ([gpu] accounting = \"auto\") and exit; "
+                        "the unit's privileged ExecStartPre")
     args = p.parse_args(argv)
+    if args.enable_accounting:
+        return enable_accounting(args.config)
     try:
         agent = Agent(args.config)
     except _config.ConfigError as exc:
