@@ -10,6 +10,11 @@ No systemd needed: everything runs in a temporary folder, the agent in the foreg
 1. A torch process allocates --hold-mb MiB on --gpu and holds it. The NVML backend's sample (the agent's code path)
    and `nvidia-smi --query-gpu / --query-compute-apps` are printed side by side: total/used/free per GPU and the
    holder's per-process use, which must agree within the driver's rounding.
+1b. Per-process accounting (issue 9): the same backend turns the GPU's accounting mode on (as root; it says so
+   when it cannot), then a short torch job allocates --short-mb MiB for 0.3 s, frees half and exits. Printed side by
+   side: the backend's accounted_peaks() (the agent's finish path) and `nvidia-smi --query-accounted-apps` for the
+   short job (both must say --short-mb plus its CUDA context, not the half it ended with) and for the holder, which
+   started before the mode came on (does the driver account a process it did not see start? record the answer).
 2. The agent starts in the foreground (NVML, 0.5 s samples); the torch holder stays (foreign use). Then --jobs torch
    jobs (default: as many as would fit twice over) are started through the wrapper at once, each predicted at
    --job-mb (default: a quarter of what is free) by a constant vram model: admission = "vram", no slot cap,
@@ -43,6 +48,20 @@ print("held", flush=True)
 time.sleep(float(sys.argv[2]))
 """
 
+SHORT = """
+import sys, time, torch
+x = torch.empty(int(sys.argv[1]) * 1024 * 1024, dtype=torch.uint8, device="cuda")
+x.fill_(1)
+torch.cuda.synchronize()
+time.sleep(0.3)
+del x
+torch.cuda.empty_cache()
+y = torch.empty(int(sys.argv[1]) * 512 * 1024, dtype=torch.uint8, device="cuda")
+y.fill_(1)
+torch.cuda.synchronize()
+time.sleep(0.1)
+"""
+
 JOB = """#!/usr/bin/python3
 # A torch job: allocates the MiB its input file's size says, holds them, exits 0; a CUDA OOM exits 3.
 import os, sys, time
@@ -69,12 +88,54 @@ def smi(gpu):
     return {"index": index, "total_mb": total, "used_mb": used, "free_mb": free, "processes": procs}
 
 
+def accounted_apps():
+    """{pid: MiB} of `nvidia-smi --query-accounted-apps` (every GPU), and the raw lines."""
+    out = subprocess.run(["nvidia-smi", "--query-accounted-apps=gpu_uuid,pid,max_memory_usage",
+                          "--format=csv,noheader,nounits"], capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    rows = {}
+    for line in lines:
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 3 and parts[1].isdigit():
+            rows[int(parts[1])] = parts[2]
+    return rows, lines, out.returncode, out.stderr.strip()
+
+
+def accounting_check(args, env, holder):
+    backend = gpu_backends.open_backend("nvml")
+    try:
+        mine = next(g for g in backend.sample()["gpus"] if g["index"] == args.gpu)
+        print(f"\n== 1b. per-process accounting on GPU {args.gpu}: mode {mine.get('accounting')!r}")
+        for level, message, fields in backend.drain_notes():
+            print(f"  [{level}] {message} {fields}")
+        t0 = time.time()
+        proc = subprocess.Popen([sys.executable, "-c", SHORT, str(args.short_mb)], env=env, stderr=subprocess.PIPE,
+                                text=True)
+        pid = proc.pid
+        err_text = proc.communicate()[1]
+        print(f"  short job (pid {pid}, {args.short_mb} MiB for 0.3 s, then half): exit {proc.returncode}"
+              + (f" {err_text.strip()[-200:]}" if proc.returncode else ""))
+        mine = backend.accounted_peaks([pid], device=args.gpu, job_started=t0)
+        rows, lines, rc, err = accounted_apps()
+        print(f"  accounted_peaks (NVML)    {mine}")
+        print(f"  nvidia-smi accounted-apps {rows.get(pid)!s} MiB   (exit {rc}{', ' + err if err else ''})")
+        holder_nvml = backend.accounted_peaks([holder.pid], device=args.gpu, job_started=None)
+        print(f"  holder pid {holder.pid} (started before the mode came on): NVML {holder_nvml}   "
+              f"nvidia-smi {rows.get(holder.pid)!s}")
+        print("  raw accounted-apps lines (last 5):")
+        for line in lines[-5:]:
+            print(f"    {line}")
+    finally:
+        backend.close()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--gpu", type=int, default=0)
     p.add_argument("--hold-mb", type=int, default=2048)
     p.add_argument("--job-mb", type=int, default=0)
     p.add_argument("--jobs", type=int, default=0)
+    p.add_argument("--short-mb", type=int, default=1024)
     args = p.parse_args()
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(args.gpu), CUDA_DEVICE_ORDER="PCI_BUS_ID")
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(args.hold_mb), "600"], env=env,
@@ -94,6 +155,7 @@ def main():
         got = {q["pid"]: q["used_mb"] for q in mine.get("processes") or ()}
         print(f"  holder     backend {got.get(holder.pid)!s:>8}   nvidia-smi {ref['processes'].get(holder.pid)!s:>8}"
               f"   (allocation {args.hold_mb} + the CUDA context)")
+        accounting_check(args, env, holder)
         with tempfile.TemporaryDirectory(prefix="gpu-router-real-") as tmp:
             base = pathlib.Path(tmp)
             (base / "locks").mkdir(mode=0o770)
