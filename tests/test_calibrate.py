@@ -505,3 +505,16 @@ def _wait_for_cache(cache, main, timeout=5):
         assert time.monotonic() < deadline, "no cache written"
         gr_config.load(str(main))
         time.sleep(0.01)
+
+
+def test_a_peak_between_samples_comes_from_the_drivers_accounting(cal):
+    """Each run holds its metric's MiB for an instant, then 100 MiB for 0.3 s: calibrate's samples see 100 at most,
+    the driver's per-process accounting (which calibrate, as root, turns on per [gpu] accounting) the real peak
+    (issue 9)."""
+    if os.geteuid() != 0:
+        pytest.skip("turning accounting on needs root (as on a real driver)")
+    d = cal.calibrate(cal.input(1500), cal.input(2500), job=("--seconds", "0.01", "--vram", "{metric}",
+                                                             "--then", "100:0.3"))
+    assert [(r["peak_vram_mb"], r["peak_vram_source"]) for r in d["runs"]] == [(1500, "accounting"),
+                                                                              (2500, "accounting")], d["runs"]
+    assert d["fit"]["per_unit_mb"] == pytest.approx(1.0)

@@ -26,7 +26,8 @@ def nvml(fake_gpus):
         pytest.skip("no pynvml binding (bash .ci/deps)")
     fake_gpus.preload()
     made = []
-    fake_gpus.backend = lambda **kw: made.append(gpu.NvmlBackend(**kw).open()) or made[-1]
+    fake_gpus.backend = lambda **kw: made.append(gpu.NvmlBackend(**dict({"accounting": "auto"}, **kw)).open()) \
+        or made[-1]
     yield fake_gpus
     for b in made:
         b.close()
@@ -140,7 +141,7 @@ def test_smi_backend_turns_accounting_on_and_reads_accounted_apps(fake_gpus, mon
     fake_gpus.deny_accounting(1)
     script = fake_gpus.install_smi()
     monkeypatch.setenv("FAKE_NVML_STATE", str(fake_gpus.state))
-    b = gpu.SmiBackend(str(script), call_timeout_s=5)
+    b = gpu.SmiBackend(str(script), call_timeout_s=5, accounting="auto")
     g = {x["index"]: x for x in b.sample()["gpus"]}
     if os.geteuid() == 0:
         assert g[0]["accounting"] == "on" and fake_gpus.accounting_mode(0)
@@ -274,7 +275,7 @@ def test_without_accounting_the_peak_is_sampled_and_the_job_is_no_calibration_sa
 
 # ---------------------------------------------------------------- the unit's privileged ExecStartPre
 
-def test_enable_accounting_turns_it_on_records_when_and_never_fails(tmp_path, fake_gpus, agent_bin, clean_env):  # noqa: F811
+def test_enable_accounting_turns_it_on_records_when_and_never_fails(tmp_path, fake_gpus, agent_bin):  # noqa: F811
     """`gpu-router-agent --enable-accounting` (ExecStartPre=+, full privileges: the sandboxed agent lacks the
     CAP_SYS_ADMIN the driver wants) turns the mode on per [gpu] accounting, writes when, and exits 0 even where
     the driver refuses, with a warning and no traceback."""

@@ -21,10 +21,12 @@ binding's import and nvmlInit (up to seconds without persistence mode) every tim
 to avoid.
 
 Per-process accounting (the driver's own peak of each process, ``maxMemoryUsage``, kept in a ring after the process
-exits): with ``accounting = "auto"`` each backend checks every GPU's accounting mode as it samples and turns it on
-where it is off (root only; NVIDIA: no performance cost; not persistent across driver reloads, so it is checked
-again). Each GPU's state ("on", "off", "unsupported", "no-permission", "error:<x>") goes into its sample as
-``accounting``; a change is one note (``drain_notes``) for the agent's log. ``accounted_peaks`` answers, once a job
+exits): with ``accounting = "auto"`` (the agent's monitor and calibrate pass [gpu] accounting; the default "off"
+keeps one-off users such as `gpu-router init` from changing the driver's mode) each backend checks every GPU's
+accounting mode as it samples and turns it on where it is off (root only; NVIDIA: no performance cost; not
+persistent across driver reloads, so it is checked again). Each GPU's state ("on", "off", "unsupported",
+"no-permission", "error:<x>") goes into its sample as ``accounting``; a change is one note (``drain_notes``) for
+the agent's log. ``accounted_peaks`` answers, once a job
 has ended, the summed peaks of its PIDs on its GPU, or None where accounting cannot vouch for them (mode off or
 turned on after the job started, not supported, the call failed): the agent then falls back to its samples.
 
@@ -57,7 +59,7 @@ NVML_ERRORS = {
 NVML_GPU_IS_LOST, NVML_RESET_REQUIRED, NVML_TIMEOUT, NVML_LIBRARY_NOT_FOUND = 15, 16, 10, 12
 NVML_NOT_SUPPORTED, NVML_NO_PERMISSION, NVML_NOT_FOUND = 3, 4, 6
 ACCOUNTING_POLICIES = ("auto", "off")
-START_SLACK_S = 1.0  # clock granularity between /proc's start time (ticks) and the driver's (µs)
+START_SLACK_S = 2.0  # clock granularity between /proc's start time (ticks) and the driver's (µs)
 # Codes after which the session itself is suspect: shut NVML down and initialise it again.
 _REINIT_CODES = (1, 9, 17, 18, 999)
 
@@ -216,7 +218,7 @@ class NvmlBackend(_Accounting):
 
     source = "nvml"
 
-    def __init__(self, pynvml=None, call_timeout_s=5.0, reinit_after=10, watch_xid=True, accounting="auto"):
+    def __init__(self, pynvml=None, call_timeout_s=5.0, reinit_after=10, watch_xid=True, accounting="off"):
         if pynvml is None:
             pynvml, reason = import_pynvml()
             if pynvml is None:
@@ -542,7 +544,7 @@ class SmiBackend(_Accounting):
     ACCOUNTED_QUERY = "gpu_uuid,pid,max_memory_usage"
     MODE_EVERY_S = 30.0  # the accounting mode is checked at the first sample and then this often (a process each)
 
-    def __init__(self, path=None, call_timeout_s=5.0, accounting="auto"):
+    def __init__(self, path=None, call_timeout_s=5.0, accounting="off"):
         self.path = path or find_executable("nvidia-smi")
         self.call_timeout_s = call_timeout_s
         self.note = None
@@ -742,7 +744,7 @@ def find_executable(name, path=None):
     return None
 
 
-def open_backend(prefer="auto", call_timeout_s=5.0, smi_path=None, accounting="auto"):
+def open_backend(prefer="auto", call_timeout_s=5.0, smi_path=None, accounting="off"):
     """The backend to use. Never raises; an unusable choice comes back as a NoGpuBackend whose samples say why.
 
     "auto": NVML when a (non-shim) binding imports and libnvidia-ml loads; else nvidia-smi when on PATH; else

@@ -2,9 +2,10 @@
 
 The scope's name and cgroup say little (workload, PID, slice); the request said much more (metric, device, input,
 limits, predicted VRAM). The agent writes one record per job when the scope is made, updates it when the job's
-VRAM peak grows (or a sample sees a new process of it), and removes it when the job is accounted, so an agent restarted mid-job (every package upgrade)
-adopts the job with everything it knew and accounts it in full. /run is a tmpfs: records end with the boot, as
-the jobs do. A record that cannot be read is ignored (the job is then adopted from its scope alone).
+VRAM peak grows (or a sample sees a new process of it), and removes it when the job is accounted, so an agent
+restarted mid-job (every package upgrade) adopts the job with everything it knew and accounts it in full. /run is
+a tmpfs: records end with the boot, as the jobs do. A record that cannot be read is ignored (the job is then
+adopted from its scope alone).
 """
 
 import json

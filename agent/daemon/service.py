@@ -714,7 +714,8 @@ def enable_accounting(config_file=None):
     try:
         from . import gpu_backends
 
-        backend = gpu_backends.open_backend(cfg.gpu.backend, call_timeout_s=cfg.gpu.call_timeout)
+        backend = gpu_backends.open_backend(cfg.gpu.backend, call_timeout_s=cfg.gpu.call_timeout,
+                                            accounting="auto")
         try:
             backend.sample()
             notes = backend.drain_notes()

@@ -6,8 +6,9 @@
 For each INPUT: measure its metric with the profile's probe (``probe.measure``), run the profile's real binary on
 one GPU (``CUDA_VISIBLE_DEVICES`` as the wrapper sets it, ``CUDA_DEVICE_ORDER=PCI_BUS_ID``) with the job's arguments
 plus ``gpu_args``, and sample every ~100 ms, until it exits or its timeout: the VRAM of its process tree through the
-GPU backend (per-PID use, as the agent sees it) and the RSS of the tree from /proc. Each run becomes one sample in
-the agent's format (``accounting.record_sample``), appended to ``<state_dir>/samples/NAME.jsonl``.
+GPU backend (per-PID use, as the agent sees it) and the RSS of the tree from /proc. Once it has ended, its peak
+VRAM is the driver's per-process accounting of those PIDs (``accounted_peaks``, with ``[gpu] accounting``: as the
+agent's, exact however short the run), else the largest sample. Each run becomes one sample in the agent's format (``accounting.record_sample``), appended to ``<state_dir>/samples/NAME.jsonl``.
 
 The job's arguments: ``ARGS`` after ``--``, once per input, with ``{input}`` replaced by the input's path (the
 path is appended when no argument holds ``{input}``) and ``{metric}`` by its measured metric; without ``--``: the
@@ -124,30 +125,37 @@ def _signal_group(pgid, sig):
         pass
 
 
-def run_job(argv, env, timeout, backend=None, interval=SAMPLE_INTERVAL_S):
+def run_job(argv, env, timeout, backend=None, interval=SAMPLE_INTERVAL_S, device=None):
     """Run one job in its own session, sampling its tree's RAM (and VRAM through ``backend``) until it ends.
 
-    Returns {"result", "exit_status", "duration_s", "peak_ram_mb", "peak_vram_mb", "output_tail"}; result is
-    success | failed | cuda-oom | timeout | not-started.
+    The VRAM peak is the driver's per-process accounting of the job's PIDs on ``device`` once it has ended (as the
+    agent's, HACKING.md) where the backend can vouch for it, else the largest sample.
+    Returns {"result", "exit_status", "duration_s", "peak_ram_mb", "peak_vram_mb", "peak_vram_source",
+    "output_tail"}; result is success | failed | cuda-oom | timeout | not-started.
     """
     out = tempfile.TemporaryFile()
     started = time.monotonic()
+    wall_start = time.time()
     try:
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     except OSError as exc:
         out.close()
         return {"result": "not-started", "exit_status": 127 if isinstance(exc, FileNotFoundError) else 126,
-                "duration_s": 0.0, "peak_ram_mb": None, "peak_vram_mb": None,
+                "duration_s": 0.0, "peak_ram_mb": None, "peak_vram_mb": None, "peak_vram_source": None,
                 "output_tail": f"cannot run {argv[0]}: {exc.strerror}"}
     peak_ram, peak_vram, timed_out = 0.0, None, False
+    gpu_pids = [proc.pid]  # the job's processes any sample saw on a GPU: whose driver-kept peaks are asked
     try:
         while True:
             tick = time.monotonic()
             pids = process_tree(proc.pid)
             peak_ram = max(peak_ram, rss_mb(pids))
             if backend is not None:
-                used = vram_mb(backend.sample(), pids)
+                sample = backend.sample()
+                gpu_pids += [p["pid"] for g in sample.get("gpus", ()) for p in g.get("processes", ())
+                             if p.get("pid") in pids and p["pid"] not in gpu_pids]
+                used = vram_mb(sample, pids)
                 if used is not None:
                     peak_vram = max(peak_vram or 0, used)
             if proc.poll() is not None:
@@ -169,6 +177,14 @@ def run_job(argv, env, timeout, backend=None, interval=SAMPLE_INTERVAL_S):
         raise
     duration = time.monotonic() - started
     _signal_group(proc.pid, signal.SIGTERM)  # what it left running in its group would skew the next run
+    source = None
+    if backend is not None:
+        ask = getattr(backend, "accounted_peaks", None)
+        peaks = ask(gpu_pids, device=device, job_started=wall_start, not_before=wall_start) if ask else None
+        if peaks is not None:
+            peak_vram, source = sum(peaks.values()), "accounting"
+        else:
+            source = "sampled"
     out.seek(0, os.SEEK_END)
     out.seek(max(0, out.tell() - OUTPUT_TAIL))
     tail = out.read()
@@ -184,7 +200,7 @@ def run_job(argv, env, timeout, backend=None, interval=SAMPLE_INTERVAL_S):
     else:
         result = "failed"
     return {"result": result, "exit_status": status, "duration_s": round(duration, 3),
-            "peak_ram_mb": round(peak_ram, 1), "peak_vram_mb": peak_vram,
+            "peak_ram_mb": round(peak_ram, 1), "peak_vram_mb": peak_vram, "peak_vram_source": source,
             "output_tail": tail.decode("utf-8", "replace")}
 
 
@@ -524,7 +540,7 @@ def cmd_calibrate(args):
     backend, gpu_info, detected = None, None, []
     try:
         if inputs and mode == "GPU":
-            backend = _gpu.open_backend(cfg.gpu.backend, cfg.gpu.call_timeout)
+            backend = _gpu.open_backend(cfg.gpu.backend, cfg.gpu.call_timeout, accounting=cfg.gpu.accounting)
             first = backend.sample()
             detected = [g["total_mb"] for g in first.get("gpus", ()) if g.get("total_mb")]
             gpu_info = _pick_gpu(first, args.gpu)
@@ -652,8 +668,10 @@ def _calibrate_one(cfg, w, mode, gpu_info, backend, template, path, n, timeout):
         env["CUDA_VISIBLE_DEVICES"] = gpu_info["uuid"] if use_uuid else str(gpu_info["index"])
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    got = run_job(argv, env, timeout, backend if mode == "GPU" else None)
-    run.update({k: got[k] for k in ("result", "exit_status", "duration_s", "peak_ram_mb", "peak_vram_mb")})
+    got = run_job(argv, env, timeout, backend if mode == "GPU" else None,
+                  device=gpu_info.get("index") if mode == "GPU" and gpu_info else None)
+    run.update({k: got[k] for k in ("result", "exit_status", "duration_s", "peak_ram_mb", "peak_vram_mb",
+                                    "peak_vram_source")})
     if got["result"] == "timeout":
         run["detail"] = f"killed after {timeout:g}s (--timeout)"
     elif got["result"] != "success":
@@ -662,11 +680,13 @@ def _calibrate_one(cfg, w, mode, gpu_info, backend, template, path, n, timeout):
     predicted = policy.predict_vram_mb(w, values) if mode == "GPU" and w.vram_model != "calibrated" else None
     run["fields"] = {"WORKLOAD": w.name, "MODE": mode, "METRIC": _fmt_metric(combined), "RESULT": got["result"],
                      "PEAK_RAM_MB": got["peak_ram_mb"], "PEAK_VRAM_MB": got["peak_vram_mb"],
-                     "DURATION_S": got["duration_s"], "PREDICTED_VRAM_MB": predicted}
+                     "PEAK_VRAM_SOURCE": got["peak_vram_source"], "DURATION_S": got["duration_s"],
+                     "PREDICTED_VRAM_MB": predicted}
     if got["result"] != "not-started":
         run["sample"] = {"mode": mode, "metric": run["fields"]["METRIC"], "result": got["result"],
                          "peak_ram_mb": got["peak_ram_mb"], "peak_vram_mb": got["peak_vram_mb"],
-                         "duration_s": got["duration_s"], "predicted_vram_mb": predicted}
+                         "peak_vram_source": got["peak_vram_source"], "duration_s": got["duration_s"],
+                         "predicted_vram_mb": predicted}
     return run
 
 
