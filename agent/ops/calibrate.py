@@ -8,7 +8,8 @@ one GPU (``CUDA_VISIBLE_DEVICES`` as the wrapper sets it, ``CUDA_DEVICE_ORDER=PC
 plus ``gpu_args``, and sample every ~100 ms, until it exits or its timeout: the VRAM of its process tree through the
 GPU backend (per-PID use, as the agent sees it) and the RSS of the tree from /proc. Once it has ended, its peak
 VRAM is the driver's per-process accounting of those PIDs (``accounted_peaks``, with ``[gpu] accounting``: as the
-agent's, exact however short the run), else the largest sample. Each run becomes one sample in the agent's format (``accounting.record_sample``), appended to ``<state_dir>/samples/NAME.jsonl``.
+agent's, exact however short the run), else the largest sample. Each run becomes one sample in the agent's format
+(``accounting.record_sample``), appended to ``<state_dir>/samples/NAME.jsonl``.
 
 The job's arguments: ``ARGS`` after ``--``, once per input, with ``{input}`` replaced by the input's path (the
 path is appended when no argument holds ``{input}``) and ``{metric}`` by its measured metric; without ``--``: the
