@@ -135,7 +135,7 @@ def ev(kind, job, t, **fields):
 def test_jobs_join_events_by_job_id():
     events = [
         ev("job-finished", "w-1", 110, RESULT="success", EXIT_STATUS="0", DURATION_S="9.5", PEAK_RAM_MB="812.5",
-           PEAK_VRAM_MB="3100", MODE="GPU"),
+           PEAK_VRAM_MB="3100", PEAK_VRAM_SOURCE="accounting", MODE="GPU"),
         ev("routed", "w-1", 100, MODE="GPU", DEVICE="0", SLOT="0", INPUT="/d/a.mp3", WAITED_S="1.5",
            PREDICTED_VRAM_MB="3700", _SYSTEMD_UNIT="runner.service", _UID="998"),
         ev("blocked", "w-2", 105, MODE="BLOCKED", REASON="gpu-slots-full", INPUT="/d/b.mp3"),
@@ -158,6 +158,7 @@ def test_jobs_join_events_by_job_id():
     assert text.splitlines()[0].split()[:3] == ["START", "JOB", "WORKLOAD"]
     assert "runner.service/998" in text and "3100/3700" in text and "a.mp3" in text
     assert "None" not in text and "None" not in J.one(a)
+    assert a["peak_vram_source"] == "accounting" and "3100 MB accounting (predicted 3700 MB)" in J.one(a)
 
 
 # ---- trap 7: a partial view of the journal is said, not silently undercounted ------------------------------------

@@ -49,7 +49,8 @@ def join(events):
                                 "device": None, "slot": None, "scope": None, "reason": None, "metric": None,
                                 "unit": None, "threshold": None, "waited_s": None, "duration_s": None,
                                 "result": None, "exit_status": None, "peak_ram_mb": None, "peak_vram_mb": None,
-                                "predicted_vram_mb": None, "probe_error": None, "events": []}
+                                "peak_vram_source": None, "predicted_vram_mb": None, "probe_error": None,
+                                "events": []}
             order.append(job_id)
         j["events"].append({"time": _ts(e), "event": kind, "message": e.get("MESSAGE")})
         if kind in ("routed", "blocked"):
@@ -75,6 +76,7 @@ def join(events):
             j["duration_s"] = _num(e.get("GPU_ROUTER_DURATION_S"))
             j["peak_ram_mb"] = _num(e.get("GPU_ROUTER_PEAK_RAM_MB"))
             j["peak_vram_mb"] = _num(e.get("GPU_ROUTER_PEAK_VRAM_MB"))
+            j["peak_vram_source"] = e.get("GPU_ROUTER_PEAK_VRAM_SOURCE")  # accounting | sampled
             j["predicted_vram_mb"] = j["predicted_vram_mb"] or _num(e.get("GPU_ROUTER_PREDICTED_VRAM_MB"))
             j["mode"] = j["mode"] or e.get("GPU_ROUTER_MODE")
             j["device"] = j["device"] or e.get("GPU_ROUTER_DEVICE")
@@ -193,7 +195,9 @@ def one(j):
              f"scope         {j['scope'] or '-'}",
              f"result        {j['result'] or '-'} (exit {_v(j['exit_status'])}) after {_dur(j['duration_s'])}",
              f"peak RAM      {_v(j['peak_ram_mb'], ' MB')}",
-             f"peak VRAM     {_v(j['peak_vram_mb'], ' MB')} (predicted {_v(j['predicted_vram_mb'], ' MB')})"]
+             f"peak VRAM     {_v(j['peak_vram_mb'], ' MB')}"
+             + (f" {j['peak_vram_source']}" if j["peak_vram_source"] else "")
+             + f" (predicted {_v(j['predicted_vram_mb'], ' MB')})"]
     if j["probe_error"]:
         lines.append(f"probe error   {j['probe_error']}")
     lines.append("events:")
