@@ -319,3 +319,17 @@ def test_enable_accounting_turns_it_on_records_when_and_never_fails(tmp_path, fa
     b.enabled_at = service._read_enabled_at(loaded)
     assert b._acct_state(0, "on")["since"] == marker["0"]
     assert not b._acct_usable(0, marker["0"] - 10) and b._acct_usable(0, marker["0"] + 1)
+
+
+def test_accounting_key_is_validated_in_the_config_model(tmp_path):
+    from gpu_router import config as gr_config
+
+    path = tmp_path / "config.toml"
+    path.write_text("[gpu]\n")
+    assert gr_config.load(str(path), use_cache=False).gpu.accounting == "auto"
+    path.write_text('[gpu]\naccounting = "off"\n')
+    assert gr_config.load(str(path), use_cache=False).gpu.accounting == "off"
+    path.write_text('[gpu]\naccounting = "on"\n')
+    with pytest.raises(gr_config.ConfigError) as info:
+        gr_config.load(str(path), use_cache=False)
+    assert "gpu.accounting" in str(info.value) and "auto" in str(info.value), str(info.value)
