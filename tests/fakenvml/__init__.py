@@ -280,6 +280,8 @@ def set_accounting(argv):
         else:
             with open(os.path.join(folder, "accounting"), "w") as f:
                 f.write(("1" if value == "1" else "0") + "\n")
+            os.makedirs(os.path.join(folder, "accounted"), exist_ok=True)
+            os.chmod(os.path.join(folder, "accounted"), 0o1777)  # every user's jobs write their records
             word = "Enabled" if value == "1" else "Disabled"
             print(f"{word} Accounting Mode for GPU {bus}.")
     return rc

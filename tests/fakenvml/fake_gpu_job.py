@@ -184,11 +184,21 @@ def start_us(ticks):
 
 
 def accounting_note(state, gpu, pid, start, mb):
-    """Fold an allocation of mb MiB by (pid, start) into the GPU's accounting ring (caller holds StateLock)."""
+    """Fold an allocation of mb MiB by (pid, start) into the GPU's accounting ring (caller holds StateLock).
+    Never fails the allocation (a driver's bookkeeping never does): a ring it cannot write is left as it is."""
     if start is None or not accounting_on(state, gpu):
         return
+    try:
+        _note(state, gpu, pid, start, mb)
+    except OSError:
+        pass
+
+
+def _note(state, gpu, pid, start, mb):
     folder = os.path.join(state, f"gpu{gpu}", "accounted")
-    os.makedirs(folder, exist_ok=True)
+    if not os.path.isdir(folder):
+        os.makedirs(folder, exist_ok=True)
+        os.chmod(folder, 0o1777)  # jobs of every user write their own records, as into claims/ (sticky)
     records = accounted(state, gpu)
     now = int(time.time() * 1e6)
     mine = [r for r in records if r[1] == pid and r[2] == start]

@@ -40,6 +40,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -931,6 +932,9 @@ nvmlReturn_t nvmlDeviceSetAccountingMode(nvmlDevice_t device, int mode)
         return NVML_ERROR_UNKNOWN;
     if (!mode)
         clear_records(gpu, 0);
+    else if (state_path(path, sizeof path, "gpu%d/accounted", gpu) == 0 &&
+             (mkdir(path, 01777) == 0 || errno == EEXIST))
+        chmod(path, 01777); /* every user's jobs write their own records there (sticky, like claims/) */
     return NVML_SUCCESS;
 }
 

@@ -18,8 +18,8 @@ cp /src/units/* /etc/systemd/system/
 cp /src/packaging/tmpfiles.d/gpu-router.conf /usr/lib/tmpfiles.d/gpu-router.conf
 getent group gpu-router >/dev/null || groupadd --system gpu-router
 systemd-tmpfiles --create gpu-router.conf
-mkdir -p "$STATE/gpu0" "$STATE/claims"
-chmod 1777 "$STATE/claims"
+mkdir -p "$STATE/gpu0" "$STATE/claims" "$STATE/gpu0/accounted"
+chmod 1777 "$STATE/claims" "$STATE/gpu0/accounted"   # jobs of every user write their claims and accounting records
 printf '%s\nGPU-00000000-fake-lane\nFake GPU\n' "$GPU_MB" > "$STATE/gpu0/info"
 chmod 666 "$STATE/gpu0/info"; touch "$STATE/lock"; chmod 666 "$STATE/lock"
 systemctl daemon-reload
