@@ -190,12 +190,12 @@ def agent(tmp_path, fake_gpus, agent_bin, gr_bin, clean_env):  # noqa: F811
     cfg = base / "config.toml"
     (base / "in").write_bytes(b"x" * 10)
 
-    def start(policy="auto"):
+    def start(policy="auto", backend="nvml"):
         cfg.write_text(f"""
 [router]
 lock_dir = "{base}/locks"
 [gpu]
-backend = "nvml"
+backend = "{backend}"
 snapshot = "{base}/gpus.json"
 sample_interval = "5s"
 accounting = "{policy}"
@@ -208,7 +208,8 @@ probe = "file-size"
 threshold = 1000000
 scope = "best-effort"
 """)
-        env = dict(fake_gpus.env, GPU_ROUTER_CONFIG=str(cfg), GPU_ROUTER_LOG="stderr", GPU_ROUTER_CACHE_DIR=str(base))
+        env = dict(fake_gpus.env if backend == "nvml" else fake_gpus.env_smi_only, GPU_ROUTER_CONFIG=str(cfg),
+                   GPU_ROUTER_LOG="stderr", GPU_ROUTER_CACHE_DIR=str(base))
         p = subprocess.Popen([str(agent_bin)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 20
         while not (base / "agent.sock").exists() or not (base / "gpus.json").exists():
@@ -238,11 +239,12 @@ scope = "best-effort"
 
 
 @root_only
-def test_a_job_shorter_than_a_sample_gets_its_exact_peak_from_the_driver(agent, fake_gpus):
+@pytest.mark.parametrize("backend", ["nvml", "nvidia-smi"])
+def test_a_job_shorter_than_a_sample_gets_its_exact_peak_from_the_driver(agent, fake_gpus, backend):
     """700 MiB for 0.3 s, then 350 MiB, then exit, under an agent that samples every 5 s: no sample sees it, the
-    driver's accounting (turned on by the agent) does."""
+    driver's accounting (turned on by the agent) does, through pynvml or nvidia-smi."""
     base, start, run_job, stop = agent
-    p, env = start()
+    p, env = start(backend=backend)
     job = run_job(env, "--vram", "700", "--seconds", "0.3", "--then", "350:0.1")
     events = stop(p)
     done = [e for e in events if e.get("GPU_ROUTER_EVENT") == "job-finished" and e["GPU_ROUTER_JOB"] == job]
