@@ -110,8 +110,7 @@ def test_foreign_and_ours_processes(make_monitor, nvml):
             [(child, 3000, True, parent.pid), (foreign.pid, 2000, False, None)])  # job: the reservation's holder
         assert (g1["used_mb"], g1["ours_mb"], g1["foreign_mb"]) == (0, 0, 0)
         assert set(g0) == {"index", "uuid", "name", "total_mb", "used_mb", "free_mb", "healthy", "health",
-                           "ours_mb", "foreign_mb", "processes", "utilization",  # utilization: NVML's busy %
-                           "accounting"}  # the driver's per-process accounting mode (on here: the agent turned it on)
+                           "ours_mb", "foreign_mb", "processes", "utilization"}  # utilization: NVML's busy %
         assert set(snap) == {"version", "time", "source", "error", "driver", "gpus"}
         assert snapshot.read(m.snapshot_path, 5.0) == (snap, "ok")
         # Without the reservation the same job is foreign
