@@ -26,9 +26,9 @@ keeps one-off users such as `gpu-router init` from changing the driver's mode) e
 accounting mode as it samples and turns it on where it is off (root only; NVIDIA: no performance cost; not
 persistent across driver reloads, so it is checked again). Each GPU's state ("on", "off", "unsupported",
 "no-permission", "error:<x>") goes into its sample as ``accounting``; a change is one note (``drain_notes``) for
-the agent's log. ``accounted_peaks`` answers, once a job
-has ended, the summed peaks of its PIDs on its GPU, or None where accounting cannot vouch for them (mode off or
-turned on after the job started, not supported, the call failed): the agent then falls back to its samples.
+the agent's log. ``accounted_peaks`` answers, once a job has ended, the peaks of its PIDs on its GPU, or None where
+accounting cannot vouch for them (mode off or turned on after the job started, not supported, the call failed):
+the agent then falls back to its samples.
 
 Xid watching follows NVIDIA's Kubernetes device plugin: register ``nvmlEventTypeXidCriticalError`` (masked by
 ``nvmlDeviceGetSupportedEventTypes``) on an event set, and treat Xids as the GPU's fault except the application ones
