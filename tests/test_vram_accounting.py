@@ -335,3 +335,32 @@ def test_accounting_key_is_validated_in_the_config_model(tmp_path):
     with pytest.raises(gr_config.ConfigError) as info:
         gr_config.load(str(path), use_cache=False)
     assert "gpu.accounting" in str(info.value) and "auto" in str(info.value), str(info.value)
+
+
+@root_only
+def test_a_job_adopted_after_an_agent_restart_still_gets_the_drivers_peak(agent, fake_gpus, gr_bin):
+    """The agent restarts (a package upgrade) while a job runs: the next agent adopts it from its record and, when
+    it ends, asks the driver for its peak (900 MiB, held before the restart only)."""
+    base, start, run_job, stop = agent
+    p, env = start()
+    job = subprocess.Popen([str(gr_bin), "run", "--workload", "fake", "--", "--vram", "900", "--seconds", "0.5",
+                            "--then", "100:2.5", str(base / "in")], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    records = base / "jobs"
+    deadline = time.monotonic() + 10
+    while not (records.is_dir() and any(records.glob("*.json"))):
+        assert time.monotonic() < deadline and job.poll() is None, "no job record"
+        time.sleep(0.05)
+    time.sleep(1.0)                                  # past the 900 MiB phase
+    stop(p)
+    p2, _env = start()
+    assert job.wait(30) == 0, job.stderr.read()
+    deadline = time.monotonic() + 10
+    while any(records.glob("*.json")):
+        assert time.monotonic() < deadline, "the adopted job was not accounted"
+        time.sleep(0.05)
+    events = stop(p2)
+    done = [e for e in events if e.get("GPU_ROUTER_EVENT") == "job-finished"]
+    assert len(done) == 1, events
+    assert (done[0].get("GPU_ROUTER_PEAK_VRAM_MB"), done[0].get("GPU_ROUTER_PEAK_VRAM_SOURCE")) == (
+        "900", "accounting"), done[0]
