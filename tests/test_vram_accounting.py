@@ -190,14 +190,14 @@ def agent(tmp_path, fake_gpus, agent_bin, gr_bin, clean_env):  # noqa: F811
     cfg = base / "config.toml"
     (base / "in").write_bytes(b"x" * 10)
 
-    def start(policy="auto", backend="nvml"):
+    def start(policy="auto", backend="nvml", interval="5s"):
         cfg.write_text(f"""
 [router]
 lock_dir = "{base}/locks"
 [gpu]
 backend = "{backend}"
 snapshot = "{base}/gpus.json"
-sample_interval = "5s"
+sample_interval = "{interval}"
 accounting = "{policy}"
 [agent]
 socket = "{base}/agent.sock"
@@ -340,11 +340,12 @@ def test_accounting_key_is_validated_in_the_config_model(tmp_path):
 @root_only
 def test_a_job_adopted_after_an_agent_restart_still_gets_the_drivers_peak(agent, fake_gpus, gr_bin):
     """The agent restarts (a package upgrade) while a job runs: the next agent adopts it from its record and, when
-    it ends, asks the driver for its peak (900 MiB, held before the restart only)."""
+    it ends, asks the driver for its peak (900 MiB, held before the restart only). Samples every 1 s here, so that
+    the first agent stops within a second (it notices SIGTERM at its next wake-up)."""
     base, start, run_job, stop = agent
-    p, env = start()
-    job = subprocess.Popen([str(gr_bin), "run", "--workload", "fake", "--", "--vram", "900", "--seconds", "0.5",
-                            "--then", "100:2.5", str(base / "in")], env=env, stdout=subprocess.DEVNULL,
+    p, env = start(interval="1s")
+    job = subprocess.Popen([str(gr_bin), "run", "--workload", "fake", "--", "--vram", "900", "--seconds", "0.3",
+                            "--then", "100:4", str(base / "in")], env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)
     records = base / "jobs"
     deadline = time.monotonic() + 10
@@ -353,7 +354,9 @@ def test_a_job_adopted_after_an_agent_restart_still_gets_the_drivers_peak(agent,
         time.sleep(0.05)
     time.sleep(1.0)                                  # past the 900 MiB phase
     stop(p)
-    p2, _env = start()
+    assert any(records.glob("*.json")), "the job ended before the restart: nothing to adopt"
+    (base / "gpus.json").unlink()                    # so that start() waits for the new agent's first snapshot
+    p2, _env = start(interval="1s")
     assert job.wait(30) == 0, job.stderr.read()
     deadline = time.monotonic() + 10
     while any(records.glob("*.json")):
