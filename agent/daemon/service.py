@@ -474,6 +474,11 @@ class Agent:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGHUP, lambda *_: None)  # the next sample reloads the config anyway
+        # Python retries an interrupted select() (PEP 475): without a wake-up fd a SIGTERM would wait for the next
+        # sample (up to sample_interval) before the loop sees it.
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        self.selector.register(wake_r, selectors.EVENT_READ, "wakeup")
         if listener is None:
             listener, how = listening_socket(self.cfg.agent.socket, self.cfg.agent.group)
         listener.setblocking(False)
@@ -508,7 +513,7 @@ class Agent:
                     self.log.error("event handling failed", error=f"{type(exc).__name__}: {exc}")
                     if isinstance(key.data, tuple) and key.data[0] == "client":
                         self.clients.drop(key.data[1])
-                    elif key.data not in ("broker", "exits"):
+                    elif key.data not in ("broker", "exits", "wakeup"):
                         _drop_fd(self.selector, key.fd)  # never again: a readable fd left behind would spin
         self._answer_accepted(listener)
         self.clients.close_all()
@@ -529,6 +534,12 @@ class Agent:
         data = key.data
         if data == "broker":
             self.clients.accept(listener)
+        elif data == "wakeup":
+            try:
+                while os.read(key.fd, 4096):
+                    pass
+            except OSError:
+                pass  # drained (EAGAIN): the signal's handler already ran
         elif data == "exits":
             self._drain_exits()
         elif isinstance(data, tuple) and data[0] == "client":
