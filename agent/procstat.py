@@ -46,7 +46,11 @@ def is_process(pid, ticks):
 
 def start_time(pid):
     """Wall-clock start (boot time + start ticks; /proc/stat's btime is whole seconds), or None."""
-    ticks = start_ticks(pid)
+    return ticks_to_time(start_ticks(pid))
+
+
+def ticks_to_time(ticks):
+    """Wall-clock time of a start time in ticks (one recorded earlier: the process may be gone), or None."""
     if ticks is None:
         return None
     try:

@@ -9,6 +9,8 @@ import json
 import os
 import time
 
+from .. import procstat
+
 CGROUP_ROOT = "/sys/fs/cgroup"
 SAMPLES_KEEP = 5000
 # A VRAM peak from the agent's own samples (no driver accounting) becomes a calibration sample only when at least
@@ -86,18 +88,6 @@ def read_memory(directory):
         out["failcnt"] = int(failcnt)
     _oom_kills(out, _read(os.path.join(directory, "memory.oom_control")))
     return out
-
-
-def ticks_to_time(ticks):
-    """Wall-clock time of a /proc/PID/stat start time (field 22, clock ticks since boot), or None."""
-    if ticks is None:
-        return None
-    try:
-        with open("/proc/stat", "rb") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-    return btime + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def process_start_time(pid):
@@ -245,7 +235,7 @@ class JobAccount:
 
     def first_start(self):
         """Wall-clock start of the job's main process (no process of the job can be older), or None."""
-        return ticks_to_time(self.pid_start) if self.pid_start is not None else None
+        return procstat.ticks_to_time(self.pid_start)
 
     def take_accounted(self, peaks):
         """The driver's per-PID peaks (backend.accounted_peaks) or None → PEAK_VRAM_MB and its source."""
