@@ -15,6 +15,7 @@ import time
 import pytest
 
 from gpu_router.daemon import accounting, holder, jobrecord, procevents
+from gpu_router import procstat
 
 # A stand-in nvidia-smi that takes 0.4 s per call (a slow driver): the agent spends most of its time sampling, so
 # jobs end while it samples.
@@ -230,9 +231,9 @@ def test_holder_sleeps_ignores_polite_signals_and_is_released():
     os.kill(h.pid, signal.SIGTERM)
     os.kill(h.pid, signal.SIGHUP)
     time.sleep(0.1)
-    assert holder.is_process(h.pid, h.start)
+    assert procstat.is_process(h.pid, h.start)
     h.release()
-    assert not holder.is_process(h.pid, h.start)
+    assert not procstat.is_process(h.pid, h.start)
     assert not os.path.exists(f"/proc/{h.pid}")  # reaped, not a zombie
 
 
@@ -430,7 +431,7 @@ def test_a_scope_without_a_record_is_adopted_with_its_holder(tmp_path, monkeypat
         assert job.wait(10) == 0
         agent.close_vanished()  # the job is accounted: its holder is ended, so systemd can remove the scope
         assert job.pid not in agent.jobs
-        assert not holder.is_process(h.pid, h.start)
+        assert not procstat.is_process(h.pid, h.start)
         assert decoy.poll() is None
     finally:
         h.release()

@@ -90,18 +90,6 @@ def read_memory(directory):
     return out
 
 
-def process_start_time(pid):
-    """Wall-clock start of a process (boot time + /proc/PID/stat field 22), for jobs adopted after a restart."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
-        with open("/proc/stat", "rb") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-    return btime + ticks / os.sysconf("SC_CLK_TCK")
-
-
 def watch_oom(directory):
     """An fd that becomes readable when the cgroup at ``directory`` hits an OOM, or None where it cannot be had.
 

@@ -18,30 +18,11 @@ import os
 import signal
 import time
 
+from .. import procstat
+
 SLEEP = ("/usr/bin/sleep", "/bin/sleep")
 BLOCKED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 READY_TIMEOUT_S = 2.0
-
-
-def start_ticks(pid):
-    """A process's start time in clock ticks since boot (/proc/PID/stat field 22): with the PID, its identity."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def is_process(pid, ticks):
-    """True while the process that had ``ticks`` as start time is alive and not a zombie (a PID may be reused)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return False
-    if fields[0] in (b"Z", b"X"):
-        return False
-    return ticks is None or int(fields[19]) == ticks
 
 
 class Holder:
@@ -64,7 +45,7 @@ class Holder:
                 pass
             self.child = False
             return
-        if is_process(self.pid, self.start):
+        if procstat.is_process(self.pid, self.start):
             try:
                 os.kill(self.pid, signal.SIGKILL)
             except OSError:
@@ -94,7 +75,7 @@ def find(pids):
     """The holder among a scope's ``pids`` (is_holder), as a Holder that is not ours to reap; None if none is."""
     for pid in pids:
         if is_holder(pid):
-            return Holder(pid, start_ticks(pid))
+            return Holder(pid, procstat.start_ticks(pid))
     return None
 
 

@@ -15,7 +15,7 @@ import socket
 import time
 
 from . import accounting, broker, clients, holder, jobrecord, metrics, procevents
-from .. import journal, scope, slots
+from .. import journal, procstat, scope, slots
 from .. import config as _config
 
 SD_LISTEN_FDS_START = 3
@@ -202,7 +202,7 @@ class Agent:
             except _config.ConfigError:
                 runtime_max = None
             job = accounting.JobAccount(job_id, pid, workload, mode, None, "unknown", name, cg, runtime_max,
-                                        started=accounting.process_start_time(pid))
+                                        started=procstat.start_time(pid))
             # No record: the agent that made the scope was killed before it wrote one. Its holder is in the scope
             # all the same, and must be ended once the job is accounted, or the scope stays for ever.
             job.holder = holder.find([p for p in pids if p != pid])
@@ -233,7 +233,7 @@ class Agent:
         job = accounting.JobAccount(
             g.job_id, g.pid, g.workload.name, g.mode, g.device, g.metric, g.name, g.control_group,
             g.workload.runtime_max, predicted_vram_mb=g.predicted_vram_mb, memory_max_mb=g.memory_max_mb,
-            input_path=g.input, pid_start=holder.start_ticks(g.pid))
+            input_path=g.input, pid_start=procstat.start_ticks(g.pid))
         job.holder = self._holders.pop(g.name, None) if g.name else None
         self.track(job)
 
