@@ -432,3 +432,43 @@ def stuck_socket(path):
     except BlockingIOError:
         pass
     return s, c
+
+
+# ---- an agent of the tests' own (no systemd) ------------------------------------------------------------------
+
+TX_WORKLOAD = """binary = "/bin/sh"
+probe = "file-size"
+threshold = 100
+input = "arg:3"
+scope = "best-effort"
+"""
+
+
+def agent_config(base, backend="none", sample_interval=None, workload=TX_WORKLOAD, gpu_extra=""):
+    """config.toml text for an agent in ``base``: [router] lock_dir, [gpu] backend and snapshot there, [agent]
+    socket and state_dir there, group "users", and one profile [workloads.tx] (``workload``: its body)."""
+    interval = f'sample_interval = "{sample_interval}"\n' if sample_interval else ""
+    return f"""
+[router]
+lock_dir = "{base}/locks"
+[gpu]
+backend = "{backend}"
+snapshot = "{base}/gpus.json"
+{interval}{gpu_extra}
+[agent]
+socket = "{base}/agent.sock"
+state_dir = "{base}/state"
+group = "users"
+[workloads.tx]
+{workload}"""
+
+
+def agent_folder(tmp_path, **config):
+    """<tmp_path>/agent with locks/ (0770) and config.toml (agent_config(**config)); returns (folder, config
+    path). tmp_path is made 0755 so that a second account's jobs can reach the socket."""
+    base = tmp_path / "agent"
+    (base / "locks").mkdir(parents=True, mode=0o770)
+    os.chmod(tmp_path, 0o755)
+    cfg = base / "config.toml"
+    cfg.write_text(agent_config(base, **config))
+    return base, cfg

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+import helpers
+
 from gpu_router.daemon import accounting, holder, jobrecord, procevents
 from gpu_router import procstat
 
@@ -38,33 +40,12 @@ def _need_proc_connector():
 
 @pytest.fixture
 def agent_env(tmp_path, agent_bin, clean_env):
-    base = tmp_path / "agent"
-    (base / "locks").mkdir(parents=True, mode=0o770)
+    base, cfg = helpers.agent_folder(tmp_path, backend="nvidia-smi", sample_interval="0.1s",
+                                     workload=helpers.TX_WORKLOAD + "max_gpu_jobs = 8\n")
     (base / "bin").mkdir()
-    os.chmod(tmp_path, 0o755)
     smi = base / "bin" / "nvidia-smi"
     smi.write_text(SLOW_SMI)
     smi.chmod(0o755)
-    cfg = base / "config.toml"
-    cfg.write_text(f"""
-[router]
-lock_dir = "{base}/locks"
-[gpu]
-backend = "nvidia-smi"
-snapshot = "{base}/gpus.json"
-sample_interval = "0.1s"
-[agent]
-socket = "{base}/agent.sock"
-state_dir = "{base}/state"
-group = "users"
-[workloads.tx]
-binary = "/bin/sh"
-probe = "file-size"
-threshold = 100
-input = "arg:3"
-scope = "best-effort"
-max_gpu_jobs = 8
-""")
     (base / "in").write_bytes(b"x" * 10)
     env = dict(clean_env, GPU_ROUTER_CONFIG=str(cfg), GPU_ROUTER_LOG="stderr", GPU_ROUTER_CACHE_DIR=str(base),
                PATH=f"{base}/bin:{clean_env['PATH']}")
@@ -347,23 +328,7 @@ def _bare_scope_agent(tmp_path, monkeypatch, pids):
     to lend; the processes in it are real."""
     from gpu_router.daemon import service
 
-    base = tmp_path / "agent"
-    (base / "locks").mkdir(parents=True, mode=0o770)
-    cfg = base / "config.toml"
-    cfg.write_text(f"""
-[router]
-lock_dir = "{base}/locks"
-[gpu]
-backend = "none"
-snapshot = "{base}/gpus.json"
-[agent]
-socket = "{base}/agent.sock"
-state_dir = "{base}/state"
-group = "users"
-[workloads.tx]
-binary = "/bin/true"
-threshold = 100
-""")
+    base, cfg = helpers.agent_folder(tmp_path, workload='binary = "/bin/true"\nthreshold = 100\n')
     monkeypatch.setenv("GPU_ROUTER_CACHE_DIR", str(base))
     monkeypatch.setenv("GPU_ROUTER_LOG", "stderr")
     cgroot = tmp_path / "cgroup"

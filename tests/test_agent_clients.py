@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+import helpers
+
 from gpu_router import journal
 from gpu_router.daemon import broker
 
@@ -326,29 +328,7 @@ def test_a_second_request_for_the_same_pid_reuses_its_scope(tmp_path_factory):
 
 @pytest.fixture
 def agent(tmp_path, agent_bin, gr_bin, clean_env):
-    base = tmp_path / "agent"
-    base.mkdir()
-    os.chmod(tmp_path, 0o755)
-    (base / "locks").mkdir(mode=0o770)
-    cfg = base / "config.toml"
-    cfg.write_text(f"""
-[router]
-lock_dir = "{base}/locks"
-[gpu]
-backend = "none"
-snapshot = "{base}/gpus.json"
-sample_interval = "0.2s"
-[agent]
-socket = "{base}/agent.sock"
-state_dir = "{base}/state"
-group = "users"
-[workloads.tx]
-binary = "/bin/sh"
-probe = "file-size"
-threshold = 100
-input = "arg:3"
-scope = "best-effort"
-""")
+    base, cfg = helpers.agent_folder(tmp_path, sample_interval="0.2s")
     env = dict(clean_env, GPU_ROUTER_CONFIG=str(cfg), GPU_ROUTER_LOG="stderr", GPU_ROUTER_CACHE_DIR=str(base))
     err = open(base / "agent.err", "w+")
     p = subprocess.Popen([str(agent_bin)], env=env, stdout=subprocess.DEVNULL, stderr=err)

@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+import helpers
+
 from gpu_router.daemon import accounting, broker, procevents
 from gpu_router import journal
 from gpu_router import config as gr_config
@@ -260,31 +262,11 @@ def test_broker_refuses_unknown_workload_and_bad_mode(broker_server):
 
 @pytest.fixture
 def agent_setup(tmp_path, agent_bin, gr_bin, clean_env):
-    base = tmp_path / "agent"
-    base.mkdir()
-    os.chmod(tmp_path, 0o755)
-    (base / "locks").mkdir(mode=0o770)
-    cfg_path = base / "config.toml"
+    base, cfg_path = helpers.agent_folder(tmp_path)
 
     def write(scope_mode):
-        cfg_path.write_text(f"""
-[router]
-lock_dir = "{base}/locks"
-[gpu]
-backend = "none"
-snapshot = "{base}/gpus.json"
-sample_interval = "0.2s"
-[agent]
-socket = "{base}/agent.sock"
-state_dir = "{base}/state"
-group = "users"
-[workloads.tx]
-binary = "/bin/sh"
-probe = "file-size"
-threshold = 100
-input = "arg:3"
-scope = "{scope_mode}"
-""")
+        cfg_path.write_text(helpers.agent_config(base, sample_interval="0.2s",
+                                                 workload=helpers.TX_WORKLOAD.replace("best-effort", scope_mode)))
     env = dict(clean_env, GPU_ROUTER_CONFIG=str(cfg_path), GPU_ROUTER_LOG="stderr",
                GPU_ROUTER_CACHE_DIR=str(base))
     procs = []
@@ -415,24 +397,7 @@ def test_a_failing_sampling_stage_is_reported_once_and_the_agent_goes_on(tmp_pat
     a bug on purpose."""
     from gpu_router.daemon import service
 
-    base = tmp_path / "agent"
-    base.mkdir()
-    (base / "locks").mkdir(mode=0o770)
-    cfg = base / "config.toml"
-    cfg.write_text(f"""
-[router]
-lock_dir = "{base}/locks"
-[gpu]
-backend = "none"
-snapshot = "{base}/gpus.json"
-[agent]
-socket = "{base}/agent.sock"
-state_dir = "{base}/state"
-group = "users"
-[workloads.tx]
-binary = "/bin/true"
-threshold = 100
-""")
+    base, cfg = helpers.agent_folder(tmp_path, workload='binary = "/bin/true"\nthreshold = 100\n')
     monkeypatch.setenv("GPU_ROUTER_CACHE_DIR", str(base))
     agent = service.Agent(str(cfg))
     errors = []
