@@ -127,6 +127,31 @@ class CommandError(subprocess.CalledProcessError):
 # Why the lane cannot run here
 
 
+def build_deb(base: pathlib.Path, version: str | None = None) -> pathlib.Path:
+    """dpkg-buildpackage in a copy of the tree (tracked + untracked-not-ignored files); version bumps changelog."""
+    out = base / (version or "as-is")
+    src = out / "src"
+    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, check=True).stdout.split(b"\0")
+    for raw in filter(None, names):
+        name = os.fsdecode(raw)
+        if (REPO / name).is_symlink() or (REPO / name).exists():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name, follow_symlinks=False)
+    if version:
+        changelog = src / "debian/changelog"
+        changelog.write_text(
+            f"gpu-router ({version}) unstable; urgency=medium\n\n  * Test upgrade.\n\n"
+            f" -- gpu-router tests <tests@example.org>  Thu, 27 Nov 2025 10:00:00 +0000\n\n"
+            + changelog.read_text())
+    proc = subprocess.run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, capture_output=True, text=True,
+                          timeout=300, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+                                            "LC_ALL": "C.UTF-8"})
+    if proc.returncode:
+        raise AssertionError(f"dpkg-buildpackage -> {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return next(out.glob("gpu-router_*_all.deb"))
+
+
 def unavailable_reason() -> str | None:
     """None when this machine can run the lane, else why not (for pytest.skip / a loud CI failure)."""
     if sys.platform != "linux":

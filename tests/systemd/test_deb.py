@@ -7,9 +7,6 @@ container of this module's own. The steps share that container and run in order;
 systemd and the filesystem say.
 """
 
-import os
-import pathlib
-import shutil
 import subprocess
 import textwrap
 import time
@@ -58,25 +55,7 @@ def host(*cmd, cwd=None):
     return proc
 
 
-def build_gpu_router(base, version=None):
-    """dpkg-buildpackage in a copy of the tree (tracked + untracked-not-ignored files); version bumps changelog."""
-    out = base / (version or "as-is")
-    src = out / "src"
-    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, check=True).stdout.split(b"\0")
-    for raw in filter(None, names):
-        name = os.fsdecode(raw)
-        if (REPO / name).is_symlink() or (REPO / name).exists():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, src / name, follow_symlinks=False)
-    if version:
-        changelog = src / "debian/changelog"
-        changelog.write_text(
-            f"gpu-router ({version}) unstable; urgency=medium\n\n  * Test upgrade.\n\n"
-            f" -- gpu-router tests <tests@example.org>  Thu, 27 Nov 2025 10:00:00 +0000\n\n"
-            + changelog.read_text())
-    host("dpkg-buildpackage", "-us", "-uc", "-b", cwd=src)
-    return next(out.glob("gpu-router_*_all.deb"))
+build_gpu_router = harness.build_deb  # one builder for every lane that installs the .deb (tests/vm too)
 
 
 def build_fake(base, version, text):

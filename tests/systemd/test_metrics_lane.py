@@ -30,6 +30,7 @@ import urllib.request
 import pytest
 
 import harness
+import srcinstall
 from harness import require_lane
 
 RULES = harness.REPO / "packaging" / "prometheus" / "gpu-router.rules.yml"
@@ -77,20 +78,7 @@ for i in range(0, len(block), 4096):
 time.sleep(float(sys.argv[2]))
 """
 
-INSTALL = r"""
-set -e
-mkdir -p /opt/gpu-router/lib /etc/gpu-router /var/lib/prometheus/node-exporter
-ln -sfn /src/agent /opt/gpu-router/lib/gpu_router
-sed 's#^sys.path.append("/usr/lib/python3/dist-packages")#sys.path.insert(0, "/opt/gpu-router/lib"); &#' /src/packaging/bin/gpu-router > /usr/bin/gpu-router
-printf '#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, "/opt/gpu-router/lib")\nsys.path.append("/usr/lib/python3/dist-packages")\nfrom gpu_router.daemon.service import main\nsys.exit(main())\n' > /usr/sbin/gpu-router-agent
-chmod 755 /usr/bin/gpu-router /usr/sbin/gpu-router-agent
-cp /src/units/* /etc/systemd/system/
-cp /src/packaging/tmpfiles.d/gpu-router.conf /usr/lib/tmpfiles.d/gpu-router.conf
-getent group gpu-router >/dev/null || groupadd --system gpu-router
-systemd-tmpfiles --create gpu-router.conf
-systemctl daemon-reload
-systemctl enable --now gpu-router-agent.socket gpu-router-agent.service
-"""
+INSTALL = srcinstall.TREE + "mkdir -p /var/lib/prometheus/node-exporter\n" + srcinstall.START
 
 
 def _free_port():

@@ -12,6 +12,7 @@ import time
 import pytest
 
 import harness
+import srcinstall
 from harness import require_lane
 
 # No GPU in this lane: a stand-in nvidia-smi reports one healthy 16 GiB GPU, so GPU routing and the GPU slice are
@@ -76,22 +77,10 @@ time.sleep(hold)
 sys.exit(int(sys.argv[3]) if len(sys.argv) > 4 else 0)
 """
 
-INSTALL = r"""
-set -e
-mkdir -p /opt/gpu-router/lib /etc/gpu-router
-ln -sfn /src/agent /opt/gpu-router/lib/gpu_router
-sed 's#"/usr/lib/python3/dist-packages"#"/opt/gpu-router/lib"#' /src/packaging/bin/gpu-router > /usr/bin/gpu-router
-printf '#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, "/opt/gpu-router/lib")\nfrom gpu_router.daemon.service import main\nsys.exit(main())\n' > /usr/sbin/gpu-router-agent
-chmod 755 /usr/bin/gpu-router /usr/sbin/gpu-router-agent
-cp /src/units/* /etc/systemd/system/
-cp /src/packaging/tmpfiles.d/gpu-router.conf /usr/lib/tmpfiles.d/gpu-router.conf
-getent group gpu-router >/dev/null || groupadd --system gpu-router
-systemd-tmpfiles --create gpu-router.conf
+INSTALL = srcinstall.TREE + r"""
 mkdir -p /etc/systemd/system/gpu-router-agent.service.d
 printf '[Service]\nWatchdogSec=3\n' > /etc/systemd/system/gpu-router-agent.service.d/test.conf
-systemctl daemon-reload
-systemctl enable --now gpu-router-agent.socket gpu-router-agent.service
-"""
+""" + srcinstall.START
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def guest(tmp_path_factory):
     base = tmp_path_factory.mktemp("vm")
     payload = base / "payload"
     payload.mkdir()
-    shutil.copy2(vm.build_deb(base / "deb"), payload / "gpu-router.deb")
+    shutil.copy2(vm.harness.build_deb(base / "deb"), payload / "gpu-router.deb")
     shutil.copytree(vm.HERE / "guest", payload / "guest")
     shutil.copy2(vm.HERE / "guest" / "run.sh", payload / "run.sh")
     vm.compile_static(vm.HERE / "guest" / "alloc.c", payload / "guest" / "alloc")

@@ -181,20 +181,6 @@ def _install_kernel(root: pathlib.Path) -> None:
             subprocess.run(["umount", "-l", str(path)], env=ENV, capture_output=True)
 
 
-def build_deb(out: pathlib.Path) -> pathlib.Path:
-    """dpkg-buildpackage in a copy of the tree (tracked + untracked-not-ignored files)."""
-    src = out / "src"
-    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, check=True).stdout.split(b"\0")
-    for raw in filter(None, names):
-        name = os.fsdecode(raw)
-        if (REPO / name).is_symlink() or (REPO / name).exists():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, src / name, follow_symlinks=False)
-    _run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, env=dict(ENV, PATH="/usr/sbin:/usr/bin:/sbin:/bin"))
-    return next(out.glob("gpu-router_*_all.deb"))
-
-
 def compile_static(source: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
     """A static binary for the guest (its image has no compiler)."""
     _run(["gcc", "-O2", "-static", "-o", str(target), str(source)])
