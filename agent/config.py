@@ -673,6 +673,30 @@ def calibration_path(state_dir, name):
     return os.path.join(state_dir, CALIBRATION_DIR, f"{name}.toml")
 
 
+def _trusted_calibration(cal_path):
+    """A calibration file is root's own state: in a folder only root can change (atomicfile.open_dir), a regular
+    file of one link that no other account owns or may write. Anything else is an error, never read (issue 17)."""
+    from . import atomicfile
+
+    try:
+        fd = atomicfile.open_dir(os.path.dirname(cal_path))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"calibration folder not usable: {exc.strerror or exc}", cal_path) from None
+    try:
+        st = os.stat(os.path.basename(cal_path), dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot stat: {exc.strerror}", cal_path) from None
+    finally:
+        os.close(fd)
+    if not _stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or not _trusted_dir(st):
+        raise ConfigError("not root's own calibration (a symlink, a hard link, or a file another account owns or "
+                          "may write): remove it and run gpu-router calibrate again", cal_path)
+
+
 def _calibrated(w, raw_profile, name, path, prefix, agent, read_calibration):
     """vram_model = "calibrated": take vram_base_mb / vram_per_unit_mb from the calibration file (a tool's file under
     [agent] state_dir, never the admin's conffile); the record then carries the linear model and the file's path."""
@@ -681,6 +705,7 @@ def _calibrated(w, raw_profile, name, path, prefix, agent, read_calibration):
             raise ConfigError("with vram_model = \"calibrated\" this comes from the calibration file: remove it "
                               "here, or use vram_model = \"linear\"", path, f"{prefix}.{key}")
     cal_path = calibration_path(agent["state_dir"], name)
+    _trusted_calibration(cal_path)
     raw = (read_calibration or _read_toml)(cal_path)
     if raw is SKIP_CALIBRATION:
         return

@@ -5,14 +5,12 @@ memory and its VRAM while it runs, and closes the account when the kernel report
 or its scope's cgroup disappears. ``classify`` is pure, so every outcome rule is tested without processes.
 """
 
-import json
 import os
 import time
 
-from .. import procstat
+from .. import procstat, samples
 
 CGROUP_ROOT = "/sys/fs/cgroup"
-SAMPLES_KEEP = 5000
 # A VRAM peak from the agent's own samples (no driver accounting) becomes a calibration sample only when at least
 # this many GPU samples saw the job running: the max of fewer is a guess at a short job's peak (HACKING.md).
 MIN_VRAM_SAMPLES = 5
@@ -279,37 +277,16 @@ def _shell_status(status):
     return os.WEXITSTATUS(status)
 
 
-def append_sample(path, fields):
-    """One sample line (the format calibrate fits from) appended to ``path``; returns the file's new size."""
-    line = json.dumps({"time": round(time.time(), 3), "mode": fields["MODE"], "metric": fields["METRIC"],
-                       "result": fields["RESULT"], "peak_ram_mb": fields.get("PEAK_RAM_MB"),
-                       "peak_vram_mb": fields.get("PEAK_VRAM_MB"),
-                       "peak_vram_source": fields.get("PEAK_VRAM_SOURCE"), "duration_s": fields.get("DURATION_S"),
-                       "predicted_vram_mb": fields.get("PREDICTED_VRAM_MB")}) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
-        return f.tell()
-
-
 def record_sample(state_dir, fields, peaks_known=True):
-    """Append (metric → peaks) for calibration to state_dir/samples/<workload>.jsonl, keeping the newest lines.
+    """Append (metric → peaks) for calibration to state_dir/samples/<workload>.jsonl (``samples.record``: the
+    file's format, its trim, and the checks that keep root from writing anywhere else); the file's path, or None.
 
     Not written: an unknown metric or result, or peaks that are not known (``JobAccount.peaks_known``: the
-    cgroup's peak counter was not read after the job ended, or no GPU sample saw a GPU job).
+    cgroup's peak counter was not read after the job ended, or no GPU sample saw a GPU job). Raises OSError
+    (``atomicfile.Refused`` for a name that is not a workload's, or a folder or file not root's alone).
     """
     if fields.get("METRIC") in (None, "unknown") or fields["RESULT"] == "unknown":
         return None
     if not peaks_known:
         return None  # a peak that is not known is not a sample: calibration would fit a wrong value
-    directory = os.path.join(state_dir, "samples")
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    path = os.path.join(directory, f"{fields['WORKLOAD']}.jsonl")
-    size = append_sample(path, fields)
-    if size > SAMPLES_KEEP * 400:
-        with open(path) as f:
-            lines = f.readlines()[-SAMPLES_KEEP // 2:]
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    return path
+    return samples.record(state_dir, fields)

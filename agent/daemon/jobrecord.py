@@ -24,48 +24,64 @@ def directory(snapshot_path):
     return os.path.join(os.path.dirname(snapshot_path), "jobs")
 
 
+def _name(job_id):
+    if not atomicfile.is_name(job_id, 200):
+        raise atomicfile.Refused(repr(job_id)[:80], "not a job id")
+    return f"{job_id}.json"
+
+
 def _path(folder, job_id):
-    if not job_id or "/" in job_id or job_id.startswith("."):
-        raise ValueError(f"bad job id {job_id!r}")
-    return os.path.join(folder, f"{job_id}.json")
+    return os.path.join(folder, _name(job_id))
 
 
 def write(folder, values):
     """Atomically (re)write the record of one job; ``values`` holds FIELDS (others are dropped).
 
     Only the agent reads records, and they name other accounts' inputs: the folder is 0700 and each file 0600
-    (a folder an older agent made 0755 is narrowed)."""
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    if os.stat(folder).st_mode & 0o077:
-        os.chmod(folder, 0o700)
+    (a folder an older agent made 0755 is narrowed). Written only inside a folder root alone can change, nothing
+    in it followed (``atomicfile``); raises ``atomicfile.Refused`` (an OSError, also a ValueError) otherwise."""
+    name = _name(values["job_id"])
     data = {"version": VERSION}
     data.update({k: values.get(k) for k in FIELDS})
-    atomicfile.write(_path(folder, values["job_id"]), json.dumps(data, sort_keys=True) + "\n", mode=0o600)
+    dfd = atomicfile.open_dir(folder, create=True, mode=0o700)
+    try:
+        if os.fstat(dfd).st_mode & 0o077:
+            os.fchmod(dfd, 0o700)
+        atomicfile.write_at(dfd, name, json.dumps(data, sort_keys=True) + "\n", mode=0o600)
+    finally:
+        os.close(dfd)
 
 
 def remove(folder, job_id):
     try:
-        os.unlink(_path(folder, job_id))
-    except (FileNotFoundError, ValueError):
+        atomicfile.remove_state(folder, _name(job_id))
+    except (OSError, ValueError):  # a folder not root's alone holds no record of ours; the agent goes on
         pass
 
 
 def load_all(folder):
-    """{job_id: record} of every readable record (version 1); unreadable ones are skipped."""
+    """{job_id: record} of every readable record (version 1) that only root could have written; others are
+    skipped, and so is the whole folder when it is not root's alone."""
     out = {}
     try:
-        names = sorted(os.listdir(folder))
+        dfd = atomicfile.open_dir(folder)
     except OSError:
         return out
-    for name in names:
-        if not name.endswith(".json") or name.startswith("."):
-            continue
-        try:
-            with open(os.path.join(folder, name)) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and data.get("version") == VERSION and data.get("job_id") == name[:-5] \
-                and isinstance(data.get("pid"), int):
-            out[data["job_id"]] = data
+    try:
+        names = sorted(os.listdir(dfd))
+        for name in names:
+            if not name.endswith(".json") or name.startswith("."):
+                continue
+            text = atomicfile.read_trusted_at(dfd, name, 1 << 20)
+            if text is None:
+                continue
+            try:
+                data = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(data, dict) and data.get("version") == VERSION and data.get("job_id") == name[:-5] \
+                    and isinstance(data.get("pid"), int):
+                out[data["job_id"]] = data
+    finally:
+        os.close(dfd)
     return out

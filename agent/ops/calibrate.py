@@ -37,6 +37,7 @@ import time
 
 from ..daemon import accounting
 from .. import atomicfile
+from .. import samples as _samples
 from .. import config as _config
 from .. import policy
 from ..wrapper.probe import ProbeFailed, measure
@@ -208,7 +209,7 @@ def run_job(argv, env, timeout, backend=None, interval=SAMPLE_INTERVAL_S, device
 # ---- samples ------------------------------------------------------------------------------------------------------
 
 def samples_path(cfg, name):
-    return os.path.join(cfg.agent.state_dir, "samples", f"{name}.jsonl")
+    return _samples.path(cfg.agent.state_dir, name)
 
 
 def metric_value(value):
@@ -229,19 +230,7 @@ def metric_value(value):
 
 def read_samples(path):
     """Every sample line of the file that decodes to an object; a missing file is no samples."""
-    out = []
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(entry, dict):
-                    out.append(entry)
-    except FileNotFoundError:
-        pass
-    return out
+    return _samples.read_file(path)
 
 
 def _number(value):
@@ -280,8 +269,7 @@ def ram_summary(samples, mode):
 
 def _append_sample(path, fields):
     """The agent's line format, into a file of the operator's choosing (--samples)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    accounting.append_sample(path, fields)
+    _samples.append_file(path, fields)
 
 
 # ---- the fit (pure) -------------------------------------------------------------------------------------------
@@ -487,12 +475,11 @@ def _budget(cfg, w, gpu_info, detected_totals):
 def _write_calibration(path, doc):
     import tomli_w
 
-    folder = os.path.dirname(path)
-    os.makedirs(folder, mode=0o755, exist_ok=True)
     data = ("# Written by `gpu-router calibrate`; run it again rather than editing this file.\n"
             "# A profile uses it with vram_model = \"calibrated\" (see gpu-router.toml(5)).\n\n"
             + tomli_w.dumps(doc)).encode()
-    atomicfile.write(path, data, durable=True)
+    # root's own state: a folder only root can change, nothing in it followed (atomicfile.Refused otherwise)
+    atomicfile.write_state(os.path.dirname(path), os.path.basename(path), data, durable=True)
 
 
 def _toml_clean(value):
@@ -536,7 +523,11 @@ def cmd_calibrate(args):
         raise _config.ConfigError(f"--margin: expected a fraction from 0 to 10 (0.1 = 10%), got {args.margin}")
     mode = "CPU" if args.cpu else "GPU"
     sfile = args.samples or samples_path(cfg, w.name)
-    recorded = read_samples(sfile)
+    try:
+        recorded = read_samples(sfile) if args.samples else _samples.read(cfg.agent.state_dir, w.name)
+    except OSError as exc:
+        sys.stderr.write(f"gpu-router: calibrate: cannot read the recorded samples: {exc.strerror or exc}\n")
+        return 1
     problems, runs = [], []
     backend, gpu_info, detected = None, None, []
     try:
