@@ -33,11 +33,13 @@ def cmd_drain(args):
     action = "block" if args.block else "cpu"
     before = drainstate.read(cfg.agent.state_dir)
     try:
-        os.makedirs(cfg.agent.state_dir, mode=0o755, exist_ok=True)
-        atomicfile.write(path, drainstate.render(action, time.time(), _who(), args.reason or ""), mode=0o644,
-                         durable=True)
+        # root's own state: only in a folder root alone can change, nothing in it followed (atomicfile.Refused)
+        atomicfile.write_state(cfg.agent.state_dir, drainstate.FILE,
+                               drainstate.render(action, time.time(), _who(), args.reason or ""), mode=0o644,
+                               durable=True)
     except OSError as exc:
-        sys.stderr.write(f"gpu-router: cannot write {path}: {exc.strerror or exc} (drain needs root)\n")
+        hint = "" if isinstance(exc, atomicfile.Refused) else " (drain needs root)"
+        sys.stderr.write(f"gpu-router: cannot write {path}: {exc.strerror or exc}{hint}\n")
         return 1
     state = drainstate.read(cfg.agent.state_dir)
     what = "run on the CPU" if action == "cpu" else f"exit {cfg.router.retry_exit_code} (retry later)"
@@ -74,13 +76,11 @@ def cmd_resume(args):
     path = drainstate.path(cfg.agent.state_dir)
     before = drainstate.read(cfg.agent.state_dir)
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        atomicfile.remove_state(cfg.agent.state_dir, drainstate.FILE)
     except OSError as exc:
-        sys.stderr.write(f"gpu-router: cannot remove {path}: {exc.strerror or exc} (resume needs root)\n")
+        hint = "" if isinstance(exc, atomicfile.Refused) else " (resume needs root)"
+        sys.stderr.write(f"gpu-router: cannot remove {path}: {exc.strerror or exc}{hint}\n")
         return 1
-    atomicfile.fsync_dir(cfg.agent.state_dir)
     if before is not None:
         journal.emit("drain", f"GPUs resumed by {_who()}: new jobs may use the GPUs again",
                      {"REASON": "resumed", "BY": _who()})

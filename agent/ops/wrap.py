@@ -80,7 +80,7 @@ class _Host:
         self.launcher = launcher
         if state_dir is None:
             state_dir = os.environ.get("GPU_ROUTER_WRAPPED_DIR") or self.real(WRAPPED_DIR)
-        self.state_dir = state_dir
+        self.state_dir = os.path.abspath(state_dir)
 
     def real(self, path):
         """Where an in-root absolute path is on this machine."""
@@ -212,11 +212,22 @@ class _Host:
 
     # -- records --
 
+    def _open_state(self, create=False):
+        """The records' folder, only if root alone can change it (atomicfile.open_dir); WrapError otherwise."""
+        try:
+            return atomicfile.open_dir(self.state_dir, create=create, mode=0o755)
+        except atomicfile.Refused as exc:
+            raise WrapError(f"wrap records: {exc.strerror}; touching nothing", self.state_dir) from None
+
     def lock(self):
         import fcntl
 
-        os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
-        fd = os.open(os.path.join(self.state_dir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        dfd = self._open_state(create=True)
+        try:
+            fd = os.open(".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600,
+                         dir_fd=dfd)
+        finally:
+            os.close(dfd)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd
 
@@ -227,25 +238,36 @@ class _Host:
         import tomllib
 
         path = self.record_path(name)
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
+        if not _record_name_ok(name):
             return None
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        try:
+            text = atomicfile.read_state(self.state_dir, name + ".toml", 1 << 16)
+        except atomicfile.Refused as exc:
+            raise WrapError(f"{exc.strerror}: not a wrap record gpu-router wrote; touching nothing", path) from None
+        except OSError as exc:
+            raise WrapError(f"{path}: unreadable wrap record ({exc}); fix or remove it by hand", path) from None
+        if text is None:
+            return None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
             raise WrapError(f"{path}: unreadable wrap record ({exc}); fix or remove it by hand", path) from None
         missing = [k for k in ("path", "workload", "method", "real") if not isinstance(data.get(k), str)]
         if missing or data["method"] not in ("dpkg-divert", "rename"):
             raise WrapError(f"{path}: not a wrap record gpu-router understands (missing or bad: "
                             f"{', '.join(missing) or 'method'})", path)
+        _check_record(data, name, path)
         return data
 
     def records(self):
         try:
-            names = sorted(n[:-5] for n in os.listdir(self.state_dir) if n.endswith(".toml")
-                           and not n.startswith("."))
+            dfd = self._open_state()
         except FileNotFoundError:
             return []
+        try:
+            names = sorted(n[:-5] for n in os.listdir(dfd) if n.endswith(".toml") and not n.startswith("."))
+        finally:
+            os.close(dfd)
         return [r for r in (self.read_record(n) for n in names) if r is not None]
 
     def write_record(self, record):
@@ -253,16 +275,57 @@ class _Host:
 
         header = ("# Written by `gpu-router wrap`; `gpu-router unwrap` restores the binary from it.\n"
                   "# Do not edit. The workload name the wrapper reads is in the .workload file beside it.\n")
-        atomicfile.write(self.record_path(record["name"]), header + tomli_w.dumps(record), durable=True)
-        atomicfile.write(self.record_path(record["name"], ".workload"), record["workload"] + "\n", durable=True)
+        dfd = self._open_state(create=True)
+        try:
+            atomicfile.write_at(dfd, record["name"] + ".toml", header + tomli_w.dumps(record), durable=True)
+            atomicfile.write_at(dfd, record["name"] + ".workload", record["workload"] + "\n", durable=True)
+        finally:
+            os.close(dfd)
 
     def drop_record(self, name):
-        for suffix in (".workload", ".toml"):
-            try:
-                os.unlink(self.record_path(name, suffix))
-            except FileNotFoundError:
-                pass
-        atomicfile.fsync_dir(self.state_dir)
+        try:
+            dfd = self._open_state()
+        except FileNotFoundError:
+            return
+        try:
+            for suffix in (".workload", ".toml"):
+                try:
+                    os.unlink(name + suffix, dir_fd=dfd)
+                except FileNotFoundError:
+                    pass
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _record_name_ok(name):
+    return isinstance(name, str) and 0 < len(name) <= 255 and not name.startswith(".") \
+        and set(name) <= _NAME_CHARS | set("+@,:=~")
+
+
+def _clean_abs(path):
+    return isinstance(path, str) and path.startswith("/") and os.path.normpath(path) == path \
+        and ".." not in path.split("/") and _printable(path)
+
+
+def _check_record(record, name, file):
+    """A record restores only what wrap made: its own name, an absolute normalized path, and the real binary
+    exactly where wrap puts it for that method (BINARY.distrib / BINARY.real); anything else was not written by
+    wrap, and unwrap would move a file it never moved (issue 17)."""
+    path, real = record["path"], record["real"]
+    suffix = DIVERT_SUFFIX if record["method"] == "dpkg-divert" else RENAME_SUFFIX
+    launcher = record.get("launcher")
+    problem = None
+    if not _clean_abs(path):
+        problem = f"path {path!r} is not an absolute, normalized path"
+    elif record.get("name", name) != name or os.path.basename(path) != name:
+        problem = f"path {path!r} and name {record.get('name')!r} do not match the record's file name {name!r}"
+    elif real != path + suffix:
+        problem = f"real {real!r} is not where wrap puts it ({path + suffix})"
+    elif launcher is not None and not _clean_abs(launcher):
+        problem = f"launcher {launcher!r} is not an absolute, normalized path"
+    if problem:
+        raise WrapError(f"{file}: not a wrap record gpu-router wrote ({problem}); touching nothing", file)
 
 
 def _unlock(fd):
@@ -620,6 +683,7 @@ def _unwrap_one(host, path, record, force):
             raise WrapError(f"{path} is not wrapped by gpu-router (no record, no diversion by gpu-router)", path,
                             exit_code=2)
         record = _record(path, name, name, method, real, {frm: [] for frm, _to in ours}, launcher)
+    _check_restorable(host, path, method, real, ours)
     notes = []
     is_ours = host.is_launcher_link(path, launcher)
     present = host.exists(path)
@@ -644,6 +708,38 @@ def _unwrap_one(host, path, record, force):
         notes.append(f"removed the diversion of {frm}")
     host.drop_record(name)
     return _result("unwrapped", record, f"unwrapped {path}: " + "; ".join(notes), notes)
+
+
+def _check_restorable(host, path, method, real, ours):
+    """Before anything is moved: the record, dpkg's diversions and the files agree on what wrap made. The folder
+    holding ``path`` is root's alone; ``real`` is where wrap puts it, owned by root and writable by no one else; a
+    diverted ``real`` is the one ``dpkg-divert --list`` reports for ``path``. Otherwise WrapError, nothing touched."""
+    def refuse(why):
+        raise WrapError(f"{path}: {why}; not restoring (nothing touched)", path)
+
+    if not _clean_abs(path) or not _clean_abs(real):
+        refuse(f"{path!r} / {real!r} is not an absolute, normalized path")
+    if os.path.dirname(real) != os.path.dirname(path):
+        refuse(f"{real} is not beside {path}, where wrap puts it")
+    try:
+        os.close(atomicfile.open_dir(host.real(os.path.dirname(path))))
+    except atomicfile.Refused as exc:
+        refuse(exc.strerror)
+    except OSError:
+        pass  # a folder that is gone holds nothing to move
+    diverted_to = {os.path.join(host.resolve(os.path.dirname(to)), os.path.basename(to)) for _frm, to in ours}
+    if method == "dpkg-divert" and ours and real not in diverted_to:
+        refuse(f"dpkg reports its diversion to {', '.join(to for _frm, to in ours)}, not to {real}")
+    try:
+        st = os.lstat(host.real(real))
+    except OSError:
+        return
+    if method == "dpkg-divert" and not ours:
+        refuse(f"{real} exists but dpkg has no diversion of {path} by gpu-router (dpkg-divert --list)")
+    if st.st_uid != 0 and st.st_uid != os.geteuid():
+        refuse(f"{real} is owned by uid {st.st_uid}, not root: wrap did not put it there")
+    if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        refuse(f"{real} is writable by group or others (mode {stat.filemode(st.st_mode)})")
 
 
 def list_wrapped(*, root="/", state_dir=None):
