@@ -192,10 +192,10 @@ class Metrics:
 
     def _load(self):
         try:
-            with open(self.state_path()) as f:
-                return Store.from_json(json.load(f))
-        except FileNotFoundError:
-            return Store()
+            text = atomicfile.read_state(self.state_dir, STATE_NAME, 64 << 20)  # root's own, else Refused
+            if text is None:
+                return Store()
+            return Store.from_json(json.loads(text))
         except (OSError, ValueError, TypeError, AttributeError) as exc:  # unreadable or not ours: start at 0
             if self.log is not None:
                 self.log.warning("cannot read the saved metrics; counters start again at 0", error=str(exc),
@@ -214,8 +214,7 @@ class Metrics:
             return True
         self._saved_at = now
         try:
-            os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
-            atomicfile.write(self.state_path(), json.dumps(self.store.to_json(), separators=(",", ":")))
+            atomicfile.write_state(self.state_dir, STATE_NAME, json.dumps(self.store.to_json(), separators=(",", ":")))
         except OSError as exc:
             self._warn_once("_save_error", "cannot save the metrics' counters", exc, path=self.state_path())
             return False
@@ -537,14 +536,15 @@ class Metrics:
         """Write ``<metrics_dir>/gpu_router.prom``; a failure is warned about once, not every sample."""
         path = os.path.join(metrics_dir, FILE_NAME)
         try:
-            from prometheus_client import CollectorRegistry, write_to_textfile
+            from prometheus_client import CollectorRegistry, generate_latest
         except ImportError as exc:  # a checkout run without the package's dependencies
             self._warn_once("_write_error", "cannot write metrics: python3-prometheus-client is missing", exc)
             return False
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self)
         try:
-            write_to_textfile(path, registry)
+            # the textfile folder: nothing in it followed, refused where others may write (atomicfile, issue 17)
+            atomicfile.write_state(metrics_dir, FILE_NAME, generate_latest(registry), create=False, any_owner=True)
         except OSError as exc:
             _remove_temp(path)
             self._warn_once("_write_error", "cannot write metrics", exc, directory=metrics_dir)
@@ -557,10 +557,8 @@ class Metrics:
         """Remember where the file is (debian/postrm removes it); a file left in a former metrics_dir goes."""
         if self._exported == path:
             return
-        record = os.path.join(self.state_dir, EXPORTED_NAME)
         try:
-            with open(record) as f:
-                old = f.read().strip()
+            old = (atomicfile.read_state(self.state_dir, EXPORTED_NAME, 4096) or "").strip() or None
         except OSError:
             old = None
         if old and old != path and os.path.basename(old) == FILE_NAME:
@@ -570,8 +568,7 @@ class Metrics:
                 pass
         try:
             if old != path:
-                os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
-                atomicfile.write(record, path + "\n")
+                atomicfile.write_state(self.state_dir, EXPORTED_NAME, path + "\n")
             self._exported = path
         except OSError:
             pass

@@ -700,9 +700,10 @@ def _read_enabled_at(cfg):
     """{GPU index: when --enable-accounting turned its accounting mode on}, from this boot (/run)."""
     import json
 
-    try:
-        with open(_enabled_at_path(cfg)) as f:
-            data = json.load(f)
+    from .. import atomicfile
+
+    try:  # root's own state only (atomicfile: a folder and file no other account could have planted)
+        data = json.loads(atomicfile.read_state(*os.path.split(_enabled_at_path(cfg)), 1 << 16) or "{}")
         return {int(k): float(v) for k, v in data.items()}
     except (OSError, ValueError, TypeError, AttributeError):
         return {}
@@ -742,9 +743,8 @@ def enable_accounting(config_file=None):
 
             known = _read_enabled_at(cfg)
             known.update(enabled)
-            os.makedirs(os.path.dirname(_enabled_at_path(cfg)), mode=0o755, exist_ok=True)
-            atomicfile.write(_enabled_at_path(cfg), json.dumps({str(k): v for k, v in known.items()}) + "\n",
-                             mode=0o644)
+            atomicfile.write_state(*os.path.split(_enabled_at_path(cfg)),
+                                   json.dumps({str(k): v for k, v in known.items()}) + "\n", mode=0o644)
     except Exception as exc:  # noqa: BLE001 - never a traceback, never a failed start over this
         log.warning("accounting mode not changed", error=f"{type(exc).__name__}: {exc}")
     return 0
