@@ -194,8 +194,13 @@ def append_at(dir_fd, name, data, mode=0o644):
         data = data.encode("utf-8")
     if not name or "/" in name or name in (".", ".."):
         raise Refused(str(name), "not one path component")
-    fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
-                 | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Refused(name, "a symlink") from None
+        raise
     try:
         _check_file(os.fstat(fd), name)
         view = memoryview(data)

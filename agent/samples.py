@@ -52,7 +52,10 @@ def record(state_dir, fields):
     name = _file_name(fields.get("WORKLOAD"))
     dfd = atomicfile.open_dir(directory(state_dir), create=True, mode=0o755)
     try:
-        size = atomicfile.append_at(dfd, name, line(fields))
+        try:
+            size = atomicfile.append_at(dfd, name, line(fields))
+        except atomicfile.Refused as exc:
+            raise atomicfile.Refused(os.path.join(directory(state_dir), name), exc.why) from None
         if size > TRIM_BYTES:
             data = atomicfile.read_trusted_at(dfd, name, READ_LIMIT, raw=True)
             if data is not None:
