@@ -460,3 +460,84 @@ def test_module_entry_point_as_the_prerm_runs_it(workload):
     proc = subprocess.run(["/usr/bin/python3", "-B", "-m", "gpu_router.ops.wrap", "unwrap", "nothing"],
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("gpu-router: ")
+
+
+# ---- records root did not write as wrap writes them (issue 17) ---------------------------------------------------
+
+def _forge(root, name, **fields):
+    """A record in gpu-router's folder, root's own file (root was tricked into writing it: issue 17 saw one come
+    from a calibration sample appended through a member's symlink), saying what wrap never did."""
+    import tomli_w
+
+    root.state.mkdir(parents=True, exist_ok=True)
+    doc = {"version": 1, "name": name, "workload": "w", "launcher": "/usr/bin/gpu-router", "packages": [],
+           "diverted": [], "wrapped_at": "2026-12-06T00:00:00Z"}
+    doc.update(fields)
+    (root.state / f"{name}.toml").write_text(tomli_w.dumps(doc))
+    (root.state / f"{name}.workload").write_text("w\n")
+
+
+def _members_script(root, path):
+    f = root.write(path, "#!/bin/sh\nid -u\n", 0o755)
+    os.chown(f, 4001, 100)
+    return f
+
+
+def test_unwrap_never_moves_a_file_wrap_did_not_put_there(workload):
+    """The reproduced escalation: a record saying path /usr/local/sbin/apt, real = a member's script; `apt-get
+    remove gpu-router` (prerm: unwrap --all) renamed the script over /usr/local/sbin/apt, and root's next `apt`
+    ran it. Now unwrap refuses that record, touches nothing, and still restores what wrap did make."""
+    root = workload
+    root.wrap("/usr/bin/fake-transcribe", "transcribe")
+    root.p("/usr/local/sbin").mkdir(parents=True)
+    evil = _members_script(root, "/run/gpu-router/locks/evil")
+    _forge(root, "apt", path="/usr/local/sbin/apt", method="rename", real="/run/gpu-router/locks/evil")
+    with pytest.raises(W.UnwrapIncomplete, match="not a wrap record gpu-router wrote") as info:
+        root.unwrap(all=True)
+    assert [d["binary"] for d in info.value.done] == ["/usr/bin/fake-transcribe"]
+    assert root.p("/usr/bin/fake-transcribe").read_text() == "#!/bin/sh\necho v1 \"$@\"\n"
+    assert not os.path.lexists(root.p("/usr/local/sbin/apt"))
+    assert evil.read_text() == "#!/bin/sh\nid -u\n"
+    with pytest.raises(W.WrapError, match="not a wrap record gpu-router wrote"):
+        root.unwrap("apt")
+    # as prerm runs it: exit 1 with the reason, still nothing moved
+    lib = os.path.dirname(os.path.dirname(os.path.dirname(W.__file__)))
+    proc = subprocess.run(["/usr/bin/python3", "-B", "-m", "gpu_router.ops.wrap", "--root", str(root.path), "unwrap",
+                           "--all"], env=dict(ENV, PYTHONPATH=lib), capture_output=True, text=True)
+    assert proc.returncode == 1 and "not a wrap record gpu-router wrote" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not os.path.lexists(root.p("/usr/local/sbin/apt"))
+
+
+@pytest.mark.parametrize("case", ["member-owned-real", "member-writable-folder", "no-diversion", "other-path"])
+def test_unwrap_restores_only_when_record_diversion_and_owner_agree(root, case):
+    """Records that look like wrap's own but the files or dpkg disagree: nothing is moved."""
+    root.p("/usr/local/sbin").mkdir(parents=True)
+    if case == "member-owned-real":
+        _members_script(root, "/usr/local/sbin/apt.real")
+        _forge(root, "apt", path="/usr/local/sbin/apt", method="rename", real="/usr/local/sbin/apt.real")
+    elif case == "member-writable-folder":
+        root.write("/usr/local/sbin/apt.real", "#!/bin/sh\n", 0o755)
+        os.chown(root.p("/usr/local/sbin"), 0, 100)
+        os.chmod(root.p("/usr/local/sbin"), 0o2775)
+        _forge(root, "apt", path="/usr/local/sbin/apt", method="rename", real="/usr/local/sbin/apt.real")
+    elif case == "no-diversion":
+        root.write("/usr/local/sbin/apt.distrib", "#!/bin/sh\n", 0o755)
+        _forge(root, "apt", path="/usr/local/sbin/apt", method="dpkg-divert", real="/usr/local/sbin/apt.distrib")
+    else:  # the right real for its path, but a path that is not the record's name
+        root.write("/usr/local/sbin/apt.real", "#!/bin/sh\n", 0o755)
+        _forge(root, "tool", path="/usr/local/sbin/apt", method="rename", real="/usr/local/sbin/apt.real")
+    before = sorted(os.listdir(root.p("/usr/local/sbin")))
+    with pytest.raises(W.WrapError):
+        root.unwrap(all=True)
+    assert sorted(os.listdir(root.p("/usr/local/sbin"))) == before
+    assert not os.path.lexists(root.p("/usr/local/sbin/apt"))
+
+
+def test_wrap_records_are_refused_in_a_folder_others_can_write(workload):
+    root = workload
+    root.state.mkdir(parents=True)
+    os.chown(root.state, 0, 100)
+    os.chmod(root.state, 0o2775)
+    with pytest.raises(W.WrapError, match="others can write"):
+        root.wrap("/usr/bin/fake-transcribe", "transcribe")
+    untouched(root, "/usr/bin/fake-transcribe", "#!/bin/sh\necho v1 \"$@\"\n")

@@ -259,7 +259,9 @@ class _Host:
         _check_record(data, name, path)
         return data
 
-    def records(self):
+    def records(self, errors=None):
+        """Every record; with ``errors`` (a list) one that is not a record wrap wrote is left out and its WrapError
+        appended there, so the others can still be restored."""
         try:
             dfd = self._open_state()
         except FileNotFoundError:
@@ -268,7 +270,18 @@ class _Host:
             names = sorted(n[:-5] for n in os.listdir(dfd) if n.endswith(".toml") and not n.startswith("."))
         finally:
             os.close(dfd)
-        return [r for r in (self.read_record(n) for n in names) if r is not None]
+        out = []
+        for n in names:
+            try:
+                r = self.read_record(n)
+            except WrapError as exc:
+                if errors is None:
+                    raise
+                errors.append(exc)
+                continue
+            if r is not None:
+                out.append(r)
+        return out
 
     def write_record(self, record):
         import tomli_w
@@ -644,14 +657,15 @@ def _find(host, binary):
 
 
 def _unwrap_all(host, force):
-    targets = [(r["path"], r) for r in host.records()]
+    bad = []
+    targets = [(r["path"], r) for r in host.records(bad)]
     covered = {n for path, r in targets for n in host.aliases(path) + list(r.get("diverted", []))}
     for frm, _to in _diverted_by_us(host):
         if frm not in covered:
             path = os.path.join(host.resolve(os.path.dirname(frm)), os.path.basename(frm))
             targets.append((path, None))
             covered.update(host.aliases(path) + [frm])
-    done, failures = [], []
+    done, failures = [], list(bad)
     for path, record in targets:
         try:
             done.append(_unwrap_one(host, path, record, force))
@@ -659,7 +673,7 @@ def _unwrap_all(host, force):
             failures.append(exc)
     if failures:
         raise UnwrapIncomplete(
-            f"restored {len(done)} of {len(targets)} wrapped binaries; left as they are: "
+            f"restored {len(done)} of {len(targets) + len(bad)} wrapped binaries; left as they are: "
             + "; ".join(str(f) for f in failures), done, failures)
     message = "\n".join(d["message"] for d in done) if done else "nothing is wrapped"
     return {"action": "unwrapped-all", "unwrapped": done, "message": message}
@@ -744,7 +758,7 @@ def _check_restorable(host, path, method, real, ours):
 
 def list_wrapped(*, root="/", state_dir=None):
     """The wrap records (dicts as written), for ``gpu-router status``."""
-    return _Host(root, None, state_dir).records()
+    return _Host(root, None, state_dir).records([])  # a record wrap did not write is not listed
 
 
 # ---- maintainer scripts and tests: python3 -m gpu_router.wrap ------------------------------------------------
