@@ -48,17 +48,17 @@ def _trusted(st, any_owner=False):
     return (any_owner or st.st_uid in (0, os.geteuid())) and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
-def _passable(st):
+def _passable(st, any_owner=False):
     """A folder we may pass through (not stop in): trusted, or a sticky one (/tmp) where others cannot replace
     what we own (the next component must then be ours)."""
-    return st.st_uid in (0, os.geteuid()) and (_trusted(st) or st.st_mode & stat.S_ISVTX)
+    return (any_owner or st.st_uid in (0, os.geteuid())) and (_trusted(st, any_owner) or st.st_mode & stat.S_ISVTX)
 
 
 def open_dir(path, create=False, mode=0o755, any_owner=False):
     """A descriptor of folder ``path`` (absolute) that only root (or we) could have made or can change, reached
     without following anything another account planted. ``create``: make missing components with ``mode``.
-    ``any_owner``: the final folder may belong to another system account (node_exporter's textfile folder), still
-    writable by it alone. Raises :class:`Refused`, FileNotFoundError (``create`` False), or another OSError."""
+    ``any_owner``: the folders may belong to another system account (node_exporter's textfile folder under
+    /var/lib/prometheus), still writable by their owner alone. Raises :class:`Refused`, FileNotFoundError (``create`` False), or another OSError."""
     if not isinstance(path, str) or not path.startswith("/"):
         raise Refused(str(path), "not an absolute path")
     fd = os.open("/", _DIR)
@@ -71,7 +71,7 @@ def open_dir(path, create=False, mode=0o755, any_owner=False):
             part = parts.pop(0)
             if part == "..":
                 raise Refused(path, "'..' in the path")
-            if not _passable(st):
+            if not _passable(st, any_owner):
                 raise Refused(done, "a folder others can write to")
             try:
                 nfd = os.open(part, _DIR, dir_fd=fd)
@@ -91,7 +91,7 @@ def open_dir(path, create=False, mode=0o755, any_owner=False):
                 here = os.path.join(done, part)
                 if not stat.S_ISLNK(lst.st_mode):
                     raise Refused(here, "not a folder") from None
-                if not _trusted(st) or lst.st_uid not in (0, os.geteuid()):
+                if not _trusted(st, any_owner) or (lst.st_uid not in (0, os.geteuid()) and lst.st_uid != st.st_uid):
                     raise Refused(here, "a symlink another account could have made") from None
                 links += 1
                 if links > 40:
@@ -109,7 +109,7 @@ def open_dir(path, create=False, mode=0o755, any_owner=False):
             fd = nfd
             done = os.path.join(done, part)
             st = os.fstat(fd)
-            if st.st_uid not in (0, os.geteuid()) and not (any_owner and not parts):
+            if st.st_uid not in (0, os.geteuid()) and not any_owner:
                 raise Refused(done, f"owned by uid {st.st_uid}")
         if not _trusted(st, any_owner):
             raise Refused(done, "a folder others can write to")
@@ -274,6 +274,10 @@ def read_trusted_at(dir_fd, name, limit=4096, raw=False):
         fd = os.open(name, _READ, dir_fd=dir_fd)
     except OSError:
         return None
+    return _read_checked(fd, name, limit, raw)
+
+
+def _read_checked(fd, name, limit, raw):
     try:
         try:
             _check_file(os.fstat(fd), name)
@@ -292,13 +296,10 @@ def read_trusted(path, limit=4096):
     symlink, not a regular file, a hard link, not owned by root or us, or writable by group or others. Its readers
     act on it (the drain switch, the wrap map): a file another account could plant or edit must count as absent."""
     try:
-        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(path, _READ)  # the hot path's drain check: one failed open when there is none
     except OSError:
         return None
-    try:
-        return read_trusted_at(fd, os.path.basename(path), limit)
-    finally:
-        os.close(fd)
+    return _read_checked(fd, path, limit, False)
 
 
 def read_state(directory, name, limit=1 << 20, raw=False):

@@ -705,7 +705,12 @@ def _calibrated(w, raw_profile, name, path, prefix, agent, read_calibration):
             raise ConfigError("with vram_model = \"calibrated\" this comes from the calibration file: remove it "
                               "here, or use vram_model = \"linear\"", path, f"{prefix}.{key}")
     cal_path = calibration_path(agent["state_dir"], name)
-    _trusted_calibration(cal_path)
+    try:
+        _trusted_calibration(cal_path)
+    except ConfigError:
+        if read_calibration is not None and read_calibration(cal_path) is SKIP_CALIBRATION:
+            return  # `gpu-router calibrate` replacing it
+        raise
     raw = (read_calibration or _read_toml)(cal_path)
     if raw is SKIP_CALIBRATION:
         return
