@@ -14,10 +14,12 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
 import helpers
+from fakenvml import fake_gpus  # noqa: F401  (fixture)
 from gpu_router import atomicfile, drainstate
 from gpu_router import config as gr_config
 from gpu_router import samples
@@ -287,3 +289,59 @@ def test_metrics_never_follow_a_name_planted_in_the_textfile_folder(base):
     untouched(base)
     assert not os.path.exists(textfile / metrics.FILE_NAME)
     assert any("refusing" in kw.get("error", "") for _message, kw in log.lines), log.lines
+
+
+# ---- end to end: the reproduced attack against the real agent ---------------------------------------------------
+
+def test_the_agent_never_follows_a_ledger_entrys_workload_out_of_the_samples_folder(fake_gpus, agent_bin):  # noqa: F811
+    """Issue 17, item 1, against the real agent on a fake GPU: a member's own ledger entry names WORKLOAD
+    "../../locks/x", its process uses more VRAM than it reserved, and x.jsonl in the lock dir is the member's
+    symlink to the drain switch. The old agent appended its sample through it (root created `drain`: every GPU job
+    went to the CPU). Now the sample is refused and logged, and the agent keeps sampling."""
+    from fakenvml import have_pynvml
+
+    if not have_pynvml():
+        pytest.skip("nvidia-ml-py is not installed (bash .ci/deps)")
+    base = helpers.public_tmpdir()
+    holder = agent = None
+    try:
+        fake_gpus.add_gpu(8000, name="Fake A")
+        locks = shared_folder(base / "locks", 0o3770)
+        shared_folder(locks / "vram", 0o3770)
+        (base / "state").mkdir(mode=0o755)
+        cfg = base / "config.toml"
+        cfg.write_text(f'[router]\nlock_dir = "{locks}"\n[gpu]\nbackend = "nvml"\nsnapshot = "{base}/gpus.json"\n'
+                       f'sample_interval = "0.2s"\n[agent]\nsocket = "{base}/agent.sock"\n'
+                       f'state_dir = "{base}/state"\n[workloads.w]\nbinary = "/bin/true"\nthreshold = 100\n'
+                       'scope = "off"\n')
+        member("ln", "-s", str(base / "state" / "drain"), str(locks / "x.jsonl"))
+        code = ("import fcntl, os, time\n"
+                f"fd = os.open('{locks}/vram/gpu0.%d' % os.getpid(), os.O_RDWR | os.O_CREAT, 0o640)\n"
+                "os.write(fd, b'100 ../../locks/x 10 -\\n'); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                "print('held', flush=True); time.sleep(60)\n")
+        holder = subprocess.Popen(["setpriv", f"--reuid={MEMBER}", f"--regid={GID}", f"--groups={GID}",
+                                   "/usr/bin/python3", "-c", code], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held"
+        assert fake_gpus.claim(0, 500, pid=holder.pid)          # 500 MiB used against 100 reserved
+        env = dict(fake_gpus.env, GPU_ROUTER_CONFIG=str(cfg), GPU_ROUTER_CACHE_DIR=str(base),
+                   GPU_ROUTER_LOG="stderr")
+        log = base / "agent.log"
+        with open(log, "w") as f:
+            agent = subprocess.Popen([str(agent_bin)], env=env, stdout=subprocess.DEVNULL, stderr=f)
+        deadline = time.monotonic() + 20
+        while "vram-underpredicted" not in log.read_text():
+            assert agent.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        time.sleep(1.0)                                          # several more samples
+        text = log.read_text()
+        assert agent.poll() is None and "Traceback" not in text, text
+        assert drainstate.read(str(base / "state")) is None and not os.path.lexists(base / "state" / "drain")
+        assert "cannot record a calibration sample" in text and "not a workload name" in text, text
+        assert not os.path.lexists(base / "state" / "samples" / "x.jsonl")
+    finally:
+        for p in (agent, holder):
+            if p is not None:
+                p.kill()
+                p.wait(10)
+        shutil.rmtree(base)
