@@ -541,3 +541,19 @@ def test_wrap_records_are_refused_in_a_folder_others_can_write(workload):
     with pytest.raises(W.WrapError, match="others can write"):
         root.wrap("/usr/bin/fake-transcribe", "transcribe")
     untouched(root, "/usr/bin/fake-transcribe", "#!/bin/sh\necho v1 \"$@\"\n")
+
+
+def test_postrm_safety_net_moves_only_what_wrap_made(root):
+    """postrm purge's shell net (gpu-router's Python is gone by then) read `real` and `path` from any record: a
+    record naming a wrapped binary's path and a member's script as `real` put the script in its place."""
+    root.write("/usr/local/bin/tool", "#!/bin/sh\necho tool\n", 0o755)
+    root.wrap("/usr/local/bin/tool")
+    evil = _members_script(root, "/home/m/evil")  # purge removes /run/gpu-router: a place that stays
+    _forge(root, "a", path="/usr/local/bin/tool", method="rename", real="/home/m/evil")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "debian", "gpu-router.postrm")
+    # #DEBHELPER# is a comment in the source; DPKG_ROOT keeps every step inside the test root
+    proc = subprocess.run(["sh", script, "purge"], env=dict(ENV, DPKG_ROOT=str(root.path)), capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert root.p("/usr/local/bin/tool").read_text() == "#!/bin/sh\necho tool\n"
+    assert evil.read_text() == "#!/bin/sh\nid -u\n"
