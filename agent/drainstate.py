@@ -23,7 +23,9 @@ def path(state_dir):
 def read(state_dir):
     """None when not drained (the common case: one failed stat); else the state as a dict of strings.
 
-    A file not owned by root or by us, or writable by others, is ignored: it could not have come from `drain`."""
+    A symlink, a hard link, anything but a regular file, a file not owned by root or by us, or one writable by
+    others is ignored (``atomicfile.read_trusted``): it could not have come from `drain`, which writes it only in a
+    folder root alone can change (``atomicfile.write_state``)."""
     text = atomicfile.read_trusted(os.path.join(state_dir, FILE))
     if text is None:
         return None
