@@ -194,14 +194,21 @@ def append_at(dir_fd, name, data, mode=0o644):
         data = data.encode("utf-8")
     if not name or "/" in name or name in (".", ".."):
         raise Refused(str(name), "not one path component")
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    created = True
     try:
-        fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
-                     | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+        try:
+            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            created = False
+            fd = os.open(name, flags, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise Refused(name, "a symlink") from None
         raise
     try:
+        if created:
+            os.fchmod(fd, mode)  # ours, new: its mode whatever the umask
         _check_file(os.fstat(fd), name)
         view = memoryview(data)
         while view:
@@ -235,7 +242,10 @@ def remove_state(directory, name):
         return False
     try:
         os.unlink(name, dir_fd=dfd)
-        os.fsync(dfd)
+        try:
+            os.fsync(dfd)
+        except OSError:
+            pass
         return True
     except FileNotFoundError:
         return False

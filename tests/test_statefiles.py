@@ -345,3 +345,17 @@ def test_the_agent_never_follows_a_ledger_entrys_workload_out_of_the_samples_fol
                 p.kill()
                 p.wait(10)
         shutil.rmtree(base)
+
+
+def test_a_new_samples_file_is_roots_alone_whatever_the_umask(tmp_path):
+    """Under umask 002 the old append made the file 0664 (group-writable: a member of its group could edit what
+    calibration fits); now it is 0644, and the next append, which refuses what others may write, still works."""
+    old = os.umask(0o002)
+    try:
+        accounting.record_sample(str(tmp_path), fields("w", "1"))
+        accounting.record_sample(str(tmp_path), fields("w", "2"))
+    finally:
+        os.umask(old)
+    f = tmp_path / "samples" / "w.jsonl"
+    assert f.stat().st_mode & 0o777 == 0o644 and (tmp_path / "samples").stat().st_mode & 0o777 == 0o755
+    assert [json.loads(x)["metric"] for x in f.read_text().splitlines()] == ["1", "2"]
