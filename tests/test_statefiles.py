@@ -359,3 +359,21 @@ def test_a_new_samples_file_is_roots_alone_whatever_the_umask(tmp_path):
     f = tmp_path / "samples" / "w.jsonl"
     assert f.stat().st_mode & 0o777 == 0o644 and (tmp_path / "samples").stat().st_mode & 0o777 == 0o755
     assert [json.loads(x)["metric"] for x in f.read_text().splitlines()] == ["1", "2"]
+
+
+def test_metrics_state_is_saved_only_in_and_loaded_only_from_roots_folder(base):
+    """metrics.json holds the counters and the journal cursor: a member's file there forged the history the
+    metrics export (issue 17, item 5's variant); a member-writable state folder is refused, not written."""
+    state = shared_folder(base / "state")
+    member("sh", "-c", "echo '{\"cursor\": \"forged\"}' > " + f"'{state}/metrics.json'")
+    m = metrics.Metrics(str(state))
+    assert m.store.cursor is None                    # not loaded from the member's file
+    m.store.cursor = "ours"
+    m.store.dirty = True
+    assert m.save(force=True) is False               # refused: logged once, the agent goes on
+    assert os.lstat(state / "metrics.json").st_uid == MEMBER
+    os.chown(state, 0, 0)
+    os.chmod(state, 0o755)                           # fixed since: the member's file is still no state of ours
+    assert metrics.Metrics(str(state)).store.cursor is None
+    os.unlink(state / "metrics.json")
+    assert m.save(force=True) is True and metrics.Metrics(str(state)).store.cursor == "ours"
