@@ -58,7 +58,8 @@ def open_dir(path, create=False, mode=0o755, any_owner=False):
     """A descriptor of folder ``path`` (absolute) that only root (or we) could have made or can change, reached
     without following anything another account planted. ``create``: make missing components with ``mode``.
     ``any_owner``: the folders may belong to another system account (node_exporter's textfile folder under
-    /var/lib/prometheus), still writable by their owner alone. Raises :class:`Refused`, FileNotFoundError (``create`` False), or another OSError."""
+    /var/lib/prometheus), still writable by their owner alone. Raises :class:`Refused`, FileNotFoundError (``create``
+    False), or another OSError."""
     if not isinstance(path, str) or not path.startswith("/"):
         raise Refused(str(path), "not an absolute path")
     fd = os.open("/", _DIR)

@@ -26,7 +26,6 @@ Not on the hot path: imports freely.
 """
 
 import argparse
-import json
 import math
 import os
 import signal

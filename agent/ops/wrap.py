@@ -306,7 +306,10 @@ class _Host:
                     os.unlink(name + suffix, dir_fd=dfd)
                 except FileNotFoundError:
                     pass
-            os.fsync(dfd)
+            try:
+                os.fsync(dfd)
+            except OSError:
+                pass  # best effort, as atomicfile.fsync_dir
         finally:
             os.close(dfd)
 
