@@ -124,6 +124,7 @@ def test_wrapper_exec_failure_counts_as_a_failed_result(rig, tmp_path):
     r = rig.run("tx", tmp_path / "in")
     assert r.rc == 127
     m = metrics.Metrics(str(tmp_path / "state"))
+    m.seed(load(rig))
     for e in r.events:
         m.count_event(e)
     text = m.text()
