@@ -188,9 +188,9 @@ def when(spec, now=None):
         if s in ("today", "yesterday", "tomorrow"):
             day = {"today": 0, "yesterday": -1, "tomorrow": 1}[s]
             return time.mktime(time.localtime(midnight + day * 86400 + 43200)[:3] + (0, 0, 0, 0, 0, -1))
-        if s.startswith("@"):
+        if s.startswith("@") and 0 <= float(s[1:]) < 1e11:
             return float(s[1:])
-        if s[:1] in "-+":
+        if s and s[0] in "-+":
             return now + (-1 if s[0] == "-" else 1) * _span(s[1:].strip())
         if s.endswith(" ago"):
             return now - _span(s[:-4].strip())
