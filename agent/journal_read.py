@@ -85,6 +85,12 @@ def job_of(e):
     return e.get(PREFIX + "JOB") or None
 
 
+def job_pid(job):
+    """The wrapper's PID in a job id (``<workload>-<pid>-<random>``, wrapper/run.py), or None."""
+    parts = job.rsplit("-", 2)
+    return parts[1] if len(parts) == 3 and parts[1].isascii() and parts[1].isdigit() else None
+
+
 class Authors:
     """Which entries may be believed, one at a time in journal order (``trusted`` for a list, the metrics
     follower entry by entry). Keeps the owner (uid) of each job it has seen, the last MAX_OWNERS."""
@@ -109,9 +115,12 @@ class Authors:
             return uid == "0"
         agent = is_agent(e)
         if event == "job-finished" and not agent:
-            # Only ever the wrapper's exec failure; any figure of the agent's makes it a forgery.
+            # Only ever the wrapper's exec failure, sent by the process the job id names (the wrapper that was
+            # about to become the job); any figure of the agent's makes it a forgery.
             if (e.get(PREFIX + "RESULT") != "failed" or e.get(PREFIX + "EXIT_STATUS") not in WRAPPER_EXEC_STATUSES
                     or any(k in e for k in AGENT_ONLY_FIELDS)):
+                return False
+            if job_of(e) is not None and job_pid(job_of(e)) != e.get("_PID"):
                 return False
         elif event in AGENT_EVENTS:
             return agent

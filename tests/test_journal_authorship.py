@@ -87,7 +87,7 @@ def test_the_agents_events_count_only_from_the_agent():
 
 def test_a_wrapper_job_finished_is_only_ever_an_exec_failure_of_its_own_job():
     own = [routed(ALICE, "w-4001-bb")]
-    exec_failed = finished(ALICE, "w-4001-bb", RESULT="failed", EXIT_STATUS="127")
+    exec_failed = finished(ALICE, "w-4001-bb", RESULT="failed", EXIT_STATUS="127")  # ALICE's _PID is 4001
     for key in ("DURATION_S", "PEAK_VRAM_MB"):
         exec_failed.pop("GPU_ROUTER_" + key)
     assert R.trusted(own + [exec_failed])[1] == 0
@@ -95,6 +95,10 @@ def test_a_wrapper_job_finished_is_only_ever_an_exec_failure_of_its_own_job():
     assert R.trusted(own + [dict(exec_failed, GPU_ROUTER_PEAK_VRAM_MB="15000")])[1] == 1
     assert R.trusted(own + [dict(exec_failed, **MALLORY)])[1] == 1
     assert R.trusted([dict(exec_failed, _UID=None)])[1] == 1  # not from journald: nobody vouches for it
+    # the first event of its job seen (a --since window that starts after the job's routed): only from the
+    # wrapper's own PID, the one in the job id
+    assert R.trusted([exec_failed])[1] == 0 and R.trusted([dict(exec_failed, _PID="4002")])[1] == 1
+    assert R.trusted([dict(exec_failed, **MALLORY)])[1] == 1
 
 
 # ---- fields as the readers give them ------------------------------------------------------------------------------
