@@ -224,16 +224,23 @@ def test_thousands_of_workload_names_from_members_make_one_label(cfg, tmp_path):
 def test_a_saved_file_with_thousands_of_labels_folds_at_the_first_sample(cfg, tmp_path):
     state = tmp_path / "state"
     state.mkdir()
-    rows = [[["tx", "cpu-slots-full"], 2]] + [[[f"w{i}", "gpu-slots-full"], 1] for i in range(3000)]
+    rows = [[["tx", "cpu-slots-full"], 2]] + [[[f"w{i}", "gpu-slots-full"], 1] for i in range(3000)] + [
+        [["tx", "r\x1b[2J\n"], 1], [["tx", "r\x07"], 1]]
     hist = [[[f"w{i}"], [1] + [0] * 12 + [0.5]] for i in range(3000)]
     (state / metrics.STATE_NAME).write_text(json.dumps({
-        "version": 1, "counters": {"gpu_router_jobs_blocked_total": rows},
+        "version": 1, "gpus": {"0": "GPU-0"},
+        "counters": {"gpu_router_jobs_blocked_total": rows,
+                     "gpu_router_gpu_health_changes_total": [[["x\x1b", "gpu-lost"], 1],
+                                                             [["7", "gpu-lost"], 1]]},
         "histograms": {"gpu_router_job_wait_seconds": hist}}))
     m = metrics.Metrics(str(state))
     m.seed(cfg)
     blocked = m.store.counters["gpu_router_jobs_blocked_total"]
     assert blocked[("tx", "cpu-slots-full")] == 2 and blocked[("other", "gpu-slots-full")] == 3000
-    assert {k[0] for k in blocked} == {"tx", "other"}
+    assert {k[0] for k in blocked} == {"tx", "other"} and blocked[("tx", "other")] == 2
+    health = m.store.counters["gpu_router_gpu_health_changes_total"]
+    assert {k[0] for k in health} == {"0", "other"} and health[("other", "gpu-lost")] == 2
+    assert "\x1b" not in m.text()
     assert m.store.histograms["gpu_router_job_wait_seconds"][("other",)][0] == 3000
     assert m.save(force=True) and os.path.getsize(state / metrics.STATE_NAME) < 30000
 
