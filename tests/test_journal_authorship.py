@@ -337,3 +337,20 @@ def test_fuzz_hostile_journal_entries_through_jobs_stats_and_metrics(cfg, tmp_pa
     labels = {v for fam in m.store.counters.values() for k in fam for v in k}
     assert all(len(v) <= 32 and v.isprintable() for v in labels), labels
     assert m.save(force=True)
+
+
+def test_one_reader_of_the_journal():
+    """Issue 20: stats read through a journalctl subprocess while the metrics used python3-systemd's Reader. Every
+    reader goes through journal_read (its decoding and authorship): no other module opens the journal."""
+    import pathlib
+
+    agent = pathlib.Path(R.__file__).resolve().parent
+    found = []
+    for path in sorted(agent.rglob("*.py")):
+        if path.name == "journal_read.py":
+            continue
+        text = path.read_text()
+        for needle in ('"journalctl"', "'journalctl'", ".Reader(", "journal.Reader", "sd_journal_open"):
+            if needle in text:
+                found.append(f"{path.relative_to(agent)}: {needle}")
+    assert not found, found

@@ -4,7 +4,7 @@ Three kinds of numbers, each from the place that knows it:
 
 * **Counters and histograms** of every decision and outcome. The wrapper's decisions (routed, BLOCKED, probe
   failures, scope failures, config errors) are read back from the journal, where the wrapper already writes them
-  (``follow_journal``: python3-systemd's ``journal.Reader``, ``SYSLOG_IDENTIFIER=gpu-router``, from a saved
+  (``follow_journal``: ``journal_read``, python3-systemd underneath, ``SYSLOG_IDENTIFIER=gpu-router``, from a saved
   cursor), so the hot path pays nothing for them. Job outcomes come from the agent's accounting through one call,
   ``Metrics.job_finished(fields)``. Counters and the journal cursor are saved together, atomically, in
   ``<state_dir>/metrics.json``: they survive agent restarts and package upgrades, and events written while the

@@ -250,8 +250,8 @@ def cmd_jobs(args):
 def register(sub, command):
     c = command("jobs", "job history from the journal, like sacct (JOB: one job with all its events)")
     c.add_argument("job", nargs="?", help="a job id (GPU_ROUTER_JOB, as in the table): show that one job")
-    c.add_argument("--since", "-S", default="-1d", help="journalctl --since (default: -1d), e.g. -1h, today")
-    c.add_argument("--until", "-U", help="journalctl --until")
+    c.add_argument("--since", "-S", default="-1d", help="from when, as journalctl --since takes it (default: -1d), e.g. -1h, today")
+    c.add_argument("--until", "-U", help="until when, as journalctl --until takes it")
     c.add_argument("--workload", "-w", help="only this workload")
     c.add_argument("--result", "-r", choices=RESULTS, help="only jobs with this result")
     c.add_argument("--mode", "-m", choices=("GPU", "CPU", "BLOCKED", "REFUSED", "gpu", "cpu", "blocked"),

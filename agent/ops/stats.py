@@ -228,7 +228,7 @@ def metrics_by_mode(events):
 
 def register(sub, command):
     c = command("stats", "GPU/CPU/BLOCKED counts and outcomes from the journal, with advice")
-    c.add_argument("--since", default="-1d", help="journalctl --since, e.g. --since=-1h or --since=today "
+    c.add_argument("--since", default="-1d", help="from when, as journalctl --since takes it: --since=-1h, --since=today, '2026-01-31 08:00' "
                                                   "(default: -1d)")
     c.add_argument("--directory", "-D", help="read journal files from this directory")
     c.add_argument("--chart", metavar="FILE", help="also draw the jobs' metrics by decision against the threshold "
