@@ -109,7 +109,7 @@ class Authors:
     def _check(self, e):
         event = e.get(PREFIX + "EVENT")
         uid = e.get("_UID")
-        if not uid or not uid.isdigit():
+        if not uid or not (uid.isascii() and uid.isdigit()):
             return False  # not from journald (it always adds _UID): nobody vouches for it
         if event in ROOT_EVENTS:
             return uid == "0"
