@@ -354,3 +354,15 @@ def test_one_reader_of_the_journal():
             if needle in text:
                 found.append(f"{path.relative_to(agent)}: {needle}")
     assert not found, found
+
+
+def test_a_config_without_workloads_still_folds_the_saved_labels(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / metrics.STATE_NAME).write_text(json.dumps({"version": 1, "counters": {
+        "gpu_router_jobs_blocked_total": [[[f"w{i}", "gpu-slots-full"], 1] for i in range(50)]}}))
+    path = tmp_path / "config.toml"
+    helpers.write_toml(path, {"agent": {"state_dir": str(state)}})
+    m = metrics.Metrics(str(state))
+    m.seed(gr_config.load(str(path), use_cache=False))
+    assert m.store.counters["gpu_router_jobs_blocked_total"] == {("other", "gpu-slots-full"): 50}

@@ -249,6 +249,7 @@ class Metrics:
         self.store = self._load()
         self.view = {}
         self.workloads = frozenset()  # the configured workloads: the only workload labels (others: OTHER)
+        self._pruned_for = None  # the workloads the saved series were last folded for
         self._authors = None    # journal_read.Authors: who may have written each entry the follower reads
         self._reader = None
         self._reader_error = None
@@ -304,8 +305,8 @@ class Metrics:
         """Every known label set of every configured workload at 0 (an existing count is kept); series of
         workloads not configured (any more) fold into OTHER."""
         names = frozenset(cfg.workloads)
-        if names != self.workloads:
-            self.workloads = names
+        if names != self._pruned_for:
+            self.workloads = self._pruned_for = names
             self._prune()
         z, zh = self.store.zero, self.store.zero_histogram
         z("gpu_router_config_errors_total", ())
