@@ -366,3 +366,12 @@ def test_a_config_without_workloads_still_folds_the_saved_labels(tmp_path):
     m = metrics.Metrics(str(state))
     m.seed(gr_config.load(str(path), use_cache=False))
     assert m.store.counters["gpu_router_jobs_blocked_total"] == {("other", "gpu-slots-full"): 50}
+
+
+def test_a_members_own_wait_cannot_make_the_histogram_sum_infinite(cfg, tmp_path):
+    m = metrics.Metrics(str(tmp_path / "state"))
+    m.seed(cfg)
+    for _ in range(3):
+        m.count_event(R.decode(routed(ALICE, "tx-4001-ee", WORKLOAD="tx", MODE="CPU", REASON="over-threshold",
+                                      WAITED_S="1e308")))
+    assert m.store.histograms["gpu_router_job_wait_seconds"][("tx",)][-1] == 3 * metrics.MAX_WAIT_S

@@ -58,6 +58,7 @@ WAIT_OUTCOMES = ("admitted", "blocked")
 EXIT_STATUSES = ("0", "1", "126", "127", "137", "143")
 # Exported at 0 per GPU seen; xid-N and the backend's own kinds are counted when they happen.
 HEALTHS = ("ok", "gpu-lost", "reset-required", "absent")
+MAX_WAIT_S = 86400.0  # a wait a member's own event claims is counted at most this long (the sum stays finite)
 MAX_SERIES = 100000  # series read per family from a saved file at most (seed() then folds the unconfigured)
 
 COUNTERS = {  # name: (help, label names)
@@ -410,7 +411,7 @@ class Metrics:
         waited = _num(entry.get("GPU_ROUTER_WAITED_S"))
         if waited is not None and event in ("routed", "blocked"):
             s.inc("gpu_router_jobs_waited_total", (workload, "admitted" if event == "routed" else "blocked"))
-            s.observe("gpu_router_job_wait_seconds", (workload,), max(waited, 0.0))
+            s.observe("gpu_router_job_wait_seconds", (workload,), min(max(waited, 0.0), MAX_WAIT_S))
         return True
 
     def follow_journal(self):
