@@ -124,6 +124,7 @@ def test_wrapper_exec_failure_counts_as_a_failed_result(rig, tmp_path):
     r = rig.run("tx", tmp_path / "in")
     assert r.rc == 127
     m = metrics.Metrics(str(tmp_path / "state"))
+    m.seed(load(rig))
     for e in r.events:
         m.count_event(e)
     text = m.text()
@@ -297,6 +298,27 @@ def test_every_exported_metric_is_documented_in_the_readme_and_the_man_page(rig,
     for name in list(metrics.COUNTERS) + list(metrics.HISTOGRAMS) + list(metrics.GAUGES):
         assert f"`{name}`" in readme, name
         assert f" {name}" in man, name
+
+
+def test_every_metric_the_docs_name_is_exported():
+    """The other way round (issue 20): HACKING said gpu_router_drained, docs/fleet.md gpu_router_gpu_memory_mib."""
+    import glob
+    import re
+
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    declared = set(metrics.COUNTERS) | set(metrics.HISTOGRAMS) | set(metrics.GAUGES)
+    files = [os.path.join(repo, n) for n in ("README.md", "HACKING.md")] + sorted(
+        glob.glob(os.path.join(repo, "docs", "**", "*.md"), recursive=True)
+        + glob.glob(os.path.join(repo, "packaging", "man", "*"))
+        + glob.glob(os.path.join(repo, "packaging", "prometheus", "*")))
+    unknown = set()
+    for path in files:
+        text = open(path).read().replace("\\_", "_")
+        for name in re.findall(r"gpu_router_[a-z_]+[a-z]", text):
+            base = re.sub(r"_(bucket|count|sum)$", "", name)
+            if name not in declared and base not in declared:
+                unknown.add(f"{os.path.relpath(path, repo)}: {name}")
+    assert not unknown, sorted(unknown)
 
 
 

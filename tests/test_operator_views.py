@@ -123,6 +123,28 @@ def test_status_lists_running_jobs_and_waiters(rig, tmp_path):
     assert json.loads(cli(rig, "status", "--json").stdout)["jobs"] == []
 
 
+def test_status_and_its_watch_print_a_members_input_name_escaped(rig, tmp_path):
+    """Issue 17 (7): an input name with ESC sequences reached root's terminal raw through status and --watch."""
+    evil = tmp_path / "clip\x1b]0;owned\x07\x1b[2J\x9b31m\nfake.mp3"
+    evil.write_bytes(b"x" * 10)
+    holder = rig.spawn("w", evil, env={"JOB_SLEEP": "60"})
+    try:
+        wait_started(rig, holder)
+        deadline = time.monotonic() + 20
+        while not json.loads(cli(rig, "status", "--json").stdout)["jobs"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert json.loads(cli(rig, "status", "--json").stdout)["jobs"][0]["input"] == str(evil)  # exact in JSON
+        for args in (("status",), ("status", "--watch", "0.1", "--count", "2")):
+            text = cli(rig, *args).stdout
+            assert "\\x1b]0;owned\\x07" in text and "\\nfake.mp3" in text, text
+            assert not any(c in text for c in "\x1b\x07\x9b"), text
+            assert not any(line.startswith("fake.mp3") for line in text.splitlines())
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 # ---- jobs: the join ---------------------------------------------------------------------------------------------
 
 def ev(kind, job, t, **fields):

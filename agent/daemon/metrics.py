@@ -4,12 +4,16 @@ Three kinds of numbers, each from the place that knows it:
 
 * **Counters and histograms** of every decision and outcome. The wrapper's decisions (routed, BLOCKED, probe
   failures, scope failures, config errors) are read back from the journal, where the wrapper already writes them
-  (``follow_journal``: python3-systemd's ``journal.Reader``, ``SYSLOG_IDENTIFIER=gpu-router``, from a saved
+  (``follow_journal``: ``journal_read``, python3-systemd underneath, ``SYSLOG_IDENTIFIER=gpu-router``, from a saved
   cursor), so the hot path pays nothing for them. Job outcomes come from the agent's accounting through one call,
   ``Metrics.job_finished(fields)``. Counters and the journal cursor are saved together, atomically, in
   ``<state_dir>/metrics.json``: they survive agent restarts and package upgrades, and events written while the
   agent was down are counted when it comes back. Every known label set of every configured workload is exported
-  from the start at 0, so ``increase()`` sees the first event.
+  from the start at 0, so ``increase()`` sees the first event. The journal is read through ``journal_read``: an
+  entry counts only from an author that may write it (a member cannot forge the agent's outcomes or health).
+* **Bounded labels.** Label values come only from the configured workloads and the lists below; anything else
+  (a member's own event naming a workload that is not configured, an unknown reason) is counted under ``other``,
+  and a saved file's series of workloads no longer configured fold into ``other`` at the first sample.
 * **Gauges** of the current state (GPU health, memory, slots, running jobs), from the last sample.
 * **Staleness**: ``gpu_router_agent_up`` (0 once the agent stops), the last successful sample's timestamp, the
   backend's up gauge with its error as a separate info series.
@@ -34,18 +38,28 @@ MiB = 1048576
 GiB = 1024 * MiB
 
 # The label values the code can produce (wrapper/run.py, policy.py, wrapper/probe.py, daemon/accounting.py).
-# Each is exported at 0 for every configured workload; a value outside these lists is still counted.
+# Each is exported at 0 for every configured workload; a value outside these lists is counted as OTHER, and so is
+# a workload that is not configured: the number of series is bounded by the config, never by what members write.
+OTHER = "other"
 MODES = ("GPU", "CPU")
 ROUTE_REASONS = {
     "GPU": ("under-threshold",),
     "CPU": ("over-threshold", "probe-failed", "gpu-disabled", "no-gpu", "gpu-unhealthy", "vram-too-large",
-            "spill:gpu-slots-full", "spill:no-vram-room"),
+            "drained", "spill:gpu-slots-full", "spill:no-vram-room", "spill:blind-cap"),
 }
-BLOCK_REASONS = ("gpu-slots-full", "no-vram-room", "cpu-slots-full", "wait-timeout", "scope-unavailable")
+BLOCK_REASONS = ("gpu-slots-full", "no-vram-room", "blind-cap", "cpu-slots-full", "wait-timeout",
+                 "scope-unavailable", "drained")
 PROBE_REASONS = ("no-input", "input-missing", "input-unreadable", "input-not-regular", "input-empty",
                  "probe-not-found", "probe-not-runnable", "probe-timeout", "probe-bad-output", "probe-failed")
 RESULTS = ("success", "failed", "oom-kill", "cuda-oom", "timeout", "unknown")
 WAIT_OUTCOMES = ("admitted", "blocked")
+# Exported at 0 per workload: success, failure, exec failures (126/127), killed (128+9), terminated (128+15);
+# any status 0-255 is counted (others under OTHER).
+EXIT_STATUSES = ("0", "1", "126", "127", "137", "143")
+# Exported at 0 per GPU seen; xid-N and the backend's own kinds are counted when they happen.
+HEALTHS = ("ok", "gpu-lost", "reset-required", "absent")
+MAX_WAIT_S = 86400.0  # a wait a member's own event claims is counted at most this long (the sum stays finite)
+MAX_SERIES = 100000  # series read per family from a saved file at most (seed() then folds the unconfigured)
 
 COUNTERS = {  # name: (help, label names)
     "gpu_router_jobs_routed_total": ("Jobs admitted, by mode (GPU|CPU) and the policy's reason.",
@@ -100,9 +114,55 @@ SAVE_INTERVAL_S = 5.0  # entries read per sample at most: a backlog is worked of
 def _num(value):
     try:
         v = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return v if v == v and v not in (float("inf"), float("-inf")) else None
+
+
+def _one_of(value, known):
+    """A label value from a known list, else OTHER."""
+    return value if value in known else OTHER
+
+
+def _status(value):
+    status = _num(value)
+    return str(int(status)) if status is not None and status.is_integer() and 0 <= status <= 255 else OTHER
+
+
+def _token(value, limit=32):
+    """A short word of the agent's own (a GPU's index, a health like xid-79): else OTHER."""
+    text = str(value) if value is not None else ""
+    ok = 0 < len(text) <= limit and all(c.isascii() and (c.isalnum() or c in "-_:.") for c in text)
+    return text if ok else OTHER
+
+
+def _fold(series, index, keep, add):
+    """Series whose label at ``index`` is not in ``keep`` merged into one labelled OTHER; True if any moved."""
+    moved = False
+    for labels in [k for k in series if k[index] not in keep and k[index] != OTHER]:
+        value = series.pop(labels)
+        target = labels[:index] + (OTHER,) + labels[index + 1:]
+        series[target] = add(series[target], value) if target in series else value
+        moved = True
+    return moved
+
+
+def _saved(value):
+    v = _num(value)
+    return int(v) if v.is_integer() and abs(v) < 2 ** 53 else v
+
+
+def _row(row, width):
+    """A saved series: (labels tuple, value), or (None, None) when it has other labels; ValueError when the file
+    is not what this module writes (the caller warns and starts at 0)."""
+    if not isinstance(row, list) or len(row) != 2 or not isinstance(row[0], list):
+        raise ValueError(f"not a saved series: {str(row)[:64]}")
+    if len(row[0]) != width:
+        return None, None
+    # A label a member once wrote (before labels were bounded) may hold anything: a control character in the
+    # exported file would make the collector drop the whole file.
+    return tuple(x if isinstance(x, str) and 0 < len(x) <= 128 and x.isprintable() else OTHER
+                 for x in row[0]), row[1]
 
 
 class Store:
@@ -151,18 +211,32 @@ class Store:
             return store
         store.cursor = data.get("cursor") if isinstance(data.get("cursor"), str) else None
         store.since = _num(data.get("since"))
-        store.gpus = {str(k): str(v or "") for k, v in (data.get("gpus") or {}).items()}
+        gpus = data.get("gpus") if isinstance(data.get("gpus"), dict) else {}
+        store.gpus = {k: v[:128] if isinstance(v, str) else "" for k, v in gpus.items()
+                      if isinstance(k, str) and k.isascii() and k.isdigit() and len(k) <= 4}
+        # A file from before labels were bounded may hold thousands of series: seed() folds those of workloads
+        # that are not configured into OTHER before anything is written.
         for name, rows in (data.get("counters") or {}).items():
             if name in COUNTERS:
-                for labels, value in rows:
-                    if len(labels) == len(COUNTERS[name][1]) and _num(value) is not None:
-                        store.counters[name][tuple(str(x) for x in labels)] = value
+                if not isinstance(rows, list):
+                    raise ValueError(f"{name}: not a list of series")
+                for row in rows[:MAX_SERIES]:
+                    labels, value = _row(row, len(COUNTERS[name][1]))
+                    if labels is not None and _num(value) is not None:
+                        series = store.counters[name]
+                        series[labels] = _saved(series.get(labels, 0) + _num(value))
         for name, rows in (data.get("histograms") or {}).items():
             if name in HISTOGRAMS:
+                if not isinstance(rows, list):
+                    raise ValueError(f"{name}: not a list of series")
                 width = len(HISTOGRAMS[name][2]) + 2
-                for labels, value in rows:
-                    if len(labels) == len(HISTOGRAMS[name][1]) and isinstance(value, list) and len(value) == width:
-                        store.histograms[name][tuple(str(x) for x in labels)] = value
+                for row in rows[:MAX_SERIES]:
+                    labels, value = _row(row, len(HISTOGRAMS[name][1]))
+                    if (labels is not None and isinstance(value, list) and len(value) == width
+                            and all(_num(x) is not None for x in value)):
+                        series = store.histograms[name]
+                        old = series.get(labels, [0] * width)
+                        series[labels] = [_saved(a + _num(b)) for a, b in zip(old, value)]
         return store
 
 
@@ -175,6 +249,9 @@ class Metrics:
         self.clock = clock
         self.store = self._load()
         self.view = {}
+        self.workloads = frozenset()  # the configured workloads: the only workload labels (others: OTHER)
+        self._pruned_for = None  # the workloads the saved series were last folded for
+        self._authors = None    # journal_read.Authors: who may have written each entry the follower reads
         self._reader = None
         self._reader_error = None
         self._write_error = None
@@ -225,9 +302,17 @@ class Metrics:
     # ---------------------------------------------------------------- counting
 
     def seed(self, cfg):
-        """Every known label set of every configured workload at 0 (an existing count is kept)."""
+        """Every known label set of every configured workload at 0 (an existing count is kept); series of
+        workloads not configured (any more) fold into OTHER."""
+        names = frozenset(cfg.workloads)
+        if names != self._pruned_for:
+            self.workloads = self._pruned_for = names
+            self._prune()
         z, zh = self.store.zero, self.store.zero_histogram
         z("gpu_router_config_errors_total", ())
+        for gpu in self.store.gpus:
+            for health in HEALTHS:
+                z("gpu_router_gpu_health_changes_total", (_token(gpu), health))
         z("gpu_router_broker_refusals_total", ())
         for name in cfg.workloads:
             for mode, reasons in ROUTE_REASONS.items():
@@ -238,6 +323,8 @@ class Metrics:
             for reason in PROBE_REASONS:
                 z("gpu_router_probe_failures_total", (name, reason))
             z("gpu_router_scope_failures_total", (name,))
+            for status in EXIT_STATUSES:
+                z("gpu_router_job_exit_statuses_total", (name, status))
             for outcome in WAIT_OUTCOMES:
                 z("gpu_router_jobs_waited_total", (name, outcome))
             zh("gpu_router_job_wait_seconds", (name,))
@@ -248,14 +335,32 @@ class Metrics:
                 zh("gpu_router_job_duration_seconds", (name, mode))
                 zh("gpu_router_job_peak_ram_bytes", (name, mode))
 
+    def _prune(self):
+        """Fold the series of workloads that are not configured into OTHER (a saved file from before, a
+        workload removed from the config)."""
+        keep = self.workloads
+        if _fold(self.store.counters["gpu_router_gpu_health_changes_total"], 0, set(self.store.gpus),
+                 lambda a, b: a + b):
+            self.store.dirty = True  # a GPU label no backend ever listed (a forged event, before authors)
+        for name, (_, labels) in COUNTERS.items():
+            if "workload" in labels and _fold(self.store.counters[name], labels.index("workload"), keep,
+                                              lambda a, b: a + b):
+                self.store.dirty = True
+        for name, (_, labels, _) in HISTOGRAMS.items():
+            if "workload" in labels and _fold(self.store.histograms[name], labels.index("workload"), keep,
+                                              lambda a, b: [x + y for x, y in zip(a, b)]):
+                self.store.dirty = True
+
+    def _workload(self, value):
+        return _one_of(value, self.workloads)
+
     def job_finished(self, fields):
         """The hook for an accounted job: the job-finished event's fields (plain names, as journal.emit takes)."""
         s = self.store
-        workload, mode = str(fields.get("WORKLOAD")), str(fields.get("MODE") or "unknown")
-        s.inc("gpu_router_jobs_finished_total", (workload, mode, str(fields.get("RESULT") or "unknown")))
-        status = _num(fields.get("EXIT_STATUS"))
-        if status is not None:
-            s.inc("gpu_router_job_exit_statuses_total", (workload, str(int(status))))
+        workload, mode = self._workload(fields.get("WORKLOAD")), _one_of(fields.get("MODE"), MODES)
+        s.inc("gpu_router_jobs_finished_total", (workload, mode, _one_of(fields.get("RESULT") or "unknown", RESULTS)))
+        if fields.get("EXIT_STATUS") is not None:
+            s.inc("gpu_router_job_exit_statuses_total", (workload, _status(fields.get("EXIT_STATUS"))))
         duration = _num(fields.get("DURATION_S"))
         if duration is not None:
             s.observe("gpu_router_job_duration_seconds", (workload, mode), max(duration, 0.0))
@@ -267,31 +372,34 @@ class Metrics:
             s.observe("gpu_router_job_peak_vram_bytes", (workload,), vram * MiB)
 
     def count_event(self, entry):
-        """One journal entry of the wrapper (GPU_ROUTER_* fields as journald stores them); True if counted."""
+        """One journal entry of the wrapper or the agent (GPU_ROUTER_* fields as journald stores them), whose
+        author the caller has checked (``follow_journal``: ``journal_read``); True if counted."""
         event = entry.get("GPU_ROUTER_EVENT")
         if event not in JOURNAL_EVENTS:
             return False
         s = self.store
-        workload = str(entry.get("GPU_ROUTER_WORKLOAD") or "")
-        reason = str(entry.get("GPU_ROUTER_REASON") or "unknown")
+        workload = self._workload(entry.get("GPU_ROUTER_WORKLOAD"))
+        reason = entry.get("GPU_ROUTER_REASON") or "unknown"
         if event == "routed":
-            s.inc("gpu_router_jobs_routed_total", (workload, str(entry.get("GPU_ROUTER_MODE")), reason))
+            mode = _one_of(entry.get("GPU_ROUTER_MODE"), MODES)
+            s.inc("gpu_router_jobs_routed_total", (workload, mode, _one_of(reason, ROUTE_REASONS.get(mode, ()))))
         elif event == "blocked":
-            s.inc("gpu_router_jobs_blocked_total", (workload, reason))
+            s.inc("gpu_router_jobs_blocked_total", (workload, _one_of(reason, BLOCK_REASONS)))
         elif event == "probe-failed":
-            s.inc("gpu_router_probe_failures_total", (workload, reason))
+            s.inc("gpu_router_probe_failures_total", (workload, _one_of(reason, PROBE_REASONS)))
         elif event == "scope-failed":
             s.inc("gpu_router_scope_failures_total", (workload,))
         elif event == "config-error":
             s.inc("gpu_router_config_errors_total", ())
         elif event == "broker-refused":
             held_back = str(entry.get("GPU_ROUTER_SUPPRESSED") or "0")  # refusals are journaled rate-limited
-            s.inc("gpu_router_broker_refusals_total", (), 1 + (int(held_back) if held_back.isdigit() else 0))
+            s.inc("gpu_router_broker_refusals_total", (),
+                  1 + (min(int(held_back), 1000000) if held_back.isascii() and held_back.isdigit() else 0))
         elif event == "gpu-health":
             if entry.get("GPU_ROUTER_DEVICE") is None:
                 return False  # the backend as a whole: gpu_router_backend_up says it
-            s.inc("gpu_router_gpu_health_changes_total", (str(entry["GPU_ROUTER_DEVICE"]),
-                                                          str(entry.get("GPU_ROUTER_HEALTH") or "unknown")))
+            s.inc("gpu_router_gpu_health_changes_total", (_token(entry["GPU_ROUTER_DEVICE"], 8),
+                                                          _token(entry.get("GPU_ROUTER_HEALTH") or "unknown")))
         elif event == "job-finished":
             # The agent's own outcomes arrive through job_finished(); the wrapper writes job-finished only when
             # exec itself failed (127/126), and that event has no duration.
@@ -302,14 +410,18 @@ class Metrics:
         waited = _num(entry.get("GPU_ROUTER_WAITED_S"))
         if waited is not None and event in ("routed", "blocked"):
             s.inc("gpu_router_jobs_waited_total", (workload, "admitted" if event == "routed" else "blocked"))
-            s.observe("gpu_router_job_wait_seconds", (workload,), max(waited, 0.0))
+            s.observe("gpu_router_job_wait_seconds", (workload,), min(max(waited, 0.0), MAX_WAIT_S))
         return True
 
     def follow_journal(self):
         """Count the wrapper's events written since the saved cursor; returns how many were read."""
+        from .. import journal_read
+
         reader = self._open_reader()
         if reader is None:
             return 0
+        if self._authors is None:
+            self._authors = journal_read.Authors()
         n = 0
         try:
             reader.process()  # take in journal files added or rotated since the last call
@@ -318,7 +430,9 @@ class Metrics:
                 if not entry:
                     break
                 n += 1
-                self.count_event(entry)  # marks the store dirty when it counted something
+                entry = journal_read.decode(entry)
+                if self._authors.check(entry):  # the agent's events from the agent, a wrapper's for its job
+                    self.count_event(entry)  # marks the store dirty when it counted something
                 # The cursor moves on in memory and is saved with the next counts: entries re-read after a
                 # crash are only those that counted nothing, or whose counts were lost with it.
                 self.store.cursor = entry.get("__CURSOR") or self.store.cursor
@@ -331,9 +445,9 @@ class Metrics:
         if self._reader is not None:
             return self._reader
         try:
-            from systemd import journal as sd_journal
+            from .. import journal_read
 
-            reader = sd_journal.Reader()
+            reader = journal_read.open_reader()
             reader.add_match(SYSLOG_IDENTIFIER="gpu-router")
             # The inotify watch that process() needs: without it, a journal file created later (the first entry
             # of a user >= 1000 goes to user-UID.journal) is never seen.
@@ -457,6 +571,8 @@ class Metrics:
         if cfg is not None and cfg.host.gpus:
             for i in range(cfg.host.gpus):
                 known.setdefault(str(i), "")
+        if cfg is not None and cfg.gpu.backend == "none":
+            known = {}  # the operator turned GPU watching off: no GPU is unhealthy, none is exported
         missing = [(i, u) for i, u in sorted(known.items(), key=lambda kv: int(kv[0])) if i not in seen]
         absent_health = "backend-error" if snap.get("error") else "absent"
         healthy, health, memory, room, util, per_gpu = [], [], [], [], [], []

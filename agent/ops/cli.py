@@ -32,8 +32,10 @@ def _emit(args, data, text):
     if args.json and data is not None:
         json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str, ensure_ascii=False)
         sys.stdout.write("\n")
-    else:
-        sys.stdout.write(text.rstrip("\n") + "\n")
+    else:  # names in it are member-chosen (inputs, journal fields): no control character reaches the terminal
+        from ..termtext import block
+
+        sys.stdout.write(block(text.rstrip("\n")) + "\n")
 
 
 def _gpus(cfg):

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 
+from ..termtext import field as _t
 from . import stats
 
 EVENTS = ("routed", "blocked", "probe-failed", "job-finished", "scope-failed")
@@ -31,11 +32,13 @@ def _num(value):
         number = float(value)
     except (TypeError, ValueError):
         return None
+    if not -1e15 < number < 1e15:
+        return None  # inf, nan, or beyond any figure a job has
     return int(number) if number.is_integer() else number
 
 
 def join(events):
-    """Events (journalctl -o json dicts) → jobs, oldest first (pure)."""
+    """Events (decoded, their authors checked: ``journal_read``) → jobs, oldest first (pure)."""
     jobs, order = {}, []
     for e in sorted(events, key=_ts):
         job_id = e.get("GPU_ROUTER_JOB")
@@ -134,7 +137,8 @@ def select(jobs, workload=None, result=None, mode=None, unit=None):
 
 
 def read(since, until=None, directory=None, job=None):
-    matches = [f"GPU_ROUTER_JOB={job}"] if job else None
+    """(events, how many were ignored as not written by their author)."""
+    matches = [f"GPU_ROUTER_JOB={job}"] if job else ()
     return stats.read_events(since, directory, events=EVENTS, until=until, matches=matches)
 
 
@@ -152,7 +156,7 @@ def _dur(seconds):
 
 
 def _v(value, suffix=""):
-    return "-" if value is None else f"{value:g}{suffix}" if isinstance(value, (int, float)) else str(value)
+    return "-" if value is None else f"{value:g}{suffix}" if isinstance(value, (int, float)) else _t(value)
 
 
 def _when(t):
@@ -160,7 +164,7 @@ def _when(t):
 
 
 def _caller(j):
-    who = j["caller_unit"] or "-"
+    who = _t(j["caller_unit"]) or "-"
     return who + (f"/{j['uid']}" if j["uid"] is not None else "")
 
 
@@ -175,15 +179,16 @@ def table(jobs, now=None):
         elapsed = j["duration_s"] if j["duration_s"] is not None else (
             now - j["time"] if j["result"] == "running" and j["time"] else None)
         vram = _v(j["peak_vram_mb"]) + "/" + _v(j["predicted_vram_mb"]) if j["mode"] == "GPU" else "-"
-        rows.append((_when(j["time"]), j["job"], j["workload"] or "-", _caller(j), j["mode"] or "-",
-                     j["device"] or "-", _dur(j["waited_s"]) if j["waited_s"] else "-", _dur(elapsed),
-                     j["result"] or "-", _v(j["exit_status"]), _v(j["peak_ram_mb"]), vram,
-                     os.path.basename(j["input"]) if j["input"] else "-"))
+        rows.append((_when(j["time"]), _t(j["job"]), _t(j["workload"]) or "-", _caller(j), _t(j["mode"]) or "-",
+                     _t(j["device"]) or "-", _dur(j["waited_s"]) if j["waited_s"] else "-", _dur(elapsed),
+                     _t(j["result"]) or "-", _v(j["exit_status"]), _v(j["peak_ram_mb"]), vram,
+                     _t(os.path.basename(j["input"])) if j["input"] else "-"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def one(j):
+    j = {k: _t(v) if isinstance(v, str) else v for k, v in j.items()}  # member-chosen text, escaped
     lines = [f"job           {j['job']}",
              f"workload      {j['workload']}",
              f"input         {j['input'] or '-'}",
@@ -201,7 +206,7 @@ def one(j):
     if j["probe_error"]:
         lines.append(f"probe error   {j['probe_error']}")
     lines.append("events:")
-    lines += [f"  {_when(e['time'])}  {e['event']:<13} {e['message'] or ''}" for e in j["events"]]
+    lines += [f"  {_when(e['time'])}  {_t(e['event']):<13} {_t(e['message'])}" for e in j["events"]]
     lines.append(f"journal:      journalctl GPU_ROUTER_JOB={j['job']}")
     return "\n".join(lines)
 
@@ -210,20 +215,23 @@ def cmd_jobs(args):
     from .cli import _emit
 
     try:
-        events = read(args.since if not args.job else "-1y" if args.since == "-1d" else args.since, args.until,
-                      args.directory, job=args.job)
+        events, ignored = read(args.since if not args.job else "-1y" if args.since == "-1d" else args.since,
+                               args.until, args.directory, job=args.job)
     except (OSError, RuntimeError) as exc:
-        sys.stderr.write(f"gpu-router: cannot read the journal: {exc}\n")
+        sys.stderr.write(f"gpu-router: cannot read the journal: {_t(exc)}\n")
         return 1
     partial = stats.visibility()
     if partial:
         sys.stderr.write(f"gpu-router: {partial}\n")
+    note = stats.ignored_note(ignored)
+    if note:
+        sys.stderr.write(f"gpu-router: note: {note}\n")
     jobs = join(events)
     settle(jobs)
     if args.job:
         found = [j for j in jobs if j["job"] == args.job]
         if not found:
-            sys.stderr.write(f"gpu-router: no job {args.job} in the journal"
+            sys.stderr.write(f"gpu-router: no job {_t(args.job)} in the journal"
                              + (" visible to this user" if partial else "") + "\n")
             return 1
         _emit(args, found[0], one(found[0]))
@@ -231,9 +239,9 @@ def cmd_jobs(args):
     jobs = select(jobs, args.workload, args.result, args.mode, args.caller)
     if args.json:
         _emit(args, {"since": args.since, "until": args.until, "jobs": jobs, "partial": partial is not None,
-                     "note": partial}, "")
+                     "note": partial, "ignored": ignored}, "")
         return 0
-    text = table(jobs) if jobs else f"no jobs since {args.since}" + (" matching the filters" if (
+    text = table(jobs) if jobs else f"no jobs since {_t(args.since)}" + (" matching the filters" if (
         args.workload or args.result or args.mode or args.caller) else "")
     _emit(args, None, text)
     return 0
@@ -242,8 +250,8 @@ def cmd_jobs(args):
 def register(sub, command):
     c = command("jobs", "job history from the journal, like sacct (JOB: one job with all its events)")
     c.add_argument("job", nargs="?", help="a job id (GPU_ROUTER_JOB, as in the table): show that one job")
-    c.add_argument("--since", "-S", default="-1d", help="journalctl --since (default: -1d), e.g. -1h, today")
-    c.add_argument("--until", "-U", help="journalctl --until")
+    c.add_argument("--since", "-S", default="-1d", help="from when, as journalctl --since takes it (default: -1d), e.g. -1h, today")
+    c.add_argument("--until", "-U", help="until when, as journalctl --until takes it")
     c.add_argument("--workload", "-w", help="only this workload")
     c.add_argument("--result", "-r", choices=RESULTS, help="only jobs with this result")
     c.add_argument("--mode", "-m", choices=("GPU", "CPU", "BLOCKED", "REFUSED", "gpu", "cpu", "blocked"),

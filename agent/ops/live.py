@@ -173,6 +173,8 @@ def _dur(s):
 
 
 def render(jobs, waiting):
+    from ..termtext import field as _t
+
     lines = [f"running jobs: {len(jobs)}"]
     if jobs:
         rows = [("PID", "WORKLOAD", "USER", "ELAPSED", "DEV", "SLOT", "VRAM_MB used/resv", "RAM_MB used/max",
@@ -184,7 +186,7 @@ def render(jobs, waiting):
                          j["device"] if j["mode"] == "GPU" else "cpu", str(j["slot"]),
                          f"{n(j['vram_used_mb'])}/{n(j['vram_reserved_mb'])}" if j["mode"] == "GPU" else "-",
                          f"{n(j['ram_mb'])}/{n(j['memory_max_mb'])}",
-                         os.path.basename(j["input"]) if j["input"] else "-"))
+                         _t(os.path.basename(j["input"])) if j["input"] else "-"))  # the member's file name
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append(f"waiting: {len(waiting)}")

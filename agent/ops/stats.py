@@ -1,40 +1,39 @@
 """`gpu-router stats`: GPU / CPU / BLOCKED counts and job outcomes from the journal, with advice.
 
-Reads ``journalctl -o json`` for our MESSAGE_IDs; the advice is the runbook's tuning step made explicit.
+Reads our events through ``journal_read`` (decoded, bounded, each from an author that may write it); the advice
+is the runbook's tuning step made explicit. Text output goes through ``termtext`` (names are member-chosen).
 """
 
-import json
 import os
-import subprocess
 
-from ..journal import MESSAGE_IDS
+from ..termtext import field as _t
 
 
-def read_events(since, journal_dir=None, unit_files=None, events=("routed", "blocked", "job-finished",
-                                                                   "probe-failed", "vram-underpredicted",
-                                                                   "vram-foreign"),
-                until=None, matches=None):
-    """Our events from ``journalctl -o json`` (one OR of MESSAGE_IDs; ``matches``: extra ANDed field matches)."""
-    argv = ["journalctl", "-o", "json", "--no-pager", "--since", since]
-    if until:
-        argv += ["--until", until]
-    if journal_dir:
-        argv += ["-D", journal_dir]
-    ors = [[f"MESSAGE_ID={MESSAGE_IDS[e]}"] + list(matches or ()) for e in events]
-    argv += [x for group in ors for x in group + ["+"]][:-1]
-    out = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if out.returncode != 0 and not out.stdout:
-        why = out.stderr.strip() or f"journalctl exited {out.returncode}"
-        if "permission" in why.lower():
-            why += " (run as root, or add this user to group systemd-journal: adduser USER systemd-journal)"
-        raise RuntimeError(why)
-    events = []
-    for line in out.stdout.splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
-    return events
+STATS_EVENTS = ("routed", "blocked", "job-finished", "probe-failed", "vram-underpredicted", "vram-foreign")
+
+
+def read_events(since, journal_dir=None, events=STATS_EVENTS, until=None, matches=()):
+    """Our events, decoded and checked for their authors (``journal_read``): (entries, how many were ignored as
+    not written by their author). RuntimeError with what to do when the journal cannot be read."""
+    from .. import journal_read
+
+    try:
+        return journal_read.read(since, journal_dir, events=events, until=until, matches=matches)
+    except ImportError as exc:
+        raise RuntimeError(f"python3-systemd is missing ({exc})") from None
+    except ValueError as exc:
+        raise RuntimeError(str(exc)) from None
+
+
+MODES = ("GPU", "CPU", "BLOCKED")
+
+
+def ignored_note(ignored):
+    """The line saying that entries were left out, or None."""
+    if not ignored:
+        return None
+    return (f"{ignored} journal entr{'y' if ignored == 1 else 'ies'} ignored: written with the router's fields by "
+            f"a process that may not write them (another member's job, or the agent's events not from the agent)")
 
 
 JOURNAL_GROUPS = ("systemd-journal", "adm", "wheel")
@@ -71,7 +70,8 @@ def summarize(events):
         kind = e.get("GPU_ROUTER_EVENT")
         if kind in ("routed", "blocked"):
             mode = e.get("GPU_ROUTER_MODE", "?")
-            w[mode] = w.get(mode, 0) + 1
+            if mode in MODES:  # a member's own event may name anything: it never becomes a key of w
+                w[mode] += 1
             reason = f"{mode}:{e.get('GPU_ROUTER_REASON', '?')}"
             w["reasons"][reason] = w["reasons"].get(reason, 0) + 1
         elif kind == "job-finished":
@@ -83,7 +83,9 @@ def summarize(events):
             w["underpredicted"] += 1
             try:
                 ratio = float(e["GPU_ROUTER_MEASURED_VRAM_MB"]) / float(e["GPU_ROUTER_PREDICTED_VRAM_MB"])
-            except (KeyError, ValueError, ZeroDivisionError):
+            except (KeyError, ValueError, ZeroDivisionError, TypeError, OverflowError):
+                ratio = None
+            if ratio is not None and not 0 <= ratio < float("inf"):
                 ratio = None
             if ratio is not None and (w["underpredicted_max_ratio"] is None or ratio > w["underpredicted_max_ratio"]):
                 w["underpredicted_max_ratio"] = round(ratio, 3)
@@ -101,7 +103,7 @@ def foreign(events, reserve_mb=None):
             continue
         try:
             used = int(float(e.get("GPU_ROUTER_USED_VRAM_MB", "")))
-        except ValueError:
+        except (ValueError, TypeError, OverflowError):
             continue
         g = per.setdefault(str(e.get("GPU_ROUTER_DEVICE", "?")), {"events": 0, "largest_mb": 0, "largest_comm": None})
         g["events"] += 1
@@ -148,16 +150,19 @@ def cmd_stats(args):
     import sys
 
     try:
-        events = read_events(args.since, args.directory)
+        events, ignored = read_events(args.since, args.directory)
     except (OSError, RuntimeError) as exc:
-        sys.stderr.write(f"gpu-router: cannot read the journal: {exc}\n")
+        sys.stderr.write(f"gpu-router: cannot read the journal: {_t(exc)}\n")
         return 1
     per = summarize(events)
     partial = visibility()
-    lines = [f"since {args.since}: {len(events)} events"]
+    lines = [f"since {_t(args.since)}: {len(events)} events"]
     if partial:
         lines.insert(0, f"note: {partial}")
         sys.stderr.write(f"gpu-router: {partial}\n")
+    note = ignored_note(ignored)
+    if note:
+        lines.append(f"note: {note}")
     try:
         from .. import config as _config
 
@@ -166,20 +171,20 @@ def cmd_stats(args):
         reserve_mb = None
     gpus = foreign(events, reserve_mb)
     for name, w in sorted(per.items()):
-        lines.append(f"{name}: GPU {w['GPU']}, CPU {w['CPU']}, BLOCKED {w['BLOCKED']}, probe failures "
+        lines.append(f"{_t(name)}: GPU {w['GPU']}, CPU {w['CPU']}, BLOCKED {w['BLOCKED']}, probe failures "
                      f"{w['probe_failed']}" + (f", VRAM under-predicted {w['underpredicted']}"
                                                if w["underpredicted"] else ""))
         if w["results"]:
-            lines.append("  outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(w["results"].items())))
+            lines.append("  outcomes: " + ", ".join(f"{_t(k)} {v}" for k, v in sorted(w["results"].items())))
         if w["reasons"]:
-            lines.append("  reasons:  " + ", ".join(f"{k} {v}" for k, v in sorted(w["reasons"].items())))
-        lines += [f"  advice:   {t}" for t in w["advice"]]
+            lines.append("  reasons:  " + ", ".join(f"{_t(k)} {v}" for k, v in sorted(w["reasons"].items())))
+        lines += [f"  advice:   {_t(t)}" for t in w["advice"]]
     for index, g in sorted(gpus.items()):
-        lines.append(f"GPU {index}: other users' processes took VRAM {g['events']} time(s), the largest "
-                     f"{g['largest_mb']} MiB ({g['largest_comm'] or '?'})")
-        lines += [f"  advice:   {t}" for t in g["advice"]]
+        lines.append(f"GPU {_t(index)}: other users' processes took VRAM {g['events']} time(s), the largest "
+                     f"{g['largest_mb']} MiB ({_t(g['largest_comm'] or '?')})")
+        lines += [f"  advice:   {_t(t)}" for t in g["advice"]]
     data = {"since": args.since, "events": len(events), "workloads": per, "foreign": gpus,
-            "partial": partial is not None, "note": partial}
+            "partial": partial is not None, "note": partial, "ignored": ignored}
     code = 0
     if args.chart:
         from . import charts
@@ -203,22 +208,27 @@ def metrics_by_mode(events):
             continue
         w = out.setdefault(e.get("GPU_ROUTER_WORKLOAD", "?"), {"unit": None, "threshold": None, "GPU": [],
                                                                 "CPU": [], "BLOCKED": []})
+        mode = e.get("GPU_ROUTER_MODE")
         try:
             value = float(str(e.get("GPU_ROUTER_METRIC", "")).split(",")[0])
         except ValueError:
             continue
+        if mode not in MODES or not -float("inf") < value < float("inf"):
+            continue
         w["unit"] = str(e.get("GPU_ROUTER_UNIT") or "").split(",")[0] or w["unit"]
         try:
-            w["threshold"] = float(str(e.get("GPU_ROUTER_THRESHOLD", "")).split(",")[0])
+            threshold = float(str(e.get("GPU_ROUTER_THRESHOLD", "")).split(",")[0])
+            if -float("inf") < threshold < float("inf"):
+                w["threshold"] = threshold
         except ValueError:
             pass
-        w.setdefault(e.get("GPU_ROUTER_MODE"), []).append(value)
+        w[mode].append(value)
     return out
 
 
 def register(sub, command):
     c = command("stats", "GPU/CPU/BLOCKED counts and outcomes from the journal, with advice")
-    c.add_argument("--since", default="-1d", help="journalctl --since, e.g. --since=-1h or --since=today "
+    c.add_argument("--since", default="-1d", help="from when, as journalctl --since takes it: --since=-1h, --since=today, '2026-01-31 08:00' "
                                                   "(default: -1d)")
     c.add_argument("--directory", "-D", help="read journal files from this directory")
     c.add_argument("--chart", metavar="FILE", help="also draw the jobs' metrics by decision against the threshold "

@@ -49,19 +49,22 @@ def collect(cfg):
 
 
 def render(data):
+    """The text of `status`; member-chosen names escaped (``termtext``)."""
+    from ..termtext import field as _t
+
     lines = []
     drain = data.get("drain")
     if drain:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(drain["since"])) if drain["since"] else "?"
         what = "run on the CPU" if drain["action"] == "cpu" else "exit with the retry code"
-        lines.append(f"GPU admission: DRAINED since {since} by {drain['by']}" + (
-            f" ({drain['reason']})" if drain["reason"] else "") + f": new GPU jobs {what}; gpu-router resume")
+        lines.append(f"GPU admission: DRAINED since {since} by {_t(drain['by'])}" + (
+            f" ({_t(drain['reason'])})" if drain["reason"] else "") + f": new GPU jobs {what}; gpu-router resume")
     snap = data["snapshot"]
     lines.append(f"GPU snapshot: {snap['state']}" + (f" ({snap['source']}, {snap['age_s']}s old)"
                                                      if snap["age_s"] is not None else ""))
     for g in data["gpus"]:
         health = "healthy" if g.get("healthy") else f"UNHEALTHY ({g.get('health')})"
-        lines.append(f"  GPU {g['index']} {g.get('name') or ''}: {g.get('used_mb', '?')}/{g.get('total_mb', '?')} MiB used "
+        lines.append(f"  GPU {g['index']} {_t(g.get('name'))}: {g.get('used_mb', '?')}/{g.get('total_mb', '?')} MiB used "
                      f"(ours {g.get('ours_mb', 0)}, foreign {g.get('foreign_mb', 0)}), {health}")
     if "lock_dir_error" in data:
         lines.append(f"slots: {data['lock_dir_error']}")
@@ -85,6 +88,7 @@ def cmd_status(args):
     import json
     import sys
 
+    from ..termtext import block
     from .cli import _emit
 
     cfg = _config.load(args.config)
@@ -101,7 +105,7 @@ def cmd_status(args):
                 sys.stdout.write(json.dumps(data, sort_keys=True, default=str, ensure_ascii=False) + "\n")
             else:
                 head = f"every {args.watch:g}s: gpu-router status    {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n"
-                sys.stdout.write(("\033[H\033[2J" if tty else "") + head + render(data) + "\n" + (
+                sys.stdout.write(("\033[H\033[2J" if tty else "") + head + block(render(data)) + "\n" + (
                     "" if tty else "\n"))
             sys.stdout.flush()
             shown += 1
