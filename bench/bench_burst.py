@@ -7,7 +7,8 @@ N jobs are started at once; each one's latency is from its launch (just before t
 (the job is `/bin/sh stamp.sh`, which writes `date +%s.%N`). Sides, interleaved round by round:
   systemd-run   `systemd-run --scope --quiet --slice=gpu-router-cpu.slice` as root (a member may not: polkit);
   gpu-router    `gpu-router run` as a member of group gpu-router, the workload with scope = "required";
-  old           the same with the code of --old (git archive of that commit), when given.
+  old           the same with the code of --old (git archive of that commit), when given;
+  no-scope      the same workload with scope = "off" (--floor): what the wrapper costs without the broker.
 Reported: p50 / p99 per side, the ratio of gpu-router's p99 to systemd-run's, and every job that failed (a job
 refused a scope exits 69/75 and writes no stamp).
 """
@@ -33,6 +34,14 @@ threshold = 1                 # every input is over: CPU
 max_cpu_jobs = 1024
 max_gpu_jobs = 1
 scope = "required"
+
+[workloads.bare]                # the same without a scope: the wrapper's own floor, no broker
+binary = "/bin/sh"
+probe = "file-size"
+threshold = 1
+max_cpu_jobs = 1024
+max_gpu_jobs = 1
+scope = "off"
 """
 
 STAMP = 'exec date +%s.%N > "$1"\n'
@@ -49,7 +58,7 @@ if side == "systemd-run":
             "/bin/sh", "/srv/stamp.sh"]
     kw = {}
 else:
-    argv = ["gpu-router", "run", "--workload", "burst", "--", "/srv/stamp.sh"]
+    argv = ["gpu-router", "run", "--workload", "bare" if side == "no-scope" else "burst", "--", "/srv/stamp.sh"]
     kw = dict(user=runner.pw_uid, group=runner.pw_gid, extra_groups=os.getgrouplist("runner", runner.pw_gid))
 procs = []
 for i in range(n):
@@ -84,13 +93,14 @@ def main(argv=None):
     ap.add_argument("--sizes", default="8,32,128,512")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per size (512: one)")
     ap.add_argument("--old", help="a commit to measure side by side (e.g. 939dc14)")
+    ap.add_argument("--floor", action="store_true", help="also gpu-router without a scope (no broker)")
     args = ap.parse_args(argv)
     import harness
     import srcinstall
 
     if harness.unavailable_reason():
         sys.exit(f"no container lane here: {harness.unavailable_reason()}")
-    sides = ["systemd-run", "gpu-router"] + (["old"] if args.old else [])
+    sides = ["systemd-run", "gpu-router"] + (["old"] if args.old else []) + (["no-scope"] if args.floor else [])
     c = harness.Container()
     c.start()
     try:

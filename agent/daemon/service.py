@@ -796,7 +796,10 @@ def enable_accounting(config_file=None):
 
 
 def main(argv=None):
+    from .. import __version__
+
     p = argparse.ArgumentParser(prog="gpu-router-agent", description="gpu-router's resident agent")
+    p.add_argument("--version", action="version", version=f"gpu-router-agent {__version__}")
     p.add_argument("--config", help="config file (default: $GPU_ROUTER_CONFIG or /etc/gpu-router/config.toml)")
     p.add_argument("--once", action="store_true", help="publish one GPU snapshot and exit")
     p.add_argument("--enable-accounting", action="store_true",
