@@ -118,8 +118,8 @@ def main(argv=None):
         def use(tree):
             nonlocal current
             if tree != current:
-                c.run(f"ln -sfn {tree} /opt/gpu-router/lib/gpu_router && systemctl reset-failed gpu-router-agent.service; "
-                      f"systemctl restart gpu-router-agent.service"
+                c.run(f"ln -sfn {tree} /opt/gpu-router/lib/gpu_router && "
+                      f"systemctl reset-failed gpu-router-agent.service; systemctl restart gpu-router-agent.service"
                       f" && systemctl is-active --quiet gpu-router-agent.service", timeout=60)
                 current = tree
 
