@@ -671,7 +671,8 @@ class Agent:
         while self.clients.conns and time.monotonic() < end:
             self.clients.expire()
             self.inflight.expire()
-            for key, events in self.selector.select(max(0.0, min(end, self.clients.next_deadline() or end)
+            for key, events in self.selector.select(max(0.0, min(end, self.clients.next_deadline() or end,
+                                                                 self.inflight.next_deadline() or end)
                                                         - time.monotonic())):
                 try:
                     self._dispatch(key, events, listener)

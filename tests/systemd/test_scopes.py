@@ -366,3 +366,18 @@ def test_a_burst_of_member_jobs_is_granted_with_none_refused(box):
     assert "failed=0" in out, box.run("cat /tmp/burst.* | sort | uniq -c | head", check=False).stdout
     refused = box.journal("GPU_ROUTER_EVENT=broker-refused", args=["--since", since])
     assert not refused, refused
+
+
+def test_root_without_an_agent_makes_its_own_scope(box):
+    """The wrapper's own path (scope.place_directly): root, agent stopped, the wrapper calls StartTransientUnit on
+    a connection of its own and waits for its job's end; the job runs in its scope."""
+    box.write_file("/srv/cgroup.sh", "grep -o 'gpu-router-cpu.slice/gpu-router-many-[^/]*\\.scope' /proc/self/cgroup"
+                                     " | head -n 1\n")
+    box.run(["systemctl", "stop", "gpu-router-agent.socket", "gpu-router-agent.service"])
+    try:
+        out = gr(box, "many", "/srv/cgroup.sh", check=True)
+        assert out.stdout.strip().startswith("gpu-router-cpu.slice/gpu-router-many-"), out.stdout + out.stderr
+        assert "Traceback" not in out.stderr
+    finally:
+        box.run(["systemctl", "start", "gpu-router-agent.socket", "gpu-router-agent.service"])
+        box.wait_for("systemctl is-active --quiet gpu-router-agent.service", timeout=30)
