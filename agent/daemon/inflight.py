@@ -86,11 +86,12 @@ class InFlight:
         return len(late)
 
     def _report(self):
-        for path, job in list(self.jobs.items()):
-            if job.ended and job.token is not None:
-                del self.jobs[path]
-                self.names.pop(job.name, None)
-                self.done(job.token, job.error)
+        ended = [(path, job) for path, job in self.jobs.items() if job.ended and job.token is not None]
+        for path, job in ended:  # all taken out first: done() may begin (and report) other scopes
+            del self.jobs[path]
+            self.names.pop(job.name, None)
+        for _, job in ended:
+            self.done(job.token, job.error)
 
     def _watch(self):
         """The selector follows the bus's current descriptor (a reconnect makes a new one)."""

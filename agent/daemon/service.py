@@ -257,6 +257,10 @@ class Agent:
             else:
                 later(reply)
 
+    def _answer_at_end(self, g, answer):
+        if not self.inflight.attach(g.name, (g, answer)):  # never expected: its job is in flight since begin
+            self.scope_ended((g, answer), f"scope {g.name}: its start job was lost")
+
     def on_grant(self, g):
         job = accounting.JobAccount(
             g.job_id, g.pid, g.workload.name, g.mode, g.device, g.metric, g.name, g.control_group,
@@ -649,7 +653,7 @@ class Agent:
                                   fresh_sample=self.fresh_sample)
         if begun and g is not None and fields.get("OK") == "1":
             self._waiting[pid] = []
-            return lambda answer: self.inflight.attach(g.name, (g, answer))
+            return lambda answer: self._answer_at_end(g, answer)
         if g is not None:
             self.on_grant(g)
         return broker.frame(fields)
