@@ -23,9 +23,11 @@ class _Job:
 
 
 class InFlight:
-    def __init__(self, selector, done, timeout=scope.ACTIVE_TIMEOUT_S, clock=time.monotonic, bus=None):
-        """``done(token, error)`` is called once per job: error None when the scope is active, else the reason."""
+    def __init__(self, selector, done, timeout=scope.ACTIVE_TIMEOUT_S, clock=time.monotonic, bus=None, warn=None):
+        """``done(token, error)`` is called once per job: error None when the scope is active, else the reason;
+        ``warn(message, **fields)`` hears of a job settled at its deadline (its end never heard)."""
         self.selector, self.done, self.timeout, self.clock = selector, done, timeout, clock
+        self.warn = warn or (lambda message, **fields: None)
         self.bus = bus if bus is not None else scopebus.ScopeBus()
         self.jobs = {}    # job path → _Job
         self.names = {}   # unit name → job path
@@ -80,6 +82,8 @@ class InFlight:
             job.ended = True
             if state != "active":
                 job.error = f"scope {job.name} did not become active (state {state})"
+            self.warn("no JobRemoved for a scope's start job in time; settled by the unit's state", unit=job.name,
+                      state=state, timeout_s=self.timeout)
         if late:
             self._watch()
             self._report()

@@ -157,7 +157,7 @@ class Agent:
         self.proc_stored = False  # a copy of self.proc is in systemd's fd store
         self.records = jobrecord.directory(self.cfg.gpu.snapshot)
         self._holders = {}  # scope name → Holder, between StartTransientUnit and the grant
-        self.inflight = inflight.InFlight(self.selector, self.scope_ended)  # scopes whose start job runs
+        self.inflight = inflight.InFlight(self.selector, self.scope_ended, warn=self.log.warning)  # start jobs
         self._waiting = {}  # pid → [(payload, uid, answer)]: its requests that came while its scope was made
         self.outgrown = {}  # (gpu key, pid) → the MiB last reported for a job that outgrew its reservation
         self._sample_errors = set()  # (stage, exception type, where): each reported once
