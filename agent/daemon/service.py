@@ -19,6 +19,7 @@ from .. import journal, procstat, scope, slots
 from .. import config as _config
 
 SD_LISTEN_FDS_START = 3
+SAMPLE_DEFER_S = 1.0  # how long the periodic sample may wait for scopes being made
 
 
 class Notifier:
@@ -531,14 +532,18 @@ class Agent:
             if dog and now >= next_dog:
                 self.notify("WATCHDOG=1")
                 next_dog = now + dog
-            if now >= next_sample:
+            # A sample holds the loop (nvidia-smi: hundreds of ms): not while scopes are being made, whose wrappers
+            # wait for their job's end, unless it is already SAMPLE_DEFER_S late.
+            sample_due = next_sample + (SAMPLE_DEFER_S if self.inflight.jobs else 0.0)
+            if now >= sample_due:
                 self.sample()
                 self.notify(f"STATUS={self.status_line()}")
                 next_sample = now + interval
+                sample_due = next_sample
             self.clients.expire()
             self.inflight.expire()
-            wake = min(next_sample, next_dog if dog else next_sample, self.clients.next_deadline() or next_sample,
-                       self.inflight.next_deadline() or next_sample)
+            wake = min(sample_due, next_dog if dog else sample_due, self.clients.next_deadline() or sample_due,
+                       self.inflight.next_deadline() or sample_due)
             timeout = max(0.0, wake - time.monotonic())
             # New connections last: the requests already accepted are read (and their scopes begun) first, so a
             # burst is not refused for connections of its own that merely wait to be read.
