@@ -159,38 +159,7 @@ def place_directly(job):
 
 
 def start_scope(name, props, timeout=ACTIVE_TIMEOUT_S):
-    """StartTransientUnit over the system bus, then wait until the unit is active (the PID has moved)."""
-    try:
-        from pystemd.systemd1 import Manager, Unit
-    except ImportError:
-        raise ScopeError("pystemd is not installed (python3-pystemd)") from None
-    import time
+    """StartTransientUnit over the system bus, then wait for its job's end (the PID has moved): scopebus.py."""
+    from . import scopebus
 
-    values = {}
-    for key, value in props:
-        if key == "PIDs":
-            values[b"_custom"] = (b"PIDs", b"au", value)
-        elif isinstance(value, str):
-            values[key.encode()] = value.encode()
-        elif isinstance(value, list):
-            values[key.encode()] = [v.encode() if isinstance(v, str) else v for v in value]
-        else:
-            values[key.encode()] = value
-    try:
-        manager = Manager()
-        manager.load()
-        manager.Manager.StartTransientUnit(name.encode(), b"fail", values)
-        unit = Unit(name.encode())
-        unit.load()
-        deadline = time.monotonic() + timeout
-        while True:
-            state = unit.Unit.ActiveState
-            if state == b"active":
-                return
-            if state == b"failed" or time.monotonic() > deadline:
-                raise ScopeError(f"scope {name} did not become active (state {state.decode()})")
-            time.sleep(0.005)
-    except ScopeError:
-        raise
-    except Exception as exc:  # pystemd raises its own DBus errors; all mean "no scope"
-        raise ScopeError(f"systemd refused the scope {name}: {exc}") from None
+    scopebus.start_and_wait(name, props, timeout)

@@ -134,6 +134,68 @@ def test_a_whole_request_queued_while_the_agent_was_busy_is_served_not_expired(l
     s.close()
 
 
+def test_a_request_whose_scope_is_being_made_holds_up_no_other():
+    """A handler may answer later (the agent waits for a scope's start job in its loop, not in the call): the
+    request that arrives meanwhile is answered first, the waiting one when its answer comes, and a waiting
+    connection whose write side is shut (the wrapper's) does not spin the loop as an endless EOF."""
+    pending = []
+
+    def handler(payload, pid, uid):
+        if b"slow" in payload:
+            return lambda answer: pending.append(answer)
+        return _frame({"OK": "1", "SCOPE": "fast.scope"})
+
+    lp = Loop(handler=handler)
+    try:
+        slow = lp.connect()
+        slow.sendall(_frame({"OP": "scope", "JOB": "slow"}))
+        slow.shutdown(socket.SHUT_WR)
+        for _ in range(3):
+            lp.step(0.01)
+        assert len(pending) == 1 and _reply(slow) is None
+        assert lp.selector.select(0) == [], "the waiting connection is out of the selector"
+        fast = lp.connect()
+        fast.sendall(_frame({"OP": "scope", "JOB": "fast"}))
+        fast.shutdown(socket.SHUT_WR)
+        answer = None
+        for _ in range(5):
+            lp.step(0.01)
+            answer = answer or _reply(fast)
+        assert answer == {"OK": "1", "SCOPE": "fast.scope"}
+        assert _reply(slow) is None, "the slow one is still waiting for its scope"
+        pending[0](_frame({"OK": "1", "SCOPE": "slow.scope"}))
+        lp.step(0.01)
+        assert _reply(slow) == {"OK": "1", "SCOPE": "slow.scope"}
+        assert not lp.clients.conns and not lp.refusals
+        for s in (slow, fast):
+            s.close()
+    finally:
+        lp.close()
+
+
+def test_a_waiting_connection_does_not_count_against_its_uid():
+    """A burst of one member's jobs: connections waiting on their scopes are the agent's to answer, so the uid's
+    cap (on connections it holds open itself) refuses none of the burst."""
+    pending = []
+    lp = Loop(handler=lambda payload, pid, uid: (lambda answer: pending.append(answer)), max_per_uid=4)
+    try:
+        socks = []
+        for _ in range(12):
+            s = lp.connect()
+            s.sendall(_frame({"OP": "scope"}))
+            socks.append(s)
+            lp.step(0.01)
+            lp.step(0.01)
+        assert len(pending) == 12 and not lp.refusals, lp.refusals
+        for answer in pending:
+            answer(_frame({"OK": "1", "SCOPE": "x.scope"}))
+        assert all(_reply(s) == {"OK": "1", "SCOPE": "x.scope"} for s in socks)
+        for s in socks:
+            s.close()
+    finally:
+        lp.close()
+
+
 def test_a_dripping_client_cannot_extend_its_deadline(loop):
     s = loop.connect()
     payload = _frame({"OP": "scope", "WORKLOAD": "x" * 50})

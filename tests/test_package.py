@@ -40,6 +40,8 @@ EXPECTED = [
     "./usr/share/man/man8/gpu-router-agent.8.gz",
     "./usr/share/man/man5/gpu-router.toml.5.gz",
     "./usr/share/bash-completion/completions/gpu-router",
+    "./usr/share/bash-completion/completions/gpu-router-agent",
+    "./usr/share/doc/gpu-router/README.Debian",
     "./usr/share/doc/gpu-router/examples/example-whisper.toml.example",
     "./usr/share/doc/gpu-router/examples/gpu-router.rules.yml",
     "./usr/lib/python3/dist-packages/gpu_router/daemon/metrics.py",
@@ -161,9 +163,46 @@ def test_control_fields(built):
                 "python3-prometheus-client"):
         assert dep in depends
     assert any(d.startswith("python3:any") for d in depends)
-    # the probes' tools are Recommends (installed by default): without them every media input is unknown
-    assert fields["Recommends"] == "python3-pynvml, ffmpeg | mediainfo"
-    assert fields["Suggests"] == "python3-matplotlib"
+    # the probes' tools are Recommends (installed by default): without them every media input is unknown.
+    # python3-pynvml is in contrib: a package in main may only Suggest it (Policy 2.2.1; README.Debian says why)
+    assert fields["Recommends"] == "ffmpeg | mediainfo"
+    assert fields["Suggests"] == "python3-pynvml, python3-matplotlib"
+    assert "Policy 2.2.1" in (built.base / "src/debian/README.Debian").read_text().replace("\n", " ")
+
+
+def test_autopkgtest_installs_the_package_and_runs_a_wrapped_job():
+    """debian/tests/control names the test, depends on the package itself, and says what it needs (the .deb
+    lane runs the script: tests/systemd/test_deb.py)."""
+    control = (REPO / "debian/tests/control").read_text()
+    fields = dict(line.split(": ", 1) for line in control.splitlines() if line and not line.startswith("#"))
+    assert fields["Tests"] == "wrapped-job" and fields["Depends"] == "@"
+    assert {"needs-root", "isolation-container"} <= {r.strip() for r in fields["Restrictions"].split(",")}
+    script = REPO / "debian/tests/wrapped-job"
+    assert os.access(script, os.X_OK)
+    run("sh", "-n", str(script))
+    assert "gpu-router run --workload autopkgtest" in script.read_text()
+
+
+def test_both_launchers_say_their_version():
+    """The launchers as built for the tests (.build/bin: packaging/bin with the checkout on the path)."""
+    from gpu_router import __version__
+
+    for launcher in ("gpu-router", "gpu-router-agent"):
+        out = run(str(REPO / ".build/bin" / launcher), "--version", check=False)
+        assert out.returncode == 0 and out.stdout.strip() == f"{launcher} {__version__}", out.stdout + out.stderr
+
+
+def test_agent_bash_completion_offers_every_option_of_the_agent():
+    def complete(*words):
+        script = (f'source {REPO / "packaging/completion/gpu-router-agent"}; COMP_WORDS=("$@"); '
+                  'COMP_CWORD=$((${#COMP_WORDS[@]}-1)); _gpu_router_agent; printf "%s\\n" "${COMPREPLY[@]}"')
+        return sorted(filter(None, run("bash", "-c", script, "x", *words).stdout.split("\n")))
+
+    usage = run(str(REPO / ".build/bin/gpu-router-agent"), "--help").stdout
+    options = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", usage))
+    assert {"--version", "--config", "--once", "--enable-accounting"} <= options
+    assert complete("gpu-router-agent", "--") == sorted(options)
+    assert complete("gpu-router-agent", "--ver") == ["--version"]
 
 
 # ---- maintainer scripts ----------------------------------------------------------------------------------------

@@ -337,14 +337,20 @@ def handle(payload, pid, uid, cfg, group_gid, start_scope=scope.start_scope, exi
     try:
         start_scope(g.name, g.props)
     except scope.ScopeError as exc:
-        if g.scope_policy != "best-effort":
-            return {"OK": "0", "ERROR": str(exc)}, None
-        # The job runs anyway, without a scope (no systemd here): account for it all the same.
-        g.name = g.control_group = None
-        return {"OK": "0", "ERROR": str(exc)}, g
+        return scope_failed(g, exc)
     except Exception as exc:  # noqa: BLE001
         return {"OK": "0", "ERROR": f"scope failed: {type(exc).__name__}"}, None
     return {"OK": "1", "SCOPE": g.name}, g
+
+
+def scope_failed(g, exc):
+    """No scope for a granted request → (reply fields, Grant or None). Also the agent's answer when a scope's job
+    ends in failure after the call (Agent.scope_ended)."""
+    if g.scope_policy != "best-effort":
+        return {"OK": "0", "ERROR": str(exc)}, None
+    # The job runs anyway, without a scope (no systemd here): account for it all the same.
+    g.name = g.control_group = None
+    return {"OK": "0", "ERROR": str(exc)}, g
 
 
 def serve_one(conn, cfg, group_gid, start_scope=scope.start_scope, existing=None, fresh_sample=None):

@@ -7,7 +7,9 @@ seconds, or one that never reads its reply is closed at its deadline; meanwhile 
 its bytes arrive. The number of open connections is bounded (in all, and per uid), so a member opening thousands
 cannot exhaust the agent's descriptors either. This is what sshd's LoginGraceTime and MaxStartups do.
 
-``handler(payload, pid, uid) -> reply bytes`` runs once per complete request.
+``handler(payload, pid, uid) -> reply bytes`` runs once per complete request. It may instead return a callable,
+``later(answer)``: the reply comes later (a scope being made), through ``answer(reply bytes)``; meanwhile the
+connection is out of the selector and every other client is served.
 """
 
 import errno
@@ -22,13 +24,14 @@ from . import broker
 DEADLINE_S = 2.0       # the wrapper sends its whole request at once: 2 s is ample, and bounds a slow client
 MAX_OPEN = 256         # connections in all (well under the service's 1024 descriptors)
 MAX_PER_UID = 64       # connections of one uid (a runner's burst of jobs is served; a flood is cut)
+LATER_S = 8.0          # a reply that comes later: the handler answers first (its own bound), this only backs it up
 _UCRED = struct.Struct("3i")
 
 
 class Conn:
     """One client: credentials from the kernel at accept, a read buffer, then a reply to write."""
 
-    __slots__ = ("sock", "fd", "pid", "uid", "gid", "deadline", "inbuf", "need", "outbuf")
+    __slots__ = ("sock", "fd", "pid", "uid", "gid", "deadline", "inbuf", "need", "outbuf", "waiting")
 
     def __init__(self, sock, pid, uid, gid, deadline):
         self.sock, self.fd = sock, sock.fileno()
@@ -37,6 +40,7 @@ class Conn:
         self.inbuf = b""
         self.need = None     # payload size once the 4-byte header is in
         self.outbuf = None   # the reply, once the request is handled
+        self.waiting = False  # the handler answers later
 
 
 class Clients:
@@ -73,8 +77,9 @@ class Clients:
             except OSError:
                 sock.close()
                 continue
+            # A connection waiting on its scope is the agent's to answer, not the uid's to hold: not counted.
             if len(self.conns) >= self.max_open or \
-                    sum(1 for c in self.conns.values() if c.uid == uid) >= self.max_per_uid:
+                    sum(1 for c in self.conns.values() if c.uid == uid and not c.waiting) >= self.max_per_uid:
                 self.dropped += 1
                 self.refuse(pid, uid, "too many open connections to the agent")
                 _send_quietly(sock, broker.frame({"OK": "0", "ERROR": "too many open connections; retry"}))
@@ -121,8 +126,26 @@ class Clients:
             except Exception as exc:  # noqa: BLE001 - the handler must not raise; if it does, the client pays
                 reply = broker.frame({"OK": "0", "ERROR": f"internal error: {type(exc).__name__}"})
             self.served += 1
+            if callable(reply):
+                self._wait(conn, reply)
+                return
             conn.outbuf = reply
             self._write(conn)
+
+    def _wait(self, conn, later):
+        """Out of the selector until answered (a shut-down write side would read as EOF again and again)."""
+        conn.waiting = True
+        conn.deadline = self.clock() + LATER_S
+        self.selector.unregister(conn.sock)
+        later(lambda data, conn=conn: self._later(conn, data))
+
+    def _later(self, conn, data):
+        if self.conns.get(conn.fd) is not conn or not conn.waiting:
+            return  # closed meanwhile (its backstop deadline): nobody to answer
+        conn.waiting = False
+        conn.outbuf = data
+        self.selector.register(conn.sock, selectors.EVENT_WRITE, ("client", conn.fd))
+        self._write(conn)
 
     def _answer(self, conn, fields, refused=None):
         if refused:
@@ -156,6 +179,11 @@ class Clients:
         if force_oldest and not late and self.conns:
             late = [min(self.conns.values(), key=lambda c: c.deadline)]
         for conn in late:
+            if conn.waiting:
+                conn.waiting = False
+                _send_quietly(conn.sock, broker.frame({"OK": "0", "ERROR": "no answer in time; retry"}))
+                self.close(conn)
+                continue
             if conn.outbuf is None and not force_oldest:
                 # The agent may be the slow one (a scope took seconds to make, an emulated or loaded host): what
                 # the client sent in time is read first, so only a client that really is incomplete is expired.

@@ -14,11 +14,12 @@ import signal
 import socket
 import time
 
-from . import accounting, broker, clients, holder, jobrecord, metrics, procevents
+from . import accounting, broker, clients, holder, inflight, jobrecord, metrics, procevents
 from .. import journal, procstat, scope, slots
 from .. import config as _config
 
 SD_LISTEN_FDS_START = 3
+SAMPLE_DEFER_S = 1.0  # how long the periodic sample may wait for scopes being made
 
 
 class Notifier:
@@ -157,6 +158,8 @@ class Agent:
         self.proc_stored = False  # a copy of self.proc is in systemd's fd store
         self.records = jobrecord.directory(self.cfg.gpu.snapshot)
         self._holders = {}  # scope name → Holder, between StartTransientUnit and the grant
+        self.inflight = inflight.InFlight(self.selector, self.scope_ended, warn=self.log.warning)  # start jobs
+        self._waiting = {}  # pid → [(payload, uid, answer)]: its requests that came while its scope was made
         self.outgrown = {}  # (gpu key, pid) → the MiB last reported for a job that outgrew its reservation
         self._sample_errors = set()  # (stage, exception type, where): each reported once
 
@@ -210,8 +213,9 @@ class Agent:
         if self.jobs:
             self.log.info("adopted running jobs", jobs=len(self.jobs), from_records=len(records))
 
-    def start_scope(self, name, props):
-        """The broker's StartTransientUnit, with a holder process in the scope next to the job (holder.py)."""
+    def begin_scope(self, name, props):
+        """The broker's StartTransientUnit, with a holder process in the scope next to the job (holder.py); the
+        job's end is awaited in the loop (inflight.py, scope_ended)."""
         h = holder.spawn()
         if h is not None:
             props = [(k, list(v) + [h.pid]) if k == "PIDs" else (k, v) for k, v in props]
@@ -219,7 +223,7 @@ class Agent:
         # refused with EINTR and the job blocked. Hold the signals until the scope exists; they arrive after.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
         try:
-            scope.start_scope(name, props)
+            self.inflight.begin(name, props)
         except BaseException:
             if h is not None:
                 h.release()
@@ -228,6 +232,35 @@ class Agent:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         if h is not None:
             self._holders[name] = h
+
+    def scope_ended(self, token, error):
+        """A scope's start job ended: answer its wrapper (what broker.handle answers for a scope made at once),
+        account for the job, then the requests its PID sent meanwhile."""
+        g, answer = token
+        if error is None:
+            fields = {"OK": "1", "SCOPE": g.name}
+        else:
+            h = self._holders.pop(g.name, None)
+            if h is not None:
+                h.release()
+            fields, g = broker.scope_failed(g, scope.ScopeError(error))
+        try:
+            if g is not None:
+                self.on_grant(g)
+        except Exception as exc:  # noqa: BLE001 - the wrapper is answered all the same
+            self.log.error("accounting a new job failed", error=f"{type(exc).__name__}: {exc}")
+        answer(broker.frame(fields))
+        pid = token[0].pid
+        for payload, uid, later in self._waiting.pop(pid, []):
+            reply = self._handle_request(payload, pid, uid)
+            if callable(reply):
+                reply(later)
+            else:
+                later(reply)
+
+    def _answer_at_end(self, g, answer):
+        if not self.inflight.attach(g.name, (g, answer)):  # never expected: its job is in flight since begin
+            self.scope_ended((g, answer), f"scope {g.name}: its start job was lost")
 
     def on_grant(self, g):
         job = accounting.JobAccount(
@@ -499,21 +532,29 @@ class Agent:
             if dog and now >= next_dog:
                 self.notify("WATCHDOG=1")
                 next_dog = now + dog
-            if now >= next_sample:
+            # A sample holds the loop (nvidia-smi: hundreds of ms): not while scopes are being made, whose wrappers
+            # wait for their job's end, unless it is already SAMPLE_DEFER_S late.
+            sample_due = next_sample + (SAMPLE_DEFER_S if self.inflight.jobs else 0.0)
+            if now >= sample_due:
                 self.sample()
                 self.notify(f"STATUS={self.status_line()}")
                 next_sample = now + interval
+                sample_due = next_sample
             self.clients.expire()
-            wake = min(next_sample, next_dog if dog else next_sample, self.clients.next_deadline() or next_sample)
+            self.inflight.expire()
+            wake = min(sample_due, next_dog if dog else sample_due, self.clients.next_deadline() or sample_due,
+                       self.inflight.next_deadline() or sample_due)
             timeout = max(0.0, wake - time.monotonic())
-            for key, events in self.selector.select(timeout):
+            # New connections last: the requests already accepted are read (and their scopes begun) first, so a
+            # burst is not refused for connections of its own that merely wait to be read.
+            for key, events in sorted(self.selector.select(timeout), key=lambda ke: ke[0].data == "broker"):
                 try:
                     self._dispatch(key, events, listener)
                 except Exception as exc:  # noqa: BLE001 - one job's or client's trouble never stops the agent
                     self.log.error("event handling failed", error=f"{type(exc).__name__}: {exc}")
                     if isinstance(key.data, tuple) and key.data[0] == "client":
                         self.clients.drop(key.data[1])
-                    elif key.data not in ("broker", "exits", "wakeup"):
+                    elif key.data not in ("broker", "exits", "wakeup", "dbus"):
                         _drop_fd(self.selector, key.fd)  # never again: a readable fd left behind would spin
         self._answer_accepted(listener)
         self.clients.close_all()
@@ -542,6 +583,8 @@ class Agent:
                 pass  # drained (EAGAIN): the signal's handler already ran
         elif data == "exits":
             self._drain_exits()
+        elif data == "dbus":
+            self.inflight.ready()
         elif isinstance(data, tuple) and data[0] == "client":
             self.clients.ready(data[1], events)
         elif isinstance(data, tuple) and data[0] in ("oom", "exited"):
@@ -599,14 +642,23 @@ class Agent:
                 self.finish(pid, status)
 
     def _handle_request(self, payload, pid, uid):
-        """One complete scope request from clients.py → the reply frame. Never raises."""
+        """One complete scope request from clients.py → the reply frame, or ``later(answer)`` while its scope's
+        start job runs (clients.py serves everyone else meanwhile). Never raises."""
+        if pid in self._waiting:
+            # Its scope is being made: answered after it, as the same PID's second request always was (REUSED).
+            return lambda answer: self._waiting[pid].append((payload, uid, answer))
         try:  # a profile added a moment ago must be known to the very next request (a cache hit costs ~1 ms)
             self.cfg = _config.load(self.config_file)
         except _config.ConfigError as exc:
             self.log.error("config error; keeping the last good config", error=str(exc))
+        begun = []
         fields, g = broker.handle(payload, pid, uid, self.cfg, broker.group_id(self.cfg.agent.group),
-                                  existing=self.existing_scope, start_scope=self.start_scope,
+                                  existing=self.existing_scope,
+                                  start_scope=lambda name, props: begun.append(self.begin_scope(name, props)),
                                   fresh_sample=self.fresh_sample)
+        if begun and g is not None and fields.get("OK") == "1":
+            self._waiting[pid] = []
+            return lambda answer: self._answer_at_end(g, answer)
         if g is not None:
             self.on_grant(g)
         return broker.frame(fields)
@@ -623,10 +675,13 @@ class Agent:
             self.selector.unregister(listener)
         except (KeyError, ValueError):
             pass
-        end = time.monotonic() + self.clients.deadline_s
+        end = max([time.monotonic() + self.clients.deadline_s] + [c.deadline for c in self.clients.conns.values()
+                                                                   if c.waiting])  # a scope being made
         while self.clients.conns and time.monotonic() < end:
             self.clients.expire()
-            for key, events in self.selector.select(max(0.0, min(end, self.clients.next_deadline() or end)
+            self.inflight.expire()
+            for key, events in self.selector.select(max(0.0, min(end, self.clients.next_deadline() or end,
+                                                                 self.inflight.next_deadline() or end)
                                                         - time.monotonic())):
                 try:
                     self._dispatch(key, events, listener)
@@ -751,7 +806,10 @@ def enable_accounting(config_file=None):
 
 
 def main(argv=None):
+    from .. import __version__
+
     p = argparse.ArgumentParser(prog="gpu-router-agent", description="gpu-router's resident agent")
+    p.add_argument("--version", action="version", version=f"gpu-router-agent {__version__}")
     p.add_argument("--config", help="config file (default: $GPU_ROUTER_CONFIG or /etc/gpu-router/config.toml)")
     p.add_argument("--once", action="store_true", help="publish one GPU snapshot and exit")
     p.add_argument("--enable-accounting", action="store_true",

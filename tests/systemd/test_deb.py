@@ -128,6 +128,16 @@ def test_install_starts_the_socket_and_the_agent(box, debs):
         "/etc/gpu-router/config.toml"
 
 
+def test_the_autopkgtest_runs_one_wrapped_job(box):
+    """debian/tests/wrapped-job, as autopkgtest would run it on the installed package (needs-root, in a
+    container): one member's job through the broker, in its scope; it cleans up after itself."""
+    box.copy_in(REPO / "debian/tests/wrapped-job", "/scratch/wrapped-job", mode=0o755)
+    out = box.run(["/scratch/wrapped-job"], env={"AUTOPKGTEST_TMP": "/var/tmp"}, timeout=120)
+    assert "ok: one wrapped job ran in its scope" in out.stdout, out.stdout + out.stderr
+    assert "job ran with: hello" in out.stdout
+    assert box.run(["getent", "passwd", "gpurouter-autopkgtest"], check=False).returncode == 2  # cleaned up
+
+
 # ---- 2. wrap a packaged workload -------------------------------------------------------------------------------
 
 def test_wrap_a_packaged_workload(box, debs):

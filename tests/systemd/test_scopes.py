@@ -64,6 +64,13 @@ threshold = 1
 max_cpu_jobs = 2
 scope = "required"
 runtime_max = "2s"
+
+[workloads.many]
+binary = "/bin/sh"
+probe = "file-size"
+threshold = 1
+max_cpu_jobs = 200            # a burst at once: every job holds a slot, none waits for one
+scope = "required"
 """
 
 ALLOC = """
@@ -320,3 +327,64 @@ def test_every_oom_kill_and_every_short_jobs_peak_is_accounted(box):
     # Nothing left behind: no holder, no record.
     box.wait_for("! pgrep -fx 'sleep infinity'", timeout=20)
     assert box.run("ls /run/gpu-router/jobs").stdout.strip() == ""
+
+
+def test_a_scope_stuck_in_systemd_holds_up_no_other_request(box):
+    """The broker waits for each scope's start job in its loop, not in the call: while one job is stuck in
+    systemd's queue (its scope is After= a caller still starting: a oneshot runner whose ExecStart is the wrapper),
+    another member's job is granted, runs and ends. On the code that polled the unit inside the request, the
+    second request waited for the first to give up (5 s) and the runner was no longer starting by then."""
+    box.run(["systemd-run", "--unit=slow-runner.service", "--service-type=oneshot", "--no-block", "--uid=runner",
+             "--", "gpu-router", "run", "--workload", "bound", "--", "/srv/alloc.py", "1", "0", "/srv/input"])
+    box.wait_for("systemctl list-jobs --no-legend | grep -q 'gpu-router-bound-.*scope.*start.*waiting'",
+                 timeout=20, interval=0.05)
+    done = gr(box, "gentle", "/srv/alloc.py", "1", "0", user="runner")
+    assert done.returncode == 0, done.stderr
+    state = box.run(["systemctl", "show", "-p", "ActiveState", "--value", "slow-runner.service"]).stdout.strip()
+    assert state == "activating", f"the stuck request was answered before the other one ({state})"
+    # The stuck one is answered in its turn, with the reason, and the runner's job fails cleanly (no scope).
+    box.wait_for("! systemctl is-active --quiet slow-runner.service && "
+                 "[ \"$(systemctl show -p ActiveState --value slow-runner.service)\" != activating ]", timeout=30)
+    told = box.run(["journalctl", "-u", "slow-runner.service", "-o", "cat"]).stdout
+    assert "did not become active" in told and "Traceback" not in told, told
+    # The agent settled it at its deadline by the unit's state, and says so (what the burst test looks for).
+    assert "no JobRemoved" in box.run(["journalctl", "-u", "gpu-router-agent.service", "-o", "cat"]).stdout
+
+
+def test_a_burst_of_member_jobs_is_granted_with_none_refused(box):
+    """100 jobs of a member at once (more than the 64 connections a uid may hold open): each gets its scope and
+    runs; no request is refused, none expires, each is answered at its own job's end."""
+    box.run(["journalctl", "--sync"])
+    cursor = box.run("journalctl -n 0 --show-cursor | sed -n 's/^-- cursor: //p'").stdout.strip()
+    assert cursor
+    box.write_file("/srv/true.sh", "exit 0\n")
+    box.write_file("/srv/burst.sh", textwrap.dedent("""\
+        for i in $(seq 100); do
+            gpu-router run --workload many -- /srv/true.sh > /dev/null 2>/tmp/burst.$i &
+        done
+        fail=0
+        for job in $(jobs -p); do wait "$job" || fail=$((fail + 1)); done
+        echo "failed=$fail"
+        """))
+    out = box.run(["bash", "/srv/burst.sh"], user="runner", timeout=300).stdout
+    assert "failed=0" in out, box.run("cat /tmp/burst.* | sort | uniq -c | head", check=False).stdout
+    refused = box.journal("GPU_ROUTER_EVENT=broker-refused", args=["--after-cursor", cursor])
+    assert not refused, refused
+    # Each answer came from its job's JobRemoved, none from the 5 s fallback that asks the unit's state.
+    agent_log = box.run(["journalctl", "-u", "gpu-router-agent.service", "--after-cursor", cursor, "-o", "cat"]).stdout
+    assert "no JobRemoved" not in agent_log, agent_log[-2000:]
+
+
+def test_root_without_an_agent_makes_its_own_scope(box):
+    """The wrapper's own path (scope.place_directly): root, agent stopped, the wrapper calls StartTransientUnit on
+    a connection of its own and waits for its job's end; the job runs in its scope."""
+    box.write_file("/srv/cgroup.sh", "grep -o 'gpu-router-cpu.slice/gpu-router-many-[^/]*\\.scope' /proc/self/cgroup"
+                                     " | head -n 1\n")
+    box.run(["systemctl", "stop", "gpu-router-agent.socket", "gpu-router-agent.service"])
+    try:
+        out = gr(box, "many", "/srv/cgroup.sh", check=True)
+        assert out.stdout.strip().startswith("gpu-router-cpu.slice/gpu-router-many-"), out.stdout + out.stderr
+        assert "Traceback" not in out.stderr
+    finally:
+        box.run(["systemctl", "start", "gpu-router-agent.socket", "gpu-router-agent.service"])
+        box.wait_for("systemctl is-active --quiet gpu-router-agent.service", timeout=30)

@@ -1,0 +1,158 @@
+#!/usr/bin/python3
+"""A burst of jobs through the broker against `systemd-run --scope`, in a booted container (root; the lane's harness).
+
+    sudo /usr/bin/python3 bench/bench_burst.py [--sizes 8,32,128,512] [--rounds 3] [--old 939dc14]
+
+N jobs are started at once; each one's latency is from its launch (just before the fork) to its first instruction
+(the job is `/bin/sh stamp.sh`, which writes `date +%s.%N`). Sides, interleaved round by round:
+  systemd-run   `systemd-run --scope --quiet --slice=gpu-router-cpu.slice` as root (a member may not: polkit);
+  gpu-router    `gpu-router run` as a member of group gpu-router, the workload with scope = "required";
+  old           the same with the code of --old (git archive of that commit), when given;
+  no-scope      the same workload with scope = "off" (--floor): what the wrapper costs without the broker.
+Reported: p50 / p99 per side, the ratio of gpu-router's p99 to systemd-run's, and every job that failed (a job
+refused a scope exits 69/75 and writes no stamp).
+"""
+
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "tests" / "systemd"), str(REPO / "tests")]
+
+CONFIG = """
+[gpu]
+backend = "none"
+
+[workloads.burst]
+binary = "/bin/sh"
+probe = "file-size"
+threshold = 1                 # every input is over: CPU
+max_cpu_jobs = 1024
+max_gpu_jobs = 1
+scope = "required"
+
+[workloads.bare]                # the same without a scope: the wrapper's own floor, no broker
+binary = "/bin/sh"
+probe = "file-size"
+threshold = 1
+max_cpu_jobs = 1024
+max_gpu_jobs = 1
+scope = "off"
+"""
+
+STAMP = 'exec date +%s.%N > "$1"\n'
+
+# Runs inside the container as root: launches N at once, waits for all, prints "latency exit" per job.
+DRIVER = r"""
+import os, subprocess, sys, time, pwd
+side, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+os.makedirs(out, exist_ok=True)
+os.chmod(out, 0o1777)
+runner = pwd.getpwnam("runner")
+if side == "systemd-run":
+    argv = ["systemd-run", "--scope", "--quiet", "--collect", "--slice=gpu-router-cpu.slice", "--",
+            "/bin/sh", "/srv/stamp.sh"]
+    kw = {}
+else:
+    argv = ["gpu-router", "run", "--workload", "bare" if side == "no-scope" else "burst", "--", "/srv/stamp.sh"]
+    kw = dict(user=runner.pw_uid, group=runner.pw_gid, extra_groups=os.getgrouplist("runner", runner.pw_gid))
+procs = []
+for i in range(n):
+    path = f"{out}/{i}"
+    t = time.time()
+    procs.append((t, path, subprocess.Popen(argv + [path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                            **kw)))
+for t, path, p in procs:
+    err = p.communicate()[1].decode(errors="replace").strip().splitlines()
+    try:
+        stamp = float(open(path).read())
+    except (OSError, ValueError):
+        stamp = None
+    print(f"{stamp - t if stamp else -1:.6f} {p.returncode} {err[-1] if err and p.returncode else ''}")
+"""
+
+
+def percentile(values, q):
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))]
+
+
+def old_tree(commit, dest):
+    data = subprocess.run(["git", "-C", str(REPO), "archive", commit, "agent"], check=True,
+                          capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=data, check=True)
+    return dest / "agent"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="8,32,128,512")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per size (512: one)")
+    ap.add_argument("--old", help="a commit to measure side by side (e.g. 939dc14)")
+    ap.add_argument("--floor", action="store_true", help="also gpu-router without a scope (no broker)")
+    args = ap.parse_args(argv)
+    import harness
+    import srcinstall
+
+    if harness.unavailable_reason():
+        sys.exit(f"no container lane here: {harness.unavailable_reason()}")
+    # systemd-run last in each round: at N = 512 it can leave systemd busy for a while (each process its own bus
+    # connection); every side starts with systemd's job queue empty.
+    sides = ["gpu-router"] + (["old"] if args.old else []) + (["no-scope"] if args.floor else []) + ["systemd-run"]
+    c = harness.Container()
+    c.start()
+    try:
+        c.write_file("/etc/gpu-router/config.toml", CONFIG)
+        c.write_file("/srv/stamp.sh", STAMP)
+        c.write_file("/srv/driver.py", DRIVER)
+        if args.old:
+            with tempfile.TemporaryDirectory() as tmp:
+                c.copy_in(old_tree(args.old, pathlib.Path(tmp)), "/old/agent")
+        c.run(srcinstall.TREE + srcinstall.START, timeout=120)
+        c.add_user("runner", groups=["gpu-router"])
+        c.wait_for("systemctl is-active --quiet gpu-router-agent.service", timeout=30)
+        current = "/src/agent"
+
+        def use(tree):
+            nonlocal current
+            if tree != current:
+                c.run(f"ln -sfn {tree} /opt/gpu-router/lib/gpu_router && "
+                      f"systemctl reset-failed gpu-router-agent.service; systemctl restart gpu-router-agent.service"
+                      f" && systemctl is-active --quiet gpu-router-agent.service", timeout=60)
+                current = tree
+
+        results = {}
+        for n in [int(x) for x in args.sizes.split(",")]:
+            for r in range(1 if n >= 512 else args.rounds):
+                for side in sides:
+                    use("/old/agent" if side == "old" else "/src/agent")
+                    out = c.run(["/usr/bin/python3", "/srv/driver.py", side, str(n), f"/tmp/burst-{side}-{n}-{r}"],
+                                timeout=600).stdout.splitlines()
+                    c.wait_for('test -z "$(systemctl list-jobs --no-legend)"', timeout=300, interval=0.2)
+                    lat, failed = results.setdefault((n, side), ([], []))
+                    for line in out:
+                        value, code, *why = line.split(" ", 2)
+                        if float(value) < 0 or code != "0":
+                            failed.append(f"exit {code} {' '.join(why)}".strip())
+                        else:
+                            lat.append(float(value))
+        print(f"{'N':>5} | {'side':<12} | {'p50 s':>7} | {'p99 s':>7} | {'p99 / systemd-run':>17} | failed")
+        for n in sorted({k[0] for k in results}):
+            base = results[(n, "systemd-run")][0]
+            for side in sides[-1:] + sides[:-1]:
+                lat, failed = results[(n, side)]
+                p50, p99 = (percentile(lat, 50), percentile(lat, 99)) if lat else (float("nan"),) * 2
+                ratio = p99 / percentile(base, 99) if lat and base else float("nan")
+                print(f"{n:>5} | {side:<12} | {p50:7.3f} | {p99:7.3f} | {ratio:16.2f}x | {len(failed)}"
+                      f"{' (' + failed[0] + ')' if failed else ''}")
+    finally:
+        c.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
