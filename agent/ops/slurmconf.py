@@ -351,7 +351,8 @@ def check(path, node, cpus, gres, wanted):
         if node_cpus is None:
             problems.append(f"{line.where()}: the node line has no CPUs= (Slurm then counts 1 CPU and runs one job "
                             f"at a time): CPUs={cpus}")
-        elif node_cpus.isdigit() and int(node_cpus) > cpus:
+        elif node_cpus.isdigit() and int(node_cpus) > cpus and not any(
+                "config_overrides" in (e.get("SlurmdParameters") or "") for e in settings(entries, "SlurmdParameters")):
             notes.append(f"{line.where()}: CPUs={node_cpus} but this host has {cpus} (slurmd drains a node with "
                          f"fewer CPUs than configured, unless SlurmdParameters=config_overrides)")
         if node_value(entries, line, "RealMemory") is None:
