@@ -136,6 +136,21 @@ def test_check_follows_include_lines(rig):
     assert "SchedulerParameters is set 2 times" in out and "extra.conf:1" in out
 
 
+def test_print_names_an_included_file_it_cannot_merge_into(rig):
+    conf = site(rig, SITE.replace("SchedulerParameters=bf_interval=30\n", "") + "Include sched.conf\n")
+    (conf.parent / "sched.conf").write_text("SchedulerParameters=bf_interval=30\n")
+    p = run(rig, "--print", "slurm.conf", "--node", "gpu07")
+    assert p.returncode == 1 and p.stdout == "" and "sched.conf:1 (included)" in p.stderr, p
+
+
+def test_check_notes_more_cpus_than_the_host_only_without_config_overrides(rig):
+    line = SITE.replace(" State=UNKNOWN", " CPUs=4096 State=UNKNOWN")
+    site(rig, line)
+    assert "CPUs=4096 but this host has" in run(rig, "--check", "--node", "gpu07").stdout
+    site(rig, line + "SlurmdParameters=config_overrides\n")
+    assert "CPUs=4096" not in run(rig, "--check", "--node", "gpu07").stdout
+
+
 def test_check_without_a_readable_slurm_conf_fails(rig):
     p = run(rig, "--check")
     assert p.returncode == 1 and "cannot read" in p.stdout
