@@ -7,7 +7,8 @@ its manager put it; ``scope = "required"`` is met ("confined by someone").
 
 The rule (deliberately narrow): a process is confined when a line of /proc/PID/cgroup names a Slurm step,
 ``…/slurmstepd.scope/job_<id>/step_<step>…`` (cgroup v2, slurmd under systemd) or ``…/slurm…/uid_<uid>/job_<id>/
-step_<step>…`` (cgroup v1), and that job's cgroup directory belongs to root. Slurm's environment variables
+step_<step>…`` (cgroup v1), and Slurm's own cgroup above the jobs (slurmstepd.scope, /slurm) belongs to root (the
+job's own folders may be given to the job's user). Slurm's environment variables
 (SLURM_JOB_ID, …) are not looked at: anyone can set them. Nor is a memory limit somewhere above the process: a
 runner's own service with MemoryMax= is not a job manager, and the job still gets its per-job scope there. A
 member cannot fake the path: cgroups are made by root, and the only ones a member may make (a delegated subtree,
@@ -60,7 +61,7 @@ def read(pid="self"):
 
 
 def slurm_step(path):
-    """(job id, step, the job's cgroup path) when `path` is a Slurm step's cgroup, else None."""
+    """(job id, step, the cgroup Slurm made above its jobs) when `path` is a Slurm step's cgroup, else None."""
     parts = path.split("/")
     for i in range(1, len(parts) - 1):
         job, step = parts[i], parts[i + 1]
@@ -70,8 +71,8 @@ def slurm_step(path):
         parent = parts[i - 1]
         v2 = parent == "slurmstepd.scope"
         v1 = parent.startswith("uid_") and parent[4:].isdigit() and i >= 2 and parts[i - 2].startswith("slurm")
-        if v2 or v1:
-            return job[4:], step[5:], "/".join(parts[:i + 1])
+        if v2 or v1:   # the manager's own top: slurmstepd.scope (v2), /slurm… above uid_N (v1)
+            return job[4:], step[5:], "/".join(parts[:i] if v2 else parts[:i - 1])
     return None
 
 
@@ -89,10 +90,10 @@ def classify(lines, root=CGROUP_ROOT):
         found = slurm_step(path)
         if found is None:
             continue
-        job, step, job_path = found
+        job, step, top = found
         base = hierarchy_dir(controllers, root)
         try:
-            if os.stat(base + job_path).st_uid != 0:
+            if os.stat(base + top).st_uid != 0:
                 continue       # made by a member (a delegated subtree): not Slurm's
         except OSError:
             continue

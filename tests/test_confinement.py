@@ -50,7 +50,7 @@ def test_slurm_step_paths(path, found):
     assert (got[:2] if got else None) == found
 
 
-def test_classify_needs_a_root_owned_job_cgroup(tmp_path):
+def test_classify_needs_a_root_owned_slurm_cgroup(tmp_path):
     """The path alone is not enough: a member may make it in a delegated subtree; then it is the member's."""
     job = tmp_path / "unified" / "system.slice" / "slurmstepd.scope" / "job_123"
     (job / "step_batch" / "user" / "task_0").mkdir(parents=True)
@@ -59,13 +59,14 @@ def test_classify_needs_a_root_owned_job_cgroup(tmp_path):
         assert held is None
         return
     assert held.label == "slurm:123.batch" and held.cgroup == str(job / "step_batch/user/task_0")
-    os.chown(job, 65534, 65534)
+    os.chown(job.parent, 65534, 65534)   # slurmstepd.scope made by a member
     assert confinement.classify(confinement.parse(V2), str(tmp_path)) is None
 
 
 def test_classify_prefers_v2_and_reads_v1(tmp_path):
     (tmp_path / "freezer/slurm/uid_1000/job_77/step_0").mkdir(parents=True)
     if os.geteuid() == 0:
+        os.chown(tmp_path / "freezer/slurm/uid_1000/job_77", 1000, 1000)   # a job's own folder may be the user's
         assert confinement.classify(confinement.parse(V1), str(tmp_path)).label == "slurm:77.0"
     assert confinement.classify(confinement.parse("0::/system.slice/x.service\n"), str(tmp_path)) is None
 
