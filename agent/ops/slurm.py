@@ -208,6 +208,8 @@ def cmd_slurm_conf(args):
             sys.stderr.write(f"gpu-router slurm-conf: {exc}\n")
             return 1
         sys.stdout.write(text)
+        for problem in data["problems"] if bad else ():
+            sys.stderr.write(f"gpu-router slurm-conf: {problem} (exit 1, as check)\n")
         return 1 if bad else 0
     if args.check:
         return check(args, data)

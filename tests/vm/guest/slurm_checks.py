@@ -19,11 +19,16 @@ CONFIG = """
 [gpu]
 backend = "none"
 
+[host]
+other_ram_mb = 512            # a 3 GB VM
+
 [workloads.mem]
 binary = "/usr/local/bin/alloc"
 probe = "file-size"
 threshold = 1                 # every input is over: the CPU pool
+max_gpu_jobs = 0
 max_cpu_jobs = 2
+cpu_ram_mb = 200
 scope = "required"            # met by Slurm's step cgroup: no scope of gpu-router's can be asked for there
 """
 SITE = f"""ClusterName=vm
