@@ -96,6 +96,14 @@ def slurm():
     sh("id runner >/dev/null 2>&1 || useradd -m -G gpu-router runner")
     sh(f"grep -q {NODE} /etc/hosts || echo '127.0.0.1 {NODE}' >> /etc/hosts")
     sh("systemctl restart gpu-router-agent.service")
+    # The VM has no network (qemu -nic none), and Slurm's getaddrinfo(AI_ADDRCONFIG) finds no address with only
+    # loopback up: a dummy interface, by systemd-networkd (no iproute2 in the image).
+    net = pathlib.Path("/etc/systemd/network")
+    net.mkdir(parents=True, exist_ok=True)
+    (net / "10-dummy.netdev").write_text("[NetDev]\nName=dummy0\nKind=dummy\n")
+    (net / "10-dummy.network").write_text("[Match]\nName=dummy0\n\n[Network]\nAddress=10.253.0.1/24\n")
+    sh("systemctl restart systemd-networkd")
+    wait_for(lambda: "10.253.0.1" in sh("cat /proc/net/fib_trie", check=False).stdout, timeout=30)
     pathlib.Path("/etc/slurm").mkdir(exist_ok=True)
     pathlib.Path("/etc/slurm/slurm.conf").write_text(SITE)
     pathlib.Path("/etc/slurm/cgroup.conf").write_text(CGROUP_CONF)
