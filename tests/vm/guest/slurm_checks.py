@@ -58,6 +58,8 @@ CGROUP_CONF = """CgroupPlugin=cgroup/v2
 ConstrainRAMSpace=yes
 """
 SCRIPT = """#!/bin/sh
+cat /proc/self/cgroup > /tmp/cgroup.$SLURM_JOB_ID
+python3 -c 'from gpu_router import confinement as c; print(c.read(), c.find())' >> /tmp/cgroup.$SLURM_JOB_ID 2>&1
 exec gpu-router run --workload mem -- "$@"
 """
 
@@ -153,7 +155,8 @@ def test_wrapped_job_stays_in_its_step_cgroup():
     jid = submit([20, 6, 0], n=1)
     pid = wait_for(lambda: alloc_pid("/srv/in/1"), timeout=90)
     cgroup = pathlib.Path(f"/proc/{pid}/cgroup").read_text()
-    assert f"/slurmstepd.scope/job_{jid}/step_batch" in cgroup, cgroup
+    before = pathlib.Path(f"/tmp/cgroup.{jid}").read_text()
+    assert f"/slurmstepd.scope/job_{jid}/step_batch" in cgroup, (cgroup, before)
     assert "gpu-router" not in cgroup
     wait_for(lambda: jobcomp(jid), timeout=90)
     assert jobcomp(jid)["JobState"] == "COMPLETED", jobcomp(jid)
