@@ -6,7 +6,8 @@ it out of all three. So where this module finds such a cgroup, the wrapper makes
 its manager put it; ``scope = "required"`` is met ("confined by someone").
 
 The rule (deliberately narrow): a process is confined when a line of /proc/PID/cgroup names a Slurm step,
-``…/slurmstepd.scope/job_<id>/step_<step>…`` (cgroup v2, slurmd under systemd) or ``…/slurm…/uid_<uid>/job_<id>/
+``…/slurmstepd.scope/job_<id>/step_<step>…`` (cgroup v2, slurmd under systemd; Debian's build, with
+multiple-slurmd support, names it ``<node>_slurmstepd.scope``) or ``…/slurm…/uid_<uid>/job_<id>/
 step_<step>…`` (cgroup v1), and Slurm's own cgroup above the jobs (slurmstepd.scope, /slurm) belongs to root (the
 job's own folders may be given to the job's user). Slurm's environment variables
 (SLURM_JOB_ID, …) are not looked at: anyone can set them. Nor is a memory limit somewhere above the process: a
@@ -69,7 +70,7 @@ def slurm_step(path):
                 and step[5:].replace("_", "").isalnum()):
             continue
         parent = parts[i - 1]
-        v2 = parent == "slurmstepd.scope"
+        v2 = parent == "slurmstepd.scope" or parent.endswith("_slurmstepd.scope")   # <node>_…: multiple-slurmd
         v1 = parent.startswith("uid_") and parent[4:].isdigit() and i >= 2 and parts[i - 2].startswith("slurm")
         if v2 or v1:   # the manager's own top: slurmstepd.scope (v2), /slurm… above uid_N (v1)
             return job[4:], step[5:], "/".join(parts[:i] if v2 else parts[:i - 1])

@@ -35,6 +35,9 @@ def test_parse_keeps_every_hierarchy():
 @pytest.mark.parametrize("path,found", [
     ("/system.slice/slurmstepd.scope/job_123/step_batch/user/task_0", ("123", "batch")),
     ("/system.slice/slurmstepd.scope/job_9/step_0", ("9", "0")),
+    # Debian 12's slurm-wlm 22.05.8 (multiple-slurmd build), seen in the VM lane:
+    ("/system.slice/gpu-router-vm_slurmstepd.scope/job_1/step_batch/user/task_0", ("1", "batch")),
+    ("/system.slice/x_slurmstepd.scope.d/job_1/step_0", None),
     ("/slurmstepd.scope/job_9/step_extern", ("9", "extern")),
     ("/slurm/uid_1000/job_77/step_0/task_0", ("77", "0")),
     ("/slurm_node1/uid_0/job_5/step_interactive", ("5", "interactive")),

@@ -156,7 +156,7 @@ def test_wrapped_job_stays_in_its_step_cgroup():
     pid = wait_for(lambda: alloc_pid("/srv/in/1"), timeout=90)
     cgroup = pathlib.Path(f"/proc/{pid}/cgroup").read_text()
     before = pathlib.Path(f"/tmp/cgroup.{jid}").read_text()
-    assert f"/slurmstepd.scope/job_{jid}/step_batch" in cgroup, (cgroup, before)
+    assert f"_slurmstepd.scope/job_{jid}/step_batch/" in cgroup, (cgroup, before)   # Debian: <node>_slurmstepd
     assert "gpu-router" not in cgroup
     wait_for(lambda: jobcomp(jid), timeout=90)
     assert jobcomp(jid)["JobState"] == "COMPLETED", jobcomp(jid)
