@@ -59,7 +59,6 @@ ConstrainRAMSpace=yes
 """
 SCRIPT = """#!/bin/sh
 cat /proc/self/cgroup > /tmp/cgroup.$SLURM_JOB_ID
-python3 -c 'from gpu_router import confinement as c; print(c.read(), c.find())' >> /tmp/cgroup.$SLURM_JOB_ID 2>&1
 exec gpu-router run --workload mem -- "$@"
 """
 
@@ -157,7 +156,7 @@ def test_wrapped_job_stays_in_its_step_cgroup():
     cgroup = pathlib.Path(f"/proc/{pid}/cgroup").read_text()
     before = pathlib.Path(f"/tmp/cgroup.{jid}").read_text()
     assert f"_slurmstepd.scope/job_{jid}/step_batch/" in cgroup, (cgroup, before)   # Debian: <node>_slurmstepd
-    assert "gpu-router" not in cgroup
+    assert "/gpu.slice/" not in cgroup                                               # not in gpu-router's scope
     wait_for(lambda: jobcomp(jid), timeout=90)
     assert jobcomp(jid)["JobState"] == "COMPLETED", jobcomp(jid)
     sh("journalctl --sync")
