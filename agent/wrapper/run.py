@@ -328,8 +328,12 @@ def _scope(job, cfg):
     w = job.workload
     if w.scope == "off":
         return True
-    from .. import scope
+    from .. import confinement, scope
 
+    held = confinement.find()
+    if held is not None:  # a Slurm step: moving the PID would take it out of --mem, sacct and scancel
+        job.scope = held.label
+        return True
     try:
         job.scope = scope.place(job, cfg)
         return True

@@ -1,18 +1,22 @@
 """gpu-router under a real Slurm: Debian's slurm-wlm and munge as systemd units in a booted bookworm container.
 
 One node, one fake 16 GiB GPU (tests/fakenvml's state, read by the agent through the fake nvidia-smi; the fake
-job claims VRAM there and fails like a CUDA OOM when its claim does not fit). The cluster's GRES and RequeueExit
-lines are what `gpu-router slurm-conf` prints on this host, so Slurm accepting and honouring them is part of the
-test. Every job's own ledger (the fake job's start/finish/oom lines, keyed by PID, and the batch script's
-"SLURM_JOB_ID PID" line) is checked against Slurm's record (jobcomp/filetxt: one line per attempt).
+job claims VRAM there and fails like a CUDA OOM when its claim does not fit). The site's slurm.conf has its own node
+line and its own SchedulerParameters; what `gpu-router slurm-conf --print slurm.conf` / `--print gres.conf` print
+is installed as it is, so Slurm accepting and honouring it is part of the test. Every job's own ledger (the fake
+job's start/finish/oom lines, keyed by PID, and the batch script's "SLURM_JOB_ID PID" line) is checked against
+Slurm's record (jobcomp/filetxt: one line per attempt).
 
-(a) Slurm gates the slots (a count-only GRES per pool; (a') the same as licenses): a mixed batch three times the
-    slots → 0 exit-75 attempts.
+(a) Slurm gates the slots (a count-only GRES per pool; (a') the same as licenses): 40 mixed jobs, seven times the
+    slots → 0 exit-75 attempts, makespan within 1.25x the slots' ideal.
+(r) RequeueExit alone (40 jobs submitted without --request, some with --no-requeue): many 75s, each job still
+    COMPLETED exactly once.
 (b) RequeueExit=75 is the backstop when something outside Slurm holds a slot: the excess exits 75, Slurm requeues
     it, and every job still COMPLETES exactly once.
 (c) Slurm's admission and gpu-router's disagree: a foreign process takes VRAM mid-batch; Slurm sees a free GRES,
     gpu-router sees no room (admission = "vram") → 75 → requeue; no job OOMs, none is lost. The same start without
     VRAM admission OOMs, which is what the lane would catch.
+(f) --request fails closed: with several workloads and no -w, or a missing input, `sbatch $(…)` submits nothing.
 
 Figures (75s, requeues, makespan vs ideal) are printed and kept in tests/systemd/README-slurm.md.
 """
@@ -30,8 +34,11 @@ import srcinstall
 from harness import require_lane
 
 SLURM_PACKAGES = harness.PACKAGES + ("munge", "slurm-wlm")   # a rootfs of its own: the other lanes' cache stays
-JOB_S = 3                          # each fake job's run time
+JOB_S = 3                          # each fake job's run time ((c))
+ENC_S = 10                         # enc's run time: the 40-job batches, (b) (long enough that Slurm's own
+                                   # 1.5-2 s from one job's end to the next one's start stays within 1.25x)
 GPU_MB, JOB_VRAM_MB, FOREIGN_MB = 16384, 6000, 8000
+ENC_VRAM_MB, ENC_GPU, ENC_CPU = 3500, 4, 2
 STATE = srcinstall.FAKE_STATE
 LOG = "/scratch/jobs.log"          # the fake jobs' own ledger (JSON lines)
 LEDGER = "/scratch/ledger"         # "SLURM_JOB_ID PID" per attempt, written by the batch script before exec
@@ -42,15 +49,15 @@ CONFIG = f"""
 backend = "nvidia-smi"
 sample_interval = "0.5s"
 
-[workloads.enc]                    # (a), (b): slots admission, GPU and CPU pools
+[workloads.enc]                    # (a), (r), (b): slots admission, GPU and CPU pools
 binary = "/src/tests/fakenvml/fake_gpu_job.py"
 probe = "file-size"
 threshold = 1000
-gpu_vram_mb = {JOB_VRAM_MB}
-max_gpu_jobs = 2
-max_cpu_jobs = 1
-gpu_args = ["--device", "cuda", "--vram", "{JOB_VRAM_MB}", "--seconds", "{JOB_S}", "--state", "{STATE}", "--log", "{LOG}"]
-cpu_args = ["--device", "cpu", "--seconds", "{JOB_S}", "--log", "{LOG}"]
+gpu_vram_mb = {ENC_VRAM_MB}
+max_gpu_jobs = {ENC_GPU}
+max_cpu_jobs = {ENC_CPU}
+gpu_args = ["--device", "cuda", "--vram", "{ENC_VRAM_MB}", "--seconds", "{ENC_S}", "--state", "{STATE}", "--log", "{LOG}"]
+cpu_args = ["--device", "cpu", "--seconds", "{ENC_S}", "--log", "{LOG}"]
 scope = "best-effort"
 
 [workloads.vr]                     # (c): VRAM admission, the GPU pool only
@@ -80,8 +87,10 @@ echo "$SLURM_JOB_ID $$ ${SLURM_RESTART_COUNT:-0}" >> /scratch/ledger
 exec gpu-router run --workload "$1" -- "$2"
 """
 
-# The lane's own part of slurm.conf; the GRES/RequeueExit/AuthInfo/SchedulerParameters lines come from slurm-conf.
-BASE_CONF = """ClusterName=lane
+# The site's own slurm.conf, before gpu-router: its own node line (16 CPUs declared on 2 real cores, with
+# config_overrides, so CPUs never limit the batch: the site's value is kept by the merge) and its own
+# SchedulerParameters (bf_interval=30, kept beside gpu-router's sched_interval=2).
+SITE_CONF = """ClusterName=lane
 SlurmctldHost={node}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
@@ -92,6 +101,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
+SchedulerParameters=bf_interval=30
 ReturnToService=2
 SlurmUser=slurm
 StateSaveLocation=/var/lib/slurm/slurmctld
@@ -103,6 +113,7 @@ SlurmdLogFile=/var/log/slurm/slurmd.log
 JobCompType=jobcomp/filetxt
 JobCompLoc={jobcomp}
 MinJobAge=600
+NodeName={node} NodeAddr=127.0.0.1 CPUs=16 State=UNKNOWN
 PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -126,14 +137,17 @@ def lane():
         srcinstall.install(c, CONFIG, GPU_MB)
         node = c.run("hostname -s").stdout.strip()
         c.run(f"echo '127.0.0.1 {node}' >> /etc/hosts")   # munge and slurmd resolve the node's name
-        gen = json.loads(c.run(["gpu-router", "slurm-conf", "--json", "--node", node]).stdout)
-        conf = BASE_CONF.format(node=node, ctld_port=free_port(), slurmd_port=free_port(), jobcomp=JOBCOMP)
-        node_line = next(line for line in gen["slurm_conf"] if line.startswith("NodeName="))
-        conf += "\n".join(line for line in gen["slurm_conf"] if not line.startswith("NodeName=")) + "\n"
-        conf += f"{node_line} NodeAddr=127.0.0.1 CPUs=16 RealMemory=2000 State=UNKNOWN\n"
-        conf += gen["licenses"] + "\n"                  # the one-node alternative, tested in (a')
-        c.write_file("/etc/slurm/slurm.conf", conf)
-        c.write_file("/etc/slurm/gres.conf", "\n".join(gen["gres_conf"]) + "\n")
+        site = SITE_CONF.format(node=node, ctld_port=free_port(), slurmd_port=free_port(), jobcomp=JOBCOMP)
+        c.write_file("/etc/slurm/slurm.conf", site)
+        before = c.run(["gpu-router", "slurm-conf", "--check"], check=False)
+        # As an administrator applies it: the merged files, printed, installed as they are (no edit by hand).
+        c.run("gpu-router slurm-conf --print slurm.conf > /tmp/slurm.conf && "
+              "gpu-router slurm-conf --print gres.conf > /tmp/gres.conf && "
+              "cp /tmp/slurm.conf /tmp/gres.conf /etc/slurm/")
+        after = c.run(["gpu-router", "slurm-conf", "--check"], check=False)
+        gen = json.loads(c.run(["gpu-router", "slurm-conf", "--json"]).stdout)
+        conf = c.run(["cat", "/etc/slurm/slurm.conf"]).stdout
+        c.run(["sh", "-c", f"echo '{gen['licenses']}' >> /etc/slurm/slurm.conf"])   # (a'): printed as a comment
         c.run("mkdir -p /var/lib/slurm/slurmctld /var/lib/slurm/slurmd /var/log/slurm; "
               "chown slurm: /var/lib/slurm/slurmctld /var/log/slurm; "
               "systemctl restart munge; systemctl start slurmctld slurmd")
@@ -143,7 +157,8 @@ def lane():
             raise AssertionError("slurm never became idle:\n" + c.run(
                 "systemctl status munge slurmctld slurmd --no-pager; tail -30 /var/log/slurm/*.log",
                 check=False).stdout) from None
-        c.slurm = {"node": node, "gen": gen, "conf": conf, "setup_s": time.monotonic() - t0}
+        c.slurm = {"node": node, "gen": gen, "conf": conf, "site": site, "before": before, "after": after,
+                   "setup_s": time.monotonic() - t0}
         yield c
     finally:
         c.stop()
@@ -164,12 +179,30 @@ def inputs(c, tag, n, cpu_every=3):
 
 def submit(c, workload, path, hold=False, licenses=False):
     """sbatch with the option `gpu-router slurm-conf --request` prints for the input (--gres=… or -L …)."""
-    request = ["gpu-router", "slurm-conf", "--workload", workload, "--request", path]
-    option = c.run(request + (["--licenses"] if licenses else [])).stdout.split()
-    argv = ["sbatch", "--parsable", "--open-mode=append", *option,
-            "--output=/scratch/out/%j.out", "--chdir=/scratch"] + (["--hold"] if hold else [])
-    out = c.run(argv + ["/usr/local/bin/lane-job", workload, path]).stdout.strip()
-    return int(out.split(";")[0])
+    return submit_many(c, workload, [path], hold=hold, licenses=licenses)[0]
+
+
+def submit_many(c, workload, paths, hold=False, licenses=False, request=True, no_requeue=()):
+    """One shell inside the container submits them all, each as the docs write it:
+    ``opt=$(gpu-router slurm-conf --request INPUT -w W) && sbatch $opt …`` (the line stops when no pool is
+    decided). request=False: no GRES asked (RequeueExit alone); paths in no_requeue get --no-requeue."""
+    lines = ["set -e"]
+    for path in paths:
+        extra = ("--hold " if hold else "") + ("--no-requeue " if path in no_requeue else "")
+        if request:
+            ask = f"gpu-router slurm-conf --request {path} -w {workload}" + (" --licenses" if licenses else "")
+            lines.append(f"opt=$({ask}) && sbatch --parsable --open-mode=append $opt {extra}"
+                         f"--output=/scratch/out/%j.out --chdir=/scratch /usr/local/bin/lane-job {workload} {path}")
+        else:
+            lines.append(f"sbatch --parsable --open-mode=append {extra}--output=/scratch/out/%j.out "
+                         f"--chdir=/scratch /usr/local/bin/lane-job {workload} {path}")
+    out = c.run("\n".join(lines) + "\n", timeout=300).stdout.split()
+    assert len(out) == len(paths), out
+    return [int(x.split(";")[0]) for x in out]
+
+
+def release(c, ids):
+    c.run(["scontrol", "release", ",".join(map(str, ids))])
 
 
 def wait_done(c, ids, timeout=150):
@@ -240,7 +273,7 @@ def epoch(stamp):
     return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S"))
 
 
-def check_batch(c, ids, gpu_slots=2, cpu_slots=1, extra_gpu=()):
+def check_batch(c, ids, gpu_slots=ENC_GPU, cpu_slots=ENC_CPU, extra_gpu=(), job_s=ENC_S):
     """Every job COMPLETED exactly once (Slurm's record and its own), never an OOM, never beyond the slots.
     Returns the figures for the README."""
     comp, own = jobcomp(c, ids), ledger(c, ids)
@@ -256,7 +289,7 @@ def check_batch(c, ids, gpu_slots=2, cpu_slots=1, extra_gpu=()):
     attempts = sum(len(v) for v in comp.values())
     first = min(epoch(r["start"]) for v in comp.values() for r in v)
     last = max(epoch(r["end"]) for v in comp.values() for r in v)
-    ideal = max(math.ceil(len(gpu) / gpu_slots) if gpu else 0, math.ceil(len(cpu) / cpu_slots) if cpu else 0) * JOB_S
+    ideal = max(math.ceil(len(gpu) / gpu_slots) if gpu else 0, math.ceil(len(cpu) / cpu_slots) if cpu else 0) * job_s
     return {"jobs": len(ids), "completed_once": len(ids), "exit_75": attempts - len(ids),
             "requeues": attempts - len(ids), "makespan_s": last - first, "ideal_s": ideal,
             "max_gpu_overlap": overlap(gpu + list(extra_gpu)), "max_cpu_overlap": overlap(cpu)}
@@ -268,53 +301,101 @@ def report(name, figures):
 
 # ---- the tests ---------------------------------------------------------------------------------------------------
 
-def test_slurm_conf_lines_are_accepted_by_slurm(lane):
-    """The helper's GRES lines, as written, give the node the slots of the profiles (no device files needed)."""
+def test_slurm_conf_lines_are_applied_as_printed(lane):
+    """The site's slurm.conf lacks what gpu-router needs (--check says what, exit 1); the merged files, printed and
+    installed as they are, start Slurm with the slots of the profiles, the site's own node line and
+    SchedulerParameters kept (one line each), and --check is then content."""
+    before, after = lane.slurm["before"], lane.slurm["after"]
+    assert before.returncode == 1 and re.search(r"GresTypes lacks \S*gr_enc_gpu", before.stdout), before.stdout
+    assert "Gres= lacks gr_enc_gpu:4" in before.stdout and "no line Name=gr_enc_gpu Count=4" in before.stdout
+    assert after.returncode == 0, after.stdout
+    conf = [x for x in lane.slurm["conf"].splitlines() if x and not x.startswith("#")]
+    node = lane.slurm["node"]
+    assert sum(x.startswith(f"NodeName={node}") for x in conf) == 1
+    assert sum(x.startswith("SchedulerParameters=") for x in conf) == 1
     gres = lane.run(["sinfo", "-h", "-o", "%G"]).stdout.strip()
-    assert sorted(gres.split(",")) == sorted(["gr_enc_gpu:2", "gr_enc_cpu:1", "gr_vr_gpu:2", "gr_blind_gpu:2"])
-    assert "RequeueExit=75" in lane.slurm["conf"]
-    print(f"\nslurm lane setup (install, agent, munge, slurmctld, slurmd): {lane.slurm['setup_s']:.1f} s")
+    assert sorted(gres.split(",")) == sorted(["gr_enc_gpu:4", "gr_enc_cpu:2", "gr_vr_gpu:2", "gr_blind_gpu:2"])
+    config = lane.run(["scontrol", "show", "config"]).stdout
+    sched = re.search(r"SchedulerParameters\s*=\s*(\S+)", config).group(1)
+    assert "bf_interval=30" in sched and "sched_interval=2" in sched, sched   # the site's and ours
+    assert re.search(r"RequeueExit\s*=\s*75", config)
+    shown = lane.run(["scontrol", "show", "node", node]).stdout
+    assert "CPUTot=16" in shown and f"RealMemory={lane.slurm['gen']['real_memory_mb']}" in shown, shown
+    print(f"\nslurm lane setup (install, agent, munge, slurm-conf, slurmctld, slurmd): {lane.slurm['setup_s']:.1f} s")
 
 
 def test_a_slurm_gates_the_slots(lane):
-    """(a) A mixed batch three times the slots, each job with its pool's GRES: Slurm never starts more than
-    gpu-router admits, so not one attempt exits 75."""
-    paths = inputs(lane, "a", 9)
-    ids = [submit(lane, "enc", p) for p in paths]
-    wait_done(lane, ids)
+    """(a) 40 mixed jobs, about seven times the slots, each with its pool's GRES: Slurm never starts more than
+    gpu-router admits, so not one attempt exits 75, and the batch takes about what the slots allow."""
+    paths = inputs(lane, "a", 40)
+    ids = submit_many(lane, "enc", paths, hold=True)
+    release(lane, ids)
+    wait_done(lane, ids, timeout=240)
     figures = check_batch(lane, ids)
-    assert figures["exit_75"] == 0
     report("(a) GRES gates", figures)
+    assert figures["exit_75"] == 0
+    assert figures["makespan_s"] <= 1.25 * figures["ideal_s"], figures
 
 
 def test_a_licenses_gate_the_slots_on_one_node(lane):
     """(a') The one-node alternative: the same slots as cluster-wide licenses (`sbatch -L`), no GRES asked."""
-    paths = inputs(lane, "l", 9)
-    ids = [submit(lane, "enc", p, licenses=True) for p in paths]
+    paths = inputs(lane, "l", 12)
+    ids = submit_many(lane, "enc", paths, hold=True, licenses=True)
     assert "Licenses=gr_enc_" in lane.run(["scontrol", "show", "job", str(ids[0])]).stdout
+    release(lane, ids)
     wait_done(lane, ids)
     figures = check_batch(lane, ids)
     assert figures["exit_75"] == 0
     report("(a') licenses gate", figures)
 
 
+def test_r_requeue_exit_alone(lane):
+    """(r) 40 mixed jobs submitted without --request (no GRES: Slurm sees only 16 CPUs), every fourth with
+    --no-requeue: the excess exits 75 and RequeueExit puts it back, --no-requeue or not; each job COMPLETES once
+    and gpu-router never runs more than its slots."""
+    paths = inputs(lane, "r", 40)
+    ids = submit_many(lane, "enc", paths, hold=True, request=False, no_requeue=set(paths[::4]))
+    assert "Requeue=0" in lane.run(["scontrol", "show", "job", str(ids[0])]).stdout
+    release(lane, ids)
+    wait_done(lane, ids, timeout=480)
+    figures = check_batch(lane, ids)
+    report("(r) RequeueExit alone", figures)
+    assert figures["exit_75"] > 0, "16 CPUs and 6 slots: Slurm must have started jobs gpu-router refused"
+
+
 def test_b_requeue_exit_is_the_backstop(lane):
-    """(b) A job started outside Slurm holds a GPU slot for a while: Slurm thinks both GPU places are free,
-    gpu-router says one; the excess exits 75 and RequeueExit puts it back. Every job COMPLETES exactly once."""
+    """(b) A job started outside Slurm holds a GPU slot for a while: Slurm thinks all GPU places are free,
+    gpu-router says one less; the excess exits 75 and RequeueExit puts it back. Every job COMPLETES once."""
     lane.write_file("/scratch/in/outsider-gpu.bin", "x" * 100)
     t0 = time.time()
-    # Someone runs the workload by hand on the node, five times in a row (15 s): one GPU slot Slurm never sees.
-    outsider = lane.popen("for i in 1 2 3 4 5; do gpu-router run --workload enc -- /scratch/in/outsider-gpu.bin; done")
+    # Someone runs the workload by hand on the node, twice in a row (20 s): one GPU slot Slurm never sees.
+    outsider = lane.popen("for i in 1 2; do gpu-router run --workload enc -- /scratch/in/outsider-gpu.bin; done")
     try:
         lane.wait_for(lambda: busy(lane, "enc") == 1, timeout=15, interval=0.1)
-        paths = inputs(lane, "b", 9)
-        ids = [submit(lane, "enc", p) for p in paths]
+        paths = inputs(lane, "b", 12, cpu_every=0)
+        ids = submit_many(lane, "enc", paths)
         wait_done(lane, ids)
     finally:
         lane.kill(outsider)
     figures = check_batch(lane, ids, extra_gpu=outside_intervals(lane, t0))
     assert figures["exit_75"] > 0, "the outsider held a slot Slurm did not know of: some jobs must have met it"
     report("(b) RequeueExit backstop", figures)
+
+
+def test_f_request_fails_closed(lane):
+    """(f) Several workloads here and no -w, or an input the submit host cannot see: `sbatch $(…)` is refused by
+    sbatch (nothing queued), and the docs' line stops before sbatch."""
+    lane.write_file("/scratch/in/f.bin", "x" * 100)
+    queued = lane.run(["squeue", "-h", "-o", "%i"]).stdout.split()
+    inline = lane.run("sbatch $(gpu-router slurm-conf --request /scratch/in/f.bin) --wrap true", check=False)
+    assert inline.returncode != 0 and "gpu-router-request-failed" in inline.stderr, inline
+    assert "--workload" in inline.stderr                       # the reason, from gpu-router, on stderr
+    line = lane.run("opt=$(gpu-router slurm-conf --request /scratch/in/missing.bin -w enc) && "
+                    "sbatch $opt --wrap true", check=False)
+    assert line.returncode == 2 and "no such input" in line.stderr and "Submitted" not in line.stdout, line
+    assert lane.run(["squeue", "-h", "-o", "%i"]).stdout.split() == queued
+    assert lane.run(["gpu-router", "slurm-conf", "--request", "/scratch/in/f.bin", "-w", "vr"]).stdout.strip() \
+        == "--gres=gr_vr_gpu:1"                                 # several workloads: -w picks one
 
 
 def snapshot_foreign_mb(c):
@@ -348,7 +429,7 @@ def test_c_foreign_vram_mid_batch_never_ooms_never_loses_a_job(lane):
     assert [e["event"] for e in foreign_log][:1] == ["start"], "the foreign process must really have held VRAM"
     f_start = foreign_log[0]["t"]
     f_end = next((e["t"] for e in foreign_log if e["event"] == "finish"), time.time())
-    figures = check_batch(lane, ids, cpu_slots=0)
+    figures = check_batch(lane, ids, gpu_slots=2, cpu_slots=0, job_s=JOB_S)
     own = ledger(lane, ids)
     # While the foreign 8 GB were held, at most one 6 GB job ran beside it (16 GB GPU): VRAM admission at work.
     during = [(e[0]["t"], e[1]["t"]) for e in own.values() if e[0]["t"] < f_end and e[1]["t"] > f_start]

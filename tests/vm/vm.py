@@ -107,22 +107,23 @@ def _run(cmd, *, timeout=600, **kw):
     return r
 
 
-def image_key() -> str:
-    spec = {"rootfs": harness.rootfs_key(ROOTFS_PACKAGES), "packages": sorted(VM_PACKAGES), "recipe": VM_RECIPE,
+def image_key(rootfs_packages=ROOTFS_PACKAGES) -> str:
+    spec = {"rootfs": harness.rootfs_key(rootfs_packages), "packages": sorted(VM_PACKAGES), "recipe": VM_RECIPE,
             "unit": PAYLOAD_UNIT, "fstab": FSTAB}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def image_path() -> pathlib.Path:
-    return CACHE_DIR / f"vm-{image_key()}"
+def image_path(rootfs_packages=ROOTFS_PACKAGES) -> pathlib.Path:
+    return CACHE_DIR / f"vm-{image_key(rootfs_packages)}"
 
 
-def ensure_image(log=print) -> pathlib.Path:
-    """Folder with vmlinuz, initrd.img and root.img (raw ext4), building it from the cached rootfs if needed."""
-    final = image_path()
+def ensure_image(log=print, rootfs_packages=ROOTFS_PACKAGES) -> pathlib.Path:
+    """Folder with vmlinuz, initrd.img and root.img (raw ext4), building it from the cached rootfs if needed
+    (``rootfs_packages``: another lane's package set, e.g. the Slurm lane's, gets an image of its own)."""
+    final = image_path(rootfs_packages)
     if (final / "root.img").exists():
         return final
-    rootfs = harness.ensure_rootfs(ROOTFS_PACKAGES)
+    rootfs = harness.ensure_rootfs(rootfs_packages)
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with open(CACHE_DIR / f".lock-{final.name}", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -190,8 +191,10 @@ def compile_static(source: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
 class Run:
     """One boot of the VM with a payload folder; ``out`` is the guest's /work/out after it powered off."""
 
-    def __init__(self, payload: pathlib.Path, *, memory="3G", cpus=2, timeout=480, work_size="512M"):
+    def __init__(self, payload: pathlib.Path, *, memory="3G", cpus=2, timeout=480, work_size="512M",
+                 rootfs_packages=ROOTFS_PACKAGES):
         self.payload = pathlib.Path(payload)
+        self.rootfs_packages = rootfs_packages
         self.memory = memory
         self.cpus = cpus
         self.timeout = timeout
@@ -203,7 +206,7 @@ class Run:
         self.timings = {}
 
     def boot(self) -> "Run":
-        image = ensure_image()
+        image = ensure_image(rootfs_packages=self.rootfs_packages)
         (self.payload / "out").mkdir(exist_ok=True)
         overlay = self.dir / "root.qcow2"
         work = self.dir / "work.img"

@@ -1,0 +1,131 @@
+"""A Slurm step's own cgroup is recognised, and the wrapper leaves the job there (no scope of its own).
+
+The pure rule first (paths as Slurm 22.05 makes them on cgroup v1 and v2, and look-alikes that must not count),
+then real cgroups on this machine's v1 freezer hierarchy (root only): a process moved into
+``…/slurm/uid_0/job_N/step_0`` is found confined, and the real wrapper with ``scope = "required"`` runs there
+(it exits 75 for want of a scope otherwise: no systemd here, no agent).
+"""
+
+import os
+import pathlib
+import subprocess
+import time
+
+import pytest
+
+import helpers
+from gpu_router import confinement
+
+V2 = """0::/system.slice/slurmstepd.scope/job_123/step_batch/user/task_0
+"""
+V1 = """12:freezer:/slurm/uid_1000/job_77/step_0
+11:memory:/slurm/uid_1000/job_77/step_0/task_0
+1:name=systemd:/system.slice/slurmd.service
+0::/system.slice/slurmd.service
+"""
+
+
+def test_parse_keeps_every_hierarchy():
+    assert confinement.parse(V1) == [("freezer", "/slurm/uid_1000/job_77/step_0"),
+                                     ("memory", "/slurm/uid_1000/job_77/step_0/task_0"),
+                                     ("name=systemd", "/system.slice/slurmd.service"),
+                                     ("", "/system.slice/slurmd.service")]
+
+
+@pytest.mark.parametrize("path,found", [
+    ("/system.slice/slurmstepd.scope/job_123/step_batch/user/task_0", ("123", "batch")),
+    ("/system.slice/slurmstepd.scope/job_9/step_0", ("9", "0")),
+    # Debian 12's slurm-wlm 22.05.8 (multiple-slurmd build), seen in the VM lane:
+    ("/system.slice/gpu-router-vm_slurmstepd.scope/job_1/step_batch/user/task_0", ("1", "batch")),
+    ("/system.slice/x_slurmstepd.scope.d/job_1/step_0", None),
+    ("/slurmstepd.scope/job_9/step_extern", ("9", "extern")),
+    ("/slurm/uid_1000/job_77/step_0/task_0", ("77", "0")),
+    ("/slurm_node1/uid_0/job_5/step_interactive", ("5", "interactive")),
+    ("/system.slice/slurmd.service", None),
+    ("/user.slice/user-1000.slice/user@1000.service/job_1/step_0", None),   # no slurmstepd.scope above
+    ("/system.slice/slurmstepd.scope/job_x/step_0", None),
+    ("/system.slice/slurmstepd.scope/job_1", None),                         # the job, not a step
+    ("/system.slice/slurmstepd.scope/job_1/step_", None),
+    ("/uid_1000/job_77/step_0", None),                                      # v1 without Slurm's root
+])
+def test_slurm_step_paths(path, found):
+    got = confinement.slurm_step(path)
+    assert (got[:2] if got else None) == found
+
+
+def test_classify_needs_a_root_owned_slurm_cgroup(tmp_path):
+    """The path alone is not enough: a member may make it in a delegated subtree; then it is the member's."""
+    job = tmp_path / "unified" / "system.slice" / "slurmstepd.scope" / "job_123"
+    (job / "step_batch" / "user" / "task_0").mkdir(parents=True)
+    held = confinement.classify(confinement.parse(V2), str(tmp_path))
+    if os.geteuid() != 0:
+        assert held is None
+        return
+    assert held.label == "slurm:123.batch" and held.cgroup == str(job / "step_batch/user/task_0")
+    os.chown(job.parent, 65534, 65534)   # slurmstepd.scope made by a member
+    assert confinement.classify(confinement.parse(V2), str(tmp_path)) is None
+
+
+def test_classify_prefers_v2_and_reads_v1(tmp_path):
+    (tmp_path / "freezer/slurm/uid_1000/job_77/step_0").mkdir(parents=True)
+    if os.geteuid() == 0:
+        os.chown(tmp_path / "freezer/slurm/uid_1000/job_77", 1000, 1000)   # a job's own folder may be the user's
+        assert confinement.classify(confinement.parse(V1), str(tmp_path)).label == "slurm:77.0"
+    assert confinement.classify(confinement.parse("0::/system.slice/x.service\n"), str(tmp_path)) is None
+
+
+# ---- real cgroups ------------------------------------------------------------------------------------------------
+
+FREEZER = pathlib.Path("/sys/fs/cgroup/freezer")
+real = pytest.mark.skipif(os.geteuid() != 0 or not (FREEZER / "cgroup.procs").exists(),
+                          reason="needs root and a cgroup v1 freezer hierarchy (this machine's layout)")
+
+
+@pytest.fixture
+def step_cgroup():
+    """A real Slurm-shaped step cgroup (v1 freezer: moving into it changes no limit of ours), removed after."""
+    job = f"job_{os.getpid()}{int(time.time() * 1000) % 100000}"
+    top = FREEZER / "slurm"
+    step = top / "uid_0" / job / "step_0"
+    step.mkdir(parents=True)
+    yield step
+    for d in (step, step.parent, step.parent.parent):
+        for _ in range(50):
+            try:
+                d.rmdir()
+                break
+            except OSError:
+                time.sleep(0.05)   # the process in it is still exiting (or another test's job is in uid_0)
+
+
+@real
+def test_a_process_in_a_real_step_cgroup_is_confined(step_cgroup):
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        assert confinement.find(p.pid) is None
+        (step_cgroup / "cgroup.procs").write_text(str(p.pid))
+        held = confinement.find(p.pid)
+        assert held is not None and held.label == f"slurm:{step_cgroup.parent.name[4:]}.0"
+        assert held.cgroup == str(step_cgroup)
+    finally:
+        p.kill()
+        p.wait()
+
+
+@real
+def test_wrapper_keeps_a_slurm_job_in_its_step(step_cgroup, tmp_path, gr_bin, clean_env):
+    """scope = "required" is met by Slurm's cgroup: the job runs there and the events say which step. Without
+    the rule the wrapper would try to move the PID (here: no agent, no systemd) and exit 75."""
+    rig = helpers.Rig(tmp_path, gr_bin, clean_env, {"w": {"threshold": 100, "scope": "required"}},
+                      router={"retry_exit_code": 75})
+    rig.doc.setdefault("agent", {})["socket"] = str(tmp_path / "no-agent.sock")
+    rig.rewrite()
+    (tmp_path / "in").write_bytes(b"x" * 10)
+    outside = rig.run("w", tmp_path / "in")
+    assert outside.rc == 75 and "scope" in outside.err, outside   # the control: no scope can be made here
+    argv = ["sh", "-c", f'echo $$ > {step_cgroup}/cgroup.procs && exec "$@"', "sh"] + rig.argv("w", tmp_path / "in")
+    p = subprocess.run(argv, env=rig.env, capture_output=True, timeout=60)
+    res = helpers.Result(p.returncode, p.stdout, p.stderr, rig)
+    assert res.rc == 0, res
+    assert res.event("routed")["GPU_ROUTER_SCOPE"] == f"slurm:{step_cgroup.parent.name[4:]}.0"
+    assert [r["pid"] for r in rig.starts()] == [int(res.event("routed")["GPU_ROUTER_PID"])]   # ran, same PID
