@@ -297,6 +297,9 @@ def record_sample(state_dir, fields, peaks_known=True):
     Not written: an unknown metric or result, or peaks that are not known (``JobAccount.peaks_known``: the
     cgroup's peak counter was not read after the job ended, or no GPU sample saw a GPU job).
     """
+    from .. import trust  # defence in depth: the workload names a file; never "../x" (issue 17)
+    if not trust.safe_name(fields.get("WORKLOAD")):
+        return None
     if fields.get("METRIC") in (None, "unknown") or fields["RESULT"] == "unknown":
         return None
     if not peaks_known:
