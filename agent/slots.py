@@ -279,7 +279,7 @@ class Ledger:
     def live(self):
         """{gpu key: [(pid, MiB), …]} for admission; LockDirError when the folder holds more names than one pass
         reads (trust.MAX_NAMES): reservations beyond them would be unseen and the GPU over-admitted."""
-        entries, truncated = trust.read_ledger(self.fd, skip=_skip)
+        entries, truncated = trust.read_ledger(self.fd)  # the agent reports malformed entries, not each wrapper
         if truncated:
             raise LockDirError(f"the VRAM ledger {os.path.join(self.lock_dir, LEDGER)} holds more than "
                                f"{trust.MAX_NAMES} entries; refusing to admit by VRAM blind (the agent removes "
@@ -338,7 +338,8 @@ def live_reservations(lock_dir, detail=False, verify=False, workloads=None):
         return {}
     try:
         locks = (flock_table() or {}) if verify else None
-        entries, _ = trust.read_ledger(dir_fd, workloads, locks, tidy=verify and os.geteuid() == 0, skip=_skip)
+        entries, _ = trust.read_ledger(dir_fd, workloads, locks, tidy=verify and os.geteuid() == 0,
+                                       skip=_skip if verify else None)
         return _shape(entries, detail)
     finally:
         os.close(dir_fd)

@@ -241,7 +241,11 @@ def read_ledger(dir_fd, workloads=None, locks=None, tidy=False, skip=None):
     out = []
     for name, inode, plain in listed:
         if name.startswith("."):
-            continue  # an entry being published (slots._publish), under its temporary name
+            # An entry being published (slots._publish) under its temporary name, locked within microseconds;
+            # one left for a minute by no one is a dead wrapper's or a member's junk.
+            if tidy and by_inode is not None and inode not in by_inode:
+                _unlink_stale(dir_fd, name, by_inode)
+            continue
         parsed = ledger_name(name)
         if parsed is None or not plain or inode in seen:
             if skip is not None:
@@ -285,6 +289,18 @@ def read_ledger(dir_fd, workloads=None, locks=None, tidy=False, skip=None):
         finally:
             os.close(fd)
     return out, truncated
+
+
+STALE_NS = 60_000_000_000
+
+
+def _unlink_stale(dir_fd, name, by_inode):
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return
+    if st.st_ino not in by_inode and time.time_ns() - st.st_ctime_ns > STALE_NS:
+        _unlink(dir_fd, name)
 
 
 def _live(fd, st, dir_fd, name, pid, start, by_inode, inode):
