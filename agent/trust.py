@@ -168,11 +168,12 @@ def pools_of(cfg):
 
 def open_entry(dir_fd, name, size=MAX_ENTRY):
     """(fd, stat) of an entry that is a regular file with one link and at most ``size`` bytes, opened without
-    following or blocking; None for anything else (a FIFO, a symlink, a hard link of another entry, a device)."""
+    following or blocking; False for anything else (a FIFO, a symlink, a hard link of another entry, a device);
+    None when it cannot be opened (gone, out of descriptors: nothing is concluded from that)."""
     try:
         fd = os.open(name, _FLAGS, dir_fd=dir_fd)
-    except OSError:
-        return None
+    except OSError as exc:
+        return False if exc.errno == 40 else None  # ELOOP: a symlink, refused; else gone or cannot tell
     STATS["opens"] += 1
     try:
         st = os.fstat(fd)
@@ -181,7 +182,7 @@ def open_entry(dir_fd, name, size=MAX_ENTRY):
         return None
     if not _stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > size or st.st_mode & _stat.S_IWOTH:
         os.close(fd)
-        return None
+        return False
     return fd, st
 
 
@@ -257,6 +258,8 @@ def read_ledger(dir_fd, workloads=None, locks=None, tidy=False, skip=None):
         key, pid = parsed
         got = open_entry(dir_fd, name)
         if got is None:
+            continue
+        if got is False:
             if skip is not None:
                 skip(name, "not a single-link regular file of at most 256 bytes")
             if tidy:
@@ -283,6 +286,8 @@ def read_ledger(dir_fd, workloads=None, locks=None, tidy=False, skip=None):
                     _unlink(dir_fd, name)
                 continue
             if not _live(fd, st, dir_fd, name, pid, start, by_inode, inode):
+                if tidy:
+                    _unlink(dir_fd, name)  # held, but not by the process it names: never a wrapper's entry
                 continue
             per_uid[st.st_uid] = per_uid.get(st.st_uid, 0) + 1
             out.append(Entry(key, pid, mb, name_w, m, start, st.st_uid, name))
@@ -312,8 +317,11 @@ def _live(fd, st, dir_fd, name, pid, start, by_inode, inode):
             return True  # the wrapper's view: held, so counted (the safe side for admission)
         # Held by the PID its name gives (or by no one the table shows: locked after the table was read), and
         # that process one of the file's owner's: never another member's job, never PID 1.
+        # A PID that is gone left its lock to a child that inherited the descriptor (a daemonising job): the lock
+        # is still that process's, and a reused PID is caught by its uids.
         held = by_inode.get(st.st_ino) or by_inode.get(inode) or ()
-        return (not held or pid in held) and st.st_uid in procstat.uids(pid)
+        uids = procstat.uids(pid)
+        return (not held or pid in held) and (st.st_uid in uids or (not uids and pid in held))
     except OSError:
         return by_inode is None
     # Unlocked: its maker, and no one else, still running (its owner among that process's uids).

@@ -251,3 +251,31 @@ def test_fields_are_typed_or_none():
     assert trust.job_id(b"tx-6-ab", "tx", 5) is None and trust.job_id(b"tx-5-", "tx", 5) is None
     assert trust.workload("../x") is None and trust.workload("tx", {"tx"}) == "tx"
     assert trust.metric(b"1e999") == "unknown" and trust.metric("1,2") == "1,2"
+
+
+def test_a_daemonising_jobs_reservation_still_counts_for_the_agent(rig):
+    """The other side of "held by the PID it names": a job that forks and exits leaves its lock to the child that
+    inherited the descriptor; the reservation is still the job's (its VRAM is still held) and is not removed."""
+    agent, base, locks, _, _, _ = rig
+    code = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from gpu_router import slots
+fd = slots.open_lock_dir(sys.argv[2])
+with slots.Ledger(fd, sys.argv[2]) as ledger:
+    keep = ledger.reserve("gpu0", 300, "tx", "7")
+print(os.getpid(), flush=True)
+if os.fork():
+    os._exit(0)
+time.sleep(600)
+"""
+    lib = os.path.dirname(os.path.dirname(slots.__file__))
+    p = subprocess.Popen(_as(A) + [sys.executable, "-c", code, lib, str(locks)], stdout=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        pid = int(p.stdout.readline())
+        p.wait()
+        assert slots.live_reservations(str(locks), verify=True) == {"gpu0": [(pid, 300)]}
+        assert slots.live_reservations(str(locks), verify=True) == {"gpu0": [(pid, 300)]}  # and not removed
+    finally:
+        os.killpg(p.pid, 9)
