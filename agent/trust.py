@@ -309,7 +309,12 @@ def _unlink_stale(dir_fd, name, by_inode):
 
 
 def _live(fd, st, dir_fd, name, pid, start, by_inode, inode):
-    """Whether an opened entry is a live reservation (see read_ledger); a dead one is removed on the way."""
+    """Whether an opened entry is a live reservation (see read_ledger); a dead one is removed on the way.
+
+    Unlocked, it still counts while the process with its PID *and* start time runs: the lock goes in
+    exit_files(), before the process is reaped, and a job may close what it inherited (close_range, a daemonising
+    tool) while its VRAM is still held. The start time makes it that process and no other (a reused PID, a
+    wrapper in another PID namespace); its uids must include the entry's owner (no entry pinned on PID 1)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
