@@ -355,24 +355,26 @@ def inherit(*fds):
 def tidy(lock_dir, gid=None):
     """The agent's (root's) pass over the lock dir: folders back to 3770 and the group, whoever made them and
     with whatever umask (a lock dir from an older release, or a folder a member's wrapper made before it knew
-    better). Never follows a symlink; returns how many entries it changed."""
+    better); queue folders cleared of tickets that do not count (trust.tidy_queue). Only the folders the wrapper
+    makes (``vram``, ``*.queue``), among at most trust.MAX_NAMES names; never follows a symlink; returns how many
+    entries it changed."""
     changed = 0
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        top = os.open(lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        top = os.open(lock_dir, flags)
     except OSError:
         return 0
+    fds = [(top, None)]
     try:
-        fds = [top]
-        try:
-            for name in os.listdir(top):
-                try:
-                    fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                       dir_fd=top))
-                except OSError:
-                    continue  # a file, or gone
-        except OSError:
-            pass
-        for fd in fds:
+        listed, _ = trust.names(top)
+        for name, _, plain in listed:
+            if plain or not (name == LEDGER or name.endswith("." + QUEUES)):
+                continue
+            try:
+                fds.append((os.open(name, flags, dir_fd=top), name))
+            except OSError:
+                continue  # not a folder, or gone
+        for fd, name in fds:
             try:
                 st = os.fstat(fd)
                 if _stat.S_IMODE(st.st_mode) != DIR_MODE:
@@ -383,7 +385,9 @@ def tidy(lock_dir, gid=None):
                     changed += 1
             except OSError:
                 pass
+            if name is not None and name != LEDGER:
+                changed += trust.tidy_queue(fd, flock_table)
     finally:
-        for fd in fds:
+        for fd, _ in fds:
             os.close(fd)
     return changed

@@ -408,6 +408,36 @@ def queue_ahead(dir_fd, own, read_locks, max_wait_s=86400.0):
     return False
 
 
+def tidy_queue(dir_fd, read_locks):
+    """Root's pass over a queue folder: remove what is no waiter's ticket (a name of another form, one no one
+    holds, one held by another process than it names, back-dated or from the future, a temporary name left for a
+    minute). A wrapper's own ticket always counts, so only junk goes; returns how many names were removed."""
+    listed, _ = names(dir_fd)
+    locks = read_locks()
+    if locks is None:
+        return 0
+    by_inode = holders_by_inode(locks)
+    now = time.monotonic_ns()
+    wall = time.time_ns() - now
+    boot = _boot_offset_ns()
+    removed = 0
+    for name, inode, _ in listed:
+        if name.startswith("."):
+            if inode not in by_inode:
+                _unlink_stale(dir_fd, name, by_inode)
+            continue
+        parsed = ticket_name(name)
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            continue
+        if parsed is None or not ticket_counts(st, parsed[0], parsed[1], by_inode, now, 86400 * 10 ** 9, wall,
+                                               boot):
+            _unlink(dir_fd, name)
+            removed += 1
+    return removed
+
+
 # ---- slot files --------------------------------------------------------------------------------------------
 
 def slot_holders(dir_fd, pools, locks, only=None):

@@ -279,3 +279,19 @@ time.sleep(600)
         assert slots.live_reservations(str(locks), verify=True) == {"gpu0": [(pid, 300)]}  # and not removed
     finally:
         os.killpg(p.pid, 9)
+
+
+def test_the_agents_pass_clears_forged_tickets_and_keeps_real_ones(rig):
+    """Queue junk (a forged, back-dated ticket held by a member; a name of another form; a dead waiter's ticket) is
+    removed by root's tidy pass every sample, so it cannot fill the folder; a waiting wrapper's ticket stays."""
+    agent, base, locks, dir_fd, hold, _ = rig
+    real = slots.Queue(dir_fd, str(locks), "tx", "gpu", wait=30)
+    folder = locks / "tx.gpu.queue"
+    try:
+        hold(A, folder, "00000000000000000001.PID")
+        hold(B, folder, "junk")
+        (folder / "00000000000000000002.1").write_text("")  # no one holds it
+        slots.tidy(str(locks), GID)
+        assert sorted(os.listdir(folder)) == [real.name]
+    finally:
+        real.leave()
