@@ -11,7 +11,7 @@ import os
 import stat as _stat
 import time
 
-from . import procstat
+from . import procstat, trust
 
 LEDGER = "vram"
 QUEUES = "queue"
@@ -169,25 +169,22 @@ def flock_table(locks_path="/proc/locks"):
     return out
 
 
-def slot_holder_pids(lock_dir, locks_path="/proc/locks"):
+def slot_holder_pids(lock_dir, pools, locks_path="/proc/locks"):
     """PIDs holding a slot of any pool now: each is a job (the wrapper took the slot, then exec'd into the job,
-    same PID), so its VRAM is ours even with no scope and no reservation (slots mode, scope = "off"). Slot files
-    are the plain files directly in the lock dir; queue tickets and the ledger live in its subfolders."""
+    same PID), so its VRAM is ours even with no scope and no reservation (slots mode, scope = "off"). Only real
+    slot files count (``trust.slot_holders``: a slot name the config has, ``pools`` = trust.pools_of(cfg), one
+    link): a member's flock on a file of its own in the lock dir makes nothing ours."""
     table = flock_table(locks_path)
     if not table:
         return set()
-    by_inode = {}
-    for (_, _, inode), pid in table.items():
-        by_inode.setdefault(inode, set()).add(pid)
-    pids = set()
     try:
-        with os.scandir(lock_dir) as it:
-            for entry in it:
-                if entry.is_file(follow_symlinks=False):
-                    pids |= by_inode.get(entry.inode(), set())
+        dir_fd = os.open(lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
-        pass
-    return pids
+        return set()
+    try:
+        return set().union(*trust.slot_holders(dir_fd, pools, table).values())
+    finally:
+        os.close(dir_fd)
 
 
 def flocked_inodes(locks_path="/proc/locks"):
@@ -238,60 +235,19 @@ def _publish(dir_fd, name, content):
     return fd
 
 
-def _alive(dir_fd, name, pid=None, start=None):
-    """True while the entry's owner holds its lock; a dead owner's entry is removed on the way.
-
-    With ``pid`` and ``start`` (a VRAM reservation's job and its start time in clock ticks since boot, as the
-    entry records it): also while that very process still runs, lock or not. The lock goes in exit_files(),
-    before the process is reaped, and a job may close its inherited descriptors (a daemonising tool,
-    close_range): its VRAM is still held either way, so its reservation must still count. The start time makes
-    it that process and no other, also where the PID was reused or the wrapper ran in another PID namespace."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True  # cannot tell: count it, the safe side
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return True
-    try:
-        # Its maker, and no one else: a member cannot name another account's process (pid 1, a root daemon) in
-        # an entry of its own to hold VRAM "reserved" for ever, as the entry's owner must be among its uids.
-        if start is not None and procstat.is_process(pid, start) and os.fstat(fd).st_uid in procstat.uids(pid):
-            return True
-        os.unlink(name, dir_fd=dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return False
-
-
 class Queue:
     """Arrival order for the bounded wait: a ticket per waiter, named by the system-wide monotonic clock."""
 
-    def __init__(self, dir_fd, lock_dir, workload, pool_kind):
+    def __init__(self, dir_fd, lock_dir, workload, pool_kind, wait=86400.0):
+        self.wait = wait  # the longest a waiter of this queue waits: an older ticket is no waiter's
         self.fd = _subdir(dir_fd, f"{workload}.{pool_kind}.{QUEUES}",
                           os.path.join(lock_dir, f"{workload}.{pool_kind}.{QUEUES}"))
         self.name = f"{time.monotonic_ns():020d}.{os.getpid()}"
         self.ticket = _publish(self.fd, self.name, b"")
 
     def is_head(self):
-        try:
-            names = os.listdir(self.fd)
-        except OSError as exc:
-            raise LockDirError(f"cannot list the wait queue: {exc.strerror}") from None
-        for name in sorted(names):
-            if name.startswith("."):
-                continue
-            if name >= self.name:
-                return True
-            if _alive(self.fd, name):
-                return False
-        return True
+        """No valid ticket is ahead of ours (trust.queue_ahead: a forged or back-dated one does not count)."""
+        return not trust.queue_ahead(self.fd, self.name, flock_table, self.wait)
 
     def leave(self):
         try:
@@ -321,7 +277,14 @@ class Ledger:
         os.close(self.guard)
 
     def live(self):
-        return _read_ledger(self.fd)
+        """{gpu key: [(pid, MiB), …]} for admission; LockDirError when the folder holds more names than one pass
+        reads (trust.MAX_NAMES): reservations beyond them would be unseen and the GPU over-admitted."""
+        entries, truncated = trust.read_ledger(self.fd)  # the agent reports malformed entries, not each wrapper
+        if truncated:
+            raise LockDirError(f"the VRAM ledger {os.path.join(self.lock_dir, LEDGER)} holds more than "
+                               f"{trust.MAX_NAMES} entries; refusing to admit by VRAM blind (the agent removes "
+                               f"entries that are not live reservations; see `ls -l` for whose they are)")
+        return _shape(entries, False)
 
     def reserve(self, gpu_key, mb, workload=None, metric=None):
         """The fd that holds the reservation; it must survive exec (slots.inherit) for the job's lifetime.
@@ -329,7 +292,7 @@ class Ledger:
         The entry reads ``MB WORKLOAD METRIC START`` ("-" for what is unknown): the MiB are what admission
         counts; the workload and metric let the agent say whose prediction a job outgrew (and feed calibration)
         without asking the job; START (this process's start in clock ticks) keeps the entry counting while the
-        job runs even if it lets go of the lock (``_alive``). Entries of older wrappers stop after METRIC.
+        job runs even if it lets go of the lock (``trust.read_ledger``). Entries of older wrappers stop after METRIC.
         """
         start = procstat.start_ticks()
         text = f"{int(mb)} {workload or '-'} {metric or '-'} {start if start is not None else '-'}"
@@ -340,86 +303,44 @@ SKIPPED = set()  # ledger names already reported as malformed (each is logged on
 
 
 def ledger_pid(name):
-    """The PID in a ledger entry's name ``<gpu key>.<pid>`` (or ``<gpu key>.<pid>~<unique>``), or None when the
-    name is not ours: ASCII digits only (``int()`` would take "٣" or " 7"), a sane size."""
-    key, dot, tail = name.rpartition(".")
-    pid = tail.partition("~")[0]
-    if not dot or not key or not pid.isascii() or not pid.isdigit() or len(pid) > 10:
-        return None
-    return key, int(pid)
+    """(gpu key, pid) of a ledger entry's name ``gpu<N>.<pid>`` (or ``gpu<N>.<pid>~<unique>``), or None when the
+    name is not one the wrapper makes (trust.ledger_name)."""
+    return trust.ledger_name(name)
 
 
 def _skip(name, why):
-    if name in SKIPPED:
-        return
-    if len(SKIPPED) < 1024:
-        SKIPPED.add(name)
+    if name in SKIPPED or len(SKIPPED) >= 1024:
+        return  # each once; after 1024 distinct names, silence (a flood must not become a flood of events)
+    SKIPPED.add(name)
     from . import journal
 
-    journal.emit("config-error", f"skipping VRAM ledger entry {name!r}: {why}",
-                 {"REASON": "ledger-entry-skipped", "ENTRY": name, "DETAIL": why}, priority=4)
+    shown = name[:80].encode("ascii", "backslashreplace").decode("ascii")
+    journal.emit("config-error", f"skipping VRAM ledger entry {shown!r}: {why}",
+                 {"REASON": "ledger-entry-skipped", "ENTRY": shown, "DETAIL": why}, priority=4)
 
 
-def _read_ledger(fd, detail=False, verify=False):
+def _shape(entries, detail):
     out = {}
-    try:
-        names = os.listdir(fd)
-    except OSError:
-        return out
-    locks = flock_table() if verify else None
-    for name in names:
-        if name.startswith("."):
-            continue
-        parsed = ledger_pid(name)
-        if parsed is None:
-            _skip(name, "its name has no numeric PID")
-            continue
-        key, pid = parsed
-        try:
-            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-            with open(os.open(name, flags, dir_fd=fd), "rb") as f:
-                words = f.read(256).split() or [b"0"]
-        except OSError:
-            continue
-        text = words[0]  # MB, then the workload and metric the wrapper adds (see Ledger.reserve)
-        if not text.isdigit() or len(text) > 9:
-            _skip(name, "it does not hold a number of MiB")
-            continue
-        mb = int(text)
-        start = int(words[3]) if len(words) > 3 and words[3].isdigit() and len(words[3]) < 20 else None
-        if _alive(fd, name, pid, start):
-            if locks is not None and not _held_by(fd, name, pid, locks):
-                continue
-            if detail:
-                extra = [None if w == b"-" else w.decode("utf-8", "replace") for w in words[1:3]]
-                out.setdefault(key, []).append((pid, mb, *(extra + [None, None])[:2]))
-            else:
-                out.setdefault(key, []).append((pid, mb))
+    for e in entries:
+        out.setdefault(e.key, []).append((e.pid, e.mb, e.workload, e.metric) if detail else (e.pid, e.mb))
     return out
 
 
-def _held_by(fd, name, pid, locks):
-    """Whether the entry's lock is held by the PID its name gives (or it is unlocked: _alive then matched that
-    process by start time and owner). A member's entry "gpu0.1", locked by a process of theirs, would make the
-    agent take PID 1's whole tree for a job's; /proc/locks says who really holds it."""
-    try:
-        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-    except OSError:
-        return False
-    holders = {p for (_, _, inode), p in locks.items() if inode == st.st_ino}
-    return not holders or pid in holders
-
-
-def live_reservations(lock_dir, detail=False, verify=False):
+def live_reservations(lock_dir, detail=False, verify=False, workloads=None):
     """{gpu key: [(pid, MiB), …]} of live reservations (the agent uses the pids to tell our processes apart);
-    with ``detail``: [(pid, MiB, workload or None, metric text or None), …]. ``verify``: only entries whose lock
-    is held by the PID they name (one read of /proc/locks; the agent's view, not the wrapper's hot path)."""
+    with ``detail``: [(pid, MiB, workload or None, metric text or None), …], the workload one of ``workloads``
+    (the config's names) when given. ``verify`` (the agent, root): only entries whose lock /proc/locks shows held
+    by the PID they name, that PID one of the entry owner's; what does not count is removed (trust.read_ledger).
+    At most trust.MAX_NAMES names are read: the cost of a read never grows with what members create."""
     try:
         dir_fd = os.open(os.path.join(lock_dir, LEDGER), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return {}
     try:
-        return _read_ledger(dir_fd, detail, verify)
+        locks = (flock_table() or {}) if verify else None
+        entries, _ = trust.read_ledger(dir_fd, workloads, locks, tidy=verify and os.geteuid() == 0,
+                                       skip=_skip if verify else None)
+        return _shape(entries, detail)
     finally:
         os.close(dir_fd)
 
@@ -434,24 +355,26 @@ def inherit(*fds):
 def tidy(lock_dir, gid=None):
     """The agent's (root's) pass over the lock dir: folders back to 3770 and the group, whoever made them and
     with whatever umask (a lock dir from an older release, or a folder a member's wrapper made before it knew
-    better). Never follows a symlink; returns how many entries it changed."""
+    better); queue folders cleared of tickets that do not count (trust.tidy_queue). Only the folders the wrapper
+    makes (``vram``, ``*.queue``), among at most trust.MAX_NAMES names; never follows a symlink; returns how many
+    entries it changed."""
     changed = 0
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        top = os.open(lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        top = os.open(lock_dir, flags)
     except OSError:
         return 0
+    fds = [(top, None)]
     try:
-        fds = [top]
-        try:
-            for name in os.listdir(top):
-                try:
-                    fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                       dir_fd=top))
-                except OSError:
-                    continue  # a file, or gone
-        except OSError:
-            pass
-        for fd in fds:
+        listed, _ = trust.names(top)
+        for name, _, plain in listed:
+            if plain or not (name == LEDGER or name.endswith("." + QUEUES)):
+                continue
+            try:
+                fds.append((os.open(name, flags, dir_fd=top), name))
+            except OSError:
+                continue  # not a folder, or gone
+        for fd, name in fds:
             try:
                 st = os.fstat(fd)
                 if _stat.S_IMODE(st.st_mode) != DIR_MODE:
@@ -462,7 +385,9 @@ def tidy(lock_dir, gid=None):
                     changed += 1
             except OSError:
                 pass
+            if name is not None and name != LEDGER:
+                changed += trust.tidy_queue(fd, flock_table)
     finally:
-        for fd in fds:
+        for fd, _ in fds:
             os.close(fd)
     return changed

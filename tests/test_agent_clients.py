@@ -377,7 +377,7 @@ def test_refusals_of_one_member_are_rate_limited_in_the_journal(monkeypatch):
 def test_a_second_request_for_the_same_pid_reuses_its_scope(tmp_path_factory):
     cfg = _tx_config(tmp_path_factory)
     made = []
-    req = journal.encode_native([("OP", "scope"), ("WORKLOAD", "tx"), ("JOB", "tx-1-abc"), ("MODE", "CPU")])
+    req = journal.encode_native([("OP", "scope"), ("WORKLOAD", "tx"), ("JOB", f"tx-{os.getpid()}-abc"), ("MODE", "CPU")])
     fields, g = broker.handle(req, os.getpid(), 0, cfg, None, start_scope=lambda n, p: made.append(n),
                               existing=lambda pid, g: None)
     assert fields["OK"] == "1" and g is not None and made == [g.name]
@@ -572,7 +572,7 @@ def slot_holder(tmp_path):
 
 
 def _request(pid, mode, device):
-    return {b"OP": b"scope", b"WORKLOAD": b"tx", b"JOB": b"tx-1-abc", b"MODE": mode.encode(),
+    return {b"OP": b"scope", b"WORKLOAD": b"tx", b"JOB": f"tx-{pid}-abc".encode(), b"MODE": mode.encode(),
             b"DEVICE": device.encode(), b"PID": str(pid).encode(), b"METRIC": b"12"}
 
 
@@ -606,7 +606,8 @@ def test_a_metric_that_is_not_finite_numbers_is_unknown_and_makes_no_sample(tmp_
     from gpu_router.daemon import accounting
 
     cfg = _tx_config(tmp_path_factory)
-    req = {b"OP": b"scope", b"WORKLOAD": b"tx", b"JOB": b"tx-1-abc", b"MODE": b"CPU", b"METRIC": metric}
+    req = {b"OP": b"scope", b"WORKLOAD": b"tx", b"JOB": f"tx-{os.getpid()}-abc".encode(), b"MODE": b"CPU",
+           b"METRIC": metric}
     g = broker.grant(cfg, req, os.getpid(), 0)
     assert g.metric == "unknown"
     state = tmp_path_factory.mktemp("state")
@@ -621,7 +622,7 @@ def test_an_input_over_64_kib_is_cut_not_refused(tmp_path_factory):
         name, scope = "tx", "required"
 
     class J:
-        workload, id, mode, device, predicted_vram_mb = W, "tx-1-abc", "CPU", "cpu", None
+        workload, id, mode, device, predicted_vram_mb = W, f"tx-{os.getpid()}-abc", "CPU", "cpu", None
         input = "/tmp/" + "\udcff" + "x" * (100 << 10)
 
         def fields(self):

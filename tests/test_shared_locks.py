@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
@@ -133,6 +134,38 @@ def test_ledger_entry_without_a_numeric_pid_is_skipped(shared):
         finally:
             os.close(fd)
             os.unlink(vram / name)
+
+
+FORGE = r"""
+import fcntl, os, sys, time
+name = os.path.join(sys.argv[1], f"00000000000000000001.{os.getpid()}")
+fd = os.open(name, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o640)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_forged_queue_ticket_does_not_block_another_members_job(shared):
+    """Issue 17, item 4: a ticket "00000000000000000001.<pid>" held locked by a member's own process stayed at the
+    head of the queue for ever: every other member's job waited out its wait and exited 75."""
+    rig, small = shared
+    _run(rig, 0, "022", small)  # a first run makes the folders
+    queue = rig.lock_dir / "w.gpu.queue"
+    if not queue.exists():  # the first run took a slot at once: make the queue as a first waiter would
+        fd = slots.open_lock_dir(str(rig.lock_dir))
+        slots.Queue(fd, str(rig.lock_dir), "w", "gpu").leave()
+        os.close(fd)
+    forger = subprocess.Popen(_as(4001, "077") + [sys.executable, "-c", FORGE, str(queue)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert forger.stdout.readline().strip() == "ready"
+        res = _run(rig, 4002, "027", small)
+        assert res.rc == 0 and "Traceback" not in res.err, res
+        assert "queued behind" not in res.err, res
+    finally:
+        forger.kill()
+        forger.wait()
 
 
 def test_the_agent_puts_folders_made_with_a_bad_umask_right(tmp_path):

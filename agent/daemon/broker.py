@@ -10,7 +10,7 @@ import socket
 import struct
 
 from .. import config as _config
-from .. import journal, policy, scope, slots
+from .. import journal, policy, scope, slots, trust
 
 _UCRED = struct.Struct("3i")
 MAX_REQUEST = 64 * 1024
@@ -109,8 +109,6 @@ def reply(conn, fields):
 # ---- validation: every field is bytes until it passes one of these ----------------------------------------------
 
 MAX_FIELDS = 32
-_JOB_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-_METRIC_CHARS = frozenset(b"0123456789.,eE+-")
 
 
 def _shown(value, limit=64):
@@ -125,18 +123,7 @@ def _ascii_field(request, name, default=b""):
     return value.decode("ascii")
 
 
-def _metric(value):
-    """The wrapper's METRIC: "unknown" or comma-separated finite numbers; anything else is "unknown"."""
-    if value == b"unknown" or not value or len(value) > 64 or not set(value) <= _METRIC_CHARS:
-        return "unknown"
-    text = value.decode("ascii")
-    try:
-        numbers = [float(x) for x in text.split(",")]
-    except ValueError:
-        return "unknown"
-    if not all(x == x and abs(x) != float("inf") for x in numbers):
-        return "unknown"
-    return text
+_metric = trust.metric  # the wrapper's METRIC: "unknown" or comma-separated finite numbers (one rule: trust.py)
 
 
 MAX_INPUT = 4096
@@ -180,20 +167,19 @@ def grant(cfg, request, pid, uid):
     if mode not in scope.SLICES:
         raise Refused(f"mode {mode!r} is not GPU or CPU")
     job_raw = request.get(b"JOB", b"")
-    if not job_raw.startswith(workload.name.encode() + b"-") or len(job_raw) > 200 or \
-            not set(job_raw) <= _JOB_CHARS:
-        raise Refused(f"bad job id {_shown(job_raw)!r}")
-    job_id = job_raw.decode("ascii")
+    job_id = trust.job_id(job_raw, workload.name, pid)  # "<workload>-<the caller's pid>-<suffix>"
+    if job_id is None:
+        raise Refused(f"bad job id {_shown(job_raw)!r} (expected {workload.name}-{pid}-…)")
     device = _ascii_field(request, "DEVICE", b"") or None
     if device is not None and device != "cpu" and not device.isdigit():
         raise Refused(f"bad device {device!r}")
     metric = _metric(request.get(b"METRIC", b"unknown"))
     predicted_raw = request.get(b"PREDICTED_VRAM_MB", b"")
-    predicted = int(predicted_raw) if predicted_raw.isdigit() and len(predicted_raw) <= 9 else None
+    predicted = trust.digits(predicted_raw, 9)
     policy_raw = request.get(b"SCOPE_POLICY", b"")
     scope_policy = policy_raw.decode("ascii") if policy_raw in (b"required", b"best-effort", b"off") else None
     if uid != 0:
-        held = held_slots(pid, cfg.router.lock_dir, workload.name)
+        held = held_slots(pid, cfg.router.lock_dir, workload.name, cfg=cfg)
         if held is not None:
             if not held:
                 raise Refused(f"pid {pid} holds no slot of workload {workload.name!r}: only a job the wrapper "
@@ -212,34 +198,29 @@ def grant(cfg, request, pid, uid):
                  input=_input(request.get(b"INPUT")), predicted_vram_mb=predicted)
 
 
-def held_slots(pid, lock_dir, workload, locks_path="/proc/locks"):
+def held_slots(pid, lock_dir, workload, locks_path="/proc/locks", cfg=None):
     """{"GPU": {device, …}, "CPU": {"cpu"}} of the slots of ``workload`` that ``pid`` holds (flock), from the
     kernel's lock table; None when that cannot be known (then the request is judged on its own).
 
     The MODE of a scope decides its limits (slice, MemoryMax): the agent takes it from the slot the caller actually
     holds, not from what it says. The wrapper takes its slot before it asks, in the same PID, and the lock is the
-    kernel's record of who holds what."""
-    try:
-        names = os.listdir(lock_dir)
-    except OSError:
-        return None
+    kernel's record of who holds what. Only files named as a slot (trust.slot_name; with ``cfg`` a slot the
+    config has), one link, are looked at, at most trust.MAX_NAMES names."""
     table = slots.flock_table(locks_path)
     if table is None:
         return None
-    mine = {key for key, holder in table.items() if holder == pid}
+    try:
+        dir_fd = os.open(lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    pools = trust.pools_of(cfg) if cfg is not None else {workload: (1 << 20, 1 << 20)}
     held = {}
-    prefix = workload + "."
-    for name in names:
-        if not name.startswith(prefix):
-            continue
-        pool, _, n = name[len(prefix):].partition(".")
-        if not n.isdigit() or not (pool == "cpu" or (pool.startswith("gpu") and pool[3:].isdigit())):
-            continue
-        try:
-            st = os.stat(os.path.join(lock_dir, name), follow_symlinks=False)
-        except OSError:
-            continue
-        if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in mine:
+    try:
+        found = trust.slot_holders(dir_fd, pools, table, only=workload)
+    finally:
+        os.close(dir_fd)
+    for (_, pool), holders in found.items():
+        if pid in holders:
             if pool == "cpu":
                 held.setdefault("CPU", set()).add("cpu")
             else:

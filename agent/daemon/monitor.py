@@ -9,7 +9,8 @@ Health of a GPU, from worst to best reason:
 A change of a GPU's health is one ``gpu-health`` journal event; so is the backend itself failing or recovering.
 Another user's process that appears with at least FOREIGN_NOTE_MB of VRAM is one ``vram-foreign`` event.
 
-A process is ours when it or an ancestor is among ``reserved_pids()`` (the lead wires the VRAM ledger's holders) or
+A process is ours when it or an ancestor is among ``reserved_pids()`` (Agent.reserved_pids: accounted jobs, VRAM
+reservations read verified, holders of real slot files; never a PID a member's record merely names, trust.py) or
 its cgroup path contains "gpu-router" (our scopes). Everything else, including memory no process accounts for
 (driver overhead, other containers), is foreign: not ours to give out.
 

@@ -168,14 +168,18 @@ class Agent:
     def reserved_pids(self):
         """Our jobs' PIDs for the monitor: accounted jobs, VRAM reservations, and slot holders (a slots-mode job
         without a scope is in neither of the others, and its VRAM would count as another user's)."""
+        from .. import trust
+
         pids = set(self.jobs)
         for entries in slots.live_reservations(self.cfg.router.lock_dir, verify=True).values():
             pids.update(pid for pid, _ in entries)
-        pids |= slots.slot_holder_pids(self.cfg.router.lock_dir)
+        pids |= slots.slot_holder_pids(self.cfg.router.lock_dir, trust.pools_of(self.cfg))
         return pids
 
     def adopt(self):
         """Follow the jobs a previous agent left running: from their records (all it knew), else their scopes."""
+        from .. import trust
+
         scopes = running_scopes()
         records = jobrecord.load_all(self.records)
         for job_id, r in records.items():
@@ -195,7 +199,12 @@ class Agent:
                 continue
             workload, _, rest = job_id.rpartition("-")
             workload, _, pid_text = workload.rpartition("-")
-            pid = int(pid_text) if pid_text.isdigit() else pids[0]
+            # The JOB id is the member's word (broker.grant checks it names the caller, but a scope may predate
+            # that): its PID is trusted only when the kernel lists it in the scope's cgroup, else the scope's
+            # first process that is not its holder is the job.
+            pid = trust.digits(pid_text)
+            if pid not in pids:
+                pid = next((p for p in pids if not holder.is_holder(p)), pids[0])
             if pid in self.jobs:
                 continue
             mode = "GPU" if f"/{scope.SLICES['GPU']}/" in cg else "CPU"
@@ -388,9 +397,16 @@ class Agent:
     def check_predictions(self):
         """Jobs whose measured VRAM (their process tree's, as the snapshot attributes it) exceeds their reservation:
         one ``vram-underpredicted`` event and one calibration sample per job and GPU (again only if it grows by
-        another 10 %). Room already counts such a job at its measured use from this snapshot on (policy.room_mb)."""
+        another 10 %). Room already counts such a job at its measured use from this snapshot on (policy.room_mb).
+
+        The ledger is a member's writing: it is read verified (the entry held by the PID it names, that PID one
+        of the entry owner's), its workload must be one the config has (else no workload and no sample: the word
+        would name a file) and its metric a finite number as the broker takes one (trust.py)."""
+        from .. import trust
+
         try:
-            live = slots.live_reservations(self.cfg.router.lock_dir, detail=True)
+            live = slots.live_reservations(self.cfg.router.lock_dir, detail=True, verify=True,
+                                           workloads=self.cfg.workloads)
         except OSError:
             return
         seen = set()
@@ -407,12 +423,15 @@ class Agent:
                 if used <= mb or (last is not None and used <= last * 1.1):
                     continue
                 self.outgrown[(key, pid)] = used
+                workload = trust.workload(workload, self.cfg.workloads)  # again here: this joins a path below
                 fields = {"WORKLOAD": workload, "PID": pid, "DEVICE": gpu["index"], "METRIC": metric,
                           "PREDICTED_VRAM_MB": mb, "MEASURED_VRAM_MB": used, "MODE": "GPU"}
+                advice = f"recalibrate with `gpu-router calibrate --workload {workload}`" if workload else \
+                    "its entry names no configured workload"
                 journal.emit("vram-underpredicted",
                              f"{workload or 'a'} job {pid} on GPU {gpu['index']} uses {used} MiB of VRAM, over its "
-                             f"{mb} MiB reservation (metric {metric}): admission counts {used} MiB from now on; "
-                             f"recalibrate with `gpu-router calibrate --workload {workload}`", fields)
+                             f"{mb} MiB reservation (metric {metric or 'unknown'}): admission counts {used} MiB "
+                             f"from now on; {advice}", fields)
                 if workload and metric:
                     try:
                         accounting.record_sample(self.cfg.agent.state_dir, dict(

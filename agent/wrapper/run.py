@@ -226,7 +226,7 @@ def admit_with_wait(job, cfg, dir_fd):
         return admit(job, cfg, dir_fd)
     started = time.monotonic()
     pool_kind = "cpu" if job.values is None or policy.over_threshold(job.workload, job.values) else "gpu"
-    queue = slots.Queue(dir_fd, cfg.router.lock_dir, job.workload.name, pool_kind)
+    queue = slots.Queue(dir_fd, cfg.router.lock_dir, job.workload.name, pool_kind, wait)
     try:
         while True:
             if queue.is_head():
