@@ -771,7 +771,8 @@ def _slots_in_use(cfg, gpus, locks_path="/proc/locks"):
             # vram mode without a slot cap: no slot files; the places held are the workload's live reservations,
             # and the capacity is what the VRAM holds (no fixed number: the series is left out).
             if reservations is None:
-                reservations = slots.live_reservations(cfg.router.lock_dir, detail=True)
+                reservations = slots.live_reservations(cfg.router.lock_dir, detail=True, verify=True,
+                                                            workloads=cfg.workloads)
             out[(name, "gpu")] = (None, sum(1 for key in keys for entry in reservations.get(key, ())
                                             if entry[2] == name))
             out[(name, "cpu")] = (w.max_cpu_jobs, held(name, "cpu", w.max_cpu_jobs))
