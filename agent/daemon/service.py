@@ -15,7 +15,7 @@ import socket
 import time
 
 from . import accounting, broker, clients, holder, jobrecord, metrics, procevents
-from .. import journal, procstat, scope, slots
+from .. import journal, oom_memory, procstat, scope, slots
 from .. import config as _config
 
 SD_LISTEN_FDS_START = 3
@@ -159,6 +159,7 @@ class Agent:
         self._holders = {}  # scope name → Holder, between StartTransientUnit and the grant
         self.outgrown = {}  # (gpu key, pid) → the MiB last reported for a job that outgrew its reservation
         self._sample_errors = set()  # (stage, exception type, where): each reported once
+        self.oom = oom_memory.Memory(self.cfg.agent.state_dir, self.log)  # inputs that ran out of GPU memory
 
     # -- pieces ------------------------------------------------------------------------------------------------
 
@@ -235,6 +236,8 @@ class Agent:
             g.workload.runtime_max, predicted_vram_mb=g.predicted_vram_mb, memory_max_mb=g.memory_max_mb,
             input_path=g.input, pid_start=procstat.start_ticks(g.pid))
         job.holder = self._holders.pop(g.name, None) if g.name else None
+        job.input_id = self._guarded("input-id", oom_memory.verify, g.pid, g.input, getattr(g, "input_id", None))
+        self._guarded("oom-retry", self._retried, job)
         self.track(job)
 
     def track(self, job, write_record=True):
@@ -307,6 +310,7 @@ class Agent:
             job.holder.release()
         if job.mode == "GPU":
             job.take_accounted(self._guarded("vram-accounting", self._accounted_peaks, job))
+            self._guarded("gpu-after-exit", self._gpu_after_exit, job)
         fields = job.outcome()
         status = f"exit {fields['EXIT_STATUS']}" if "EXIT_STATUS" in fields else "exit status unknown"
         ram = f"{fields['PEAK_RAM_MB']} MB" if fields.get("PEAK_RAM_MB") is not None else "not measured"
@@ -324,9 +328,57 @@ class Agent:
                                      peaks_known=job.peaks_known(gpu_sampling=self._gpu_sampling()))
         except OSError as exc:
             self.log.warning("cannot record a calibration sample", error=str(exc))
+        self._guarded("oom-memory", self._remember, job, fields)
         jobrecord.remove(self.records, job.job_id)
         self.metrics.job_finished(fields)
         return fields
+
+    # -- CUDA OOMs (HACKING.md, "CUDA OOMs"): know it, remember the input, never send its retry into it again ----
+
+    def _gpu_after_exit(self, job):
+        """One GPU sample right after a GPU job failed or ended with its status unknown: what the other processes
+        use on its GPU then is the nearest measure of what they used when it failed (a short job may have ended
+        between two periodic samples)."""
+        if self.monitor is None or job.device is None:
+            return
+        base = accounting.classify(job.wait_status, job.oom_kills, job.runtime_max, time.time() - job.started,
+                                   job.failcnt)
+        if base not in ("failed", "unknown"):
+            return
+        self.fresh_sample(0.0)
+        for gpu in (self.snapshot or {}).get("gpus", ()):
+            job.see_gpu(gpu)
+
+    def _remember(self, job, fields):
+        """The input of a GPU attempt that ran out of memory goes into the OOM memory (its identity as the agent
+        verified it at the grant): ``oom`` for a cuda-oom the job itself caused (outgrew; a job squeezed by others'
+        growth fits: its retry may go to the GPU again), ``suspect`` when the exit status is unknown but the GPU
+        was full while it ran (a retry within oom_memory.RETRY_WINDOW_S confirms it)."""
+        if job.mode != "GPU" or job.input_id is None:
+            return
+        result = fields["RESULT"]
+        if result == "cuda-oom" and fields.get("OOM_CAUSE") == "outgrew":
+            kind = "oom"
+        elif result == "unknown" and accounting.gpu_was_full(job.peak_vram_mb, job.gpu_total_mb, job.others_mb):
+            kind = "suspect"
+        else:
+            return
+        self.oom.mark(job.input_id, kind, time.time(), job.workload, job.peak_vram_mb,
+                      accounting.oom_need_mb(job.peak_vram_mb, job.gpu_total_mb), job.device, job.job_id,
+                      job.gpu_total_mb, os.fsdecode(job.input) if job.input else None)
+        fields["OOM_MEMORY"] = kind
+        self.log.info("input remembered as out of GPU memory", job=job.job_id, kind=kind,
+                      peak_vram_mb=job.peak_vram_mb, total_mb=job.gpu_total_mb, others_mb=job.others_mb)
+
+    def _retried(self, job):
+        """A retry of a suspect's input within the window: the sign that the GPU attempt failed. The suspect
+        becomes an ``oom`` (the wrapper already routed this retry as after an OOM)."""
+        entry = self.oom.get(job.input_id) if job.input_id is not None else None
+        if entry is None or oom_memory.applies(entry, time.time()) != "suspect":
+            return
+        self.oom.mark(job.input_id, "oom", entry[1], *entry[2:], input_name=self.oom.inputs.get(job.input_id))
+        self.log.info("a suspected CUDA OOM confirmed by the caller's retry", job=job.job_id,
+                      retried_after_s=round(time.time() - entry[1], 1))
 
     def _accounted_peaks(self, job):
         """The driver's per-process peaks of the job's PIDs on its GPU ({pid: MiB}), or None where the backend's
@@ -423,6 +475,9 @@ class Agent:
             mine = None if vram is None or pid not in alive_before else vram.get(pid, {})
             if self._guarded("job-sample", job.sample, mine):
                 self._guarded("job-record", self._write_record, job)
+            if pid in alive_before and job.mode == "GPU":
+                for gpu in (self.snapshot or {}).get("gpus", ()):
+                    self._guarded("job-gpu", job.see_gpu, gpu)
         self._guarded("close-vanished", self.close_vanished)
         self._guarded("metrics", self.metrics.publish, self.cfg, self.snapshot, self.jobs.values())
 
