@@ -312,6 +312,7 @@ class Agent:
             job.take_accounted(self._guarded("vram-accounting", self._accounted_peaks, job))
             self._guarded("gpu-after-exit", self._gpu_after_exit, job)
         fields = job.outcome()
+        self._guarded("oom-memory", self._remember, job, fields)
         status = f"exit {fields['EXIT_STATUS']}" if "EXIT_STATUS" in fields else "exit status unknown"
         ram = f"{fields['PEAK_RAM_MB']} MB" if fields.get("PEAK_RAM_MB") is not None else "not measured"
         vram = ""
@@ -328,7 +329,6 @@ class Agent:
                                      peaks_known=job.peaks_known(gpu_sampling=self._gpu_sampling()))
         except OSError as exc:
             self.log.warning("cannot record a calibration sample", error=str(exc))
-        self._guarded("oom-memory", self._remember, job, fields)
         jobrecord.remove(self.records, job.job_id)
         self.metrics.job_finished(fields)
         return fields
