@@ -442,8 +442,13 @@ def test_a_job_account_folds_gpu_samples_into_oom_evidence():
                        {"pid": 99, "used_mb": 5500, "job": None}]}
     job.see_gpu(g)
     job.see_gpu(dict(g, index=1, used_mb=0, processes=[]))         # another GPU: not this job's
-    job.see_gpu(dict(g, used_mb=6000, processes=[{"pid": 99, "used_mb": 6000}]))
-    assert (job.gpu_total_mb, job.others_mb, job.gpu_fault) == (8000, 5500, None)  # the least seen
+    assert (job.gpu_total_mb, job.others_mb, job.gpu_fault) == (8000, 5500, None)
+    job.see_gpu(dict(g, used_mb=1000, processes=[{"pid": 99, "used_mb": 1000}]))
+    job.see_gpu(g)                                                  # the latest sample while it ran counts
+    job.see_gpu(dict(g, used_mb=5000, processes=[{"pid": 99, "used_mb": 5000}]), after_exit=True)
+    assert job.others_mb == 5500                                    # …or the one after its exit, the larger
+    job.see_gpu(dict(g, used_mb=5000, processes=[{"pid": 99, "used_mb": 5000}]), after_exit=True, also_mb=700)
+    assert job.others_mb == 5700                                    # with the neighbours that failed just before
     job.wait_status, job.peak_vram_mb, job.vram_source = _exited(1), 2400, "accounting"
     out = job.outcome()
     assert (out["RESULT"], out["OOM_CAUSE"], out["GPU_OTHERS_MB"]) == ("cuda-oom", "outgrew", 5500)

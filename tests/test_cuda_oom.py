@@ -177,12 +177,13 @@ def test_a_failure_without_a_full_gpu_stays_failed_and_an_edited_input_is_a_new_
     rc, _err, again = rig.run(path, "--vram", "100", "--seconds", "0.2")
     assert rc == 0 and again["GPU_ROUTER_MODE"] == "GPU"
     grown = rig.new_input("grown.wav")
-    rig.run(grown, "--vram", "12000", "--grow", "2000", "--seconds", "0.2")
+    _rc, _err, grown_first = rig.run(grown, "--vram", "12000", "--grow", "2000", "--seconds", "0.2")
     with open(grown, "ab") as f:
         f.write(b"more")
     rc, _err, edited = rig.run(grown, "--vram", "100", "--seconds", "0.2")
     events = rig.stop()
     assert rig.finished(events, routed["GPU_ROUTER_JOB"])["GPU_ROUTER_RESULT"] == "failed"
+    assert rig.finished(events, grown_first["GPU_ROUTER_JOB"])["GPU_ROUTER_RESULT"] == "cuda-oom"
     assert rc == 0 and (edited["GPU_ROUTER_MODE"], edited["GPU_ROUTER_REASON"]) == ("GPU", "under-threshold")
 
 

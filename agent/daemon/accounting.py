@@ -54,10 +54,10 @@ def oom_slack_mb(total_mb):
 
 
 def gpu_was_full(peak_vram_mb, total_mb, others_mb):
-    """Whether the job's GPU was full while it ran: the job's own peak plus the least the other processes were
-    seen using on that GPU reached the GPU's total less oom_slack_mb. Both figures are measured (the driver's
-    per-process peak or our samples; the GPU samples during the job and one right after its exit), and their sum is
-    a lower bound of the GPU's use at the job's peak. None when a figure is missing (then nothing can be said)."""
+    """Whether the job's GPU was full while it ran: the job's own peak plus what the other processes used on that
+    GPU reached the GPU's total less oom_slack_mb. Both figures are measured: the driver's per-process peak (or our
+    samples), and the other processes' use in the GPU sample nearest before the job's end or the one right after
+    its exit (JobAccount.see_gpu). None when a figure is missing (then nothing can be said)."""
     if peak_vram_mb is None or total_mb is None or others_mb is None:
         return None
     return peak_vram_mb + others_mb >= total_mb - oom_slack_mb(total_mb)
@@ -284,9 +284,9 @@ class JobAccount:
             return True
         return grew
 
-    def see_gpu(self, gpu):
-        """Fold one GPU sample (a snapshot's entry for this job's device) into the OOM evidence: the GPU's size, the
-        least the other processes used (used − this job's processes), and a fault seen while the job ran."""
+    def see_gpu(self, gpu, after_exit=False, also_mb=0):
+        """Fold one GPU sample (a snapshot's entry for this job's device) into the OOM evidence: the GPU's size, what
+        the other processes used (used − this job's processes), and a fault seen while the job ran."""
         if self.mode != "GPU" or gpu is None or str(gpu.get("index")) != str(self.device):
             return
         if not gpu.get("healthy", True):
@@ -298,8 +298,11 @@ class JobAccount:
         self.gpu_total_mb = total
         mine = sum(p.get("used_mb") or 0 for p in gpu.get("processes", ())
                    if p.get("pid") == self.pid or p.get("job") == self.pid)
-        others = max(0, used - mine)
-        self.others_mb = others if self.others_mb is None else min(self.others_mb, others)
+        others = max(0, used - mine) + (also_mb if after_exit else 0)
+        # ``also_mb``: jobs that failed on this GPU just before (service.NEIGHBOUR_S), gone from this sample.
+        # The latest sample while it ran, and the one right after its exit: the two nearest the moment it failed (a
+        # job that runs out of memory exits at once); either one showing the GPU full at the job's peak is evidence.
+        self.others_mb = max(self.others_mb, others) if after_exit and self.others_mb is not None else others
 
     def accounting_pids(self):
         """The PIDs whose driver-kept peaks make the job's: its main PID, and its processes the samples saw."""

@@ -19,6 +19,7 @@ from .. import journal, oom_memory, procstat, scope, slots
 from .. import config as _config
 
 SD_LISTEN_FDS_START = 3
+NEIGHBOUR_S = 0.5  # a GPU job that failed this shortly before another's exit counts in that one's OOM evidence
 
 
 class Notifier:
@@ -160,6 +161,7 @@ class Agent:
         self.outgrown = {}  # (gpu key, pid) → the MiB last reported for a job that outgrew its reservation
         self._sample_errors = set()  # (stage, exception type, where): each reported once
         self.oom = oom_memory.Memory(self.cfg.agent.state_dir, self.log)  # inputs that ran out of GPU memory
+        self._failed_gpu_exits = []  # (device, monotonic time, peak MiB) of GPU jobs that just failed
 
     # -- pieces ------------------------------------------------------------------------------------------------
 
@@ -346,8 +348,19 @@ class Agent:
         if base not in ("failed", "unknown"):
             return
         self.fresh_sample(0.0)
+        now = time.monotonic()
+        self._failed_gpu_exits = [x for x in self._failed_gpu_exits if now - x[1] <= NEIGHBOUR_S]
+        # GPU jobs that failed on the same GPU just before this one's exit held their peak until then (an
+        # allocation that fails does so as the job grows): gone from the sample after, they were there at the time.
+        neighbours = sum(peak for device, _t, peak in self._failed_gpu_exits if device == job.device)
+        for other in list(self.jobs.values()):  # ended with it, not accounted yet (the same wake-up): their peaks
+            if other.mode == "GPU" and other.device == job.device and not _job_alive(other, zombie_ok=False):
+                peaks = self._guarded("vram-accounting", self._accounted_peaks, other)
+                neighbours += sum(peaks.values()) if peaks else (other.peak_vram_mb or 0)
         for gpu in (self.snapshot or {}).get("gpus", ()):
-            job.see_gpu(gpu)
+            job.see_gpu(gpu, after_exit=True, also_mb=neighbours)
+        if job.peak_vram_mb:
+            self._failed_gpu_exits.append((job.device, now, job.peak_vram_mb))
 
     def _remember(self, job, fields):
         """The input of a GPU attempt that ran out of memory goes into the OOM memory (its identity as the agent
@@ -402,6 +415,10 @@ class Agent:
         if self.snapshot is None or time.time() - self.snapshot.get("time", 0) > min_age_s:
             self.snapshot = self.monitor.sample_once()
             self.check_predictions()
+            for job in list(self.jobs.values()):  # every sample is OOM evidence for the GPU jobs running now
+                if job.mode == "GPU" and _job_alive(job):
+                    for gpu in self.snapshot.get("gpus", ()):
+                        self._guarded("job-gpu", job.see_gpu, gpu)
         return self.snapshot.get("time")
 
     def check_predictions(self):
