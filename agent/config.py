@@ -81,7 +81,8 @@ class Workload(Record):
                  "threshold", "threshold_unit", "on_probe_error", "admission", "gpu_vram_mb", "vram_model",
                  "vram_base_mb", "vram_per_unit_mb", "vram_calibration", "cpu_ram_mb", "gpu_ram_mb", "max_gpu_jobs",
                  "blind_max_gpu_jobs", "max_cpu_jobs", "gpu_args", "cpu_args", "spill_to_cpu", "retry_exit_code", "wait", "scope",
-                 "on_gpu_oom", "gpu_memory_max", "cpu_memory_max", "memory_margin", "runtime_max", "bind_to_caller", "env")
+                 "on_gpu_oom",
+                 "gpu_memory_max", "cpu_memory_max", "memory_margin", "runtime_max", "bind_to_caller", "env")
 
 
 class Config(Record):

@@ -263,6 +263,34 @@ def gpu_points(samples):
     return points
 
 
+def censored_points(samples):
+    """(metric, VRAM MiB) of the GPU runs that ran out of memory (result cuda-oom): censored samples, the input
+    needed more than the VRAM it had (a lower bound). The fitted model must lie above them (``recommend``)."""
+    points = []
+    for s in samples:
+        if s.get("mode") != "GPU" or s.get("result") != "cuda-oom":
+            continue
+        x, y = metric_value(s.get("metric")), _number(s.get("peak_vram_mb"))
+        if x is not None and y is not None and y >= 0:
+            points.append((x, y))
+    return points
+
+
+def predictive_gate(samples, admission):
+    """The runbook's gate on the recorded samples, for ``check`` and ``stats``: a note when the metric does not
+    predict VRAM (the fit over the GPU samples, OOMs included as censored points, has r² < GOOD_FIT_R2 over at
+    least GOOD_FIT_SAMPLES samples) and the profile does not already try the GPU first; else None."""
+    result = fit(gpu_points(samples), censored_points(samples))
+    if result is None or result["n"] < GOOD_FIT_SAMPLES or result["r2"] is None or result["r2"] >= GOOD_FIT_R2:
+        return None
+    if admission == "gpu-first":
+        return None
+    ooms = f", {result['censored']} ran out of GPU memory" if result["censored"] else ""
+    return (f"the metric does not predict VRAM (r² {result['r2']:.2f} over {result['n']} GPU samples{ooms}): "
+            "use admission = \"gpu-first\" (every job tries the GPU; an input that runs out of memory there goes "
+            "to the CPU on its retry, on_gpu_oom = \"cpu\")")
+
+
 def ram_summary(samples, mode):
     """Peak RAM of the successful runs of one mode: {"n", "max_mb", "metric_at_max"} or None."""
     best, n = None, 0
@@ -286,16 +314,24 @@ def _append_sample(path, fields):
 
 # ---- the fit (pure) -------------------------------------------------------------------------------------------
 
-def fit(points):
+def fit(points, censored=()):
     """Least squares peak = base + per_unit × metric over (metric, peak) points, or the constant (max) model when
-    fewer than two distinct metrics are known. None without points."""
+    fewer than two distinct metrics are known. None without points.
+
+    ``censored``: (metric, VRAM it had) of runs that ran out of GPU memory: their need is above that, so they take
+    part in the fit at their lower bound (the line rises towards them) and ``recommend`` lifts the model above each
+    of them. r² is over both: an input that needed far more than its metric says makes the fit poor, which is the
+    sign that the metric does not predict VRAM (then GPU-first, ``recommend``)."""
     if not points:
         return None
+    censored = list(censored)
+    points = list(points) + censored
     xs = [float(x) for x, _ in points]
     ys = [float(y) for _, y in points]
     n, distinct = len(points), len(set(xs))
     out = {"n": n, "distinct_metrics": distinct, "metric_min": min(xs), "metric_max": max(xs),
-           "peak_min_mb": min(ys), "peak_max_mb": max(ys)}
+           "peak_min_mb": min(ys), "peak_max_mb": max(ys), "censored": len(censored),
+           "censored_points": censored}
     if distinct < 2:
         out.update(model="constant", base_mb=max(ys), per_unit_mb=0.0, r2=None,
                    max_residual_mb=max(ys) - min(ys))
@@ -355,13 +391,26 @@ def recommend(result, points, margin, budget_mb=None, threshold=None):
     if shortfall > 0:
         rec_base += shortfall
         notes.append(f"base raised by {shortfall:.1f} MiB so that the model covers every measured peak")
+    censored = result.get("censored_points") or ()
+    above = max((y + 1 - (rec_base + rec_per * x) for x, y in censored), default=0.0)  # strictly above: it needed more
+    if above > 0:
+        rec_base += above
+        notes.append(f"base raised by {above:.1f} MiB above {len(censored)} run(s) that ran out of GPU memory "
+                     "(censored: they needed more than they had)")
     rec_base = float(math.ceil(rec_base - 1e-9))
     model = "linear" if rec_per > 0 else "constant"
     # A good fit (enough samples, the line explains them) lets VRAM decide: admission = "vram" routes every job
     # whose predicted VRAM fits a GPU's room there, whatever its size; a threshold stays an optional extra cap.
     good = result["n"] >= GOOD_FIT_SAMPLES and (result["r2"] is None or result["r2"] >= GOOD_FIT_R2)
+    # The runbook's gate: without a measurable property that predicts VRAM, use another strategy — try the GPU
+    # first and fall back on OOM (admission = "gpu-first", on_gpu_oom = "cpu").
+    unpredictive = result["n"] >= GOOD_FIT_SAMPLES and result["r2"] is not None and result["r2"] < GOOD_FIT_R2
+    if unpredictive:
+        notes.append(f"the metric does not predict VRAM (r² {result['r2']:.2f} < {GOOD_FIT_R2}): use "
+                     "admission = \"gpu-first\" (every job tries the GPU; an input that runs out of memory there "
+                     "goes to the CPU on its retry)")
     rec = {"model": model, "margin": margin, "vram_base_mb": rec_base, "vram_per_unit_mb": rec_per,
-           "admission": "vram" if good else None,
+           "admission": "vram" if good else ("gpu-first" if unpredictive else None),
            "budget_mb": budget_mb, "threshold": None, "threshold_extrapolated": False,
            "vram_at_threshold_mb": None, "notes": notes}
     if threshold is not None:
@@ -578,7 +627,7 @@ def cmd_calibrate(args):
                             "host); not fitted")
     recorded_points, measured_points = gpu_points(recorded), gpu_points(measured)
     points = recorded_points + measured_points
-    result = fit(points)
+    result = fit(points, censored_points(recorded + measured))
     budget, vram, vram_source = _budget(cfg, w, gpu_info, detected)
     combined_unit = w.threshold_unit[0]
     rec = recommend(result, points, args.margin, budget, w.threshold[0] if w.max_gpu_jobs else None)
@@ -730,6 +779,9 @@ def render(d, w):
         lines.append(f"fit: peak_vram = {f['base_mb']:.1f} + {f['per_unit_mb']:.6g} × metric ({unit})   "
                      f"n {f['n']}, r² {f['r2']:.4f}, max residual {f['max_residual_mb']:.1f} MiB, "
                      f"metric {f['metric_min']:g}..{f['metric_max']:g}")
+    if f and f.get("censored"):
+        lines.append(f"  {f['censored']} of these ran out of GPU memory (cuda-oom): censored, they needed more than "
+                     "they had; the model lies above them")
     rec = d["recommendation"]
     if rec:
         b = d["budget"]
