@@ -37,14 +37,16 @@ GiB = 1024 * MiB
 # Each is exported at 0 for every configured workload; a value outside these lists is still counted.
 MODES = ("GPU", "CPU")
 ROUTE_REASONS = {
-    "GPU": ("under-threshold",),
+    "GPU": ("under-threshold", "gpu-first", "cuda-oom-need"),
     "CPU": ("over-threshold", "probe-failed", "gpu-disabled", "no-gpu", "gpu-unhealthy", "vram-too-large",
-            "spill:gpu-slots-full", "spill:no-vram-room"),
+            "spill:gpu-slots-full", "spill:no-vram-room", "cuda-oom-before", "cuda-oom-suspected",
+            "cuda-oom-too-large"),
 }
-BLOCK_REASONS = ("gpu-slots-full", "no-vram-room", "cpu-slots-full", "wait-timeout", "scope-unavailable")
+BLOCK_REASONS = ("gpu-slots-full", "no-vram-room", "cpu-slots-full", "wait-timeout", "scope-unavailable",
+                 "cuda-oom-before")
 PROBE_REASONS = ("no-input", "input-missing", "input-unreadable", "input-not-regular", "input-empty",
                  "probe-not-found", "probe-not-runnable", "probe-timeout", "probe-bad-output", "probe-failed")
-RESULTS = ("success", "failed", "oom-kill", "cuda-oom", "timeout", "unknown")
+RESULTS = ("success", "failed", "oom-kill", "cuda-oom", "gpu-fault", "timeout", "unknown")
 WAIT_OUTCOMES = ("admitted", "blocked")
 
 COUNTERS = {  # name: (help, label names)
