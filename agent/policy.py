@@ -103,6 +103,9 @@ def predict_vram_mb(workload, values):
     return workload.gpu_vram_mb
 
 
+OUTGROWN = 1.1  # a job measured above its reservation by more than this factor is unbounded (room_mb)
+
+
 def room_mb(gpu, reservations, reserve_mb, dead=()):
     """VRAM still ours to give on ``gpu``: total − reserve − foreign − Σ max(reservation, measured use) of live jobs.
 
@@ -140,7 +143,13 @@ def room_mb(gpu, reservations, reserve_mb, dead=()):
         else:
             loose += used
     committed = sum(max(mb, measured.get(pid, 0)) for pid, mb in held.items())
-    return gpu.total_mb - reserve_mb - gpu.foreign_mb - committed - loose
+    room = gpu.total_mb - reserve_mb - gpu.foreign_mb - committed - loose
+    if any(measured.get(pid, 0) > mb * OUTGROWN for pid, mb in held.items()):
+        # A job measured well past its reservation is bounded by no prediction: it may grow into whatever is left
+        # (the jobs admitted beside it would run out of memory when it does). Nothing more goes beside it until
+        # it ends; it then either finished or ran out of memory itself (its input goes where on_gpu_oom says).
+        return min(room, 0)
+    return room
 
 
 def blind_cap(workload, total_mb, reserve_mb):
