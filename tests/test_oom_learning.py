@@ -121,3 +121,21 @@ def test_stats_count_ooms_per_workload_and_what_their_retries_did():
     w = stats.summarize(ev)["w"]
     assert w["cuda_oom"] == {"outgrew": 1, "squeezed": 1} and w["after_oom"] == {"CPU:cuda-oom-before": 1}
     assert any("2 GPU job(s) ran out of GPU memory" in t for t in w["advice"])
+
+
+def test_jobs_show_an_oom_and_the_retry_that_followed_it():
+    from gpu_router.ops import jobs
+
+    ev = [{"GPU_ROUTER_EVENT": "routed", "GPU_ROUTER_JOB": "w-1-a", "GPU_ROUTER_WORKLOAD": "w",
+           "GPU_ROUTER_MODE": "GPU", "GPU_ROUTER_REASON": "under-threshold", "__REALTIME_TIMESTAMP": "1000000"},
+          {"GPU_ROUTER_EVENT": "job-finished", "GPU_ROUTER_JOB": "w-1-a", "GPU_ROUTER_RESULT": "cuda-oom",
+           "GPU_ROUTER_OOM_CAUSE": "outgrew", "GPU_ROUTER_OOM_MEMORY": "oom", "__REALTIME_TIMESTAMP": "2000000"},
+          {"GPU_ROUTER_EVENT": "routed", "GPU_ROUTER_JOB": "w-2-b", "GPU_ROUTER_WORKLOAD": "w",
+           "GPU_ROUTER_MODE": "CPU", "GPU_ROUTER_REASON": "cuda-oom-before", "GPU_ROUTER_OOM_JOB": "w-1-a",
+           "__REALTIME_TIMESTAMP": "3000000"}]
+    first, retry = jobs.join(ev)
+    text = jobs.table([first, retry], now=10)
+    assert "cuda-oom:outgrew" in text and "CPU(after-oom)" in text
+    assert "input remembered (oom)" in jobs.one(first)
+    assert "ran out of GPU memory in job w-1-a (cuda-oom-before)" in jobs.one(retry)
+    assert [j["job"] for j in jobs.select([first, retry], result="cuda-oom")] == ["w-1-a"]
