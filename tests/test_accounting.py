@@ -451,7 +451,7 @@ def test_a_job_account_folds_gpu_samples_into_oom_evidence():
     assert job.others_mb == 5700                                    # with the neighbours that failed just before
     job.wait_status, job.peak_vram_mb, job.vram_source = _exited(1), 2400, "accounting"
     out = job.outcome()
-    assert (out["RESULT"], out["OOM_CAUSE"], out["GPU_OTHERS_MB"]) == ("cuda-oom", "outgrew", 5500)
+    assert (out["RESULT"], out["OOM_CAUSE"], out["GPU_OTHERS_MB"]) == ("cuda-oom", "outgrew", 5700)
     job.predicted_vram_mb = 2500                                   # within its reservation: others took the room
     reloaded = accounting.JobAccount.from_record(job.to_record())   # the evidence survives an agent restart
     reloaded.wait_status = _exited(1)

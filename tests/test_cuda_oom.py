@@ -37,7 +37,7 @@ def rig(tmp_path, fake_gpus, agent_bin, gr_bin, clean_env):  # noqa: F811
         pass
 
     r = Rig()
-    r.base, r.media, r.fake = base, media, fake_gpus
+    r.base, r.media, r.fake, r.gr = base, media, fake_gpus, str(gr_bin)
 
     def start(extra="", netns=False):
         cfg.write_text(f"""
@@ -218,3 +218,27 @@ def test_status_unknown_a_quick_retry_is_the_sign_and_confirms_it(rig):
     assert (routed2["GPU_ROUTER_MODE"], routed2["GPU_ROUTER_REASON"]) == ("CPU", "cuda-oom-suspected")
     memory = json.loads((rig.base / "state" / "oom" / "inputs.json").read_text())
     assert [e["kind"] for e in memory["entries"]] == ["oom"]   # confirmed by the retry
+
+
+@root_only
+def test_a_job_that_fails_when_its_gpu_is_lost_is_a_gpu_fault_and_not_remembered(rig):
+    """The GPU falls off the bus while the job runs (NVML answers GPU_IS_LOST; the job's next CUDA call fails):
+    the agent says gpu-fault — not cuda-oom, although the job failed — and remembers nothing: its retry is the
+    GPU's again once it is back."""
+    rig.start()
+    path = rig.new_input("lost.wav")
+    p = subprocess.Popen([rig.gr, "run", "--workload", "fake", "--", "--vram", "1000", "--seconds", "6", str(path)],
+                         env=rig.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    rig.fake.wait_for(lambda: rig.fake.claims() != [], timeout=20)
+    time.sleep(1.5)                                            # sampled while it runs
+    rig.fake.lose(0)
+    assert p.wait(30) == 1
+    routed = [json.loads(x) for x in p.stderr.read().splitlines() if x.startswith("{")][-1]
+    job = routed["GPU_ROUTER_JOB"]
+    record = rig.base / "jobs" / f"{job}.json"
+    rig.fake.wait_for(lambda: not record.exists(), timeout=15)
+    rig.fake.lose(0, on=False)
+    events = rig.stop()
+    done = rig.finished(events, job)
+    assert done["GPU_ROUTER_RESULT"] == "gpu-fault" and done["GPU_ROUTER_GPU_FAULT"] == "gpu-lost", done
+    assert "GPU_ROUTER_OOM_MEMORY" not in done

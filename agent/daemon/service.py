@@ -311,8 +311,10 @@ class Agent:
         if job.holder is not None:
             job.holder.release()
         if job.mode == "GPU":
+            after = self._guarded("gpu-after-exit", self._sample_after_exit, job)  # first: the nearest the failure
             job.take_accounted(self._guarded("vram-accounting", self._accounted_peaks, job))
-            self._guarded("gpu-after-exit", self._gpu_after_exit, job)
+            if after is not None:
+                self._guarded("gpu-evidence", self._gpu_evidence, job, after)
         fields = job.outcome()
         self._guarded("oom-memory", self._remember, job, fields)
         status = f"exit {fields['EXIT_STATUS']}" if "EXIT_STATUS" in fields else "exit status unknown"
@@ -337,17 +339,21 @@ class Agent:
 
     # -- CUDA OOMs (HACKING.md, "CUDA OOMs"): know it, remember the input, never send its retry into it again ----
 
-    def _gpu_after_exit(self, job):
-        """One GPU sample right after a GPU job failed or ended with its status unknown: what the other processes
-        use on its GPU then is the nearest measure of what they used when it failed (a short job may have ended
-        between two periodic samples)."""
+    def _sample_after_exit(self, job):
+        """One GPU sample right after a GPU job failed or ended with its status unknown (its GPU entries, or None):
+        what the other processes use on its GPU then is the nearest measure of what they used when it failed (a
+        short job may have ended between two periodic samples)."""
         if self.monitor is None or job.device is None:
-            return
+            return None
         base = accounting.classify(job.wait_status, job.oom_kills, job.runtime_max, time.time() - job.started,
                                    job.failcnt)
         if base not in ("failed", "unknown"):
-            return
+            return None
         self.fresh_sample(0.0)
+        return list((self.snapshot or {}).get("gpus", ()))
+
+    def _gpu_evidence(self, job, gpus):
+        """Fold the sample after the exit into the job's OOM evidence, with the GPU jobs that failed beside it."""
         now = time.monotonic()
         self._failed_gpu_exits = [x for x in self._failed_gpu_exits if now - x[1] <= NEIGHBOUR_S]
         # GPU jobs that failed on the same GPU just before this one's exit held their peak until then (an
@@ -357,7 +363,7 @@ class Agent:
             if other.mode == "GPU" and other.device == job.device and not _job_alive(other, zombie_ok=False):
                 peaks = self._guarded("vram-accounting", self._accounted_peaks, other)
                 neighbours += sum(peaks.values()) if peaks else (other.peak_vram_mb or 0)
-        for gpu in (self.snapshot or {}).get("gpus", ()):
+        for gpu in gpus:
             job.see_gpu(gpu, after_exit=True, also_mb=neighbours)
         if job.peak_vram_mb:
             self._failed_gpu_exits.append((job.device, now, job.peak_vram_mb))

@@ -24,6 +24,9 @@ with a real CUDA OOM. Without it the claim is one atomic allocation (nothing is 
 ``OpenEncodeSessionEx failed: out of memory (10)`` and exit 187 (ffmpeg ≥ 7 exits with the error code & 255:
 AVERROR_EXTERNAL; older ffmpeg exits 1). The default is torch.
 
+A job whose GPU is lost (``STATE/gpuN/lost``) while it runs fails at once: ``CUDA error: unspecified launch
+failure``, exit 1.
+
 Exit: 0 when done; 1 with ``CUDA out of memory. Tried to allocate N MiB`` on stderr when the claim does not fit (or
 no CUDA device is visible). ``--log`` gets one JSON line per start / finish / oom / no-device (O_APPEND, one write
 each, so concurrent jobs may share one log). Positional arguments (the workload's input) are accepted and ignored.
@@ -375,7 +378,14 @@ def main(argv):
         for i in range(0, len(ballast), 4096):  # touch every page: RSS, not just address space
             ballast[i] = 1
     try:
-        time.sleep(opts["seconds"])
+        lost = os.path.join(opts["state"], f"gpu{gpu}", "lost") if gpu is not None else None
+        until = time.monotonic() + opts["seconds"]
+        while time.monotonic() < until:  # a CUDA job whose GPU falls off the bus fails at its next call
+            time.sleep(min(0.02, max(0.0, until - time.monotonic())))
+            if lost is not None and os.path.exists(lost):
+                sys.stderr.write("RuntimeError: CUDA error: unspecified launch failure\n")
+                log_event(log, "gpu-lost", gpu=gpu)
+                return 1
         for mb, secs in opts["then"]:
             if gpu is not None:
                 ok, free = set_claim(opts["state"], gpu, mb)
