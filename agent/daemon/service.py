@@ -19,7 +19,7 @@ from .. import journal, oom_memory, procstat, scope, slots
 from .. import config as _config
 
 SD_LISTEN_FDS_START = 3
-NEIGHBOUR_S = 0.5  # a GPU job that failed this shortly before another's exit counts in that one's OOM evidence
+NEIGHBOUR_S = 0.5  # a GPU job that ended this shortly before another's exit counts in that one's OOM evidence
 
 
 class Notifier:
@@ -161,7 +161,7 @@ class Agent:
         self.outgrown = {}  # (gpu key, pid) → the MiB last reported for a job that outgrew its reservation
         self._sample_errors = set()  # (stage, exception type, where): each reported once
         self.oom = oom_memory.Memory(self.cfg.agent.state_dir, self.log)  # inputs that ran out of GPU memory
-        self._failed_gpu_exits = []  # (device, monotonic time, peak MiB) of GPU jobs that just failed
+        self._gpu_exits = []  # (device, monotonic time, peak MiB) of the GPU jobs that ended in the last NEIGHBOUR_S
 
     # -- pieces ------------------------------------------------------------------------------------------------
 
@@ -315,6 +315,8 @@ class Agent:
             job.take_accounted(self._guarded("vram-accounting", self._accounted_peaks, job))
             if after is not None:
                 self._guarded("gpu-evidence", self._gpu_evidence, job, after)
+            if job.peak_vram_mb:
+                self._gpu_exits.append((job.device, time.monotonic(), job.peak_vram_mb))
         fields = job.outcome()
         self._guarded("oom-memory", self._remember, job, fields)
         status = f"exit {fields['EXIT_STATUS']}" if "EXIT_STATUS" in fields else "exit status unknown"
@@ -355,18 +357,17 @@ class Agent:
     def _gpu_evidence(self, job, gpus):
         """Fold the sample after the exit into the job's OOM evidence, with the GPU jobs that failed beside it."""
         now = time.monotonic()
-        self._failed_gpu_exits = [x for x in self._failed_gpu_exits if now - x[1] <= NEIGHBOUR_S]
-        # GPU jobs that failed on the same GPU just before this one's exit held their peak until then (an
-        # allocation that fails does so as the job grows): gone from the sample after, they were there at the time.
-        neighbours = sum(peak for device, _t, peak in self._failed_gpu_exits if device == job.device)
+        self._gpu_exits = [x for x in self._gpu_exits if now - x[1] <= NEIGHBOUR_S]
+        # GPU jobs that ended on the same GPU just before this one's exit held their memory until they exited (CUDA
+        # allocators give it back at exit; a job that failed by running out did so at its peak): gone from the
+        # sample after, they were there when this one failed, at most at their peak.
+        neighbours = sum(peak for device, _t, peak in self._gpu_exits if device == job.device)
         for other in list(self.jobs.values()):  # ended with it, not accounted yet (the same wake-up): their peaks
             if other.mode == "GPU" and other.device == job.device and not _job_alive(other, zombie_ok=False):
                 peaks = self._guarded("vram-accounting", self._accounted_peaks, other)
                 neighbours += sum(peaks.values()) if peaks else (other.peak_vram_mb or 0)
         for gpu in gpus:
             job.see_gpu(gpu, after_exit=True, also_mb=neighbours)
-        if job.peak_vram_mb:
-            self._failed_gpu_exits.append((job.device, now, job.peak_vram_mb))
 
     def _remember(self, job, fields):
         """The input of a GPU attempt that ran out of memory goes into the OOM memory (its identity as the agent
