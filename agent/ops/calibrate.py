@@ -276,17 +276,25 @@ def censored_points(samples):
     return points
 
 
+def _gate_r2(result):
+    """The r² the runbook's gate reads: with the OOMs at their bound where there were any."""
+    r2 = result.get("r2")
+    with_ooms = result.get("r2_with_ooms")
+    return with_ooms if with_ooms is not None and (r2 is None or with_ooms < r2) else r2
+
+
 def predictive_gate(samples, admission):
     """The runbook's gate on the recorded samples, for ``check`` and ``stats``: a note when the metric does not
     predict VRAM (the fit over the GPU samples, OOMs included as censored points, has r² < GOOD_FIT_R2 over at
     least GOOD_FIT_SAMPLES samples) and the profile does not already try the GPU first; else None."""
     result = fit(gpu_points(samples), censored_points(samples))
-    if result is None or result["n"] < GOOD_FIT_SAMPLES or result["r2"] is None or result["r2"] >= GOOD_FIT_R2:
+    r2 = _gate_r2(result) if result is not None else None
+    if result is None or result["n"] < GOOD_FIT_SAMPLES or r2 is None or r2 >= GOOD_FIT_R2:
         return None
     if admission == "gpu-first":
         return None
     ooms = f", {result['censored']} ran out of GPU memory" if result["censored"] else ""
-    return (f"the metric does not predict VRAM (r² {result['r2']:.2f} over {result['n']} GPU samples{ooms}): "
+    return (f"the metric does not predict VRAM (r² {r2:.2f} over {result['n']} GPU samples{ooms}): "
             "use admission = \"gpu-first\" (every job tries the GPU; an input that runs out of memory there goes "
             "to the CPU on its retry, on_gpu_oom = \"cpu\")")
 
@@ -318,20 +326,26 @@ def fit(points, censored=()):
     """Least squares peak = base + per_unit × metric over (metric, peak) points, or the constant (max) model when
     fewer than two distinct metrics are known. None without points.
 
-    ``censored``: (metric, VRAM it had) of runs that ran out of GPU memory: their need is above that, so they take
-    part in the fit at their lower bound (the line rises towards them) and ``recommend`` lifts the model above each
-    of them. r² is over both: an input that needed far more than its metric says makes the fit poor, which is the
-    sign that the metric does not predict VRAM (then GPU-first, ``recommend``)."""
+    ``censored``: (metric, VRAM it had) of runs that ran out of GPU memory: they needed more than that, so they are
+    no peak to fit; ``recommend`` lifts the model above each of them. ``r2_with_ooms`` is r² with them counted at
+    their bound: an input that needed far more than its metric says makes it poor, the sign that the metric does
+    not predict VRAM (the runbook's gate: GPU-first, ``recommend`` / ``predictive_gate``)."""
     if not points:
         return None
+    out = _least_squares(points)
     censored = list(censored)
-    points = list(points) + censored
+    out.update(censored=len(censored), censored_points=censored, r2_with_ooms=None)
+    if censored and out["model"] == "linear":
+        out["r2_with_ooms"] = _least_squares(list(points) + censored)["r2"]
+    return out
+
+
+def _least_squares(points):
     xs = [float(x) for x, _ in points]
     ys = [float(y) for _, y in points]
     n, distinct = len(points), len(set(xs))
     out = {"n": n, "distinct_metrics": distinct, "metric_min": min(xs), "metric_max": max(xs),
-           "peak_min_mb": min(ys), "peak_max_mb": max(ys), "censored": len(censored),
-           "censored_points": censored}
+           "peak_min_mb": min(ys), "peak_max_mb": max(ys)}
     if distinct < 2:
         out.update(model="constant", base_mb=max(ys), per_unit_mb=0.0, r2=None,
                    max_residual_mb=max(ys) - min(ys))
@@ -401,16 +415,18 @@ def recommend(result, points, margin, budget_mb=None, threshold=None):
     model = "linear" if rec_per > 0 else "constant"
     # A good fit (enough samples, the line explains them) lets VRAM decide: admission = "vram" routes every job
     # whose predicted VRAM fits a GPU's room there, whatever its size; a threshold stays an optional extra cap.
-    good = result["n"] >= GOOD_FIT_SAMPLES and (result["r2"] is None or result["r2"] >= GOOD_FIT_R2)
+    good = result["n"] >= GOOD_FIT_SAMPLES and (_gate_r2(result) is None or _gate_r2(result) >= GOOD_FIT_R2)
     # The runbook's gate: without a measurable property that predicts VRAM, use another strategy — try the GPU
     # first and fall back on OOM (admission = "gpu-first", on_gpu_oom = "cpu").
-    unpredictive = result["n"] >= GOOD_FIT_SAMPLES and result["r2"] is not None and result["r2"] < GOOD_FIT_R2
+    r2 = _gate_r2(result)
+    unpredictive = result["n"] >= GOOD_FIT_SAMPLES and r2 is not None and r2 < GOOD_FIT_R2
     if unpredictive:
-        notes.append(f"the metric does not predict VRAM (r² {result['r2']:.2f} < {GOOD_FIT_R2}): use "
+        notes.append(f"the metric does not predict VRAM (r² {r2:.2f} < {GOOD_FIT_R2}): use "
                      "admission = \"gpu-first\" (every job tries the GPU; an input that runs out of memory there "
                      "goes to the CPU on its retry)")
     rec = {"model": model, "margin": margin, "vram_base_mb": rec_base, "vram_per_unit_mb": rec_per,
-           "admission": "vram" if good else ("gpu-first" if unpredictive else None),
+           "admission": "vram" if good else None,
+           "strategy": "gpu-first" if unpredictive else None,  # the runbook's gate: admission = "gpu-first"
            "budget_mb": budget_mb, "threshold": None, "threshold_extrapolated": False,
            "vram_at_threshold_mb": None, "notes": notes}
     if threshold is not None:
