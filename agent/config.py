@@ -81,6 +81,7 @@ class Workload(Record):
                  "threshold", "threshold_unit", "on_probe_error", "admission", "gpu_vram_mb", "vram_model",
                  "vram_base_mb", "vram_per_unit_mb", "vram_calibration", "cpu_ram_mb", "gpu_ram_mb", "max_gpu_jobs",
                  "blind_max_gpu_jobs", "max_cpu_jobs", "gpu_args", "cpu_args", "spill_to_cpu", "retry_exit_code", "wait", "scope",
+                 "on_gpu_oom",
                  "gpu_memory_max", "cpu_memory_max", "memory_margin", "runtime_max", "bind_to_caller", "env")
 
 
@@ -483,7 +484,10 @@ WORKLOAD = {
     "threshold": (_thresholds, _REQUIRED),
     "threshold_unit": (_units, None),
     "on_probe_error": (_choice("cpu", "fail"), "cpu"),
-    "admission": (_choice("slots", "vram"), "slots"),
+    "admission": (_choice("slots", "vram", "gpu-first"), "slots"),
+    # the retry of an input whose GPU attempt ran out of memory (agent/oom_memory.py): the CPU, a GPU with room for
+    # its measured need, or refused (exit 65)
+    "on_gpu_oom": (_choice("cpu", "gpu-with-room", "fail"), "cpu"),
     "gpu_vram_mb": (_mib(0), 0),
     "vram_model": (_choice("constant", "linear", "calibrated"), "constant"),
     "vram_base_mb": (_number(positive=False, hi=MIB_MAX), 0),
@@ -565,7 +569,7 @@ def _workload(name, raw, path, router, agent, read_calibration):
                                   f"run gpu-router calibrate --workload {name} again", w["vram_calibration"])
             raise ConfigError("vram_model = \"linear\" needs vram_base_mb or vram_per_unit_mb > 0",
                               path, f"{prefix}.vram_per_unit_mb")
-    if w["max_gpu_jobs"] is None and w["admission"] == "slots":
+    if w["max_gpu_jobs"] is None and w["admission"] in ("slots", "gpu-first"):
         w["max_gpu_jobs"] = 1
     if w["max_gpu_jobs"] == 0 and w["max_cpu_jobs"] == 0:
         raise ConfigError("max_gpu_jobs and max_cpu_jobs are both 0: no job could ever run", path,

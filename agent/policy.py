@@ -103,6 +103,9 @@ def predict_vram_mb(workload, values):
     return workload.gpu_vram_mb
 
 
+OUTGROWN = 1.1  # a job measured above its reservation by more than this factor is unbounded (room_mb)
+
+
 def room_mb(gpu, reservations, reserve_mb, dead=()):
     """VRAM still ours to give on ``gpu``: total − reserve − foreign − Σ max(reservation, measured use) of live jobs.
 
@@ -140,7 +143,13 @@ def room_mb(gpu, reservations, reserve_mb, dead=()):
         else:
             loose += used
     committed = sum(max(mb, measured.get(pid, 0)) for pid, mb in held.items())
-    return gpu.total_mb - reserve_mb - gpu.foreign_mb - committed - loose
+    room = gpu.total_mb - reserve_mb - gpu.foreign_mb - committed - loose
+    if any(measured.get(pid, 0) > mb * OUTGROWN for pid, mb in held.items()):
+        # A job measured well past its reservation is bounded by no prediction: it may grow into whatever is left
+        # (the jobs admitted beside it would run out of memory when it does). Nothing more goes beside it until
+        # it ends; it then either finished or ran out of memory itself (its input goes where on_gpu_oom says).
+        return min(room, 0)
+    return room
 
 
 def blind_cap(workload, total_mb, reserve_mb):
@@ -162,7 +171,23 @@ def blind_cap(workload, total_mb, reserve_mb):
     return max(1, usable // largest)
 
 
-def plan(workload, values, gpus, reservations=None, reserve_mb=0, dead=()):
+def after_gpu_oom(workload, how, need_mb):
+    """What the OOM memory (oom_memory.py) makes of a job whose input ran out of GPU memory before: ``how`` is
+    "oom" (known) or "suspect" (a retry right after a GPU attempt whose exit status is unknown, with its GPU full),
+    ``need_mb`` the lower bound of its need measured then. Returns (action, reason): ``("cpu", reason)``,
+    ``("fail", reason)``, ``("gpu", reason)`` (a GPU with room for need_mb, ``plan(need_mb=…)``), or None."""
+    if how not in ("oom", "suspect"):
+        return None
+    reason = "cuda-oom-before" if how == "oom" else "cuda-oom-suspected"
+    action = workload.on_gpu_oom
+    if action == "gpu-with-room" and need_mb:
+        return "gpu", reason
+    if action == "fail":
+        return "fail", reason
+    return "cpu", reason
+
+
+def plan(workload, values, gpus, reservations=None, reserve_mb=0, dead=(), need_mb=None):
     """Decide GPU or CPU for a job.
 
     ``values``: the probe's metric values, or None when unknown (the caller already chose CPU-or-fail).
@@ -170,13 +195,16 @@ def plan(workload, values, gpus, reservations=None, reserve_mb=0, dead=()):
     threshold alone decides, as the original router did, over the GPUs assumed by the caller.
     ``reservations``: {gpu key: [(pid, MiB), …]} of live admitted jobs (vram mode).
     ``dead``: pids of our processes in the snapshot that the caller found gone (see room_mb).
+    ``need_mb``: the input ran out of GPU memory before with this much (``after_gpu_oom`` said "gpu"): only a GPU
+    with room for it may take it (reason ``cuda-oom-need``); none could ever → CPU, ``cuda-oom-too-large``.
+    ``admission = "gpu-first"``: the metric does not predict VRAM; every job tries the GPU (no threshold), and an
+    input that ran out of memory there goes where ``on_gpu_oom`` says on its retry (after_gpu_oom).
     """
-    if values is None:
+    if values is None and workload.admission != "gpu-first":
         return Plan("CPU", "probe-failed")
     if workload.max_gpu_jobs == 0:
         return Plan("CPU", "gpu-disabled")
-    over = over_threshold(workload, values)
-    if over is not None:
+    if workload.admission != "gpu-first" and over_threshold(workload, values) is not None:
         return Plan("CPU", "over-threshold")
     if gpus is not None and not gpus:
         return Plan("CPU", "no-gpu")
@@ -186,8 +214,13 @@ def plan(workload, values, gpus, reservations=None, reserve_mb=0, dead=()):
         if not usable:
             return Plan("CPU", "gpu-unhealthy")
     spill = workload.spill_to_cpu and workload.max_cpu_jobs > 0
+    if need_mb:
+        if usable is None or any(g.total_mb is None for g in usable):
+            return Plan("CPU", "cuda-oom-before")  # its need cannot be checked against unknown GPUs
+        if all(need_mb > g.total_mb - reserve_mb for g in usable):
+            return Plan("CPU", "cuda-oom-too-large", predicted_vram_mb=need_mb)
     if workload.admission == "vram":
-        predicted = predict_vram_mb(workload, values)
+        predicted = max(predict_vram_mb(workload, values), need_mb or 0)
         if usable is None or any(g.total_mb is None for g in usable):
             # Unknown VRAM: the caller admits at most blind_cap() jobs per GPU, under the ledger's lock.
             return Plan("GPU", "under-threshold", gpus=usable or [], spill=spill, predicted_vram_mb=predicted,
@@ -203,11 +236,16 @@ def plan(workload, values, gpus, reservations=None, reserve_mb=0, dead=()):
         if full == "vram-too-large":
             # No GPU could ever hold it: the CPU is the only place, like a job over the threshold.
             return Plan("CPU", "vram-too-large", predicted_vram_mb=predicted)
-        return Plan("GPU", "under-threshold", gpus=[g for _, g in fitting], spill=spill,
-                    predicted_vram_mb=predicted, full_reason=full)
+        return Plan("GPU", "cuda-oom-need" if need_mb else "under-threshold", gpus=[g for _, g in fitting],
+                    spill=spill, predicted_vram_mb=predicted, full_reason=full)
+    reason = "gpu-first" if workload.admission == "gpu-first" else "under-threshold"
     if usable is not None:
         usable = sorted(usable, key=lambda g: (-(g.free_mb if g.free_mb is not None else 0), g.index))
-    return Plan("GPU", "under-threshold", gpus=usable or [], spill=spill)
+    if need_mb:
+        fitting = [g for g in usable if (g.free_mb or 0) - reserve_mb >= need_mb]
+        return Plan("GPU", "cuda-oom-need", gpus=fitting, spill=spill, predicted_vram_mb=need_mb,
+                    full_reason=None if fitting else "no-vram-room")
+    return Plan("GPU", reason, gpus=usable or [], spill=spill)
 
 
 def assumed_gpus(count):

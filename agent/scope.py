@@ -81,7 +81,8 @@ def request_fields(job, cfg):
     return [("OP", "scope"), ("WORKLOAD", job.workload.name), ("JOB", job.id), ("MODE", job.mode),
             ("DEVICE", str(job.device)), ("PID", str(os.getpid())), ("SCOPE_POLICY", job.workload.scope),
             ("METRIC", job.fields()["METRIC"]), ("INPUT", _bounded(job.input or "")),
-            ("PREDICTED_VRAM_MB", str(job.predicted_vram_mb or ""))]
+            ("PREDICTED_VRAM_MB", str(job.predicted_vram_mb or "")),
+            ("INPUT_ID", ":".join(str(x) for x in job.input_id) if getattr(job, "input_id", None) else "")]
 
 
 MAX_INPUT_BYTES = 4096

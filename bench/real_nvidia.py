@@ -20,6 +20,12 @@ No systemd needed: everything runs in a temporary folder, the agent in the foreg
    --job-mb (default: a quarter of what is free) by a constant vram model: admission = "vram", no slot cap,
    wait = "0s". Printed: how many were admitted (exit 0) and refused (exit 75, no-vram-room), whether any hit a
    CUDA OOM (must be none), and the peak the GPU reached.
+3. A real CUDA OOM (issue 18), with the agent accounting the jobs (scope = "best-effort"): a torch job that
+   allocates in 256 MiB steps past the GPU's size (PyTorch's own uncaught torch.OutOfMemoryError: exit 1, the GPU
+   full when it fails), then the same input again, then a job that asks for more than the GPU in one allocation
+   (nothing shows on the GPU: the agent cannot tell, so it must say failed). Printed: each attempt's exit status,
+   the agent's RESULT with the figures it rests on (PEAK_VRAM_MB, GPU_OTHERS_MB, GPU_TOTAL_MB, OOM_CAUSE,
+   OOM_MEMORY) and where the retry went (must be the CPU, REASON=cuda-oom-before).
 Has not run on hardware in this project's CI (no GPU there); record what it prints in bench/README.md.
 """
 
@@ -76,6 +82,98 @@ except torch.cuda.OutOfMemoryError as exc:
     sys.exit(3)
 time.sleep(float(sys.argv[2]))
 """
+
+
+GROWER = """#!/usr/bin/python3
+# A torch job that grows like a model loading layer by layer: 256 MiB at a time up to MiB = the input's size x 16
+# (or one allocation of that size with --at-once). On the CPU (--device cpu) it does nothing and exits 0.
+# A CUDA OOM is PyTorch's own: an uncaught torch.OutOfMemoryError, exit 1, its message on stderr.
+import os, sys
+if "cpu" in sys.argv:
+    sys.exit(0)
+import torch
+want = os.path.getsize(sys.argv[1]) * 16
+if "--at-once" in sys.argv:
+    x = torch.empty(want * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    sys.exit(0)
+held = []
+for _ in range(0, want, 256):
+    held.append(torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda"))
+    held[-1].fill_(1)
+torch.cuda.synchronize()
+"""
+
+
+def oom_check(args, total_mb):
+    """Section 3: a real CUDA OOM through the wrapper and the agent, and the retry of its input."""
+    with tempfile.TemporaryDirectory(prefix="gpu-router-oom-") as tmp:
+        base = pathlib.Path(tmp)
+        (base / "locks").mkdir(mode=0o770)
+        job = base / "grower.py"
+        job.write_text(GROWER)
+        job.chmod(0o755)
+        (base / "config.toml").write_text(f"""
+[router]
+lock_dir = "{base}/locks"
+[gpu]
+backend = "nvml"
+snapshot = "{base}/gpus.json"
+sample_interval = "0.5s"
+[agent]
+socket = "{base}/agent.sock"
+state_dir = "{base}/state"
+[workloads.grower]
+binary = "{job}"
+probe = "file-size"
+threshold = 1000000000000
+admission = "gpu-first"
+max_gpu_jobs = 1
+max_cpu_jobs = 1
+cpu_args = ["--device", "cpu"]
+scope = "best-effort"
+""")
+        big = base / "big.bin"
+        big.write_bytes(b"\0" * (total_mb // 16 + 64))      # needs about 1 GiB more than the GPU has
+        once = base / "once.bin"
+        once.write_bytes(b"\0" * (total_mb // 16 + 128))
+        genv = dict(os.environ, GPU_ROUTER_CONFIG=str(base / "config.toml"), GPU_ROUTER_CACHE_DIR=str(base),
+                    GPU_ROUTER_LOG="stderr", CUDA_DEVICE_ORDER="PCI_BUS_ID")
+        genv.pop("CUDA_VISIBLE_DEVICES", None)
+        log = open(base / "agent.log", "w")
+        agent = subprocess.Popen([str(REPO / ".build" / "bin" / "gpu-router-agent")], env=genv, stderr=log)
+        try:
+            while not (base / "gpus.json").exists():
+                assert agent.poll() is None, (base / "agent.log").read_text()
+                time.sleep(0.1)
+            print(f"\n== 3. a real CUDA OOM on GPU {args.gpu} ({total_mb} MiB), classified by the agent")
+            for label, path, extra in (("grows past the GPU", big, []), ("the same input again", big, []),
+                                       ("one allocation past the GPU", once, ["--at-once"])):
+                r = subprocess.run([str(REPO / ".build" / "bin" / "gpu-router"), "run", "--workload", "grower",
+                                    "--", str(path), *extra], env=genv, capture_output=True, text=True, timeout=300)
+                events = [json.loads(x) for x in r.stderr.splitlines() if x.startswith("{")]
+                routed = next((e for e in events if e.get("GPU_ROUTER_EVENT") == "routed"), {})
+                said = [x for x in r.stderr.splitlines() if "OutOfMemoryError" in x or "out of memory" in x]
+                job_id = routed.get("GPU_ROUTER_JOB")
+                done = None
+                for _ in range(100):  # the agent's outcome arrives once it has accounted the job
+                    log.flush()
+                    for line in (base / "agent.log").read_text().splitlines():
+                        e = json.loads(line) if line.startswith("{") else {}
+                        if e.get("GPU_ROUTER_EVENT") == "job-finished" and e.get("GPU_ROUTER_JOB") == job_id:
+                            done = e
+                    if done:
+                        break
+                    time.sleep(0.1)
+                keys = ("RESULT", "EXIT_STATUS", "PEAK_VRAM_MB", "PEAK_VRAM_SOURCE", "GPU_OTHERS_MB", "GPU_TOTAL_MB",
+                        "OOM_CAUSE", "OOM_MEMORY")
+                print(f"  {label}: exit {r.returncode}, routed {routed.get('GPU_ROUTER_MODE')} "
+                      f"({routed.get('GPU_ROUTER_REASON')}){'; stderr: ' + said[-1][:120] if said else ''}")
+                print("    agent: " + (", ".join(f"{k}={done.get('GPU_ROUTER_' + k)}" for k in keys
+                                                  if done.get("GPU_ROUTER_" + k) is not None) if done else
+                                       "no job-finished event"))
+        finally:
+            agent.terminate()
+            agent.wait(10)
 
 
 def smi(gpu):
@@ -214,7 +312,10 @@ scope = "off"
             print(f"  admitted (exit 0): {codes.count(0)}   refused (exit 75): {codes.count(75)} {sorted(set(reasons))}"
                   f"   CUDA OOM (exit 3): {codes.count(3)}   other: {[c for c in codes if c not in (0, 3, 75)]}")
             print(f"  GPU peak used {peak} of {ref['total_mb']} MiB (foreign holder {args.hold_mb} MiB)")
-            return 0 if codes.count(3) == 0 else 1
+        holder.kill()
+        holder.wait()
+        oom_check(args, ref["total_mb"])
+        return 0 if codes.count(3) == 0 else 1
     finally:
         holder.kill()
         holder.wait()

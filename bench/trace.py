@@ -20,7 +20,10 @@ and fails like a CUDA error when the GPU is lost.
 Trace (the runbook's shape): 200 jobs, 90 % of 5–60 min of media, 10 % of 1–10 h, one 16 GiB GPU; a job's GPU work
 is its minutes × --ms-per-minute. VRAM per job: "grow" 2500 + 2 MiB per minute (3700 at 10 h); "flat" 3700;
 "foreign": grow, plus another user's process taking 6000 MiB from t = 8 s for 12 s (it waits for the memory like
-any CUDA process would); "gpu-lost": grow, GPU 0 lost from t = 8 s for 4 s.
+any CUDA process would); "gpu-lost": grow, GPU 0 lost from t = 8 s for 4 s; "oversize" (issue 18): grow, except
+1 short input in 10 that needs 20000 MiB (more than the GPU) and 1 in 20 that needs 14000 (fits only alone),
+which the duration does not predict; its jobs grow their claim in 500 MiB steps (as CUDA allocators do) and
+its vram configuration has scope = "best-effort" (the agent accounts the jobs: that is where an OOM is known).
 
 Printed per trace and configuration: makespan, jobs done, lost (5 failures), CUDA OOMs, retries burned (failed
 attempts), GPU busy fraction (≥ 1 GPU job running), and makespan / lower bound, where the lower bound is all the
@@ -61,8 +64,23 @@ def flat(_minutes):
     return 3700
 
 
+OVERSIZE_MB = 20000   # more than the GPU: never fits
+ALONE_MB = 14000      # fits the 16 GiB GPU alone, never beside a ~2600 MiB job
+
+
+def oversize(minutes, i=0):
+    """grow, except 1 short input in 10 that needs OVERSIZE_MB and 1 in 20 that needs ALONE_MB, although their
+    duration predicts ~2600 (the metric does not see what makes them large)."""
+    if minutes < THRESHOLD_MIN and i % 10 == 3:
+        return OVERSIZE_MB
+    if minutes < THRESHOLD_MIN and i % 20 == 7:
+        return ALONE_MB
+    return grow(minutes)
+
+
 TRACES = {
     "grow": {"vram": grow, "model": (2500, 2.0), "events": []},
+    "oversize": {"vram": oversize, "model": (2500, 2.0), "events": [], "grow_mb": 500, "scope": "best-effort"},
     "flat": {"vram": flat, "model": (3700, 0.0), "events": []},
     "foreign": {"vram": grow, "model": (2500, 2.0), "events": [("foreign", 8.0, 12.0, 6000)]},
     "gpu-lost": {"vram": grow, "model": (2500, 2.0), "events": [("lose", 8.0, 4.0, None)]},
@@ -176,7 +194,7 @@ max_cpu_jobs = 1
 gpu_args = ["--device", "cuda"]
 cpu_args = ["--device", "cpu"]
 wait = "30s"
-scope = "off"
+scope = "{trace.get('scope', 'off')}"
 """)
     return base / "config.toml"
 
@@ -192,10 +210,14 @@ def replay(name, trace, config, jobs, args, root):
     env = fake.env
     agent = None
     commands = []
+    sizes = {}  # input → the VRAM it really needs
     for i, minutes in enumerate(jobs):
         path = inputs / f"job{i}"
         path.write_bytes(b"\0" * minutes)
-        job_args = ["--vram", str(trace["vram"](minutes)), "--work", f"{minutes * args.ms_per_minute / 1000:.4f}",
+        vram = trace["vram"](minutes, i) if trace["vram"] is oversize else trace["vram"](minutes)
+        sizes[str(path)] = vram
+        grow_args = ["--grow", str(trace["grow_mb"])] if trace.get("grow_mb") else []
+        job_args = ["--vram", str(vram), "--work", f"{minutes * args.ms_per_minute / 1000:.4f}", *grow_args,
                     "--log", str(log), str(path)]
         if config.startswith("vram"):
             commands.append([str(BIN / "gpu-router"), "run", "--workload", "trace", "--"] + job_args)
@@ -243,7 +265,27 @@ def replay(name, trace, config, jobs, args, root):
     downtime = sum(e[2] for e in trace["events"] if e[0] == "lose")
     lower = sum(jobs) * args.ms_per_minute / 1000 + downtime
     results = list(runner.results.values())
-    return {
+    # Per input: GPU attempts of those that cannot fit (need more than the GPU, or more than what is left beside
+    # the smallest other job), and the OOMs of inputs that fit beside others (collateral: pushed out by a neighbour).
+    tight = {p for p, mb in sizes.items() if mb > GPU_MB - 2500}
+    attempts = {}
+    for r in records:
+        if r.get("input") in tight and (r["event"] == "oom" or (r["event"] == "start" and r.get("mode") == "gpu")):
+            attempts[r["input"]] = attempts.get(r["input"], 0) + 1
+    collateral = sum(1 for r in records if r["event"] == "oom" and r.get("input") not in tight)
+    verdicts = {}  # the agent's RESULT (and OOM_CAUSE) of each GPU attempt it accounted
+    agent_log = base / "agent.log"
+    for line in (agent_log.read_text().splitlines() if agent_log.exists() else ()):
+        e = json.loads(line) if line.startswith("{") else {}
+        if e.get("GPU_ROUTER_EVENT") == "job-finished" and e.get("GPU_ROUTER_MODE") == "GPU":
+            key = e.get("GPU_ROUTER_RESULT", "?") + ("/" + e["GPU_ROUTER_OOM_CAUSE"] if e.get("GPU_ROUTER_OOM_CAUSE")
+                                                     else "")
+            verdicts[key] = verdicts.get(key, 0) + 1
+    out = {
+        "verdicts": verdicts, "tight_inputs": len(tight), "max_gpu_attempts_tight": max(attempts.values(), default=0),
+        "collateral_ooms": collateral,
+    }
+    return dict(out, **{
         "makespan_s": round(makespan, 1), "done": sum(1 for r in results if r[0] == "done"),
         "lost": sum(1 for r in results if r[0] == "lost"),
         "ooms": sum(1 for r in records if r["event"] == "oom"),
@@ -253,17 +295,30 @@ def replay(name, trace, config, jobs, args, root):
         "gpu_jobs": sum(1 for r in records if r["event"] == "start" and r.get("mode") == "gpu"),
         "cpu_jobs": sum(1 for r in records if r["event"] == "start" and r.get("mode") == "cpu"),
         "exit_codes": runner.codes,
-    }
+    })
 
 
 ROWS = [("makespan_s", "makespan (s)"), ("done", "done"), ("lost", "lost"), ("ooms", "CUDA OOMs"),
         ("retries", "retries burned"), ("gpu_busy", "GPU busy fraction"), ("vs_lower_bound", "makespan / lower bound"),
-        ("gpu_jobs", "GPU runs"), ("cpu_jobs", "CPU runs")]
+        ("gpu_jobs", "GPU runs"), ("cpu_jobs", "CPU runs"), ("tight_inputs", "inputs that cannot fit"),
+        ("max_gpu_attempts_tight", "max GPU tries of one"), ("collateral_ooms", "OOMs of jobs that fit")]
+
+
+class _kept:
+    def __init__(self, path):
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+
+    def __enter__(self):
+        return self.path
+
+    def __exit__(self, *exc):
+        return False
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--traces", default="grow,flat,foreign,gpu-lost")
+    p.add_argument("--traces", default="grow,flat,foreign,gpu-lost,oversize")
     p.add_argument("--configs", default="runbook,runbook+wait,vram")
     p.add_argument("--jobs", type=int, default=200)
     p.add_argument("--seed", type=int, default=11)
@@ -272,11 +327,13 @@ def main(argv=None):
     p.add_argument("--reserve-mb", type=int, default=6000,
                    help="[gpu] reserve_mb of the vram+reserve configuration (default 6000: the foreign process's)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--keep", metavar="DIR", help="run in DIR and keep each replay's folder (logs) there")
     args = p.parse_args(argv)
     jobs = make_jobs(args.jobs, args.seed)
     configs = args.configs.split(",")
     out = {}
-    with tempfile.TemporaryDirectory(prefix="gpu-router-trace-") as root:
+    with (tempfile.TemporaryDirectory(prefix="gpu-router-trace-") if not args.keep else
+          _kept(args.keep)) as root:
         for name in args.traces.split(","):
             out[name] = {}
             for config in configs:

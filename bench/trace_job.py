@@ -2,14 +2,16 @@
 """The trace's fake workload (bench/trace.py): a transcription-like job whose VRAM grows with its input and whose
 speed drops when GPU jobs share the GPU.
 
-    trace_job.py --vram MB --work SECONDS [--device cuda|cpu] [--cpu-factor 6] [--log FILE] INPUT
+    trace_job.py --vram MB --work SECONDS [--device cuda|cpu] [--cpu-factor 6] [--grow STEP] [--log FILE] INPUT
 
 On the GPU (``--device cuda`` and a visible device, as gpu-router or the runbook script exports it) it claims its
 VRAM in the fake NVML state (tests/fakenvml: the claim is atomic and vanishes with the process) and fails like a
 CUDA OOM when the claim does not fit; then it does ``--work`` seconds of GPU work, progressing at 1/n speed while n
 GPU jobs hold claims on that GPU (the GPU's throughput is shared, not multiplied), and fails like a CUDA error the
 moment the GPU is lost (``STATE/gpuN/lost``). On the CPU it takes ``--work`` × ``--cpu-factor`` seconds.
-One JSON line per start / finish / oom / gpu-lost to ``--log`` (O_APPEND).
+One JSON line per start / finish / oom / gpu-lost to ``--log`` (O_APPEND), with the input.
+``--grow STEP`` (trace *oversize*): the claim grows in STEP MiB steps, 10 ms apart, as a CUDA allocator grows layer
+by layer; a step that does not fit fails like a CUDA OOM while the job still holds what it got (the GPU is full).
 """
 
 import os
@@ -23,7 +25,8 @@ TICK_S = 0.02
 
 
 def main(argv):
-    opts = {"vram": 0, "work": 0.0, "device": "cuda", "cpu-factor": 6.0, "log": None}
+    opts = {"vram": 0, "work": 0.0, "device": "cuda", "cpu-factor": 6.0, "log": None, "grow": 0.0}
+    inputs = [a for i, a in enumerate(argv) if not a.startswith("--") and (i == 0 or not argv[i - 1].startswith("--"))]
     it = iter(argv)
     for arg in it:
         if arg.startswith("--") and arg[2:] in opts:
@@ -33,6 +36,9 @@ def main(argv):
         elif arg.startswith("--"):
             next(it, None)
     log, state = opts["log"], os.environ.get("FAKE_NVML_STATE")
+    if inputs:
+        _log = fake.log_event
+        fake.log_event = lambda path, event, **kw: _log(path, event, input=inputs[-1], **kw)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     started = time.time()
     if opts["device"] == "cpu" or visible == "" or not state:
@@ -46,7 +52,17 @@ def main(argv):
         sys.stderr.write("RuntimeError: CUDA error: no CUDA-capable device is detected\n")
         fake.log_event(log, "gpu-lost", mode="gpu", t0=started)
         return 1
-    ok, free = fake.try_claim(state, gpu, int(opts["vram"]))
+    if opts["grow"] > 0:
+        want, step, got = int(opts["vram"]), int(opts["grow"]), 0
+        ok = True
+        while ok and got < want:
+            nxt = min(want, got + step)
+            ok, free = fake.try_claim(state, gpu, nxt) if got == 0 else fake.set_claim(state, gpu, nxt)
+            if ok:
+                got = nxt
+                time.sleep(0.01)
+    else:
+        ok, free = fake.try_claim(state, gpu, int(opts["vram"]))
     if not ok:
         sys.stderr.write(f"torch.OutOfMemoryError: CUDA out of memory. Tried to allocate {int(opts['vram'])} MiB "
                          f"({free} MiB free)\n")

@@ -404,3 +404,57 @@ def test_a_scope_without_a_record_is_adopted_with_its_holder(tmp_path, monkeypat
         decoy.wait()
         job.kill()
         job.wait()
+
+
+# ---------------------------------------------------------------- CUDA OOM and GPU fault verdicts (issue 18)
+
+def _exited(code):
+    return code << 8
+
+
+@pytest.mark.parametrize("base,mode,fault,peak,total,others,expected", [
+    ("failed", "GPU", None, 7800, 8000, 0, "cuda-oom"),          # the job's own peak filled the GPU
+    ("failed", "GPU", None, 3000, 8000, 4700, "cuda-oom"),       # with the others' use seen during it
+    ("failed", "GPU", None, 3000, 8000, 4000, "failed"),         # 1000 MiB free: not full, not a guess
+    ("failed", "GPU", None, 0, 8000, 0, "failed"),               # one allocation too large for an empty GPU
+    ("failed", "GPU", None, None, 8000, 0, "failed"),            # no peak known: nothing can be said
+    ("failed", "GPU", None, 7800, None, 0, "failed"),            # no GPU size known
+    ("failed", "GPU", None, 7800, 8000, None, "failed"),         # the others' use never seen
+    ("failed", "GPU", "xid-79", 7800, 8000, 0, "gpu-fault"),     # a fault during the job comes first
+    ("success", "GPU", None, 8000, 8000, 0, "success"),          # a full GPU is no failure
+    ("unknown", "GPU", None, 8000, 8000, 0, "unknown"),          # no exit status: never labelled (a suspect)
+    ("oom-kill", "GPU", None, 8000, 8000, 0, "oom-kill"),
+    ("failed", "CPU", None, 8000, 8000, 0, "failed"),
+])
+def test_gpu_outcome_rules(base, mode, fault, peak, total, others, expected):
+    assert accounting.gpu_outcome(base, mode, fault, peak, total, others) == expected
+
+
+def test_the_full_gpu_slack_scales_with_the_gpu():
+    assert accounting.oom_slack_mb(8000) == 400 and accounting.oom_slack_mb(2000) == 256
+    assert accounting.gpu_was_full(81559 - 4077, 81559, 0) and not accounting.gpu_was_full(81559 - 4079, 81559, 0)
+
+
+def test_a_job_account_folds_gpu_samples_into_oom_evidence():
+    job = accounting.JobAccount("w-1-a", 4242, "w", "GPU", "0", "10", None, None, None, predicted_vram_mb=2000)
+    g = {"index": 0, "total_mb": 8000, "used_mb": 7000, "healthy": True,
+         "processes": [{"pid": 4242, "used_mb": 1000, "job": None}, {"pid": 4243, "used_mb": 500, "job": 4242},
+                       {"pid": 99, "used_mb": 5500, "job": None}]}
+    job.see_gpu(g)
+    job.see_gpu(dict(g, index=1, used_mb=0, processes=[]))         # another GPU: not this job's
+    assert (job.gpu_total_mb, job.others_mb, job.gpu_fault) == (8000, 5500, None)
+    job.see_gpu(dict(g, used_mb=1000, processes=[{"pid": 99, "used_mb": 1000}]))
+    job.see_gpu(g)                                                  # the latest sample while it ran counts
+    job.see_gpu(dict(g, used_mb=5000, processes=[{"pid": 99, "used_mb": 5000}]), after_exit=True)
+    assert job.others_mb == 5500                                    # …or the one after its exit, the larger
+    job.see_gpu(dict(g, used_mb=5000, processes=[{"pid": 99, "used_mb": 5000}]), after_exit=True, also_mb=700)
+    assert job.others_mb == 5700                                    # with the neighbours that failed just before
+    job.wait_status, job.peak_vram_mb, job.vram_source = _exited(1), 2400, "accounting"
+    out = job.outcome()
+    assert (out["RESULT"], out["OOM_CAUSE"], out["GPU_OTHERS_MB"]) == ("cuda-oom", "outgrew", 5700)
+    job.predicted_vram_mb = 2500                                   # within its reservation: others took the room
+    reloaded = accounting.JobAccount.from_record(job.to_record())   # the evidence survives an agent restart
+    reloaded.wait_status = _exited(1)
+    assert reloaded.outcome()["OOM_CAUSE"] == "squeezed"
+    job.see_gpu(dict(g, healthy=False, health="gpu-lost", total_mb=None, used_mb=None))
+    assert job.outcome()["RESULT"] == "gpu-fault"

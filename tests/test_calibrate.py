@@ -179,7 +179,7 @@ def test_agent_samples_are_read(cal):
     for x in (1000, 3000, 5000):
         record("GPU", f"{x:.6g}", "success", 800 + 0.5 * x, 300.0)
     record("GPU", "9000", "failed", 99999)           # failed: not fitted
-    record("GPU", "7000", "cuda-oom", 99999)         # ditto
+    record("GPU", "7000", "cuda-oom", 2000)          # ran out with 2000 MiB: censored, under the line (issue 18)
     record("GPU", "4000", "success", None)           # VRAM never seen: not fitted
     record("GPU", "unknown", "success", 99999)       # never written (record_sample drops unknown metrics)
     record("CPU", "200000", "success", None, 900.0)  # CPU: RAM report only

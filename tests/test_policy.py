@@ -253,12 +253,22 @@ def test_each_job_counts_once_at_max_of_reservation_and_its_trees_measured_use()
 
 
 def test_a_job_over_its_reservation_counts_at_its_measured_use_at_once():
-    g = ours_gpu(procs=[(7, 9000, True, 7)])
-    assert policy.room_mb(g, [(7, 4000)], 0) == 16384 - 9000
+    g = ours_gpu(procs=[(7, 4400, True, 7)])
+    assert policy.room_mb(g, [(7, 4000)], 0) == 16384 - 4400
     w = vram(vram_model="linear", vram_per_unit_mb=1.0, threshold=10 ** 9)
-    p = policy.plan(w, [8000.0], [g], {"gpu0": [(7, 4000)]}, 0)
-    assert (p.mode, p.gpus, p.full_reason) == ("GPU", [], "no-vram-room")  # 7384 left, not the 12384 of 4000
-    assert policy.plan(w, [7000.0], [g], {"gpu0": [(7, 4000)]}, 0).gpus == [g]
+    p = policy.plan(w, [12000.0], [g], {"gpu0": [(7, 4000)]}, 0)
+    assert (p.mode, p.gpus, p.full_reason) == ("GPU", [], "no-vram-room")  # 11984 left, not the 12384 of 4000
+    assert policy.plan(w, [11000.0], [g], {"gpu0": [(7, 4000)]}, 0).gpus == [g]
+
+
+def test_a_job_well_past_its_reservation_is_unbounded_nothing_goes_beside_it():
+    """Issue 18 (protect the neighbours): a job measured more than OUTGROWN x its reservation follows no prediction;
+    a job admitted beside it would run out of memory when it grows on, so the GPU has no room until it ends."""
+    g = ours_gpu(procs=[(7, 9000, True, 7)])
+    assert policy.room_mb(g, [(7, 4000)], 0) == 0
+    w = vram(vram_model="linear", vram_per_unit_mb=1.0, threshold=10 ** 9)
+    p = policy.plan(w, [100.0], [g], {"gpu0": [(7, 4000)]}, 0)
+    assert (p.mode, p.gpus, p.full_reason) == ("GPU", [], "no-vram-room")
 
 
 def test_burst_of_reservations_within_one_sample_never_exceeds_capacity():
@@ -294,4 +304,44 @@ def test_blind_cap_is_what_fits_the_worst_case_or_the_configured_safe_cap():
 def test_a_dead_child_of_a_live_job_does_not_inflate_the_jobs_measured_use():
     g = ours_gpu(procs=[(100, 3000, True, 100), (101, 5000, True, 100)])  # 101: the job's child, gone since
     assert policy.room_mb(g, [(100, 4000)], 0, dead={101}) == 16384 - 4000
-    assert policy.room_mb(g, [(100, 4000)], 0) == 16384 - 8000
+    assert policy.room_mb(g, [(100, 4000)], 0) == 0   # alive, the child makes the job 2x its reservation
+
+
+# ---- after a CUDA OOM, and GPU-first (issue 18) -------------------------------------------------------------
+
+@pytest.mark.parametrize("setting,how,need,expected", [
+    ("cpu", "oom", 9000, ("cpu", "cuda-oom-before")),
+    ("cpu", "suspect", 9000, ("cpu", "cuda-oom-suspected")),
+    ("gpu-with-room", "oom", 9000, ("gpu", "cuda-oom-before")),
+    ("gpu-with-room", "oom", None, ("cpu", "cuda-oom-before")),   # no measured need: the CPU
+    ("fail", "oom", 9000, ("fail", "cuda-oom-before")),
+    ("cpu", None, None, None),
+])
+def test_after_gpu_oom(setting, how, need, expected):
+    assert policy.after_gpu_oom(wl(on_gpu_oom=setting), how, need) == expected
+
+
+def test_the_default_after_an_oom_is_the_cpu():
+    assert wl().on_gpu_oom == "cpu"
+
+
+def test_a_measured_need_picks_a_gpu_with_room_for_it_or_the_cpu():
+    vram = wl(admission="vram", gpu_vram_mb=3000)
+    p = policy.plan(vram, [10], [gpu(0, total=16384, foreign=9000), gpu(1, total=16384)], {}, 0, need_mb=9000)
+    assert (p.mode, p.reason, [g.index for g in p.gpus], p.predicted_vram_mb) == ("GPU", "cuda-oom-need", [1], 9000)
+    p = policy.plan(vram, [10], [gpu(0, total=8000)], {}, 0, need_mb=9000)
+    assert (p.mode, p.reason) == ("CPU", "cuda-oom-too-large")
+    p = policy.plan(wl(), [10], [gpu(0, free=5000), gpu(1, free=12000)], need_mb=9000)       # slots mode
+    assert (p.mode, p.reason, [g.index for g in p.gpus]) == ("GPU", "cuda-oom-need", [1])
+    p = policy.plan(wl(), [10], [gpu(0, free=5000)], need_mb=9000)
+    assert (p.mode, p.gpus, p.full_reason) == ("GPU", [], "no-vram-room")
+    assert policy.plan(wl(), [10], None, need_mb=9000).mode == "CPU"                       # GPUs unknown
+
+
+def test_gpu_first_tries_the_gpu_whatever_the_metric():
+    first = wl(admission="gpu-first")
+    assert first.max_gpu_jobs == 1
+    for values in ([10], [10 ** 9], None):
+        p = policy.plan(first, values, [gpu(0)])
+        assert (p.mode, p.reason) == ("GPU", "gpu-first")
+    assert policy.plan(wl(), [10 ** 9], [gpu(0)]).mode == "CPU"

@@ -40,6 +40,61 @@ def classify(wait_status, oom_kills, runtime_max, duration, failcnt=0):
     return "failed"
 
 
+# A GPU counts as full for an OOM verdict when its use reached its total less this much: an allocation that fails
+# leaves at most the size of that one allocation free (CUDA allocators grow in chunks of 2–20 MiB for small tensors;
+# one tensor of a model's layer or a batch is seldom more than a few percent of the GPU).
+OOM_SLACK_MIN_MB = 256
+OOM_SLACK_FRACTION = 0.05
+
+
+def oom_slack_mb(total_mb):
+    return max(OOM_SLACK_MIN_MB, int(total_mb * OOM_SLACK_FRACTION))
+
+
+def gpu_was_full(peak_vram_mb, total_mb, others_mb):
+    """Whether the job's GPU was full while it ran: the job's own peak plus what the other processes used on that
+    GPU reached the GPU's total less oom_slack_mb. Both figures are measured: the driver's per-process peak (or our
+    samples), and the other processes' use in the GPU sample nearest before the job's end or the one right after
+    its exit (JobAccount.see_gpu). None when a figure is missing (then nothing can be said)."""
+    if peak_vram_mb is None or total_mb is None or others_mb is None:
+        return None
+    return peak_vram_mb + others_mb >= total_mb - oom_slack_mb(total_mb)
+
+
+def gpu_outcome(result, mode, gpu_fault, peak_vram_mb, total_mb, others_mb):
+    """RESULT of a GPU job refined from the GPU's own signals (``classify`` gives ``result`` first):
+
+    - ``gpu-fault``: the job failed (non-zero exit or a signal other than an OOM kill or timeout) and its GPU
+      reported a fault while it ran (an Xid event, GPU lost, reset required: the monitor marked it unhealthy);
+    - ``cuda-oom``: the job failed and its GPU was full while it ran (``gpu_was_full``);
+    - otherwise ``result`` unchanged: a failure without such evidence stays ``failed``, an unknown exit status
+      stays ``unknown`` (the agent may still remember it as a suspect, oom_memory.py), never a guess.
+    The job's stderr is never read (the caller's stdio stays exactly the caller's).
+    """
+    if mode != "GPU" or result != "failed":
+        return result
+    if gpu_fault:
+        return "gpu-fault"
+    if gpu_was_full(peak_vram_mb, total_mb, others_mb):
+        return "cuda-oom"
+    return result
+
+
+def oom_cause(peak_vram_mb, predicted_vram_mb):
+    """Why a job ran out of GPU memory: ``outgrew`` (it used more than its reservation, or had none: its input is
+    what needs more) or ``squeezed`` (it stayed within its reservation: others took the room; its input fits)."""
+    if predicted_vram_mb is None or peak_vram_mb is None or peak_vram_mb > predicted_vram_mb:
+        return "outgrew"
+    return "squeezed"
+
+
+def oom_need_mb(peak_vram_mb, total_mb):
+    """A lower bound of what the input needs: more than its peak when it failed; one slack step above it."""
+    if peak_vram_mb is None:
+        return None
+    return int(peak_vram_mb + (oom_slack_mb(total_mb) if total_mb else OOM_SLACK_MIN_MB))
+
+
 def memory_dir(control_group):
     """The memory controller's directory for a unit's ControlGroup, on cgroup v2 or v1 (hybrid)."""
     if os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers")):
@@ -160,13 +215,19 @@ class JobAccount:
         self.pidfd = None
         self.oomfd = None
         self.holder = None          # holder.Holder keeping the scope's cgroup alive until the final read
+        self.gpu_total_mb = None    # the job's GPU's size, from the GPU samples
+        self.others_mb = None       # the least VRAM the other processes used on the job's GPU in any sample
+        self.gpu_fault = None       # the health the job's GPU fell to while the job ran (xid-79, gpu-lost, …)
+        self.input_id = None        # (dev, ino, size, mtime_ns) of the input as the agent verified it
 
     def to_record(self):
         """What jobrecord keeps of this job (what the agent knew at scope creation, plus the VRAM peak so far)."""
         out = {k: getattr(self, k) for k in ("job_id", "pid", "pid_start", "workload", "mode", "device", "metric",
                                              "scope", "control_group", "runtime_max", "started",
                                              "predicted_vram_mb", "memory_max_mb", "peak_vram_mb", "vram_sampled",
-                                             "vram_samples", "vram_pids")}
+                                             "vram_samples", "vram_pids", "gpu_total_mb", "others_mb",
+                                             "gpu_fault")}
+        out["input_id"] = list(self.input_id) if self.input_id else None
         # INPUT is the bytes the member named (broker.py keeps them exact); JSON holds them as a surrogate-escaped
         # string, turned back into the same bytes by from_record.
         out["input"] = os.fsdecode(self.input) if isinstance(self.input, bytes) else self.input
@@ -186,6 +247,12 @@ class JobAccount:
         job.vram_sampled = bool(r.get("vram_sampled"))
         job.vram_samples = int(r.get("vram_samples") or (1 if job.vram_sampled else 0))
         job.vram_pids = [int(p) for p in r.get("vram_pids") or () if isinstance(p, int)]
+        for key in ("gpu_total_mb", "others_mb"):
+            setattr(job, key, r.get(key) if isinstance(r.get(key), (int, float)) else None)
+        job.gpu_fault = r.get("gpu_fault") if isinstance(r.get("gpu_fault"), str) else None
+        ident = r.get("input_id")
+        job.input_id = tuple(ident) if isinstance(ident, list) and len(ident) == 4 and \
+            all(isinstance(x, int) for x in ident) else None
         return job
 
     def sample(self, vram=None):
@@ -214,6 +281,26 @@ class JobAccount:
             self.peak_vram_mb = used
             return True
         return grew
+
+    def see_gpu(self, gpu, after_exit=False, also_mb=0):
+        """Fold one GPU sample (a snapshot's entry for this job's device) into the OOM evidence: the GPU's size, what
+        the other processes used (used − this job's processes), and a fault seen while the job ran."""
+        if self.mode != "GPU" or gpu is None or str(gpu.get("index")) != str(self.device):
+            return
+        if not gpu.get("healthy", True):
+            self.gpu_fault = self.gpu_fault or str(gpu.get("health") or "unhealthy")
+            return
+        total, used = gpu.get("total_mb"), gpu.get("used_mb")
+        if total is None or used is None:
+            return
+        self.gpu_total_mb = total
+        mine = sum(p.get("used_mb") or 0 for p in gpu.get("processes", ())
+                   if p.get("pid") == self.pid or p.get("job") == self.pid)
+        others = max(0, used - mine) + (also_mb if after_exit else 0)
+        # ``also_mb``: jobs that failed on this GPU just before (service.NEIGHBOUR_S), gone from this sample.
+        # The latest sample while it ran, and the one right after its exit: the two nearest the moment it failed (a
+        # job that runs out of memory exits at once); either one showing the GPU full at the job's peak is evidence.
+        self.others_mb = max(self.others_mb, others) if after_exit and self.others_mb is not None else others
 
     def accounting_pids(self):
         """The PIDs whose driver-kept peaks make the job's: its main PID, and its processes the samples saw."""
@@ -246,6 +333,8 @@ class JobAccount:
         """The job-finished event's fields."""
         duration = (time.time() if now is None else now) - self.started
         result = classify(self.wait_status, self.oom_kills, self.runtime_max, duration, self.failcnt)
+        result = gpu_outcome(result, self.mode, self.gpu_fault, self.peak_vram_mb, self.gpu_total_mb,
+                             self.others_mb)
         fields = {"WORKLOAD": self.workload, "JOB": self.job_id, "MODE": self.mode, "DEVICE": self.device,
                   "METRIC": self.metric, "SCOPE": self.scope, "PID": self.pid, "INPUT": self.input,
                   "RESULT": result, "DURATION_S": round(duration, 3),
@@ -253,6 +342,11 @@ class JobAccount:
                   "PEAK_VRAM_MB": self.peak_vram_mb, "PEAK_VRAM_SOURCE": self.vram_source,
                   "PREDICTED_VRAM_MB": self.predicted_vram_mb,
                   "MEMORY_MAX_MB": self.memory_max_mb}
+        if self.mode == "GPU":
+            # the figures an OOM verdict rests on, so a reader can judge it (HACKING.md, "CUDA OOMs")
+            fields.update(GPU_TOTAL_MB=self.gpu_total_mb, GPU_OTHERS_MB=self.others_mb, GPU_FAULT=self.gpu_fault)
+            if result == "cuda-oom":
+                fields["OOM_CAUSE"] = oom_cause(self.peak_vram_mb, self.predicted_vram_mb)
         if self.wait_status is not None:
             fields["EXIT_STATUS"] = _shell_status(self.wait_status)
             if os.WIFSIGNALED(self.wait_status):

@@ -10,7 +10,7 @@ import socket
 import struct
 
 from .. import config as _config
-from .. import journal, policy, scope, slots, trust
+from .. import journal, oom_memory, policy, scope, slots, trust
 
 _UCRED = struct.Struct("3i")
 MAX_REQUEST = 64 * 1024
@@ -140,7 +140,7 @@ class Grant:
     """A scope request the agent accepted: what to create and how to account for it."""
 
     __slots__ = ("name", "props", "workload", "mode", "device", "metric", "pid", "job_id", "memory_max_mb",
-                 "control_group", "input", "predicted_vram_mb", "scope_policy")
+                 "control_group", "input", "predicted_vram_mb", "scope_policy", "input_id")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -195,7 +195,10 @@ def grant(cfg, request, pid, uid):
     return Grant(name=unit, props=props, workload=workload, mode=mode, device=device,
                  metric=metric, pid=pid, job_id=job_id, memory_max_mb=memory_max,
                  control_group=scope.control_group(mode, job_id), scope_policy=scope_policy,
-                 input=_input(request.get(b"INPUT")), predicted_vram_mb=predicted)
+                 input=_input(request.get(b"INPUT")), predicted_vram_mb=predicted,
+                 # the wrapper's stat of INPUT, "dev:ino:size:mtime_ns": a claim the agent checks against its own
+                 # stat (oom_memory.verify) before it may name an input in the OOM memory; malformed → None
+                 input_id=oom_memory.parse_id(request.get(b"INPUT_ID", b"")))
 
 
 def held_slots(pid, lock_dir, workload, locks_path="/proc/locks", cfg=None):

@@ -43,15 +43,16 @@ GiB = 1024 * MiB
 OTHER = "other"
 MODES = ("GPU", "CPU")
 ROUTE_REASONS = {
-    "GPU": ("under-threshold",),
+    "GPU": ("under-threshold", "gpu-first", "cuda-oom-need"),
     "CPU": ("over-threshold", "probe-failed", "gpu-disabled", "no-gpu", "gpu-unhealthy", "vram-too-large",
-            "drained", "spill:gpu-slots-full", "spill:no-vram-room", "spill:blind-cap"),
+            "drained", "spill:gpu-slots-full", "spill:no-vram-room", "spill:blind-cap", "cuda-oom-before",
+            "cuda-oom-suspected", "cuda-oom-too-large"),
 }
 BLOCK_REASONS = ("gpu-slots-full", "no-vram-room", "blind-cap", "cpu-slots-full", "wait-timeout",
-                 "scope-unavailable", "drained")
+                 "scope-unavailable", "drained", "cuda-oom-before")
 PROBE_REASONS = ("no-input", "input-missing", "input-unreadable", "input-not-regular", "input-empty",
                  "probe-not-found", "probe-not-runnable", "probe-timeout", "probe-bad-output", "probe-failed")
-RESULTS = ("success", "failed", "oom-kill", "cuda-oom", "timeout", "unknown")
+RESULTS = ("success", "failed", "oom-kill", "cuda-oom", "gpu-fault", "timeout", "unknown")
 WAIT_OUTCOMES = ("admitted", "blocked")
 # Exported at 0 per workload: success, failure, exec failures (126/127), killed (128+9), terminated (128+15);
 # any status 0-255 is counted (others under OTHER).

@@ -15,11 +15,12 @@ import socket
 import time
 
 from . import accounting, broker, clients, holder, inflight, jobrecord, metrics, procevents
-from .. import journal, procstat, scope, slots
+from .. import journal, oom_memory, procstat, scope, slots
 from .. import config as _config
 
 SD_LISTEN_FDS_START = 3
 SAMPLE_DEFER_S = 1.0  # how long the periodic sample may wait for scopes being made
+NEIGHBOUR_S = 0.5  # a GPU job that ended this shortly before another's exit counts in that one's OOM evidence
 
 
 class Notifier:
@@ -162,6 +163,8 @@ class Agent:
         self._waiting = {}  # pid → [(payload, uid, answer)]: its requests that came while its scope was made
         self.outgrown = {}  # (gpu key, pid) → the MiB last reported for a job that outgrew its reservation
         self._sample_errors = set()  # (stage, exception type, where): each reported once
+        self.oom = oom_memory.Memory(self.cfg.agent.state_dir, self.log)  # inputs that ran out of GPU memory
+        self._gpu_exits = []  # (device, monotonic time, peak MiB) of the GPU jobs that ended in the last NEIGHBOUR_S
 
     # -- pieces ------------------------------------------------------------------------------------------------
 
@@ -277,6 +280,8 @@ class Agent:
             g.workload.runtime_max, predicted_vram_mb=g.predicted_vram_mb, memory_max_mb=g.memory_max_mb,
             input_path=g.input, pid_start=procstat.start_ticks(g.pid))
         job.holder = self._holders.pop(g.name, None) if g.name else None
+        job.input_id = self._guarded("input-id", oom_memory.verify, g.pid, g.input, getattr(g, "input_id", None))
+        self._guarded("oom-retry", self._retried, job)
         self.track(job)
 
     def track(self, job, write_record=True):
@@ -348,8 +353,14 @@ class Agent:
         if job.holder is not None:
             job.holder.release()
         if job.mode == "GPU":
+            after = self._guarded("gpu-after-exit", self._sample_after_exit, job)  # first: the nearest the failure
             job.take_accounted(self._guarded("vram-accounting", self._accounted_peaks, job))
+            if after is not None:
+                self._guarded("gpu-evidence", self._gpu_evidence, job, after)
+            if job.peak_vram_mb:
+                self._gpu_exits.append((job.device, time.monotonic(), job.peak_vram_mb))
         fields = job.outcome()
+        self._guarded("oom-memory", self._remember, job, fields)
         status = f"exit {fields['EXIT_STATUS']}" if "EXIT_STATUS" in fields else "exit status unknown"
         ram = f"{fields['PEAK_RAM_MB']} MB" if fields.get("PEAK_RAM_MB") is not None else "not measured"
         vram = ""
@@ -369,6 +380,67 @@ class Agent:
         jobrecord.remove(self.records, job.job_id)
         self.metrics.job_finished(fields)
         return fields
+
+    # -- CUDA OOMs (HACKING.md, "CUDA OOMs"): know it, remember the input, never send its retry into it again ----
+
+    def _sample_after_exit(self, job):
+        """One GPU sample right after a GPU job failed or ended with its status unknown (its GPU entries, or None):
+        what the other processes use on its GPU then is the nearest measure of what they used when it failed (a
+        short job may have ended between two periodic samples)."""
+        if self.monitor is None or job.device is None:
+            return None
+        base = accounting.classify(job.wait_status, job.oom_kills, job.runtime_max, time.time() - job.started,
+                                   job.failcnt)
+        if base not in ("failed", "unknown"):
+            return None
+        self.fresh_sample(0.0)
+        return list((self.snapshot or {}).get("gpus", ()))
+
+    def _gpu_evidence(self, job, gpus):
+        """Fold the sample after the exit into the job's OOM evidence, with the GPU jobs that failed beside it."""
+        now = time.monotonic()
+        self._gpu_exits = [x for x in self._gpu_exits if now - x[1] <= NEIGHBOUR_S]
+        # GPU jobs that ended on the same GPU just before this one's exit held their memory until they exited (CUDA
+        # allocators give it back at exit; a job that failed by running out did so at its peak): gone from the
+        # sample after, they were there when this one failed, at most at their peak.
+        neighbours = sum(peak for device, _t, peak in self._gpu_exits if device == job.device)
+        for other in list(self.jobs.values()):  # ended with it, not accounted yet (the same wake-up): their peaks
+            if other.mode == "GPU" and other.device == job.device and not _job_alive(other, zombie_ok=False):
+                peaks = self._guarded("vram-accounting", self._accounted_peaks, other)
+                neighbours += sum(peaks.values()) if peaks else (other.peak_vram_mb or 0)
+        for gpu in gpus:
+            job.see_gpu(gpu, after_exit=True, also_mb=neighbours)
+
+    def _remember(self, job, fields):
+        """The input of a GPU attempt that ran out of memory goes into the OOM memory (its identity as the agent
+        verified it at the grant): ``oom`` for a cuda-oom the job itself caused (outgrew; a job squeezed by others'
+        growth fits: its retry may go to the GPU again), ``suspect`` when the exit status is unknown but the GPU
+        was full while it ran (a retry within oom_memory.RETRY_WINDOW_S confirms it)."""
+        if job.mode != "GPU" or job.input_id is None:
+            return
+        result = fields["RESULT"]
+        if result == "cuda-oom" and fields.get("OOM_CAUSE") == "outgrew":
+            kind = "oom"
+        elif result == "unknown" and accounting.gpu_was_full(job.peak_vram_mb, job.gpu_total_mb, job.others_mb):
+            kind = "suspect"
+        else:
+            return
+        self.oom.mark(job.input_id, kind, time.time(), job.workload, job.peak_vram_mb,
+                      accounting.oom_need_mb(job.peak_vram_mb, job.gpu_total_mb), job.device, job.job_id,
+                      job.gpu_total_mb, os.fsdecode(job.input) if job.input else None)
+        fields["OOM_MEMORY"] = kind
+        self.log.info("input remembered as out of GPU memory", job=job.job_id, kind=kind,
+                      peak_vram_mb=job.peak_vram_mb, total_mb=job.gpu_total_mb, others_mb=job.others_mb)
+
+    def _retried(self, job):
+        """A retry of a suspect's input within the window: the sign that the GPU attempt failed. The suspect
+        becomes an ``oom`` (the wrapper already routed this retry as after an OOM)."""
+        entry = self.oom.get(job.input_id) if job.input_id is not None else None
+        if entry is None or oom_memory.applies(entry, time.time()) != "suspect":
+            return
+        self.oom.mark(job.input_id, "oom", entry[1], *entry[2:], input_name=self.oom.inputs.get(job.input_id))
+        self.log.info("a suspected CUDA OOM confirmed by the caller's retry", job=job.job_id,
+                      retried_after_s=round(time.time() - entry[1], 1))
 
     def _accounted_peaks(self, job):
         """The driver's per-process peaks of the job's PIDs on its GPU ({pid: MiB}), or None where the backend's
@@ -392,6 +464,10 @@ class Agent:
         if self.snapshot is None or time.time() - self.snapshot.get("time", 0) > min_age_s:
             self.snapshot = self.monitor.sample_once()
             self.check_predictions()
+            for job in list(self.jobs.values()):  # every sample is OOM evidence for the GPU jobs running now
+                if job.mode == "GPU" and _job_alive(job):
+                    for gpu in self.snapshot.get("gpus", ()):
+                        self._guarded("job-gpu", job.see_gpu, gpu)
         return self.snapshot.get("time")
 
     def check_predictions(self):
@@ -475,6 +551,9 @@ class Agent:
             mine = None if vram is None or pid not in alive_before else vram.get(pid, {})
             if self._guarded("job-sample", job.sample, mine):
                 self._guarded("job-record", self._write_record, job)
+            if pid in alive_before and job.mode == "GPU":
+                for gpu in (self.snapshot or {}).get("gpus", ()):
+                    self._guarded("job-gpu", job.see_gpu, gpu)
         self._guarded("close-vanished", self.close_vanished)
         self._guarded("metrics", self.metrics.publish, self.cfg, self.snapshot, self.jobs.values())
 

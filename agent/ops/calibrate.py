@@ -251,6 +251,42 @@ def gpu_points(samples):
     return points
 
 
+def censored_points(samples):
+    """(metric, VRAM MiB) of the GPU runs that ran out of memory (result cuda-oom): censored samples, the input
+    needed more than the VRAM it had (a lower bound). The fitted model must lie above them (``recommend``)."""
+    points = []
+    for s in samples:
+        if s.get("mode") != "GPU" or s.get("result") != "cuda-oom":
+            continue
+        x, y = metric_value(s.get("metric")), _number(s.get("peak_vram_mb"))
+        if x is not None and y is not None and y >= 0:
+            points.append((x, y))
+    return points
+
+
+def _gate_r2(result):
+    """The r² the runbook's gate reads: with the OOMs at their bound where there were any."""
+    r2 = result.get("r2")
+    with_ooms = result.get("r2_with_ooms")
+    return with_ooms if with_ooms is not None and (r2 is None or with_ooms < r2) else r2
+
+
+def predictive_gate(samples, admission):
+    """The runbook's gate on the recorded samples, for ``check`` and ``stats``: a note when the metric does not
+    predict VRAM (the fit over the GPU samples, OOMs included as censored points, has r² < GOOD_FIT_R2 over at
+    least GOOD_FIT_SAMPLES samples) and the profile does not already try the GPU first; else None."""
+    result = fit(gpu_points(samples), censored_points(samples))
+    r2 = _gate_r2(result) if result is not None else None
+    if result is None or result["n"] < GOOD_FIT_SAMPLES or r2 is None or r2 >= GOOD_FIT_R2:
+        return None
+    if admission == "gpu-first":
+        return None
+    ooms = f", {result['censored']} ran out of GPU memory" if result["censored"] else ""
+    return (f"the metric does not predict VRAM (r² {r2:.2f} over {result['n']} GPU samples{ooms}): "
+            "use admission = \"gpu-first\" (every job tries the GPU; an input that runs out of memory there goes "
+            "to the CPU on its retry, on_gpu_oom = \"cpu\")")
+
+
 def ram_summary(samples, mode):
     """Peak RAM of the successful runs of one mode: {"n", "max_mb", "metric_at_max"} or None."""
     best, n = None, 0
@@ -273,11 +309,25 @@ def _append_sample(path, fields):
 
 # ---- the fit (pure) -------------------------------------------------------------------------------------------
 
-def fit(points):
+def fit(points, censored=()):
     """Least squares peak = base + per_unit × metric over (metric, peak) points, or the constant (max) model when
-    fewer than two distinct metrics are known. None without points."""
+    fewer than two distinct metrics are known. None without points.
+
+    ``censored``: (metric, VRAM it had) of runs that ran out of GPU memory: they needed more than that, so they are
+    no peak to fit; ``recommend`` lifts the model above each of them. ``r2_with_ooms`` is r² with them counted at
+    their bound: an input that needed far more than its metric says makes it poor, the sign that the metric does
+    not predict VRAM (the runbook's gate: GPU-first, ``recommend`` / ``predictive_gate``)."""
     if not points:
         return None
+    out = _least_squares(points)
+    censored = list(censored)
+    out.update(censored=len(censored), censored_points=censored, r2_with_ooms=None)
+    if censored and out["model"] == "linear":
+        out["r2_with_ooms"] = _least_squares(list(points) + censored)["r2"]
+    return out
+
+
+def _least_squares(points):
     xs = [float(x) for x, _ in points]
     ys = [float(y) for _, y in points]
     n, distinct = len(points), len(set(xs))
@@ -342,13 +392,28 @@ def recommend(result, points, margin, budget_mb=None, threshold=None):
     if shortfall > 0:
         rec_base += shortfall
         notes.append(f"base raised by {shortfall:.1f} MiB so that the model covers every measured peak")
+    censored = result.get("censored_points") or ()
+    above = max((y + 1 - (rec_base + rec_per * x) for x, y in censored), default=0.0)  # strictly above: it needed more
+    if above > 0:
+        rec_base += above
+        notes.append(f"base raised by {above:.1f} MiB above {len(censored)} run(s) that ran out of GPU memory "
+                     "(censored: they needed more than they had)")
     rec_base = float(math.ceil(rec_base - 1e-9))
     model = "linear" if rec_per > 0 else "constant"
     # A good fit (enough samples, the line explains them) lets VRAM decide: admission = "vram" routes every job
     # whose predicted VRAM fits a GPU's room there, whatever its size; a threshold stays an optional extra cap.
-    good = result["n"] >= GOOD_FIT_SAMPLES and (result["r2"] is None or result["r2"] >= GOOD_FIT_R2)
+    good = result["n"] >= GOOD_FIT_SAMPLES and (_gate_r2(result) is None or _gate_r2(result) >= GOOD_FIT_R2)
+    # The runbook's gate: without a measurable property that predicts VRAM, use another strategy — try the GPU
+    # first and fall back on OOM (admission = "gpu-first", on_gpu_oom = "cpu").
+    r2 = _gate_r2(result)
+    unpredictive = result["n"] >= GOOD_FIT_SAMPLES and r2 is not None and r2 < GOOD_FIT_R2
+    if unpredictive:
+        notes.append(f"the metric does not predict VRAM (r² {r2:.2f} < {GOOD_FIT_R2}): use "
+                     "admission = \"gpu-first\" (every job tries the GPU; an input that runs out of memory there "
+                     "goes to the CPU on its retry)")
     rec = {"model": model, "margin": margin, "vram_base_mb": rec_base, "vram_per_unit_mb": rec_per,
            "admission": "vram" if good else None,
+           "strategy": "gpu-first" if unpredictive else None,  # the runbook's gate: admission = "gpu-first"
            "budget_mb": budget_mb, "threshold": None, "threshold_extrapolated": False,
            "vram_at_threshold_mb": None, "notes": notes}
     if threshold is not None:
@@ -568,7 +633,7 @@ def cmd_calibrate(args):
                             "host); not fitted")
     recorded_points, measured_points = gpu_points(recorded), gpu_points(measured)
     points = recorded_points + measured_points
-    result = fit(points)
+    result = fit(points, censored_points(recorded + measured))
     budget, vram, vram_source = _budget(cfg, w, gpu_info, detected)
     combined_unit = w.threshold_unit[0]
     rec = recommend(result, points, args.margin, budget, w.threshold[0] if w.max_gpu_jobs else None)
@@ -720,6 +785,9 @@ def render(d, w):
         lines.append(f"fit: peak_vram = {f['base_mb']:.1f} + {f['per_unit_mb']:.6g} × metric ({unit})   "
                      f"n {f['n']}, r² {f['r2']:.4f}, max residual {f['max_residual_mb']:.1f} MiB, "
                      f"metric {f['metric_min']:g}..{f['metric_max']:g}")
+    if f and f.get("censored"):
+        lines.append(f"  {f['censored']} of these ran out of GPU memory (cuda-oom): censored, they needed more than "
+                     "they had; the model lies above them")
     rec = d["recommendation"]
     if rec:
         b = d["budget"]

@@ -59,12 +59,19 @@ def cmd_explain(args):
         probe_error = {"reason": exc.reason, "message": str(exc)}
     gpus, gpu_state = _gpus(cfg)
     reservations = slots.live_reservations(cfg.router.lock_dir) if w.admission == "vram" else {}
-    plan = policy.plan(w, values, gpus, reservations, cfg.gpu.reserve_mb)
+    oom_entry, oom_how = _oom_before(cfg, w, path)
+    after = policy.after_gpu_oom(w, oom_how, oom_entry[4] if oom_entry else None)
+    plan = policy.plan(w, values, gpus, reservations, cfg.gpu.reserve_mb,
+                       need_mb=oom_entry[4] if after and after[0] == "gpu" else None)
+    if after and after[0] == "cpu":
+        plan = policy.Plan("CPU", after[1])
     if plan.mode == "GPU" and gpus is None:
         plan.gpus = policy.assumed_gpus(cfg.host.gpus)
     free = _free_slots(cfg, w, plan)
     if probe_error and w.on_probe_error == "fail":
         mode, reason = "REFUSED", f"probe-failed ({probe_error['reason']}), on_probe_error = fail"
+    elif after and after[0] == "fail":
+        mode, reason = "REFUSED", f"{after[1]}, on_gpu_oom = fail"
     elif plan.mode == "GPU" and not free["gpu"]:
         full = plan.full_reason or "gpu-slots-full"
         if plan.spill and free["cpu"]:
@@ -87,6 +94,7 @@ def cmd_explain(args):
         "memory_max_mb": policy.memory_max_mb(w, mode) if mode in ("GPU", "CPU") else None,
         "command": [w.binary] + (job_args if args.args else ["…", path]) + args_out,
         "probed_as": viewer, "problems": problems,
+        "oom_before": None if oom_entry is None else dict(_oom_fields(oom_entry), how=oom_how),
     }
     metric = ", ".join(f"{_n(v)} {u}" for v, u in zip(policy.combined_metric(w, values), w.threshold_unit)) \
         if values is not None else f"unknown ({probe_error['message']})"
@@ -100,6 +108,15 @@ def cmd_explain(args):
             f"threshold  {limits} (GPU below, CPU at or above)", f"gpu state  {gpu_state}"]
     if plan.predicted_vram_mb is not None:
         text.append(f"vram       {plan.predicted_vram_mb} MiB predicted")
+    if oom_entry is not None:
+        import time
+
+        o = data["oom_before"]
+        what = "ran out of GPU memory" if oom_how == "oom" else "suspected to have run out of GPU memory"
+        text.append(f"oom before {what} on GPU {o['device']} at "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(o['ended']))} (job {o['job']}: "
+                    f"{o['peak_mb']} MiB of {o['total_mb']}, needs more than {o['need_mb']} MiB); "
+                    f"on_gpu_oom = {w.on_gpu_oom}")
     text.append(f"decision   {mode}" + (f" {device}" if mode == "GPU" else "") + f"  ({reason})")
     text.append("free slots " + _free_text(w, plan, free))
     if mode in ("GPU", "CPU"):
@@ -107,6 +124,12 @@ def cmd_explain(args):
     text += [f"  ! {p}" for p in problems]
     _emit(args, data, "\n".join(text))
     return 0
+
+
+def _oom_fields(entry):
+    from .. import oom_memory
+
+    return oom_memory.entry_dict(entry)
 
 
 def _n(value):
@@ -265,6 +288,9 @@ def cmd_check(args):
         problems = policy.budget_problems(w, b)
         blocking = preflight.problems(w, b)
         problems += [p for p in blocking if p not in problems]
+        gate = _predictive_gate(cfg, w)  # the runbook's gate, on the agent's recorded samples (issue 18)
+        if gate:
+            problems.append(gate)
         b["problems"] = problems
         b["ok"] = not blocking
         bad |= bool(blocking)
@@ -277,6 +303,23 @@ def cmd_check(args):
         data["candidate"] = {"file": candidate[0], "as": candidate[1], "valid": True}
     _emit(args, data, "\n".join(lines))
     return 1 if bad else 0
+
+
+def _predictive_gate(cfg, w):
+    from . import calibrate
+
+    try:
+        return calibrate.predictive_gate(calibrate.read_samples(calibrate.samples_path(cfg, w.name)), w.admission)
+    except OSError:
+        return None
+
+
+def _oom_before(cfg, w, path):
+    """The OOM memory's entry for this input as the wrapper would find it: (entry, how) or (None, None)."""
+    from .. import oom_memory
+
+    _ident, entry, how = oom_memory.lookup(cfg.agent.state_dir, path) if path else (None, None, None)
+    return entry, how
 
 
 def _candidate(args):

@@ -14,7 +14,8 @@ from ..termtext import field as _t
 from . import stats
 
 EVENTS = ("routed", "blocked", "probe-failed", "job-finished", "scope-failed")
-RESULTS = ("success", "failed", "oom-kill", "cuda-oom", "timeout", "unknown", "blocked", "running", "refused",
+RESULTS = ("success", "failed", "oom-kill", "cuda-oom", "gpu-fault", "timeout", "unknown", "blocked", "running",
+           "refused",
            "no-outcome", "untracked")
 
 
@@ -55,6 +56,7 @@ def join(events):
                                 "peak_vram_source": None, "predicted_vram_mb": None, "probe_error": None,
                                 "events": []}
             order.append(job_id)
+            j.update(oom_cause=None, oom_memory=None, after_oom_of=None)  # issue 18: an OOM, and a retry after one
         j["events"].append({"time": _ts(e), "event": kind, "message": e.get("MESSAGE")})
         if kind in ("routed", "blocked"):
             j["time"] = _ts(e)
@@ -69,6 +71,7 @@ def join(events):
                 j[key] = e.get("GPU_ROUTER_" + key.upper()) or j[key]
             j["predicted_vram_mb"] = _num(e.get("GPU_ROUTER_PREDICTED_VRAM_MB"))
             j["waited_s"] = _num(e.get("GPU_ROUTER_WAITED_S")) or 0
+            j["after_oom_of"] = e.get("GPU_ROUTER_OOM_JOB") or j["after_oom_of"]
             if kind == "blocked":
                 j["result"] = "blocked"
             elif j["result"] is None:
@@ -80,6 +83,7 @@ def join(events):
             j["peak_ram_mb"] = _num(e.get("GPU_ROUTER_PEAK_RAM_MB"))
             j["peak_vram_mb"] = _num(e.get("GPU_ROUTER_PEAK_VRAM_MB"))
             j["peak_vram_source"] = e.get("GPU_ROUTER_PEAK_VRAM_SOURCE")  # accounting | sampled
+            j["oom_cause"], j["oom_memory"] = e.get("GPU_ROUTER_OOM_CAUSE"), e.get("GPU_ROUTER_OOM_MEMORY")
             j["predicted_vram_mb"] = j["predicted_vram_mb"] or _num(e.get("GPU_ROUTER_PREDICTED_VRAM_MB"))
             j["mode"] = j["mode"] or e.get("GPU_ROUTER_MODE")
             j["device"] = j["device"] or e.get("GPU_ROUTER_DEVICE")
@@ -179,9 +183,11 @@ def table(jobs, now=None):
         elapsed = j["duration_s"] if j["duration_s"] is not None else (
             now - j["time"] if j["result"] == "running" and j["time"] else None)
         vram = _v(j["peak_vram_mb"]) + "/" + _v(j["predicted_vram_mb"]) if j["mode"] == "GPU" else "-"
-        rows.append((_when(j["time"]), _t(j["job"]), _t(j["workload"]) or "-", _caller(j), _t(j["mode"]) or "-",
+        mode = (_t(j["mode"]) or "-") + ("(after-oom)" if j.get("after_oom_of") else "")
+        result = (_t(j["result"]) or "-") + (f":{_t(j['oom_cause'])}" if j.get("oom_cause") else "")
+        rows.append((_when(j["time"]), _t(j["job"]), _t(j["workload"]) or "-", _caller(j), mode,
                      _t(j["device"]) or "-", _dur(j["waited_s"]) if j["waited_s"] else "-", _dur(elapsed),
-                     _t(j["result"]) or "-", _v(j["exit_status"]), _v(j["peak_ram_mb"]), vram,
+                     result, _v(j["exit_status"]), _v(j["peak_ram_mb"]), vram,
                      _t(os.path.basename(j["input"])) if j["input"] else "-"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
@@ -205,6 +211,11 @@ def one(j):
              + f" (predicted {_v(j['predicted_vram_mb'], ' MB')})"]
     if j["probe_error"]:
         lines.append(f"probe error   {j['probe_error']}")
+    if j.get("oom_cause"):
+        lines.append(f"cuda oom      {j['oom_cause']}" + (f", input remembered ({j['oom_memory']})"
+                                                           if j.get("oom_memory") else ", input not remembered"))
+    if j.get("after_oom_of"):
+        lines.append(f"after oom     its input ran out of GPU memory in job {j['after_oom_of']} ({j['reason']})")
     lines.append("events:")
     lines += [f"  {_when(e['time'])}  {_t(e['event']):<13} {_t(e['message'])}" for e in j["events"]]
     lines.append(f"journal:      journalctl GPU_ROUTER_JOB={j['job']}")

@@ -66,7 +66,8 @@ def summarize(events):
             continue  # the GPU's, not a workload's: foreign()
         name = e.get("GPU_ROUTER_WORKLOAD", "?")
         w = per.setdefault(name, {"GPU": 0, "CPU": 0, "BLOCKED": 0, "reasons": {}, "results": {},
-                                  "probe_failed": 0, "underpredicted": 0, "underpredicted_max_ratio": None})
+                                  "probe_failed": 0, "underpredicted": 0, "underpredicted_max_ratio": None,
+                                  "cuda_oom": {}, "after_oom": {}})
         kind = e.get("GPU_ROUTER_EVENT")
         if kind in ("routed", "blocked"):
             mode = e.get("GPU_ROUTER_MODE", "?")
@@ -74,9 +75,14 @@ def summarize(events):
                 w[mode] += 1
             reason = f"{mode}:{e.get('GPU_ROUTER_REASON', '?')}"
             w["reasons"][reason] = w["reasons"].get(reason, 0) + 1
+            if str(e.get("GPU_ROUTER_REASON", "")).startswith("cuda-oom"):  # what the fallback did (issue 18)
+                w["after_oom"][reason] = w["after_oom"].get(reason, 0) + 1
         elif kind == "job-finished":
             result = e.get("GPU_ROUTER_RESULT", "?")
             w["results"][result] = w["results"].get(result, 0) + 1
+            if result == "cuda-oom":
+                cause = e.get("GPU_ROUTER_OOM_CAUSE", "?")
+                w["cuda_oom"][cause] = w["cuda_oom"].get(cause, 0) + 1
         elif kind == "probe-failed":
             w["probe_failed"] += 1
         elif kind == "vram-underpredicted":
@@ -137,6 +143,11 @@ def advice(w):
         tips.append(f"WARNING: {w['underpredicted']} job(s) used more VRAM than predicted"
                     + (f" (up to {worst:.2f}x)" if worst else "") + ": the model under-predicts and jobs risk CUDA "
                     "OOM; run `gpu-router calibrate --workload NAME` to widen it from the recorded samples")
+    if w.get("cuda_oom"):
+        n = sum(w["cuda_oom"].values())
+        causes = ", ".join(f"{k} {v}" for k, v in sorted(w["cuda_oom"].items()))
+        tips.append(f"{n} GPU job(s) ran out of GPU memory ({causes}): their inputs go where on_gpu_oom says on "
+                    "a retry; run `gpu-router calibrate --workload NAME` to raise the model above them")
     if w["probe_failed"]:
         tips.append(f"{w['probe_failed']} probe failure(s): `gpu-router explain FILE` on such an input")
     if cpu and gpu and cpu > gpu * 3:
@@ -178,6 +189,13 @@ def cmd_stats(args):
             lines.append("  outcomes: " + ", ".join(f"{_t(k)} {v}" for k, v in sorted(w["results"].items())))
         if w["reasons"]:
             lines.append("  reasons:  " + ", ".join(f"{_t(k)} {v}" for k, v in sorted(w["reasons"].items())))
+        if w["cuda_oom"] or w["after_oom"]:
+            lines.append(f"  GPU OOMs: {sum(w['cuda_oom'].values())} ("
+                         + ", ".join(f"{_t(k)} {v}" for k, v in sorted(w["cuda_oom"].items())) + "); their retries: "
+                         + (", ".join(f"{_t(k)} {v}" for k, v in sorted(w["after_oom"].items())) or "none yet"))
+        gate = _gate(getattr(args, "config", None), name)
+        if gate:
+            w["advice"].append(gate)
         lines += [f"  advice:   {_t(t)}" for t in w["advice"]]
     for index, g in sorted(gpus.items()):
         lines.append(f"GPU {_t(index)}: other users' processes took VRAM {g['events']} time(s), the largest "
@@ -197,6 +215,19 @@ def cmd_stats(args):
             data["chart"], code = None, 1
     _emit(args, data, "\n".join(lines))
     return code
+
+
+def _gate(config_file, name):
+    """calibrate.predictive_gate on the workload's recorded samples, or None (no config, no such profile)."""
+    try:
+        from .. import config as _config
+        from . import calibrate
+
+        cfg = _config.load(config_file)
+        w = cfg.workload(name)
+        return calibrate.predictive_gate(calibrate.read_samples(calibrate.samples_path(cfg, name)), w.admission)
+    except Exception:  # noqa: BLE001 - advice only: stats read the journal whatever the config says
+        return None
 
 
 def metrics_by_mode(events):

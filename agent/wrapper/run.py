@@ -10,13 +10,20 @@ import sys
 import time
 
 from .. import config as _config
-from .. import drainstate, journal, policy, slots
+from .. import drainstate, journal, oom_memory, policy, slots
 from .probe import ProbeFailed, find_input, measure
 
 EX_USAGE = 2
 LOOP_MARK = "GPU_ROUTER_EXEC"
 EX_UNAVAILABLE = 69
 POLL_S = 0.05
+
+
+EX_OOM_REFUSED = 65  # the input ran out of GPU memory before and on_gpu_oom = "fail" (EX_DATAERR)
+
+
+class OomRefused(Exception):
+    """on_gpu_oom = "fail": the input ran out of GPU memory before; the wrapper refuses it."""
 
 
 class Blocked(Exception):
@@ -63,6 +70,9 @@ class Job:
         self.waited = 0.0
         self.drain = None
         self.caller_unit = None
+        self.input_id = None    # (dev, ino, size, mtime_ns) of the input: the OOM memory's key
+        self.oom = None         # the OOM memory's entry for it (oom_memory.FIELDS), when one applies
+        self.oom_how = None     # "oom" | "suspect"
 
     def fields(self):
         w = self.workload
@@ -76,6 +86,9 @@ class Job:
         }
         if self.waited:
             f["WAITED_S"] = round(self.waited, 3)
+        if self.oom is not None:  # the attempt this routing remembers: when it ended, what it had, on which GPU
+            f.update(OOM_BEFORE=self.oom_how, OOM_AT=round(self.oom[1], 3), OOM_PEAK_VRAM_MB=self.oom[3],
+                     OOM_NEED_MB=self.oom[4], OOM_JOB=self.oom[6])
         return f
 
 
@@ -139,9 +152,19 @@ def _blind_gpus(cfg):
 def admit(job, cfg, dir_fd):
     """One admission attempt: True when the job holds a place (job.mode/device/slot/fds set)."""
     w = job.workload
-    gpus, job.gpu_state = read_gpus(cfg, fresh=w.admission == "vram")
+    after = policy.after_gpu_oom(w, job.oom_how, job.oom[4] if job.oom else None)
+    need = job.oom[4] if after is not None and after[0] == "gpu" else None
+    if after is not None and after[0] == "fail":
+        raise OomRefused(after[1])
+    if after is not None and after[0] == "cpu":
+        gpus = None  # the GPU state does not matter: the CPU is where it can finish
+    else:
+        gpus, job.gpu_state = read_gpus(cfg, fresh=w.admission == "vram")
     candidates = gpus if gpus is not None else policy.assumed_gpus(cfg.host.gpus)
-    if job.drain is not None:  # `gpu-router drain`: no new GPU job; the CPU takes it, or the caller retries
+    if after is not None and after[0] == "cpu":
+        # Its GPU attempt ran out of memory: the CPU is where it can finish (on_gpu_oom = "cpu", the default).
+        plan = policy.Plan("CPU", after[1])
+    elif job.drain is not None:  # `gpu-router drain`: no new GPU job; the CPU takes it, or the caller retries
         plan = policy.plan(w, job.values, gpus if gpus is not None else None, None, cfg.gpu.reserve_mb)
         if plan.mode == "GPU":
             if job.drain.get("action") == "block":
@@ -157,7 +180,7 @@ def admit(job, cfg, dir_fd):
                 for g in gpus:
                     outside.update(g.our_pids_outside({pid for pid, _ in live.get(g.key, ())}))
                 dead = _dead(outside)
-            plan = policy.plan(w, job.values, gpus, live, cfg.gpu.reserve_mb, dead)
+            plan = policy.plan(w, job.values, gpus, live, cfg.gpu.reserve_mb, dead, need_mb=need)
             job.predicted_vram_mb = plan.predicted_vram_mb
             if plan.mode == "GPU" and plan.blind:
                 plan.gpus = _blind_places(w, _blind_gpus(cfg), live, plan.predicted_vram_mb, cfg.gpu.reserve_mb)
@@ -166,7 +189,8 @@ def admit(job, cfg, dir_fd):
             if plan.mode == "GPU" and _take_gpu(job, plan, dir_fd, cfg, ledger, live):
                 return True
     else:
-        plan = policy.plan(w, job.values, gpus if gpus is not None else None, None, cfg.gpu.reserve_mb)
+        plan = policy.plan(w, job.values, gpus if gpus is not None else None, None, cfg.gpu.reserve_mb,
+                           need_mb=need)
         if plan.mode == "GPU" and gpus is None:
             plan.gpus = candidates
         job.predicted_vram_mb = plan.predicted_vram_mb
@@ -225,7 +249,12 @@ def admit_with_wait(job, cfg, dir_fd):
     if wait <= 0:
         return admit(job, cfg, dir_fd)
     started = time.monotonic()
-    pool_kind = "cpu" if job.values is None or policy.over_threshold(job.workload, job.values) else "gpu"
+    w = job.workload
+    if w.admission == "gpu-first":
+        pool_kind = "cpu" if job.oom is not None and w.on_gpu_oom == "cpu" else "gpu"
+    else:
+        pool_kind = "cpu" if job.values is None or policy.over_threshold(w, job.values) or \
+            (job.oom is not None and w.on_gpu_oom == "cpu") else "gpu"
     queue = slots.Queue(dir_fd, cfg.router.lock_dir, job.workload.name, pool_kind, wait)
     try:
         while True:
@@ -258,6 +287,13 @@ def _probe(job):
             _err(f"{w.name}: {exc}; on_probe_error = \"fail\", not running the job")
             return False
     return True
+
+
+def _oom_before(job, cfg):
+    """Look the input up in the agent's OOM memory (one stat of the input, one read of the marshal twin)."""
+    if not job.input:
+        return
+    job.input_id, job.oom, job.oom_how = oom_memory.lookup(cfg.agent.state_dir, job.input)
 
 
 def _exec(job, cfg):
@@ -394,6 +430,7 @@ def _run(workload_name, args, config_file=None):
     if not _probe(job):
         return cfg.router.probe_error_exit_code
     job.drain = drainstate.read(cfg.agent.state_dir)
+    _oom_before(job, cfg)
     try:
         dir_fd = slots.open_lock_dir(cfg.router.lock_dir)
     except slots.LockDirError as exc:
@@ -413,6 +450,15 @@ def _run(workload_name, args, config_file=None):
                      f"{workload.retry_exit_code} so the caller retries later", job.fields())
         _err(f"{workload.name}: BLOCKED ({exc}); retry later (exit {workload.retry_exit_code})")
         return workload.retry_exit_code
+    except OomRefused as exc:
+        for fd in job.fds:
+            os.close(fd)
+        job.mode, job.reason = "BLOCKED", str(exc)
+        message = (f"{workload.name}: refused: this input ran out of GPU memory before (job {job.oom[6]}, "
+                   f"{job.oom[3]} MiB on GPU {job.oom[5]}) and on_gpu_oom = \"fail\" (exit {EX_OOM_REFUSED})")
+        journal.emit("blocked", message, job.fields())
+        _err(message)
+        return EX_OOM_REFUSED
     except slots.LockDirError as exc:
         for fd in job.fds:
             os.close(fd)

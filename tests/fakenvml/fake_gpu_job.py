@@ -14,6 +14,19 @@ job's device 0; empty means no GPU; unset means every GPU, so device 0). The cla
 memory before it exits, or grows). Every allocation change also updates the GPU's accounting record of this process
 when the GPU's accounting mode is on (``accounting_note``): the driver's own per-process peak, kept after exit.
 
+``--grow STEP``: allocate ``--vram`` in steps of STEP MiB (as a CUDA caching allocator grows, layer by layer,
+batch by batch), keeping what it got when a step does not fit: the GPU is then full when the job fails, as it is
+with a real CUDA OOM. Without it the claim is one atomic allocation (nothing is held when it does not fit).
+
+``--fail-as torch|ctranslate2|nvenc``: how the OOM is reported, as the real programs do it: PyTorch's
+``torch.OutOfMemoryError: CUDA out of memory`` and exit 1 (an uncaught Python exception), CTranslate2's
+``RuntimeError: CUDA failed with error out of memory`` and exit 1 (faster-whisper / whisper-ctranslate2), ffmpeg's
+``OpenEncodeSessionEx failed: out of memory (10)`` and exit 187 (ffmpeg ≥ 7 exits with the error code & 255:
+AVERROR_EXTERNAL; older ffmpeg exits 1). The default is torch.
+
+A job whose GPU is lost (``STATE/gpuN/lost``) while it runs fails at once: ``CUDA error: unspecified launch
+failure``, exit 1.
+
 Exit: 0 when done; 1 with ``CUDA out of memory. Tried to allocate N MiB`` on stderr when the claim does not fit (or
 no CUDA device is visible). ``--log`` gets one JSON line per start / finish / oom / no-device (O_APPEND, one write
 each, so concurrent jobs may share one log). Positional arguments (the workload's input) are accepted and ignored.
@@ -279,13 +292,44 @@ def log_event(path, event, **fields):
         os.close(fd)
 
 
+OOM_MESSAGES = {
+    "torch": ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate {mb} MiB. GPU 0 has a total capacity "
+              "of {total} MiB of which {free} MiB is free.\n", 1),
+    "ctranslate2": ("RuntimeError: CUDA failed with error out of memory\n", 1),
+    "nvenc": ("[h264_nvenc @ 0x55d0c0a1c2c0] OpenEncodeSessionEx failed: out of memory (10): (no details)\n"
+              "[vost#0:0/h264_nvenc @ 0x55d0c0a1b900] Error while opening encoder - maybe incorrect parameters such "
+              "as bit_rate, rate, width or height.\n", 187),
+}
+
+
+def fail_oom(opts, mb, total, free):
+    """Report a CUDA OOM the way the program ``--fail-as`` names does; the exit status it uses."""
+    text, code = OOM_MESSAGES[opts["fail-as"]]
+    sys.stderr.write(text.format(mb=mb, total=total, free=free))
+    log_event(opts["log"], "oom", vram_mb=mb, free_mb=free)
+    return code
+
+
+def grow_claim(opts, gpu):
+    """Claim ``--vram`` in ``--grow`` steps; (ok, free at the failing step, the step's size)."""
+    state, step, want = opts["state"], opts["grow"], opts["vram"]
+    got = 0
+    while got < want:
+        nxt = min(want, got + step)
+        ok, free = try_claim(state, gpu, nxt) if got == 0 else set_claim(state, gpu, nxt)
+        if not ok:
+            return False, free if got == 0 else max(free - got, 0), nxt - got
+        got = nxt
+    return True, None, 0
+
+
 def parse_args(argv):
     opts = {"device": "cuda", "vram": 0, "seconds": 0.0, "ram": 0, "log": None,
-            "state": os.environ.get("FAKE_NVML_STATE"), "inputs": [], "then": []}
+            "state": os.environ.get("FAKE_NVML_STATE"), "inputs": [], "then": [], "grow": 0, "fail-as": "torch"}
     it = iter(argv)
     for arg in it:
         key, eq, value = arg.partition("=")
-        if key in ("--device", "--vram", "--seconds", "--ram", "--log", "--state", "--then"):
+        if key in ("--device", "--vram", "--seconds", "--ram", "--log", "--state", "--then", "--grow", "--fail-as"):
             if not eq:
                 value = next(it, None)
                 if value is None:
@@ -295,7 +339,8 @@ def parse_args(argv):
                 mb, _, secs = value.partition(":")
                 opts["then"].append((int(mb), float(secs or 0)))
                 continue
-            opts[name] = float(value) if name == "seconds" else int(value) if name in ("vram", "ram") else value
+            opts[name] = float(value) if name == "seconds" else int(value) if name in ("vram", "ram", "grow") \
+                else value
         elif arg.startswith("--"):
             continue  # other device arguments a profile passes (--compute_type float16, ...): accepted, ignored
         else:
@@ -320,14 +365,12 @@ def main(argv):
             sys.stderr.write("RuntimeError: CUDA error: no CUDA-capable device is detected\n")
             log_event(log, "no-device", visible=visible, vram_mb=opts["vram"])
             return 1
-        ok, free = try_claim(state, gpu, opts["vram"])
+        if opts["grow"] > 0:
+            ok, free, mb = grow_claim(opts, gpu)
+        else:
+            (ok, free), mb = try_claim(state, gpu, opts["vram"]), opts["vram"]
         if not ok:
-            total = gpu_info(state, gpu)[0]
-            sys.stderr.write(
-                f"torch.OutOfMemoryError: CUDA out of memory. Tried to allocate {opts['vram']} MiB. "
-                f"GPU {ordinal} has a total capacity of {total} MiB of which {free} MiB is free.\n")
-            log_event(log, "oom", gpu=gpu, vram_mb=opts["vram"], free_mb=free)
-            return 1
+            return fail_oom(opts, mb, gpu_info(state, gpu)[0], free)  # a grown claim is held until exit
     log_event(log, "start", gpu=gpu, vram_mb=opts["vram"] if gpu is not None else 0, visible=visible,
               device=device, inputs=opts["inputs"])
     ballast = bytearray(opts["ram"] * 1024 * 1024) if opts["ram"] else None
@@ -335,15 +378,19 @@ def main(argv):
         for i in range(0, len(ballast), 4096):  # touch every page: RSS, not just address space
             ballast[i] = 1
     try:
-        time.sleep(opts["seconds"])
+        lost = os.path.join(opts["state"], f"gpu{gpu}", "lost") if gpu is not None else None
+        until = time.monotonic() + opts["seconds"]
+        while time.monotonic() < until:  # a CUDA job whose GPU falls off the bus fails at its next call
+            time.sleep(min(0.02, max(0.0, until - time.monotonic())))
+            if lost is not None and os.path.exists(lost):
+                sys.stderr.write("RuntimeError: CUDA error: unspecified launch failure\n")
+                log_event(log, "gpu-lost", gpu=gpu)
+                return 1
         for mb, secs in opts["then"]:
             if gpu is not None:
                 ok, free = set_claim(opts["state"], gpu, mb)
                 if not ok:
-                    sys.stderr.write(f"torch.OutOfMemoryError: CUDA out of memory. Tried to allocate {mb} MiB "
-                                     f"({free} MiB free).\n")
-                    log_event(log, "oom", gpu=gpu, vram_mb=mb, free_mb=free)
-                    return 1
+                    return fail_oom(opts, mb, gpu_info(opts["state"], gpu)[0], free)
             time.sleep(secs)
     finally:
         if gpu is not None:

@@ -41,6 +41,16 @@ bind_to_caller = true             # the recipe: stopping the runner stops its jo
 gpu_args = ["--device", "cuda", "--vram", "4000", "--state", "{STATE}", "--log", "/srv/run/jobs.log"]
 cpu_args = ["--device", "cpu", "--log", "/srv/run/jobs.log"]
 
+[workloads.oomy]                  # issue 18: a job that runs out of GPU memory, and its retry
+binary = "/src/tests/fakenvml/fake_gpu_job.py"
+probe = "file-size"
+threshold = 1000
+max_gpu_jobs = 1
+max_cpu_jobs = 1
+scope = "required"
+gpu_args = ["--device", "cuda", "--state", "{STATE}"]
+cpu_args = ["--device", "cpu"]
+
 [workloads.loose]                 # the control: the same without bind_to_caller
 binary = "/src/tests/fakenvml/fake_gpu_job.py"
 probe = "file-size"
@@ -161,3 +171,28 @@ def test_without_bind_to_caller_a_job_outlives_its_runner(box):
         assert slots_busy(box, "loose") == 1
     finally:
         box.run("systemctl stop 'gpu-router-loose-*.scope'", check=False)
+
+
+def test_a_members_cuda_oom_is_known_and_its_retry_runs_on_the_cpu(box):
+    """Issue 18, as a member under the real agent: a job that fills the 16 GiB GPU (16000 MiB for 1.2 s, sampled)
+    and fails growing past it (CTranslate2's message, exit 1). In this container the proc connector is silent, so
+    the agent knows the exit status only when it reads the zombie first: the verdict is cuda-oom (status known) or
+    unknown with the input a suspect; either way the member's retry runs on the CPU and says why."""
+    box.write_file("/srv/in/oomy.bin", "x" * 100)
+    job = ["gpu-router", "run", "--workload", "oomy", "--", "--vram", "16000", "--grow", "2000", "--seconds", "1.2",
+           "--then", "20000:0", "--fail-as", "ctranslate2", "/srv/in/oomy.bin"]
+    first = box.run(job, user="runner", check=False, timeout=60)
+    assert first.returncode == 1 and "CUDA failed with error out of memory" in first.stderr, first.stderr
+    routed = box.journal("GPU_ROUTER_EVENT=routed", "GPU_ROUTER_WORKLOAD=oomy")
+    job_id = routed[-1]["GPU_ROUTER_JOB"]
+    done = box.wait_for(lambda: (box.journal("GPU_ROUTER_EVENT=job-finished", f"GPU_ROUTER_JOB={job_id}")
+                                 or [None])[-1], timeout=20, interval=0.3)
+    assert (done["GPU_ROUTER_RESULT"], done.get("GPU_ROUTER_OOM_MEMORY")) in (("cuda-oom", "oom"),
+                                                                              ("unknown", "suspect")), done
+    retry = box.run(job, user="runner", check=False, timeout=60)
+    assert retry.returncode == 0, retry.stderr
+    again = box.journal("GPU_ROUTER_EVENT=routed", "GPU_ROUTER_WORKLOAD=oomy")[-1]
+    assert again["GPU_ROUTER_MODE"] == "CPU" and again["GPU_ROUTER_REASON"] in ("cuda-oom-before",
+                                                                                "cuda-oom-suspected"), again
+    print(f"\nmember's OOM: {done['GPU_ROUTER_RESULT']} (peak {done.get('GPU_ROUTER_PEAK_VRAM_MB')} MiB, "
+          f"{done.get('GPU_ROUTER_PEAK_VRAM_SOURCE')}), retry: CPU ({again['GPU_ROUTER_REASON']})")
