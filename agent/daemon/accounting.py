@@ -379,9 +379,6 @@ def record_sample(state_dir, fields, peaks_known=True):
     cgroup's peak counter was not read after the job ended, or no GPU sample saw a GPU job). Raises OSError
     (``atomicfile.Refused`` for a name that is not a workload's, or a folder or file not root's alone).
     """
-    from .. import trust  # defence in depth: the workload names a file; never "../x" (issue 17)
-    if not trust.safe_name(fields.get("WORKLOAD")):
-        return None
     if fields.get("METRIC") in (None, "unknown") or fields["RESULT"] == "unknown":
         return None
     if not peaks_known:
