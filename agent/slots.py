@@ -265,6 +265,7 @@ class Ledger:
         self.dir_fd = dir_fd
         self.lock_dir = lock_dir
         self.guard = None
+        self.partial = False
 
     def __enter__(self):
         self.guard = _open_lock_file(self.dir_fd, "vram.lock", os.path.join(self.lock_dir, "vram.lock"))
@@ -277,13 +278,11 @@ class Ledger:
         os.close(self.guard)
 
     def live(self):
-        """{gpu key: [(pid, MiB), …]} for admission; LockDirError when the folder holds more names than one pass
-        reads (trust.MAX_NAMES): reservations beyond them would be unseen and the GPU over-admitted."""
-        entries, truncated = trust.read_ledger(self.fd)  # the agent reports malformed entries, not each wrapper
-        if truncated:
-            raise LockDirError(f"the VRAM ledger {os.path.join(self.lock_dir, LEDGER)} holds more than "
-                               f"{trust.MAX_NAMES} entries; refusing to admit by VRAM blind (the agent removes "
-                               f"entries that are not live reservations; see `ls -l` for whose they are)")
+        """{gpu key: [(pid, MiB), …]} for admission. ``self.partial`` says the folder held more than one pass reads
+        (trust.MAX_SCAN names, trust.MAX_NAMES entries: a member's flood): reservations beyond them are unseen, so
+        the caller admits as if blind (policy.blind_cap jobs per GPU), never over the entries it did read, and
+        never refuses everyone (the agent removes what is not a live reservation, trust.UNLINK_BUDGET a pass)."""
+        entries, self.partial = trust.read_ledger(self.fd)  # the agent reports malformed entries, not each wrapper
         return _shape(entries, False)
 
     def reserve(self, gpu_key, mb, workload=None, metric=None):

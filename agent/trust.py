@@ -18,6 +18,8 @@ import time
 from . import procstat
 
 MAX_NAMES = 1024        # names looked at per pass over one folder: the cost of a pass never grows beyond it
+MAX_SCAN = 65536        # ledger names listed per pass (getdents alone, no syscall a name): hard links cost a name each
+UNLINK_BUDGET = 4096    # names the agent removes per pass: a flood is cleared over a few samples, never in one long one
 MAX_PER_UID = 64        # ledger entries, and queue tickets, counted per owner (root's own are not capped)
 MAX_ENTRY = 256         # bytes read of a ledger entry (the wrapper writes ~40)
 TICKET_SLACK_NS = 2_000_000_000  # a ticket's name (its monotonic time) and its inode's ctime agree this closely
@@ -220,6 +222,10 @@ class Entry:
 
 
 def _unlink(dir_fd, name):
+    _unlink_one(dir_fd, name)
+
+
+def _unlink_one(dir_fd, name):
     try:
         os.unlink(name, dir_fd=dir_fd)
     except OSError:
@@ -235,11 +241,19 @@ def read_ledger(dir_fd, workloads=None, locks=None, tidy=False, skip=None):
     and the file's owner among that PID's uids: a member's entry cannot name another's job or PID 1. Per owner at
     most MAX_PER_UID count. ``tidy`` (root, the agent): what does not count is removed, so junk does not last.
     ``skip(name, why)`` is told about malformed entries."""
-    listed, truncated = names(dir_fd)
+    listed, truncated = names(dir_fd, MAX_SCAN)
     by_inode = holders_by_inode(locks) if locks is not None else None
     per_uid = {}
     seen = set()
     out = []
+    budget = [UNLINK_BUDGET]
+
+    def _unlink(dir_fd, name):  # the module's, within this pass's budget
+        if budget[0] > 0:
+            budget[0] -= 1
+            _unlink_one(dir_fd, name)
+
+    opened = 0
     for name, inode, plain in listed:
         if name.startswith("."):
             # An entry being published (slots._publish) under its temporary name, locked within microseconds;
@@ -255,6 +269,10 @@ def read_ledger(dir_fd, workloads=None, locks=None, tidy=False, skip=None):
                 _unlink(dir_fd, name)
             continue
         seen.add(inode)
+        if opened >= MAX_NAMES:
+            truncated = True  # more distinct entries than one pass opens: the rest are unseen
+            break
+        opened += 1
         key, pid = parsed
         got = open_entry(dir_fd, name)
         if got is None:

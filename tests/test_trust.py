@@ -143,6 +143,24 @@ def test_hard_links_of_one_entry_count_nothing_and_are_removed(rig):
     assert os.listdir(locks / "vram") == []
 
 
+def test_a_flooded_ledger_degrades_admission_to_blind_and_refuses_no_one(rig, monkeypatch):
+    """Item 3, the wrapper's side: past what one pass reads (a member's 100,000 hard links), the wrapper refused
+    every member's VRAM admission (exit 69) until the agent had cleared them, a second at a time; now the read
+    says it is partial and the wrapper admits as with no snapshot (blind_cap), counting what it did read. The
+    limits are lowered here so the flood is small; the hostile .deb lane floods with the real ones."""
+    agent, base, locks, dir_fd, hold, _ = rig
+    monkeypatch.setattr(trust, "MAX_SCAN", 200)
+    hold(A, locks / "vram", "gpu0.PID", "10 tx 7 -", links=400)
+    bob, _ = hold(B, locks / "vram", "gpu0.PID", "20 tx 7 -")
+    with slots.Ledger(dir_fd, str(locks)) as ledger:
+        ledger.live()  # raised LockDirError before
+        assert ledger.partial
+    monkeypatch.setattr(trust, "MAX_SCAN", 65536)
+    with slots.Ledger(dir_fd, str(locks)) as ledger:
+        live = ledger.live()
+        assert not ledger.partial and [mb for _, mb in live["gpu0"]] == [20]  # a hard-linked entry counts nothing
+
+
 def test_a_flock_on_a_members_own_file_does_not_make_its_process_ours(rig):
     """Item 8: any flock in the lock dir made the holder's VRAM a job's. Only a real slot counts."""
     agent, base, locks, _, hold, _ = rig

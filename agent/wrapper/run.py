@@ -180,7 +180,9 @@ def admit(job, cfg, dir_fd):
                 for g in gpus:
                     outside.update(g.our_pids_outside({pid for pid, _ in live.get(g.key, ())}))
                 dead = _dead(outside)
-            plan = policy.plan(w, job.values, gpus, live, cfg.gpu.reserve_mb, dead, need_mb=need)
+            # A flooded ledger (ledger.partial): reservations unseen, so admit as with no snapshot (blind).
+            plan = policy.plan(w, job.values, None if ledger.partial else gpus, live, cfg.gpu.reserve_mb, dead,
+                               need_mb=need)
             job.predicted_vram_mb = plan.predicted_vram_mb
             if plan.mode == "GPU" and plan.blind:
                 plan.gpus = _blind_places(w, _blind_gpus(cfg), live, plan.predicted_vram_mb, cfg.gpu.reserve_mb)
