@@ -409,7 +409,8 @@ def test_hard_links_of_one_entry_do_not_stall_the_agent(box, watched):
         except subprocess.TimeoutExpired as exc:
             r = subprocess.CompletedProcess(exc.cmd, "timeout", exc.stdout or "", exc.stderr or "")
     finally:
-        box.run(f"find {LOCKS}/vram -name 'gpu0.{h.pid}~*' -delete", timeout=300)
+        # (the agent may be removing them too: a name gone under find is fine)
+        box.run(f"find {LOCKS}/vram -name 'gpu0.{h.pid}~*' -delete", timeout=300, check=False)
         h.end()
     print(f"{LINKS} links made in {h.info['seconds']} s; snapshot age max {max(ages):.2f} s")
     assert max(ages) < STALE_LIMIT and r.returncode == 0, \
