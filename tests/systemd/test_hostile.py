@@ -303,28 +303,42 @@ def test_unwrap_restores_only_what_wrap_made(box, watched):
 
 # ---- 2. an entry naming another member's PID, a metric that is not a number -------------------------------------
 
+def bob_job(box, mb):
+    """bob's job using `mb` MiB (each size once at a time here), and its PID once the snapshot shows it."""
+    p = box.popen(member_argv("bob", ["gpu-router", "run", "--workload", "shared", "--", *FAKEJOB,
+                                      "--vram", str(mb), "--seconds", "30", "/srv/input"]), user="bob")
+    pid = box.wait_for(lambda: p.poll() is not None or next(
+        (x["pid"] for x in snapshot(box)["gpus"][0]["processes"] if x["used_mb"] == mb), None),
+        timeout=30, interval=0.2)
+    assert p.poll() is None, f"bob's {mb} MiB job ended: {p.returncode}"
+    return p, pid
+
+
 def test_an_entry_naming_another_members_job_blames_and_poisons_nothing(box, watched):
     since = time.time()
-    victim = box.popen(member_argv("bob", ["gpu-router", "run", "--workload", "shared", "--", *FAKEJOB,
-                                           "--vram", "1500", "--seconds", "30", "/srv/input"]), user="bob")
-    held = []
+    held, victim, control = [], None, None
     try:
-        vpid = box.wait_for(lambda: next((p["pid"] for p in snapshot(box)["gpus"][0]["processes"]
-                                          if p["used_mb"] == 1500), None), timeout=30, interval=0.2)
+        victim, vpid = bob_job(box, 1500)   # within its 2000 MiB reservation
+        control, cpid = bob_job(box, 2500)  # over it: the agent must still say so (the check is not just off)
         held.append(Held(box, "alice", "entry", "--workload", "shared", "--metric", "987654", "--reserve", 1,
                          "--name-pid", vpid))
         held.append(Held(box, "alice", "entry", "--workload", "shared", "--metric", "nan", "--reserve", 1,
                          "--use", 300))
-        wait_sampled(box, vpid, held[1].pid)
+        wait_sampled(box, vpid, cpid, held[1].pid)
         blamed = box.journal("GPU_ROUTER_EVENT=vram-underpredicted", f"GPU_ROUTER_PID={vpid}",
                              args=[f"--since=@{since}"])
+        noted = box.wait_for(lambda: box.journal("GPU_ROUTER_EVENT=vram-underpredicted", f"GPU_ROUTER_PID={cpid}",
+                                                 args=[f"--since=@{since}"]), timeout=10, interval=0.3)
         samples = box.run(f"cat {STATE}/samples/*.jsonl 2>/dev/null || true").stdout
     finally:
         for h in held:
             h.end()
-        box.kill(victim)
+        for p in (victim, control):
+            if p is not None:
+                box.kill(p)
     poisoned = [line for line in samples.splitlines() if '"987654"' in line or '"nan"' in line]
     assert not blamed and not poisoned, (blamed, poisoned)
+    assert noted[-1].get("GPU_ROUTER_METRIC") == "100", noted[-1]  # bob's own job, in bob's words
 
 
 # ---- 8. hide as ours: a member's flock on its own file in the lock dir -------------------------------------------
@@ -455,6 +469,12 @@ def test_forged_journal_entries_are_not_history(box, watched):
                           "TOTAL_MB": 81920}],
     ]
     as_member(box, "alice", ["python3", "/srv/forge.py", json.dumps(forged)], check=True)
+    # the same through another client: logger(1)'s native journald fields, read from stdin
+    mid = box.run(["python3", "-c", "from gpu_router import journal; print(journal.MESSAGE_IDS['job-finished'])"])
+    as_member(box, "bob", ["logger", "--journald"], check=True, input=(
+        f"MESSAGE=forged by logger\nMESSAGE_ID={mid.stdout.strip()}\nSYSLOG_IDENTIFIER=gpu-router\n"
+        f"GPU_ROUTER_EVENT=job-finished\nGPU_ROUTER_JOB=shared-2-forged\nGPU_ROUTER_WORKLOAD=shared\n"
+        f"GPU_ROUTER_MODE=GPU\nGPU_ROUTER_RESULT=oom-kill\nGPU_ROUTER_EXIT_STATUS=137\n"))
     box.run(["journalctl", "--sync"])
     time.sleep(6 * INTERVAL)  # the agent follows the journal every sample
     shown = box.run(["gpu-router", "jobs", "--json", job_id], check=False)
