@@ -204,10 +204,6 @@ def last_routed(box, user, since):
     return found[-1]
 
 
-def now(box):
-    return box.run(["date", "+%s.%N"]).stdout.strip()
-
-
 # ---- 1. path traversal through the ledger's WORKLOAD word, and symlinks planted in the lock dir ------------------
 
 TARGETS = {  # what root must never write for a member: each a symlink h-<key>.jsonl in the lock dir points at it
