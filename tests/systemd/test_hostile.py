@@ -233,8 +233,9 @@ def test_ledger_workload_path_traversal_writes_nothing_for_a_member(box, watched
         wait_sampled(box, *(h.pid for h in held))
         seen = json.loads(watcher.communicate(timeout=30)[0])
         after = {t: box.run(["sha256sum", t], check=False).stdout for t in TARGETS.values()}
+        since = time.time()
         r = job(box, "bob", 50, 0.2)
-        routed = last_routed(box, "bob", time.time() - 10)
+        routed = box.journal("GPU_ROUTER_EVENT=routed", f"_UID={uid(box, 'bob')}", args=[f"--since=@{since}"])
     finally:
         for h in held:
             h.end()
@@ -245,7 +246,8 @@ def test_ledger_workload_path_traversal_writes_nothing_for_a_member(box, watched
     created = [t for k, t in TARGETS.items() if k != "marshal" and not before[t] and after[t]]
     assert not written and not created and not seen[plain]["exists"], \
         f"root wrote for a member: marked {sorted(written)}, created {created}, plain {seen[plain]}"
-    assert r.returncode == 0 and routed.get("GPU_ROUTER_MODE") == "GPU", (r, routed.get("GPU_ROUTER_REASON"))
+    assert r.returncode == 0 and routed and routed[-1].get("GPU_ROUTER_MODE") == "GPU", \
+        (r.returncode, r.stderr[-600:], [(e.get("GPU_ROUTER_MODE"), e.get("GPU_ROUTER_REASON")) for e in routed])
 
 
 # A wrap record in the member's words: padding comments (the trim keeps the newest lines, and the file must be
