@@ -233,6 +233,8 @@ def test_ledger_workload_path_traversal_writes_nothing_for_a_member(box, watched
         wait_sampled(box, *(h.pid for h in held))
         seen = json.loads(watcher.communicate(timeout=30)[0])
         after = {t: box.run(["sha256sum", t], check=False).stdout for t in TARGETS.values()}
+        for h in held:  # bob's job comes after the attack: what root wrote (a drain file) would still act on it
+            h.end()
         since = time.time()
         r = job(box, "bob", 50, 0.2)
         routed = box.journal("GPU_ROUTER_EVENT=routed", f"_UID={uid(box, 'bob')}", args=[f"--since=@{since}"])
