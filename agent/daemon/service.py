@@ -413,13 +413,14 @@ class Agent:
 
     def _remember(self, job, fields):
         """The input of a GPU attempt that ran out of memory goes into the OOM memory (its identity as the agent
-        verified it at the grant): ``oom`` for a cuda-oom the job itself caused (outgrew; a job squeezed by others'
-        growth fits: its retry may go to the GPU again), ``suspect`` when the exit status is unknown but the GPU
-        was full while it ran (a retry within oom_memory.RETRY_WINDOW_S confirms it)."""
+        verified it at the grant): ``oom`` for any cuda-oom (outgrew, or squeezed: a job squeezed out early by
+        another's growth may itself not fit either, and its failure says nothing of its size, so its retry goes
+        where on_gpu_oom says, never blindly to the GPU again), ``suspect`` when the exit status is unknown but
+        the GPU was full while it ran (a retry within oom_memory.RETRY_WINDOW_S confirms it)."""
         if job.mode != "GPU" or job.input_id is None:
             return
         result = fields["RESULT"]
-        if result == "cuda-oom" and fields.get("OOM_CAUSE") == "outgrew":
+        if result == "cuda-oom":
             kind = "oom"
         elif result == "unknown" and accounting.gpu_was_full(job.peak_vram_mb, job.gpu_total_mb, job.others_mb):
             kind = "suspect"
