@@ -82,3 +82,23 @@ def test_the_agent_records_only_what_its_own_stat_confirms(tmp_path, monkeypatch
     assert oom_memory.verify(pid, str(f), (ident[0], ident[1] + 1, 3, ident[3])) is None  # a claim that lies
     assert oom_memory.verify(pid, str(f), None) is None
     assert oom_memory.verify(pid, str(tmp_path), oom_memory.identity_of(os.stat(tmp_path))) is None  # not a file
+
+
+def test_a_squeezed_cuda_oom_is_remembered_too(tmp_path, monkeypatch):
+    """An oversize input squeezed out early by another's growth failed within its reservation (OOM_CAUSE
+    squeezed): its failure says nothing of its size, so its retry must not go blindly to the GPU again (the
+    bench's *oversize* trace showed such inputs trying the GPU twice). The agent's _remember, on a real Agent."""
+    import helpers
+    from gpu_router.daemon import accounting, service
+
+    base, cfg = helpers.agent_folder(tmp_path, workload='binary = "/bin/true"\nthreshold = 100\n')
+    monkeypatch.setenv("GPU_ROUTER_CACHE_DIR", str(base))
+    agent = service.Agent(str(cfg))
+    for n, cause in enumerate(("squeezed", "outgrew")):
+        job = accounting.JobAccount(f"w-1-{n}", 1, "w", "GPU", "0", "10", None, None, None)
+        job.input_id = (1, 1000 + n, 10, 10)
+        job.peak_vram_mb, job.gpu_total_mb, job.others_mb = 3000, 8000, 5000
+        fields = {"RESULT": "cuda-oom", "OOM_CAUSE": cause}
+        agent._remember(job, fields)
+        assert fields.get("OOM_MEMORY") == "oom", cause
+        assert agent.oom.get(job.input_id) is not None
