@@ -59,41 +59,8 @@ class Record:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.asdict().items())})"
 
 
-class Router(Record):
-    __slots__ = ("lock_dir", "retry_exit_code", "wait", "probe_error_exit_code")
-
-
-class Host(Record):
-    __slots__ = ("gpu_vram_mb", "ram_mb", "other_ram_mb", "gpus")
-
-
-class Gpu(Record):
-    __slots__ = ("backend", "sample_interval", "snapshot", "snapshot_max_age", "call_timeout", "xid_holdoff",
-                 "ignored_xids", "reserve_mb", "visible_devices", "accounting")
-
-
-class Agent(Record):
-    __slots__ = ("socket", "group", "state_dir", "metrics_dir")
-
-
-class Workload(Record):
-    __slots__ = ("name", "source", "binary", "probe", "probe_command", "probe_timeout", "combine", "input",
-                 "threshold", "threshold_unit", "on_probe_error", "admission", "gpu_vram_mb", "vram_model",
-                 "vram_base_mb", "vram_per_unit_mb", "vram_calibration", "cpu_ram_mb", "gpu_ram_mb", "max_gpu_jobs",
-                 "blind_max_gpu_jobs", "max_cpu_jobs", "gpu_args", "cpu_args", "spill_to_cpu", "retry_exit_code", "wait", "scope",
-                 "on_gpu_oom",
-                 "gpu_memory_max", "cpu_memory_max", "memory_margin", "runtime_max", "bind_to_caller", "env")
-
-
-class Config(Record):
-    __slots__ = ("path", "router", "host", "gpu", "agent", "workloads")
-
-    def workload(self, name):
-        try:
-            return self.workloads[name]
-        except KeyError:
-            known = ", ".join(sorted(self.workloads)) or "none"
-            raise ConfigError(f"no workload profile named {name!r} (configured: {known})", self.path) from None
+# The records (Router, Host, Gpu, Agent, Workload, Config) are defined after the schema below: their slots are the
+# schema's keys, so a key added there reaches the record (tests/test_config_schema.py).
 
 
 # ---- value parsing (shared by validation and by the CLI) ----------------------------------------------------
@@ -510,6 +477,42 @@ WORKLOAD = {
     "bind_to_caller": (_bool, False),
     "env": (_env, {}),
 }
+
+
+# ---- the records: their fields are the schema's keys (one table), plus what validation derives ----------------
+
+WORKLOAD_DERIVED = ("name", "source", "vram_calibration")  # set by _workload, not keys of the file
+
+
+class Router(Record):
+    __slots__ = tuple(ROUTER)
+
+
+class Host(Record):
+    __slots__ = tuple(HOST)
+
+
+class Gpu(Record):
+    __slots__ = tuple(GPU)
+
+
+class Agent(Record):
+    __slots__ = tuple(AGENT)
+
+
+class Workload(Record):
+    __slots__ = WORKLOAD_DERIVED + tuple(WORKLOAD)
+
+
+class Config(Record):
+    __slots__ = ("path", "router", "host", "gpu", "agent", "workloads")
+
+    def workload(self, name):
+        try:
+            return self.workloads[name]
+        except KeyError:
+            known = ", ".join(sorted(self.workloads)) or "none"
+            raise ConfigError(f"no workload profile named {name!r} (configured: {known})", self.path) from None
 
 
 def _section(schema, raw, path, prefix):
