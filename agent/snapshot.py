@@ -12,6 +12,7 @@ Schema (HACKING.md): ``{"version": 1, "time", "source", "error", "driver", "gpus
 used_mb, free_mb, healthy, health, ours_mb, foreign_mb, processes: [{pid, used_mb, ours}]}]}``.
 """
 
+import errno
 import marshal
 import os
 import time
@@ -53,7 +54,7 @@ def _read_trusted(path):
     except FileNotFoundError:
         return None, "no-snapshot"
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP: the name is a symlink
+        if exc.errno == errno.ELOOP:  # the name is a symlink
             return None, "untrusted-snapshot"
         return None, "no-snapshot" if exc.errno in (2, 20) else "unreadable-snapshot"
     try:

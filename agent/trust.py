@@ -10,6 +10,7 @@ one link, its owner), and returns typed values or None: a value read here never 
 terminal unless it passed one of these checks. HACKING.md, "Threat model", lists who reads what.
 """
 
+import errno
 import fcntl
 import os
 import stat as _stat
@@ -173,7 +174,7 @@ def open_entry(dir_fd, name, size=MAX_ENTRY):
     try:
         fd = os.open(name, _FLAGS, dir_fd=dir_fd)
     except OSError as exc:
-        return False if exc.errno == 40 else None  # ELOOP: a symlink, refused; else gone or cannot tell
+        return False if exc.errno == errno.ELOOP else None  # a symlink, refused; else gone or cannot tell
     STATS["opens"] += 1
     try:
         st = os.fstat(fd)

@@ -21,8 +21,8 @@ def _config_with(extra_line, after):
 def test_a_key_added_to_the_schema_reaches_every_record():
     edits = [("ROUTER", '    "new_router_key": (_int(0, 9), 7),', '"lock_dir": (_abspath, "/run/gpu-router/locks"),',
               "router", 7),
-             ("HOST", '    "new_host_key": (_int(0, 9), 7),', '"other_ram_mb": (_mib(0), 3072),', "host", 7),
-             ("GPU", '    "new_gpu_key": (_int(0, 9), 7),', '"reserve_mb": (_mib(0), 0),', "gpu", 7),
+             ("HOST", '    "new_host_key": (_int(0, 9), 7),', '"other_ram_mb": (mib(0), 3072),', "host", 7),
+             ("GPU", '    "new_gpu_key": (_int(0, 9), 7),', '"reserve_mb": (mib(0), 0),', "gpu", 7),
              ("AGENT", '    "new_agent_key": (_int(0, 9), 7),', '"group": (_string, "gpu-router"),', "agent", 7)]
     for _schema, line, after, section, default in edits:
         c = _config_with(line, after)

@@ -74,7 +74,7 @@ def _sources(main_path):
 
     A drop-in that does not parse is kept as its error: it is fatal unless it is the file --force replaces.
     """
-    main_raw = _config._read_toml(main_path)
+    main_raw = _config.read_toml(main_path)
     if main_raw is None:
         if main_path != _config.DEFAULT_PATH:
             raise _config.ConfigError("no such config file", main_path)
@@ -90,7 +90,7 @@ def _sources(main_path):
     for name in names:
         path = os.path.join(ddir, name)
         try:
-            dropins.append((path, _config._read_toml(path) or {}))
+            dropins.append((path, _config.read_toml(path) or {}))
         except _config.ConfigError as exc:
             dropins.append((path, exc))
     return main_raw, dropins
@@ -332,7 +332,7 @@ def cmd_init(args):
     table["input"] = ask("input", "Which argument is the input (last-file, arg:N, option:--name)", "last-file",
                          lambda t: _check("input", str(t).strip()))
     n = len(probes)
-    default_unit = [_config._default_unit(p) for p in probes]
+    default_unit = [_config.default_unit(p) for p in probes]
     units = ask("unit", "Unit of the threshold" + _unit_hint(probes), default_unit, _units(probes),
                 show=",".join(default_unit))
     thresholds = ask("threshold", f"Threshold in {','.join(units)}: inputs under it go to the GPU, the others to "
@@ -474,7 +474,7 @@ def _value_hint(probes):
 
 def _mib_text(text):
     try:
-        return _config._mib(0)(text if not str(text).strip().isdigit() else int(str(text).strip()))
+        return _config.mib(0)(text if not str(text).strip().isdigit() else int(str(text).strip()))
     except ValueError as exc:
         raise ValueError(str(exc)) from None
 
