@@ -96,3 +96,21 @@ def test_listing_commands_through_the_launcher(tmp_path, gr_bin, clean_env):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+def test_bash_completion_offers_the_output_formats(tmp_path):
+    import pathlib
+
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    script = (f'source {repo / "packaging/completion/gpu-router"}; COMP_WORDS=("$@"); '
+              'COMP_CWORD=$((${#COMP_WORDS[@]}-1)); _gpu_router; printf "%s\\n" "${COMPREPLY[@]}"')
+
+    def complete(*words):
+        p = subprocess.run(["bash", "-c", script, "x", *words], capture_output=True, text=True, timeout=30)
+        return sorted(filter(None, p.stdout.split("\n")))
+
+    for command in LISTING:
+        assert complete("gpu-router", command, "-o", "") == ["json", "table"]
+        assert {"--output", "-o"} <= set(complete("gpu-router", command, "-"))
+    for command in WITH_HEADER:
+        assert {"--no-header", "--noheader"} <= set(complete("gpu-router", command, "--"))
