@@ -479,6 +479,47 @@ WORKLOAD = {
 }
 
 
+# `gpu-router init`'s questions, each also its flag (in this order in --help): profile key → (its flags, the flag's
+# help, the question, or None for a flag that is not asked). "name" is the profile's own name.
+# {fields} are the figures init fills in (detected GPUs, CPUs, the chosen probes); {{ }} is a literal brace.
+INIT_QUESTIONS = {
+    "name": (("--workload", "-w"), "the workload's name (names the profile file NAME.toml)",
+             "Workload name (names the profile, its lock files and scopes)"),
+    "binary": (("--binary",), "the real binary (absolute path)",
+               "Real binary of the workload (absolute path; after `gpu-router wrap` its .distrib/.real)"),
+    "probe": (("--probe",), "probe(s), comma-separated: {probes}",
+              "Probe measuring the input ({probes}; several: comma-separated)"),
+    "probe_command": (("--probe-command",), "for --probe command: the command line, with {{input}}",
+                      "Probe command printing one number (\"{{input}}\" is the input's path)"),
+    "input": (("--input",), "which argument is the input: last-file, arg:N, option:--name",
+              "Which argument is the input (last-file, arg:N, option:--name)"),
+    "threshold": (("--threshold",), "threshold(s), comma-separated, one per probe",
+                  "Threshold in {units}: inputs under it go to the GPU, the others to the CPU{count}{hint}"),
+    "threshold_unit": (("--unit",), "unit(s) of the threshold(s)", "Unit of the threshold{hint}"),
+    "gpu_vram_mb": (("--gpu-vram-mb",), "VRAM per GPU job, MiB",
+                    "VRAM per GPU job, MiB or e.g. 3.5G (its measured peak plus a little)"),
+    "cpu_ram_mb": (("--cpu-ram-mb",), "RAM per CPU job, MiB",
+                   "RAM per CPU job, MiB or e.g. 11G (its peak on a long input)"),
+    "admission": (("--admission",), "vram (default where the GPU's VRAM is known) or slots",
+                  "Admission: vram (as many GPU jobs as fit the GPU's free VRAM) or slots (a fixed count per GPU)"),
+    "max_gpu_jobs": (("--max-gpu-jobs",), "jobs per GPU (default: as many as fit in the GPU's memory)",
+                     "Max GPU jobs per GPU{fits}"),
+    "max_cpu_jobs": (("--max-cpu-jobs",), "CPU jobs in all (default: as many as fit in RAM)",
+                     "Max CPU jobs in all ({cpus} CPUs)"),
+    "gpu_args": (("--gpu-args",), "arguments appended on the GPU, one string (shell quoting)",
+                 "Arguments appended on the GPU (e.g. --device cuda)"),
+    "cpu_args": (("--cpu-args",), "arguments appended on the CPU, one string (shell quoting)",
+                 "Arguments appended on the CPU (e.g. --device cpu)"),
+    "retry_exit_code": (("--retry-exit-code",), "exit code of a BLOCKED job (default: [router] retry_exit_code)",
+                        "Exit code of a BLOCKED job (the caller retries on it)"),
+    "wait": (("--wait",), "bounded wait for a slot, e.g. 30s (default: [router] wait)",
+             "Wait for a slot before giving up (0s, 30s, 5m)"),
+    "scope": (("--scope",), "required, best-effort (default) or off",
+              "Systemd scope per job (required, best-effort, off)"),
+    "on_probe_error": (("--on-probe-error",), "cpu (default) or fail; not asked", None),
+}
+
+
 # ---- the records: their fields are the schema's keys (one table), plus what validation derives ----------------
 
 WORKLOAD_DERIVED = ("name", "source", "vram_calibration")  # set by _workload, not keys of the file
