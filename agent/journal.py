@@ -8,7 +8,6 @@ produce the same fields, so ``journalctl GPU_ROUTER_MODE=BLOCKED`` sees every ev
 A sink failure is swallowed: logging never stops a job.
 """
 
-import errno
 import os
 import sys
 
@@ -162,6 +161,8 @@ def send_journald(payload):
         try:
             sock.send(payload)
         except OSError as exc:
+            import errno  # not preloaded by python3 -IS: only on this error path
+
             if exc.errno != errno.EMSGSIZE:  # journald takes large entries through a memfd
                 raise
             _send_fd(sock, payload)

@@ -6,7 +6,6 @@ no cleanup daemon. Files are opened relative to the lock directory's fd with O_N
 nor a lock file can be swapped for a symlink under us; a directory or file writable by others is refused.
 """
 
-import errno
 import fcntl
 import os
 import stat as _stat
@@ -80,6 +79,8 @@ def _open_lock_file(dir_fd, name, display):
         fd = os.open(name, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o660,
                      dir_fd=dir_fd)
     except OSError as exc:
+        import errno  # not preloaded by python3 -IS: only on this error path
+
         if exc.errno == errno.ELOOP:  # the name is a symlink
             raise LockDirError(f"lock file {display} is a symlink; refusing it") from None
         raise LockDirError(f"cannot open lock file {display}: {exc.strerror}") from None

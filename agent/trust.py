@@ -10,7 +10,6 @@ one link, its owner), and returns typed values or None: a value read here never 
 terminal unless it passed one of these checks. HACKING.md, "Threat model", lists who reads what.
 """
 
-import errno
 import fcntl
 import os
 import stat as _stat
@@ -174,6 +173,8 @@ def open_entry(dir_fd, name, size=MAX_ENTRY):
     try:
         fd = os.open(name, _FLAGS, dir_fd=dir_fd)
     except OSError as exc:
+        import errno  # not preloaded by python3 -IS: only on this error path
+
         return False if exc.errno == errno.ELOOP else None  # a symlink, refused; else gone or cannot tell
     STATS["opens"] += 1
     try:

@@ -38,8 +38,9 @@ def test_no_errno_is_compared_with_a_bare_number():
     for rel, tree in _trees():
         for node in ast.walk(tree):
             if isinstance(node, ast.Compare) and isinstance(node.left, ast.Attribute) and node.left.attr == "errno":
-                found += [f"{rel}:{node.lineno}: errno vs {c.value}" for c in node.comparators
-                          if isinstance(c, ast.Constant) and isinstance(c.value, int)]
+                found += [f"{rel}:{node.lineno}: errno vs {e.value}" for c in node.comparators
+                          for e in ([c] if isinstance(c, ast.Constant) else getattr(c, "elts", []))
+                          if isinstance(e, ast.Constant) and isinstance(e.value, int)]
     assert found == []
 
 
