@@ -59,41 +59,8 @@ class Record:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.asdict().items())})"
 
 
-class Router(Record):
-    __slots__ = ("lock_dir", "retry_exit_code", "wait", "probe_error_exit_code")
-
-
-class Host(Record):
-    __slots__ = ("gpu_vram_mb", "ram_mb", "other_ram_mb", "gpus")
-
-
-class Gpu(Record):
-    __slots__ = ("backend", "sample_interval", "snapshot", "snapshot_max_age", "call_timeout", "xid_holdoff",
-                 "ignored_xids", "reserve_mb", "visible_devices", "accounting")
-
-
-class Agent(Record):
-    __slots__ = ("socket", "group", "state_dir", "metrics_dir")
-
-
-class Workload(Record):
-    __slots__ = ("name", "source", "binary", "probe", "probe_command", "probe_timeout", "combine", "input",
-                 "threshold", "threshold_unit", "on_probe_error", "admission", "gpu_vram_mb", "vram_model",
-                 "vram_base_mb", "vram_per_unit_mb", "vram_calibration", "cpu_ram_mb", "gpu_ram_mb", "max_gpu_jobs",
-                 "blind_max_gpu_jobs", "max_cpu_jobs", "gpu_args", "cpu_args", "spill_to_cpu", "retry_exit_code", "wait", "scope",
-                 "on_gpu_oom",
-                 "gpu_memory_max", "cpu_memory_max", "memory_margin", "runtime_max", "bind_to_caller", "env")
-
-
-class Config(Record):
-    __slots__ = ("path", "router", "host", "gpu", "agent", "workloads")
-
-    def workload(self, name):
-        try:
-            return self.workloads[name]
-        except KeyError:
-            known = ", ".join(sorted(self.workloads)) or "none"
-            raise ConfigError(f"no workload profile named {name!r} (configured: {known})", self.path) from None
+# The records (Router, Host, Gpu, Agent, Workload, Config) are defined after the schema below: their slots are the
+# schema's keys, so a key added there reaches the record (tests/test_config_schema.py).
 
 
 # ---- value parsing (shared by validation and by the CLI) ----------------------------------------------------
@@ -393,7 +360,7 @@ def _input(v):
                      f"\"option:--name\", got {_show(v)}")
 
 
-def _mib(lo=None, hi=MIB_MAX):
+def mib(lo=None, hi=MIB_MAX):
     """MiB as a whole number, or a size with its unit ("11G", "3700M", "512MiB")."""
     check = _int(lo, hi)
 
@@ -416,7 +383,7 @@ def _memory_max(v):
         return v
     if isinstance(v, str):
         try:
-            v = _mib(1)(v)
+            v = mib(1)(v)
         except ValueError:
             pass
     if isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MIB_MAX:
@@ -450,9 +417,9 @@ ROUTER = {
     "probe_error_exit_code": (_int(1, 255), 65),
 }
 HOST = {
-    "gpu_vram_mb": (_optional(_mib(1)), None),
-    "ram_mb": (_optional(_mib(1)), None),
-    "other_ram_mb": (_mib(0), 3072),
+    "gpu_vram_mb": (_optional(mib(1)), None),
+    "ram_mb": (_optional(mib(1)), None),
+    "other_ram_mb": (mib(0), 3072),
     "gpus": (_optional(_int(0, 64)), None),
 }
 GPU = {
@@ -463,7 +430,7 @@ GPU = {
     "call_timeout": (_bounded_duration(0.01, 3600), 5.0),
     "xid_holdoff": (_bounded_duration(0, 7 * 86400), 300.0),
     "ignored_xids": (_intlist, [13, 31, 43, 45, 68]),
-    "reserve_mb": (_mib(0), 0),
+    "reserve_mb": (mib(0), 0),
     "visible_devices": (_choice("uuid", "index"), "uuid"),
     "accounting": (_choice("auto", "off"), "auto"),
 }
@@ -488,12 +455,12 @@ WORKLOAD = {
     # the retry of an input whose GPU attempt ran out of memory (agent/oom_memory.py): the CPU, a GPU with room for
     # its measured need, or refused (exit 65)
     "on_gpu_oom": (_choice("cpu", "gpu-with-room", "fail"), "cpu"),
-    "gpu_vram_mb": (_mib(0), 0),
+    "gpu_vram_mb": (mib(0), 0),
     "vram_model": (_choice("constant", "linear", "calibrated"), "constant"),
     "vram_base_mb": (_number(positive=False, hi=MIB_MAX), 0),
     "vram_per_unit_mb": (_number(positive=False, hi=MIB_MAX), 0),
-    "cpu_ram_mb": (_mib(0), 0),
-    "gpu_ram_mb": (_optional(_mib(0)), None),
+    "cpu_ram_mb": (mib(0), 0),
+    "gpu_ram_mb": (_optional(mib(0)), None),
     "max_gpu_jobs": (_optional(_int(0, 4096)), None),  # slots: 1 when unset; vram: no cap (VRAM decides)
     "blind_max_gpu_jobs": (_optional(_int(1, 4096)), None),
     "max_cpu_jobs": (_int(0, 4096), 1),
@@ -510,6 +477,83 @@ WORKLOAD = {
     "bind_to_caller": (_bool, False),
     "env": (_env, {}),
 }
+
+
+# `gpu-router init`'s questions, each also its flag (in this order in --help): profile key → (its flags, the flag's
+# help, the question, or None for a flag that is not asked). "name" is the profile's own name.
+# {fields} are the figures init fills in (detected GPUs, CPUs, the chosen probes); {{ }} is a literal brace.
+INIT_QUESTIONS = {
+    "name": (("--workload", "-w"), "the workload's name (names the profile file NAME.toml)",
+             "Workload name (names the profile, its lock files and scopes)"),
+    "binary": (("--binary",), "the real binary (absolute path)",
+               "Real binary of the workload (absolute path; after `gpu-router wrap` its .distrib/.real)"),
+    "probe": (("--probe",), "probe(s), comma-separated: {probes}",
+              "Probe measuring the input ({probes}; several: comma-separated)"),
+    "probe_command": (("--probe-command",), "for --probe command: the command line, with {{input}}",
+                      "Probe command printing one number (\"{{input}}\" is the input's path)"),
+    "input": (("--input",), "which argument is the input: last-file, arg:N, option:--name",
+              "Which argument is the input (last-file, arg:N, option:--name)"),
+    "threshold": (("--threshold",), "threshold(s), comma-separated, one per probe",
+                  "Threshold in {units}: inputs under it go to the GPU, the others to the CPU{count}{hint}"),
+    "threshold_unit": (("--unit",), "unit(s) of the threshold(s)", "Unit of the threshold{hint}"),
+    "gpu_vram_mb": (("--gpu-vram-mb",), "VRAM per GPU job, MiB",
+                    "VRAM per GPU job, MiB or e.g. 3.5G (its measured peak plus a little)"),
+    "cpu_ram_mb": (("--cpu-ram-mb",), "RAM per CPU job, MiB",
+                   "RAM per CPU job, MiB or e.g. 11G (its peak on a long input)"),
+    "admission": (("--admission",), "vram (default where the GPU's VRAM is known) or slots",
+                  "Admission: vram (as many GPU jobs as fit the GPU's free VRAM) or slots (a fixed count per GPU)"),
+    "max_gpu_jobs": (("--max-gpu-jobs",), "jobs per GPU (default: as many as fit in the GPU's memory)",
+                     "Max GPU jobs per GPU{fits}"),
+    "max_cpu_jobs": (("--max-cpu-jobs",), "CPU jobs in all (default: as many as fit in RAM)",
+                     "Max CPU jobs in all ({cpus} CPUs)"),
+    "gpu_args": (("--gpu-args",), "arguments appended on the GPU, one string (shell quoting)",
+                 "Arguments appended on the GPU (e.g. --device cuda)"),
+    "cpu_args": (("--cpu-args",), "arguments appended on the CPU, one string (shell quoting)",
+                 "Arguments appended on the CPU (e.g. --device cpu)"),
+    "retry_exit_code": (("--retry-exit-code",), "exit code of a BLOCKED job (default: [router] retry_exit_code)",
+                        "Exit code of a BLOCKED job (the caller retries on it)"),
+    "wait": (("--wait",), "bounded wait for a slot, e.g. 30s (default: [router] wait)",
+             "Wait for a slot before giving up (0s, 30s, 5m)"),
+    "scope": (("--scope",), "required, best-effort (default) or off",
+              "Systemd scope per job (required, best-effort, off)"),
+    "on_probe_error": (("--on-probe-error",), "cpu (default) or fail; not asked", None),
+}
+
+
+# ---- the records: their fields are the schema's keys (one table), plus what validation derives ----------------
+
+WORKLOAD_DERIVED = ("name", "source", "vram_calibration")  # set by _workload, not keys of the file
+
+
+class Router(Record):
+    __slots__ = tuple(ROUTER)
+
+
+class Host(Record):
+    __slots__ = tuple(HOST)
+
+
+class Gpu(Record):
+    __slots__ = tuple(GPU)
+
+
+class Agent(Record):
+    __slots__ = tuple(AGENT)
+
+
+class Workload(Record):
+    __slots__ = WORKLOAD_DERIVED + tuple(WORKLOAD)
+
+
+class Config(Record):
+    __slots__ = ("path", "router", "host", "gpu", "agent", "workloads")
+
+    def workload(self, name):
+        try:
+            return self.workloads[name]
+        except KeyError:
+            known = ", ".join(sorted(self.workloads)) or "none"
+            raise ConfigError(f"no workload profile named {name!r} (configured: {known})", self.path) from None
 
 
 def _section(schema, raw, path, prefix):
@@ -594,14 +638,14 @@ def _normalize_thresholds(w, path, prefix):
         units = w["threshold_unit"][0].split("*") if w["threshold_unit"] else [None] * len(probes)
         if len(units) != len(probes):
             raise ConfigError(f"combine = \"product\": write one unit per probe joined by '*', e.g. "
-                              f"{'*'.join(_default_unit(p) for p in probes)!r}", path, f"{prefix}.threshold_unit")
+                              f"{'*'.join(default_unit(p) for p in probes)!r}", path, f"{prefix}.threshold_unit")
         factor, own = 1, []
         for probe, unit in zip(probes, units):
             try:
                 factor *= unit_factor(probe, unit) if unit is not None else 1
             except ValueError as exc:
                 raise ConfigError(str(exc), path, f"{prefix}.threshold_unit") from None
-            own.append(unit if probe == "command" and unit is not None else _default_unit(probe))
+            own.append(unit if probe == "command" and unit is not None else default_unit(probe))
         value = w["threshold"][0]
         if isinstance(value, str):
             raise ConfigError("with combine = \"product\" the threshold is a plain number", path,
@@ -621,7 +665,7 @@ def _normalize_thresholds(w, path, prefix):
         except ValueError as exc:
             raise ConfigError(str(exc), path, f"{prefix}.threshold") from None
         values.append(number)
-        own.append(unit if probe == "command" and unit is not None else _default_unit(probe))
+        own.append(unit if probe == "command" and unit is not None else default_unit(probe))
     w["threshold"], w["threshold_unit"] = values, own
 
 
@@ -715,7 +759,7 @@ def _calibrated(w, raw_profile, name, path, prefix, agent, read_calibration):
         if read_calibration is not None and read_calibration(cal_path) is SKIP_CALIBRATION:
             return  # `gpu-router calibrate` replacing it
         raise
-    raw = (read_calibration or _read_toml)(cal_path)
+    raw = (read_calibration or read_toml)(cal_path)
     if raw is SKIP_CALIBRATION:
         return
     if raw is None:
@@ -742,7 +786,7 @@ def _calibrated(w, raw_profile, name, path, prefix, agent, read_calibration):
         w["admission"] = "vram"
 
 
-def _default_unit(probe):
+def default_unit(probe):
     return {"ffprobe-duration": "seconds", "mediainfo-duration": "seconds", "media-duration": "seconds",
             "file-size": "bytes", "image-pixels": "pixels", "video-pixels": "pixels",
             "line-count": "lines"}.get(probe, "units")
@@ -918,7 +962,7 @@ def _trusted_dir(st):
     return st.st_uid in (0, os.geteuid()) and not st.st_mode & (_stat.S_IWGRP | _stat.S_IWOTH)
 
 
-def _read_toml(path):
+def read_toml(path):
     """The TOML document at ``path``, or None when there is none. Only a regular file is read (a directory, FIFO
     or device is refused by name, never opened for reading: a FIFO would hang, /dev/zero never end), at most
     MAX_CONFIG_BYTES, nested at most MAX_DEPTH deep."""
@@ -1007,11 +1051,11 @@ def parse(main_path, read_calibration=None, candidate=None):
     """
     cand_file, cand_target = candidate if candidate else (None, None)
     if cand_target == main_path:
-        main_raw = _read_toml(cand_file)
+        main_raw = read_toml(cand_file)
         if main_raw is None:
             raise ConfigError("no such file", cand_file)
         return validate(main_raw, cand_file, _read_dropins(main_path, None, None), read_calibration)
-    main_raw = _read_toml(main_path)
+    main_raw = read_toml(main_path)
     if main_raw is None:
         if main_path != DEFAULT_PATH:
             raise ConfigError("no such config file", main_path)
@@ -1033,12 +1077,12 @@ def _read_dropins(main_path, cand_file, cand_target):
         paths = sorted(paths + [cand_target])
     for path in paths:
         if path == cand_target:
-            raw = _read_toml(cand_file)
+            raw = read_toml(cand_file)
             if raw is None:
                 raise ConfigError("no such file", cand_file)
             dropins.append((cand_file, raw))
         else:
-            doc = _read_toml(path)
+            doc = read_toml(path)
             if doc is None:
                 raise ConfigError("is listed but cannot be found (a dangling symlink?); refusing it", path)
             dropins.append((path, doc))
@@ -1064,7 +1108,7 @@ def load(explicit=None, use_cache=True):
                 calibrations.append(_identity(path))  # before reading: a later change then differs from the key
             except OSError as exc:
                 raise ConfigError(f"cannot stat: {exc.strerror}", path) from None
-            return _read_toml(path)
+            return read_toml(path)
 
         plain = parse(main_path, read_calibration)
         _write_cache(cache_file, sources + calibrations, plain, [c[0] for c in calibrations])

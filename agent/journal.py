@@ -147,7 +147,8 @@ def decode_native(datagram):
             for k, v in parse_native(datagram, max_fields=1 << 30).items()}
 
 
-def _send_journald(payload):
+def send_journald(payload):
+    """One native-protocol datagram to journald (a memfd when it is too large for one); OSError when it cannot."""
     import _socket
 
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
@@ -160,21 +161,26 @@ def _send_journald(payload):
         try:
             sock.send(payload)
         except OSError as exc:
-            if exc.errno != 90:  # EMSGSIZE: journald takes large entries through a memfd; here, a temp file
+            import errno  # not preloaded by python3 -IS: only on this error path
+
+            if exc.errno != errno.EMSGSIZE:  # journald takes large entries through a memfd
                 raise
-            _send_journald_fd(sock, payload)
+            _send_fd(sock, payload)
     finally:
         sock.close()
 
 
-def _send_journald_fd(sock, payload):
+def _send_fd(sock, payload):
     import _socket
 
-    fd = os.memfd_create("gpu-router-journal", os.MFD_CLOEXEC | 0x0002)  # MFD_ALLOW_SEALING
+    import fcntl
+
+    fd = os.memfd_create("gpu-router-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.write(fd, payload)
-        import fcntl
-        fcntl.fcntl(fd, 1033, 0x0001 | 0x0002 | 0x0004 | 0x0008)  # F_ADD_SEALS: seal, shrink, grow, write
+        # journald takes a memfd only once sealed
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
         sock.sendmsg([], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))])
     finally:
         os.close(fd)
@@ -184,7 +190,7 @@ def _text(value):
     return value.decode("utf-8", "surrogateescape") if isinstance(value, (bytes, bytearray)) else str(value)
 
 
-def _json_line(pairs):
+def json_line(pairs):
     """One JSON object a line, as json.dumps(dict(pairs), ensure_ascii=False) writes it, without importing json
     (~2-5 ms on the hot path, where journald is absent). Bytes that are not UTF-8 are written as they are (the
     line is then as faithful as the journal's field)."""
@@ -211,12 +217,12 @@ def emit(event, message, fields, priority=None):
             if SINK is not None:
                 SINK(pairs)
             else:
-                _send_journald(encode_native(pairs))
+                send_journald(encode_native(pairs))
             return "journald"
         except Exception:  # noqa: BLE001 - OSError, or a sink that cannot take a value
             pass
     try:
-        os.write(2, _json_line(pairs).encode("utf-8", "surrogateescape"))
+        os.write(2, json_line(pairs).encode("utf-8", "surrogateescape"))
         return "stderr"
     except Exception:  # noqa: BLE001
         return None

@@ -79,7 +79,9 @@ def _open_lock_file(dir_fd, name, display):
         fd = os.open(name, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o660,
                      dir_fd=dir_fd)
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP: the name is a symlink
+        import errno  # not preloaded by python3 -IS: only on this error path
+
+        if exc.errno == errno.ELOOP:  # the name is a symlink
             raise LockDirError(f"lock file {display} is a symlink; refusing it") from None
         raise LockDirError(f"cannot open lock file {display}: {exc.strerror}") from None
     st = os.fstat(fd)

@@ -53,9 +53,11 @@ def _read_trusted(path):
     except FileNotFoundError:
         return None, "no-snapshot"
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP: the name is a symlink
+        import errno  # not preloaded by python3 -IS: only on this error path
+
+        if exc.errno == errno.ELOOP:  # the name is a symlink
             return None, "untrusted-snapshot"
-        return None, "no-snapshot" if exc.errno in (2, 20) else "unreadable-snapshot"
+        return None, "no-snapshot" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else "unreadable-snapshot"
     try:
         st = os.fstat(fd)
         if (st.st_mode & 0o170000) != 0o100000 or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:

@@ -175,7 +175,9 @@ def open_entry(dir_fd, name, size=MAX_ENTRY):
     try:
         fd = os.open(name, _FLAGS, dir_fd=dir_fd)
     except OSError as exc:
-        return False if exc.errno == 40 else None  # ELOOP: a symlink, refused; else gone or cannot tell
+        import errno  # not preloaded by python3 -IS: only on this error path
+
+        return False if exc.errno == errno.ELOOP else None  # a symlink, refused; else gone or cannot tell
     STATS["opens"] += 1
     try:
         st = os.fstat(fd)

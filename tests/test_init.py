@@ -339,3 +339,52 @@ def test_a_user_who_cannot_write_profiles_is_told_before_any_question(gr_bin, cl
     assert p.returncode == 1, p.stderr
     assert f"cannot write profiles in {etc.dropins} as this user: run gpu-router init as root" in p.stderr
     assert "Workload name" not in p.stdout
+
+
+# ---- the schema's table: init's flags and questions come from config.INIT_QUESTIONS ---------------------------------
+
+def _init_parser():
+    import argparse
+
+    from gpu_router.ops import cli
+
+    sub = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["init"]
+
+
+def test_init_flags_are_the_schema_tables_and_its_keys_are_profile_keys():
+    table = gr_config.INIT_QUESTIONS
+    assert set(table) <= set(gr_config.WORKLOAD) | {"name"}
+    flags = {o for a in _init_parser()._actions for o in a.option_strings}
+    assert flags == {f for fl, _h, _q in table.values() for f in fl} | {
+        "--yes", "-y", "--force", "--json", "--config", "--help", "-h"}
+    helps = {a.option_strings[0]: a.help for a in _init_parser()._actions if a.option_strings}
+    assert all(helps[fl[0]] == h.format(probes=", ".join(gr_config.PROBES)) for fl, h, _q in table.values())
+
+
+def test_init_asks_the_schema_tables_questions(tmp_path, monkeypatch, capsys):
+    """The wording lives in the table: change it there and init asks the new words (in-process, real stdin read)."""
+    import io
+
+    from gpu_router.ops import cli
+
+    (tmp_path / "config.toml").write_text("[host]\ngpu_vram_mb = 16384\nram_mb = 32000\n[gpu]\nbackend = \"none\"\n")
+    monkeypatch.setenv("GPU_ROUTER_CONFIG", str(tmp_path / "config.toml"))
+    monkeypatch.setitem(gr_config.INIT_QUESTIONS, "scope", (("--scope",), "h", "Which scope, {{really}}"))
+    monkeypatch.setitem(gr_config.INIT_QUESTIONS, "max_cpu_jobs",
+                        (("--max-cpu-jobs",), "h", "CPU jobs for {cpus} CPUs"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("off\n"))
+    assert cli.main(["init", "-w", "w", "--binary", "/bin/true", "--threshold", "5", "--gpu-vram-mb", "100",
+                     "--cpu-ram-mb", "100", "--max-gpu-jobs", "1", "--max-cpu-jobs", "1", "--admission", "slots",
+                     "--gpu-args", "", "--cpu-args", "", "--retry-exit-code", "75", "--wait", "0s", "--probe",
+                     "file-size", "--input", "last-file", "--unit", "bytes", "--yes"]) == 0
+    # --yes: nothing asked; without it only the question left (scope) is, in the table's words
+    assert "Which scope" not in capsys.readouterr().out
+    (tmp_path / "workloads.d/w.toml").unlink()
+    monkeypatch.setattr("sys.stdin", io.StringIO("3\noff\n"))
+    assert cli.main(["init", "-w", "w", "--binary", "/bin/true", "--threshold", "5", "--gpu-vram-mb", "100",
+                     "--cpu-ram-mb", "100", "--max-gpu-jobs", "1", "--admission", "slots",
+                     "--gpu-args", "", "--cpu-args", "", "--retry-exit-code", "75", "--wait", "0s", "--probe",
+                     "file-size", "--input", "last-file", "--unit", "bytes"]) == 2  # stdin ends at "write it?"
+    out = capsys.readouterr().out
+    assert "Which scope, {really} [best-effort]: " in out and "CPU jobs for" in out

@@ -243,7 +243,7 @@ def test_socket_path_from_environment(monkeypatch):
 def test_json_line_is_what_json_dumps_writes():
     nasty = "".join(chr(i) for i in range(128)) + '"\\ \u2028 ✓ 音 \udcff'
     pairs = [("MESSAGE", nasty), ("GPU_ROUTER_INPUT", "a\nb"), ("EMPTY", "")]
-    line = journal._json_line(pairs)
+    line = journal.json_line(pairs)
     assert line == json.dumps(dict(pairs), ensure_ascii=False) + "\n"
     assert json.loads(line) == dict(pairs)
 

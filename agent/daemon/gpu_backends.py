@@ -46,33 +46,31 @@ APPLICATION_XIDS = (13, 31, 43, 45, 68)
 XID_CRITICAL_EVENT = 0x8  # nvmlEventTypeXidCriticalError
 MIB = 1024 * 1024
 
-# NVML return codes (nvml.h) -> stable slugs for "error:<slug>".
-NVML_ERRORS = {
-    1: "uninitialized", 2: "invalid-argument", 3: "not-supported", 4: "no-permission", 5: "already-initialized",
-    6: "not-found", 7: "insufficient-size", 8: "insufficient-power", 9: "driver-not-loaded", 10: "timeout",
-    11: "irq-issue", 12: "library-not-found", 13: "function-not-found", 14: "corrupted-inforom", 15: "gpu-is-lost",
-    16: "reset-required", 17: "operating-system", 18: "lib-rm-version-mismatch", 19: "in-use", 20: "memory",
-    21: "no-data", 22: "vgpu-ecc-not-supported", 23: "insufficient-resources", 24: "freq-not-supported",
-    25: "argument-version-mismatch", 26: "deprecated", 27: "not-ready", 28: "gpu-not-found", 29: "invalid-state",
-    999: "unknown",
-}
-NVML_GPU_IS_LOST, NVML_RESET_REQUIRED, NVML_TIMEOUT, NVML_LIBRARY_NOT_FOUND = 15, 16, 10, 12
-NVML_NOT_SUPPORTED, NVML_NO_PERMISSION, NVML_NOT_FOUND = 3, 4, 6
 ACCOUNTING_POLICIES = ("auto", "off")
 START_SLACK_S = 2.0  # clock granularity between /proc's start time (ticks) and the driver's (µs)
-# Codes after which the session itself is suspect: shut NVML down and initialise it again.
-_REINIT_CODES = (1, 9, 17, 18, 999)
+# NVML return codes are pynvml's own names (NVML_ERROR_*), read from the binding in use; the nvidia-smi path needs
+# no pynvml. Codes after which the session itself is suspect: shut NVML down and initialise it again.
+_REINIT_ERRORS = ("UNINITIALIZED", "DRIVER_NOT_LOADED", "OPERATING_SYSTEM", "LIB_RM_VERSION_MISMATCH", "UNKNOWN")
+NVIDIA_SMI_DRIVER_NOT_LOADED = 9  # nvidia-smi exits with NVML's return code: NVML_ERROR_DRIVER_NOT_LOADED
 
 SHIM_MESSAGE = ("refusing PyPI's deprecated 'pynvml' package (it wraps or shadows NVIDIA's binding and warns on "
                 "import): remove it (pip uninstall pynvml) and install python3-pynvml or nvidia-ml-py")
 
 
-def health_of_code(code):
-    if code == NVML_GPU_IS_LOST:
+def health_of_code(code, nvml=None):
+    """An NVML return code -> "gpu-lost", "reset-required" or "error:<slug>", the slug made from pynvml's own name
+    (NVML_ERROR_NO_PERMISSION -> no-permission); "error:nvml-<code>" for a code the binding does not name."""
+    if nvml is None:
+        nvml, _reason = import_pynvml()
+    names = {} if nvml is None else {
+        getattr(nvml, name): name[len("NVML_ERROR_"):] for name in dir(nvml)
+        if name.startswith("NVML_ERROR_") and type(getattr(nvml, name)) is int}
+    name = names.get(code)
+    if name == "GPU_IS_LOST":
         return "gpu-lost"
-    if code == NVML_RESET_REQUIRED:
-        return "reset-required"
-    return "error:" + NVML_ERRORS.get(code, f"nvml-{code}")
+    if name is None:
+        return f"error:nvml-{code}"
+    return "error:" + name.lower().replace("_", "-") if name != "RESET_REQUIRED" else "reset-required"
 
 
 def _text(value):
@@ -224,6 +222,7 @@ class NvmlBackend(_Accounting):
             if pynvml is None:
                 raise ImportError(reason)
         self.nvml = pynvml
+        self._reinit_codes = tuple(getattr(pynvml, "NVML_ERROR_" + name) for name in _REINIT_ERRORS)
         self.call_timeout_s = call_timeout_s
         self.reinit_after = reinit_after
         self.watch_xid = watch_xid
@@ -283,7 +282,7 @@ class NvmlBackend(_Accounting):
         except n.NVMLError as exc:
             box.error = f"init-failed: {exc}"
             box.gpus = [_gpu(i, self._static.get(i), "init-failed", str(exc)) for i in sorted(self._static)]
-            self._library_missing = exc.value == NVML_LIBRARY_NOT_FOUND
+            self._library_missing = exc.value == n.NVML_ERROR_LIBRARY_NOT_FOUND
             return False
         self._initialized = True
         self._library_missing = False
@@ -322,8 +321,9 @@ class NvmlBackend(_Accounting):
             count = n.nvmlDeviceGetCount()
         except n.NVMLError as exc:
             box.error = f"query-failed: {exc}"
-            box.gpus = [_gpu(i, self._static.get(i), health_of_code(exc.value), str(exc)) for i in sorted(self._static)]
-            self._reinit = exc.value in _REINIT_CODES
+            box.gpus = [_gpu(i, self._static.get(i), health_of_code(exc.value, n), str(exc))
+                        for i in sorted(self._static)]
+            self._reinit = exc.value in self._reinit_codes
             return
         self._count = count
         for index in range(count):
@@ -345,8 +345,8 @@ class NvmlBackend(_Accounting):
             name = _text(n.nvmlDeviceGetName(handle))
             mem = n.nvmlDeviceGetMemoryInfo(handle)
         except n.NVMLError as exc:
-            gpu["health"], gpu["reason"] = health_of_code(exc.value), str(exc)
-            if exc.value in _REINIT_CODES:
+            gpu["health"], gpu["reason"] = health_of_code(exc.value, n), str(exc)
+            if exc.value in self._reinit_codes:
                 self._reinit = True
             return gpu
         total_mb = mem.total // MIB
@@ -359,8 +359,8 @@ class NvmlBackend(_Accounting):
         try:
             procs = n.nvmlDeviceGetComputeRunningProcesses(handle)
         except n.NVMLError as exc:
-            if exc.value in (NVML_GPU_IS_LOST, NVML_RESET_REQUIRED):
-                gpu["health"], gpu["reason"] = health_of_code(exc.value), str(exc)
+            if exc.value in (n.NVML_ERROR_GPU_IS_LOST, n.NVML_ERROR_RESET_REQUIRED):
+                gpu["health"], gpu["reason"] = health_of_code(exc.value, n), str(exc)
                 return gpu
             procs = []  # not supported / no permission (vGPU, containers): memory totals still hold
             gpu["reason"] = f"processes: {exc}"
@@ -381,9 +381,10 @@ class NvmlBackend(_Accounting):
         if entry is not None and entry["state"] == "unsupported":
             return "unsupported"  # asked once: it will not start supporting it
         try:
-            on = n.nvmlDeviceGetAccountingMode(handle) == 1  # NVML_FEATURE_ENABLED
+            on = n.nvmlDeviceGetAccountingMode(handle) == n.NVML_FEATURE_ENABLED
         except n.NVMLError as exc:
-            state = "unsupported" if exc.value in (NVML_NOT_SUPPORTED, 13) else health_of_code(exc.value)
+            state = "unsupported" if exc.value in (n.NVML_ERROR_NOT_SUPPORTED, n.NVML_ERROR_FUNCTION_NOT_FOUND) \
+                else health_of_code(exc.value, n)
             return self._acct_state(index, state, str(exc))["state"]
         except Exception as exc:  # an old binding without the function, a ctypes surprise
             return self._acct_state(index, "unsupported", f"{type(exc).__name__}: {exc}")["state"]
@@ -392,10 +393,10 @@ class NvmlBackend(_Accounting):
         if entry is not None and entry["state"] in ("no-permission", "error:no-permission"):
             return entry["state"]  # refused once; an admin may still turn it on, which the query above sees
         try:
-            n.nvmlDeviceSetAccountingMode(handle, 1)
+            n.nvmlDeviceSetAccountingMode(handle, n.NVML_FEATURE_ENABLED)
         except n.NVMLError as exc:
-            state = {NVML_NOT_SUPPORTED: "unsupported", NVML_NO_PERMISSION: "no-permission"}.get(
-                exc.value, health_of_code(exc.value))
+            state = {n.NVML_ERROR_NOT_SUPPORTED: "unsupported", n.NVML_ERROR_NO_PERMISSION: "no-permission"}.get(
+                exc.value, health_of_code(exc.value, n))
             return self._acct_state(index, state, str(exc))["state"]
         except Exception as exc:
             return self._acct_state(index, "unsupported", f"{type(exc).__name__}: {exc}")["state"]
@@ -417,12 +418,12 @@ class NvmlBackend(_Accounting):
                 try:
                     stats = n.nvmlDeviceGetAccountingStats(handle, pid)
                 except n.NVMLError as exc:
-                    if exc.value == NVML_NOT_FOUND:
+                    if exc.value == n.NVML_ERROR_NOT_FOUND:
                         if self._ring_full(handle):
                             return  # the ring overflowed: its record may have been pushed out
                         continue  # no context on this GPU: the process used none of it
-                    self._acct_state(index, "unsupported" if exc.value == NVML_NOT_SUPPORTED
-                                     else health_of_code(exc.value), str(exc))
+                    self._acct_state(index, "unsupported" if exc.value == n.NVML_ERROR_NOT_SUPPORTED
+                                     else health_of_code(exc.value, n), str(exc))
                     return  # mode turned off meanwhile (that clears the ring), or the GPU failed
                 if stats.maxMemoryUsage is None:
                     return  # the driver does not know per-process memory here
@@ -462,7 +463,7 @@ class NvmlBackend(_Accounting):
             n.nvmlDeviceRegisterEvents(handle, mask, self._event_set)
             self._registered.add(index)
         except n.NVMLError as exc:
-            if exc.value in (3, 4):  # NOT_SUPPORTED (too old), NO_PERMISSION (not root): retrying will not help
+            if exc.value in (n.NVML_ERROR_NOT_SUPPORTED, n.NVML_ERROR_NO_PERMISSION):  # too old, not root: for good
                 self._unwatchable.add(index)
 
     def _drain_events(self):
@@ -645,7 +646,8 @@ class SmiBackend(_Accounting):
             out["gpus"] = [_gpu(i, s, f"error:{kind}", str(exc)) for i, s in sorted(self._static.items())]
             return out
         text = " ".join(lines) + " " + err
-        if rc == 9 or "NVIDIA-SMI has failed" in text or "couldn't communicate with the NVIDIA driver" in text:
+        if rc == NVIDIA_SMI_DRIVER_NOT_LOADED or "NVIDIA-SMI has failed" in text or \
+                "couldn't communicate with the NVIDIA driver" in text:
             out["error"] = "init-failed: " + (lines[0] if lines else err.strip() or f"nvidia-smi exited {rc}")
             out["gpus"] = [_gpu(i, s, "init-failed", out["error"]) for i, s in sorted(self._static.items())]
             return out

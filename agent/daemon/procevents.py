@@ -11,6 +11,7 @@ queueing exit events in that socket (its receive buffer is raised to RCVBUF byte
 jobs that ended during the restart are read by the next agent, in order.
 """
 
+import errno
 import os
 import socket
 import struct
@@ -145,7 +146,7 @@ def drain(sock):
         except BlockingIOError:
             return events
         except OSError as exc:
-            if exc.errno == 105:  # ENOBUFS: events were dropped under load; keep going
+            if exc.errno == errno.ENOBUFS:  # events were dropped under load; keep going
                 continue
             raise
 

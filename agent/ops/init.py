@@ -74,7 +74,7 @@ def _sources(main_path):
 
     A drop-in that does not parse is kept as its error: it is fatal unless it is the file --force replaces.
     """
-    main_raw = _config._read_toml(main_path)
+    main_raw = _config.read_toml(main_path)
     if main_raw is None:
         if main_path != _config.DEFAULT_PATH:
             raise _config.ConfigError("no such config file", main_path)
@@ -90,7 +90,7 @@ def _sources(main_path):
     for name in names:
         path = os.path.join(ddir, name)
         try:
-            dropins.append((path, _config._read_toml(path) or {}))
+            dropins.append((path, _config.read_toml(path) or {}))
         except _config.ConfigError as exc:
             dropins.append((path, exc))
     return main_raw, dropins
@@ -146,16 +146,23 @@ def _args(text):
         raise ValueError(f"cannot split into arguments: {exc}") from None
 
 
+def _dest(key):
+    """The argparse name of question ``key``'s flag (--max-gpu-jobs → max_gpu_jobs, --unit → unit)."""
+    return _config.INIT_QUESTIONS[key][0][0][2:].replace("-", "_")
+
+
 class Asker:
-    """Asks on the terminal (or whatever stdin is), or takes the flag, or (with --yes) the default."""
+    """Asks on the terminal (or whatever stdin is), or takes the flag, or (with --yes) the default. The question
+    and its flag are the schema's (``config.INIT_QUESTIONS``); ``fields`` fill in its figures."""
 
     def __init__(self, args, out):
         self.args = args
         self.out = out
         self.answers = {}
 
-    def __call__(self, dest, prompt, default=_NONE, parse=str, show=None, flag=None):
-        flag = flag or "--" + dest.replace("_", "-")
+    def __call__(self, key, default=_NONE, parse=str, show=None, **fields):
+        flags, _help, question = _config.INIT_QUESTIONS[key]
+        flag, dest, prompt = flags[0], _dest(key), question.format(**fields)
         given = getattr(self.args, dest, None)
         if given is not None:
             try:
@@ -312,7 +319,7 @@ def cmd_init(args):
     if not os.access(existing, os.W_OK):  # say it before asking anything, not after the last answer
         raise InitRefused(f"cannot write profiles in {folder} as this user: run gpu-router init as root")
     ask = Asker(args, out)
-    name = ask("workload", "Workload name (names the profile, its lock files and scopes)", parse=_name)
+    name = ask("name", parse=_name)
     target = os.path.join(_config.dropin_dir(main_path), f"{name}.toml")
     if os.path.lexists(target) and not args.force:
         raise InitRefused(f"{target} exists: --force replaces it")
@@ -320,35 +327,29 @@ def cmd_init(args):
     for _path, raw in others:
         if isinstance(raw, _config.ConfigError):
             raise raw  # the wrapper would reject the whole configuration: fix that first
-    binary = ask("binary", "Real binary of the workload (absolute path; after `gpu-router wrap` its .distrib/.real)",
-                 _default_binary(name), _binary)
-    probes = ask("probe", f"Probe measuring the input ({', '.join(_config.PROBES)}; several: comma-separated)",
-                 ["file-size"], lambda t: _check("probe", _list(t)), show="file-size")
+    binary = ask("binary", _default_binary(name), _binary)
+    probes = ask("probe", ["file-size"], lambda t: _check("probe", _list(t)), show="file-size",
+                 probes=", ".join(_config.PROBES))
     table = {"binary": binary, "probe": probes[0] if len(probes) == 1 else probes}
     if "command" in probes:
-        command = ask("probe_command", "Probe command printing one number (\"{input}\" is the input's path)",
-                      parse=_probe_command)
+        command = ask("probe_command", parse=_probe_command)
         table["probe_command"] = command
-    table["input"] = ask("input", "Which argument is the input (last-file, arg:N, option:--name)", "last-file",
-                         lambda t: _check("input", str(t).strip()))
+    table["input"] = ask("input", "last-file", lambda t: _check("input", str(t).strip()))
     n = len(probes)
-    default_unit = [_config._default_unit(p) for p in probes]
-    units = ask("unit", "Unit of the threshold" + _unit_hint(probes), default_unit, _units(probes),
-                show=",".join(default_unit))
-    thresholds = ask("threshold", f"Threshold in {','.join(units)}: inputs under it go to the GPU, the others to "
-                     f"the CPU" + (f" ({n} values, comma-separated)" if n > 1 else "") + _value_hint(probes),
-                     parse=_thresholds(probes, units))
+    default_unit = [_config.default_unit(p) for p in probes]
+    units = ask("threshold_unit", default_unit, _units(probes), show=",".join(default_unit),
+                hint=_unit_hint(probes))
+    thresholds = ask("threshold", parse=_thresholds(probes, units), units=",".join(units),
+                     count=f" ({n} values, comma-separated)" if n > 1 else "", hint=_value_hint(probes))
     table["threshold"] = thresholds[0] if n == 1 else thresholds
     table["threshold_unit"] = units[0] if n == 1 else units
-    if args.on_probe_error is not None:  # a flag only: the runbook does not ask it
+    if getattr(args, _dest("on_probe_error")) is not None:  # a flag only: the runbook does not ask it
         try:
-            table["on_probe_error"] = _check("on_probe_error", args.on_probe_error)
+            table["on_probe_error"] = _check("on_probe_error", getattr(args, _dest("on_probe_error")))
         except ValueError as exc:
-            raise _config.ConfigError(f"--on-probe-error: {exc}") from None
-    table["gpu_vram_mb"] = ask("gpu_vram_mb", "VRAM per GPU job, MiB or e.g. 3.5G (its measured peak plus a "
-                               "little)", parse=_mib_text)
-    table["cpu_ram_mb"] = ask("cpu_ram_mb", "RAM per CPU job, MiB or e.g. 11G (its peak on a long input)",
-                              parse=_mib_text)
+            raise _config.ConfigError(f"{_config.INIT_QUESTIONS['on_probe_error'][0][0]}: {exc}") from None
+    table["gpu_vram_mb"] = ask("gpu_vram_mb", parse=_mib_text)
+    table["cpu_ram_mb"] = ask("cpu_ram_mb", parse=_mib_text)
     gpu_default = 1
     room, foreign = vram, _foreign_mb(gpus)
     if room is not None and foreign and cfg.host.gpu_vram_mb is None:
@@ -362,36 +363,28 @@ def cmd_init(args):
     # VRAM decides where VRAM is known: admission = "vram" admits a job whenever its VRAM fits the GPU's room, so
     # the GPU is never idle for want of a slot nor overcommitted by one (bench/README.md: the runbook's trace).
     vram_default = "vram" if vram is not None and table["gpu_vram_mb"] > 0 else "slots"
-    table["admission"] = ask("admission", "Admission: vram (as many GPU jobs as fit the GPU's free VRAM) or slots "
-                             "(a fixed count per GPU)", vram_default,
-                             lambda t: _check("admission", str(t).strip()))
+    table["admission"] = ask("admission", vram_default, lambda t: _check("admission", str(t).strip()))
     if table["admission"] == "vram":
-        cap = ask("max_gpu_jobs", "Max GPU jobs per GPU as an extra cap (none: VRAM alone decides)", None,
-                  lambda t: None if str(t).strip().lower() in ("", "none") else _int_text(0, 4096)(t), show="none")
+        cap = ask("max_gpu_jobs", None,
+                  lambda t: None if str(t).strip().lower() in ("", "none") else _int_text(0, 4096)(t), show="none",
+                  fits=" as an extra cap (none: VRAM alone decides)")
         if cap is not None:
             table["max_gpu_jobs"] = cap
     else:
-        table["max_gpu_jobs"] = ask("max_gpu_jobs", "Max GPU jobs per GPU" + fits, gpu_default,
-                                    _int_text(0, 4096))
+        table["max_gpu_jobs"] = ask("max_gpu_jobs", gpu_default, _int_text(0, 4096), fits=fits)
     cpu_default, cpus = 1, os.cpu_count() or 1
     if ram is not None and table["cpu_ram_mb"] > 0:  # as many as fit in RAM, but no more than the CPUs
         cpu_default = max(1, min((ram - cfg.host.other_ram_mb) // table["cpu_ram_mb"], cpus))
-    table["max_cpu_jobs"] = ask("max_cpu_jobs", f"Max CPU jobs in all ({cpus} CPUs)", cpu_default,
-                                _int_text(0, 4096))
-    table["gpu_args"] = ask("gpu_args", "Arguments appended on the GPU (e.g. --device cuda)", [], _args,
-                            show="none")
-    table["cpu_args"] = ask("cpu_args", "Arguments appended on the CPU (e.g. --device cpu)", [], _args,
-                            show="none")
-    retry = ask("retry_exit_code", "Exit code of a BLOCKED job (the caller retries on it)",
-                cfg.router.retry_exit_code, _int_text(1, 255))
+    table["max_cpu_jobs"] = ask("max_cpu_jobs", cpu_default, _int_text(0, 4096), cpus=cpus)
+    table["gpu_args"] = ask("gpu_args", [], _args, show="none")
+    table["cpu_args"] = ask("cpu_args", [], _args, show="none")
+    retry = ask("retry_exit_code", cfg.router.retry_exit_code, _int_text(1, 255))
     if retry != cfg.router.retry_exit_code:
         table["retry_exit_code"] = retry
-    wait = ask("wait", "Wait for a slot before giving up (0s, 30s, 5m)", None, _wait,
-               show=_fmt_num(cfg.router.wait) + "s")
+    wait = ask("wait", None, _wait, show=_fmt_num(cfg.router.wait) + "s")
     if wait is not None and _config.parse_duration(wait) != cfg.router.wait:
         table["wait"] = wait
-    table["scope"] = ask("scope", "Systemd scope per job (required, best-effort, off)", "best-effort",
-                         lambda t: _check("scope", str(t).strip()))
+    table["scope"] = ask("scope", "best-effort", lambda t: _check("scope", str(t).strip()))
 
     # The one validation, over the whole configuration as it will be: never a profile the wrapper rejects.
     plain = _config.validate(main_raw, main_path, others + [(target, {"workloads": {name: table}})])
@@ -474,7 +467,7 @@ def _value_hint(probes):
 
 def _mib_text(text):
     try:
-        return _config._mib(0)(text if not str(text).strip().isdigit() else int(str(text).strip()))
+        return _config.mib(0)(text if not str(text).strip().isdigit() else int(str(text).strip()))
     except ValueError as exc:
         raise ValueError(str(exc)) from None
 
@@ -518,24 +511,9 @@ def _run(args):
 
 def register(sub, command):
     c = command("init", "write a workload profile by asking what the runbook asks (every question has a flag)")
-    c.add_argument("--workload", "-w", help="the workload's name (names the profile file NAME.toml)")
-    c.add_argument("--binary", help="the real binary (absolute path)")
-    c.add_argument("--probe", help=f"probe(s), comma-separated: {', '.join(_config.PROBES)}")
-    c.add_argument("--probe-command", help="for --probe command: the command line, with {input}")
-    c.add_argument("--input", help="which argument is the input: last-file, arg:N, option:--name")
-    c.add_argument("--threshold", help="threshold(s), comma-separated, one per probe")
-    c.add_argument("--unit", help="unit(s) of the threshold(s)")
-    c.add_argument("--gpu-vram-mb", help="VRAM per GPU job, MiB")
-    c.add_argument("--cpu-ram-mb", help="RAM per CPU job, MiB")
-    c.add_argument("--admission", help="vram (default where the GPU's VRAM is known) or slots")
-    c.add_argument("--max-gpu-jobs", help="jobs per GPU (default: as many as fit in the GPU's memory)")
-    c.add_argument("--max-cpu-jobs", help="CPU jobs in all (default: as many as fit in RAM)")
-    c.add_argument("--gpu-args", help="arguments appended on the GPU, one string (shell quoting)")
-    c.add_argument("--cpu-args", help="arguments appended on the CPU, one string (shell quoting)")
-    c.add_argument("--retry-exit-code", help="exit code of a BLOCKED job (default: [router] retry_exit_code)")
-    c.add_argument("--wait", help="bounded wait for a slot, e.g. 30s (default: [router] wait)")
-    c.add_argument("--scope", help="required, best-effort (default) or off")
-    c.add_argument("--on-probe-error", help="cpu (default) or fail; not asked")
+    probes = ", ".join(_config.PROBES)
+    for flags, help_text, _question in _config.INIT_QUESTIONS.values():  # the schema's table: one flag a question
+        c.add_argument(*flags, help=help_text.format(probes=probes))
     c.add_argument("--yes", "-y", action="store_true", help="ask nothing: defaults for what is not given")
     c.add_argument("--force", action="store_true", help="replace an existing workloads.d/NAME.toml")
     c.set_defaults(func=_run)

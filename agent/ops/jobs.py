@@ -176,7 +176,7 @@ COLUMNS = ("START", "JOB", "WORKLOAD", "CALLER/UID", "MODE", "DEV", "WAITED", "E
            "RAM_MB", "VRAM_MB/PRED", "INPUT")
 
 
-def table(jobs, now=None):
+def table(jobs, now=None, header=True):
     now = now or time.time()
     rows = [COLUMNS]
     for j in jobs:
@@ -190,7 +190,8 @@ def table(jobs, now=None):
                      result, _v(j["exit_status"]), _v(j["peak_ram_mb"]), vram,
                      _t(os.path.basename(j["input"])) if j["input"] else "-"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+                     for r in rows[0 if header else 1:])
 
 
 def one(j):
@@ -252,7 +253,8 @@ def cmd_jobs(args):
         _emit(args, {"since": args.since, "until": args.until, "jobs": jobs, "partial": partial is not None,
                      "note": partial, "ignored": ignored}, "")
         return 0
-    text = table(jobs) if jobs else f"no jobs since {_t(args.since)}" + (" matching the filters" if (
+    header = not args.no_header
+    text = table(jobs, header=header) if jobs else f"no jobs since {_t(args.since)}" + (" matching the filters" if (
         args.workload or args.result or args.mode or args.caller) else "")
     _emit(args, None, text)
     return 0
@@ -269,4 +271,7 @@ def register(sub, command):
                    help="only jobs decided so")
     c.add_argument("--caller", help="only jobs started by this systemd unit (e.g. runner.service)")
     c.add_argument("--directory", "-D", help="read journal files from this directory")
+    from . import listing
+
+    listing.add_output_options(c)
     c.set_defaults(func=cmd_jobs)

@@ -172,7 +172,7 @@ def _dur(s):
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
-def render(jobs, waiting):
+def render(jobs, waiting, header=True):
     from ..termtext import field as _t
 
     lines = [f"running jobs: {len(jobs)}"]
@@ -188,7 +188,8 @@ def render(jobs, waiting):
                          f"{n(j['ram_mb'])}/{n(j['memory_max_mb'])}",
                          _t(os.path.basename(j["input"])) if j["input"] else "-"))  # the member's file name
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+                  for r in rows[0 if header else 1:]]
     lines.append(f"waiting: {len(waiting)}")
     for w in waiting:
         lines.append(f"  #{w['position']} {w['workload']} ({w['pool']}) pid {w['pid']} {w['user'] or '-'}, "

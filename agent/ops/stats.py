@@ -264,4 +264,7 @@ def register(sub, command):
     c.add_argument("--directory", "-D", help="read journal files from this directory")
     c.add_argument("--chart", metavar="FILE", help="also draw the jobs' metrics by decision against the threshold "
                                                     "(.png/.svg/.pdf; needs python3-matplotlib)")
+    from . import listing
+
+    listing.add_output_options(c, header=False)
     c.set_defaults(func=cmd_stats)

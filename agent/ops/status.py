@@ -48,8 +48,8 @@ def collect(cfg):
     return data
 
 
-def render(data):
-    """The text of `status`; member-chosen names escaped (``termtext``)."""
+def render(data, header=True):
+    """The text of `status`; member-chosen names escaped (``termtext``); ``header``: the jobs table's header row."""
     from ..termtext import field as _t
 
     lines = []
@@ -77,7 +77,7 @@ def render(data):
         lines.append(f"  VRAM reserved on {key}: " + ", ".join(f"pid {e['pid']} {e['mb']} MiB" for e in entries))
     from . import live
 
-    lines.append(live.render(data.get("jobs", []), data.get("waiting", [])))
+    lines.append(live.render(data.get("jobs", []), data.get("waiting", []), header))
     lines.append(f"running scopes: {len(data['scopes'])}")
     for s in data["scopes"]:
         lines.append(f"  {s['scope']} pids {' '.join(map(str, s['pids']))}")
@@ -94,7 +94,7 @@ def cmd_status(args):
     cfg = _config.load(args.config)
     if not args.watch:
         data = collect(cfg)
-        _emit(args, data, render(data))
+        _emit(args, data, render(data, not args.no_header))
         return 0
     shown = 0
     tty = sys.stdout.isatty()
@@ -104,9 +104,10 @@ def cmd_status(args):
             if args.json:  # one JSON document a line, like `journalctl -o json`
                 sys.stdout.write(json.dumps(data, sort_keys=True, default=str, ensure_ascii=False) + "\n")
             else:
-                head = f"every {args.watch:g}s: gpu-router status    {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n"
-                sys.stdout.write(("\033[H\033[2J" if tty else "") + head + block(render(data)) + "\n" + (
-                    "" if tty else "\n"))
+                head = "" if args.no_header else \
+                    f"every {args.watch:g}s: gpu-router status    {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n"
+                sys.stdout.write(("\033[H\033[2J" if tty else "") + head + block(render(data, not args.no_header))
+                                 + "\n" + ("" if tty else "\n"))
             sys.stdout.flush()
             shown += 1
             if args.count and shown >= args.count:
@@ -121,4 +122,7 @@ def register(sub, command):
     c.add_argument("--watch", "-W", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
                    help="refresh every SECONDS (default 2) until Ctrl-C; with --json one document a line")
     c.add_argument("--count", "-n", type=int, default=0, help="with --watch: stop after this many refreshes")
+    from . import listing
+
+    listing.add_output_options(c)
     c.set_defaults(func=cmd_status)
