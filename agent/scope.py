@@ -57,22 +57,11 @@ def properties(workload, mode, metric_text, pid, caller_unit=None, memory_max_mb
     return props
 
 
-def caller_unit(pid="self"):
+def binding_service(pid="self"):
     """The .service a process runs in (from /proc/PID/cgroup), for BindsTo=; None outside a service."""
-    try:
-        with open(f"/proc/{pid}/cgroup", "rb") as f:
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return None
-    paths = {}
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        paths[controllers] = path
-    path = paths.get("") or paths.get("name=systemd") or ""
-    for part in reversed(path.split("/")):
-        if part.endswith(".service"):
-            return part
-    return None
+    from . import confinement
+
+    return confinement.service_of(confinement.read(pid))
 
 
 # ---- asking the agent ----------------------------------------------------------------------------------------
@@ -152,7 +141,7 @@ def place_directly(job):
     from . import policy
 
     w = job.workload
-    props = properties(w, job.mode, job.fields()["METRIC"], os.getpid(), caller_unit(),
+    props = properties(w, job.mode, job.fields()["METRIC"], os.getpid(), binding_service(),
                        policy.memory_max_mb(w, job.mode))
     name = unit_name(job.id)
     start_scope(name, props)

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 
+from .. import confinement
 from ..termtext import field as _t
 from . import stats
 
@@ -109,11 +110,12 @@ def still_running(j):
     if not pid:
         return False
     try:
-        with open(f"/proc/{int(pid)}/cgroup") as f:
-            cgroups = f.read()
-    except (OSError, ValueError):
+        lines = confinement.read(int(pid))
+    except ValueError:
         return False
-    return not j.get("scope") or j["scope"] in cgroups
+    if not lines:   # gone
+        return False
+    return not j.get("scope") or any(j["scope"] in path for _c, path in lines)
 
 
 def settle(jobs):
