@@ -806,6 +806,16 @@ def dropin_dir(main_path):
     return os.path.join(os.path.dirname(main_path), "workloads.d")
 
 
+def is_dropin(name):
+    """A drop-in is read only when named *.toml, never a hidden file (an editor's)."""
+    return name.endswith(".toml") and not name.startswith(".")
+
+
+def dropin_names(ddir):
+    """The drop-ins read from `ddir`, sorted (os.listdir's OSError when it cannot be listed)."""
+    return sorted(n for n in os.listdir(ddir) if is_dropin(n))
+
+
 def _identity(path):
     """(path, mtime, size, inode, ctime) of a file, or (path, None) when it does not exist."""
     try:
@@ -827,7 +837,7 @@ def _sources(main_path):
         out.append(_identity(path))
     ddir = dropin_dir(main_path)
     try:
-        names = sorted(n for n in os.listdir(ddir) if n.endswith(".toml") and not n.startswith("."))
+        names = dropin_names(ddir)
     except (FileNotFoundError, NotADirectoryError):
         names = []
     for name in names:
@@ -1023,7 +1033,7 @@ def _read_dropins(main_path, cand_file, cand_target):
     ddir = dropin_dir(main_path)
     dropins = []
     try:
-        names = sorted(n for n in os.listdir(ddir) if n.endswith(".toml") and not n.startswith("."))
+        names = dropin_names(ddir)
     except (FileNotFoundError, NotADirectoryError):
         names = []
     except OSError as exc:

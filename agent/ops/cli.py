@@ -277,7 +277,7 @@ def cmd_check(args):
     if candidate:
         lines.append(f"candidate {candidate[0]} as {candidate[1]}: the configuration with it is valid "
                      f"(nothing was activated)")
-        if not os.path.basename(candidate[1]).endswith(".toml") or os.path.basename(candidate[1]).startswith("."):
+        if not _config.is_dropin(os.path.basename(candidate[1])):
             lines.append(f"  ! {candidate[1]} would be ignored: drop-ins are read only when named *.toml")
             bad = True
         lines.append("")
@@ -387,9 +387,9 @@ def cmd_wrap(args):
     profile = cfg.workload(args.workload)
     target = os.path.abspath(args.binary) if "/" in args.binary else None
     if target is None:
-        from ..wrapper.probe import which
+        from ..executables import USER_PATH, which
 
-        target = which(args.binary, os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin")
+        target = which(args.binary, fallback=USER_PATH)
     same = target is not None and (profile.binary == target or (
         os.path.exists(target) and os.path.realpath(profile.binary) == os.path.realpath(target)))
     placeholder = "/gpu-router-wrap-placeholder"

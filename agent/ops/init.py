@@ -81,7 +81,7 @@ def _sources(main_path):
         main_raw = {}
     ddir = _config.dropin_dir(main_path)
     try:
-        names = sorted(n for n in os.listdir(ddir) if n.endswith(".toml") and not n.startswith("."))
+        names = _config.dropin_names(ddir)
     except (FileNotFoundError, NotADirectoryError):
         names = []
     except OSError as exc:
@@ -211,9 +211,9 @@ def _wrapped_real(name):
     """The real binary recorded by `gpu-router wrap` for workload NAME (or a binary named NAME), or None."""
     import tomllib
 
-    from ..wrapper.wrapmap import WRAPPED_DIR
+    from .. import wrapmap
 
-    folder = os.environ.get("GPU_ROUTER_WRAPPED_DIR") or WRAPPED_DIR
+    folder = wrapmap.folder()
     try:
         names = sorted(n for n in os.listdir(folder) if n.endswith(".toml"))
     except OSError:
@@ -232,13 +232,13 @@ def _wrapped_real(name):
 def _default_binary(name):
     """The real binary of NAME: what `gpu-router wrap` recorded, its .distrib / .real, else NAME on PATH (never a
     wrapped name: that is gpu-router itself)."""
-    from ..wrapper.probe import which
+    from ..executables import USER_PATH, which
 
     real = _wrapped_real(name)
     if real:
         return real
 
-    found = which(name, os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin")
+    found = which(name, fallback=USER_PATH)
     folders = [os.path.dirname(found)] if found else []
     folders += [d for d in ("/usr/local/bin", "/usr/bin", "/usr/sbin", "/bin") if d not in folders]
     for folder in folders:
@@ -254,7 +254,7 @@ def _default_binary(name):
 def _binary(text):
     path = str(text).strip()
     if not path.startswith("/"):
-        from ..wrapper.probe import which
+        from ..executables import which
 
         found = which(path)
         if found is None:
