@@ -12,7 +12,7 @@ import sys
 from .. import config as _config
 from .. import policy, slots
 from ..wrapper.probe import ProbeFailed, find_input, measure
-from . import preflight
+from . import host, preflight
 
 
 def _load(args):
@@ -38,12 +38,6 @@ def _emit(args, data, text):
         sys.stdout.write(block(text.rstrip("\n")) + "\n")
 
 
-def _gpus(cfg):
-    from ..wrapper.run import read_gpus
-
-    return read_gpus(cfg)
-
-
 # ---- explain --------------------------------------------------------------------------------------------------
 
 def cmd_explain(args):
@@ -57,7 +51,7 @@ def cmd_explain(args):
         values = _measure_as(viewer, w, path)
     except ProbeFailed as exc:
         probe_error = {"reason": exc.reason, "message": str(exc)}
-    gpus, gpu_state = _gpus(cfg)
+    gpus, gpu_state = host.snapshot_gpus(cfg)
     reservations = slots.live_reservations(cfg.router.lock_dir) if w.admission == "vram" else {}
     oom_entry, oom_how = _oom_before(cfg, w, path)
     after = policy.after_gpu_oom(w, oom_how, oom_entry[4] if oom_entry else None)
@@ -204,21 +198,9 @@ def _measure_as(viewer, w, path):
     raise ProbeFailed(out["reason"], out["message"])
 
 
-def host_figures(cfg, gpus):
-    """(GPU count, VRAM per GPU, RAM) a budget counts with: the [host] keys, else what the snapshot and
-    /proc/meminfo say (the smallest GPU's VRAM, so every GPU can take what is planned)."""
-    vram = cfg.host.gpu_vram_mb
-    if vram is None and gpus:
-        totals = [g.total_mb for g in gpus if g.total_mb]
-        vram = min(totals) if totals else None
-    ram = cfg.host.ram_mb if cfg.host.ram_mb is not None else system_ram_mb()
-    count = cfg.host.gpus if cfg.host.gpus is not None else (len(gpus) if gpus is not None else 1)
-    return count, vram, ram
-
-
 def _budget(cfg, w, gpus):
-    count, vram, ram = host_figures(cfg, gpus)
-    return policy.budget(w, vram, count, ram, cfg.host.other_ram_mb)
+    h = host.figures(cfg, gpus)
+    return policy.budget(w, h.vram_mb, h.gpus, h.ram_mb, cfg.host.other_ram_mb)
 
 
 def _free_slots(cfg, w, plan):
@@ -237,17 +219,6 @@ def _free_slots(cfg, w, plan):
 
 # ---- check ------------------------------------------------------------------------------------------------------
 
-def system_ram_mb():
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        return None
-    return None
-
-
 def cmd_check(args):
     candidate = None
     if args.file:
@@ -261,18 +232,8 @@ def cmd_check(args):
     if not names:
         sys.stderr.write(f"gpu-router: no workload profiles in {cfg.path} or its workloads.d/\n")
         return 1
-    gpus, gpu_state = _gpus(cfg)
-    vram = cfg.host.gpu_vram_mb
-    vram_source = "config [host] gpu_vram_mb" if vram is not None else None
-    if vram is None and gpus:
-        totals = [g.total_mb for g in gpus if g.total_mb]
-        if totals:
-            vram, vram_source = min(totals), "detected (smallest GPU)"
-    ram = cfg.host.ram_mb
-    ram_source = "config [host] ram_mb" if ram is not None else "detected (/proc/meminfo)"
-    if ram is None:
-        ram = system_ram_mb()
-    count = cfg.host.gpus if cfg.host.gpus is not None else (len(gpus) if gpus is not None else 1)
+    gpus, gpu_state = host.snapshot_gpus(cfg)
+    h = host.figures(cfg, gpus)
     results, lines, bad = {}, [], False
     if candidate:
         lines.append(f"candidate {candidate[0]} as {candidate[1]}: the configuration with it is valid "
@@ -283,8 +244,8 @@ def cmd_check(args):
         lines.append("")
     for name in names:
         w = cfg.workload(name)
-        b = policy.budget(w, vram, count, ram, cfg.host.other_ram_mb)
-        b["gpu_vram_source"], b["ram_source"], b["gpus"] = vram_source, ram_source, count
+        b = policy.budget(w, h.vram_mb, h.gpus, h.ram_mb, cfg.host.other_ram_mb)
+        b["gpu_vram_source"], b["ram_source"], b["gpus"] = h.vram_source, h.ram_source, h.gpus
         problems = policy.budget_problems(w, b)
         blocking = preflight.problems(w, b)
         problems += [p for p in blocking if p not in problems]

@@ -27,44 +27,13 @@ import time
 
 from .. import config as _config
 from .. import atomicfile, policy
+from . import host
 
 _NONE = object()  # a question without a default
 
 
 class InitRefused(Exception):
     """Nothing written, on purpose (the file exists, the operator said no): exit 1."""
-
-
-# ---- detection ------------------------------------------------------------------------------------------------
-
-def detect_gpus(cfg):
-    """([GPU dict with index, name, total_mb, …], where from): the agent's snapshot, else the GPU backend itself."""
-    from .. import snapshot
-
-    snap, why = snapshot.read(cfg.gpu.snapshot, cfg.gpu.snapshot_max_age)
-    if snap is not None and snap.get("gpus"):
-        return list(snap["gpus"]), f"agent snapshot ({snap.get('source')})"
-    if cfg.gpu.backend == "none":
-        return [], "[gpu] backend = \"none\""
-    from ..daemon import gpu_backends as gpu
-
-    backend = gpu.open_backend(cfg.gpu.backend, cfg.gpu.call_timeout)
-    try:
-        sample = backend.sample()
-    finally:
-        backend.close()
-    source = sample.get("source") or "none"
-    if sample.get("error"):
-        source += f": {sample['error']}"
-    elif source == "none":
-        source = "no NVML, no nvidia-smi"
-    return list(sample.get("gpus") or ()), source
-
-
-def system_ram_mb():
-    from .cli import system_ram_mb as read
-
-    return read()
 
 
 # ---- the current configuration (everything but the new profile) ------------------------------------------------
@@ -282,17 +251,9 @@ def cmd_init(args):
     main_raw, dropins = _sources(main_path)
     cfg = _config.build(_config.validate(main_raw, main_path, []))  # the settings; the profiles are checked below
 
-    gpus, gpu_source = detect_gpus(cfg)
-    totals = [g["total_mb"] for g in gpus if g.get("total_mb")]
-    if cfg.host.gpu_vram_mb is not None:
-        vram, vram_source = cfg.host.gpu_vram_mb, "config [host] gpu_vram_mb"
-    elif totals:
-        vram, vram_source = min(totals), f"detected, smallest GPU ({gpu_source})"
-    else:
-        vram, vram_source = None, None
-    ram = cfg.host.ram_mb if cfg.host.ram_mb is not None else system_ram_mb()
-    ram_source = "config [host] ram_mb" if cfg.host.ram_mb is not None else "detected (/proc/meminfo)"
-    count = cfg.host.gpus if cfg.host.gpus is not None else (len(gpus) if gpus else 1)
+    gpus, gpu_source = host.detect_gpus(cfg)
+    h = host.figures(cfg, gpus, gpu_source)
+    vram, vram_source, ram, ram_source, count = h.vram_mb, h.vram_source, h.ram_mb, h.ram_source, h.gpus
     detected = {"gpus": [{k: g.get(k) for k in ("index", "name", "total_mb", "free_mb")} for g in gpus],
                 "gpu_source": gpu_source, "gpu_vram_mb": vram, "gpu_vram_source": vram_source, "ram_mb": ram,
                 "ram_source": ram_source}

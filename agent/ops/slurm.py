@@ -23,7 +23,7 @@ import sys
 
 from .. import config as _config
 from .. import policy
-from . import slurmconf
+from . import host, slurmconf
 
 REFUSED = "--gpu-router-request-failed"   # sbatch stops on an unknown option: `sbatch $(…)` submits nothing
 SCHED = "sched_interval=2"
@@ -36,18 +36,15 @@ def gres_name(workload, pool):
 
 
 def host_figures(cfg):
-    """(gpus, gpu_vram_mb, ram_mb, gpu_state): what `gpu-router check` counts with."""
-    from . import cli
-
-    gpus, gpu_state = cli._gpus(cfg)
-    return (*cli.host_figures(cfg, gpus), gpu_state)
+    """(gpus, gpu_vram_mb, ram_mb, gpu_state): what `gpu-router check` counts with (ops/host.py)."""
+    gpus, gpu_state = host.snapshot_gpus(cfg)
+    h = host.figures(cfg, gpus)
+    return h.gpus, h.vram_mb, h.ram_mb, gpu_state
 
 
 def node_figures():
     """(CPUs, RealMemory MiB) as slurmd itself finds them: every CPU of the host, MemTotal."""
-    from .cli import system_ram_mb
-
-    return os.cpu_count() or 1, system_ram_mb() or 1
+    return host.cpu_figures()
 
 
 def conf(cfg, names, node=None, live=None):
@@ -148,8 +145,6 @@ def request(cfg, workload, path):
     """The GRES a job with this input takes: the pool gpu-router will route it to (slots not looked at).
     The input must be readable here: a probe that fails here is not a CPU job, it is no decision."""
     from ..wrapper.probe import ProbeFailed, measure
-    from .cli import _gpus
-
     w = cfg.workload(workload)
     if not os.path.exists(path):
         raise Undecided(f"{path}: no such input on this host (the submit host must see the job's input)")
@@ -158,7 +153,7 @@ def request(cfg, workload, path):
     except ProbeFailed as exc:
         raise Undecided(f"{path}: the {w.name} probe cannot measure it here ({exc}); the submit host needs the "
                         f"input readable and the probe's tools") from None
-    gpus, _state = _gpus(cfg)
+    gpus, _state = host.snapshot_gpus(cfg)
     plan = policy.plan(w, values, gpus, None, cfg.gpu.reserve_mb)
     pool = "gpu" if plan.mode == "GPU" and w.max_gpu_jobs else "cpu"
     return {"workload": w.name, "input": path, "pool": pool, "reason": plan.reason, "gres": gres_name(w.name, pool),
