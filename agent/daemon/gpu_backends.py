@@ -37,7 +37,6 @@ sample, in the same worker thread, so NVML is only ever used from one thread at 
 """
 
 import math
-import os
 import sys
 import threading
 import time
