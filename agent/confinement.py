@@ -118,6 +118,16 @@ def hierarchy_dir(controllers, root=CGROUP_ROOT):
     return root + "/" + controllers.replace("name=", "")
 
 
+def systemd_root(root=CGROUP_ROOT):
+    """Where systemd's own hierarchy (its units' cgroups) is mounted: v2, or the unified/name=systemd tree on a
+    hybrid host."""
+    if os.path.exists(root + "/cgroup.controllers"):
+        return root
+    if os.path.exists(root + "/unified/cgroup.procs"):
+        return root + "/unified"
+    return root + "/systemd"
+
+
 def classify(lines, root=CGROUP_ROOT):
     """The Confinement the parsed lines show (cgroup v2 first), or None; the owner check is done here."""
     for controllers, path in sorted(lines, key=lambda cp: cp[0] != ""):

@@ -57,6 +57,32 @@ def properties(workload, mode, metric_text, pid, caller_unit=None, memory_max_mb
     return props
 
 
+def running_scopes():
+    """{scope name: (control group, [pids])} of gpu-router scopes alive now: `status`, and the agent's adoption
+    after a restart (daemon/service.py still has its own copy: to be replaced by this one)."""
+    from . import confinement
+
+    root = confinement.systemd_root()
+    found = {}
+    for slice_name in SLICES.values():
+        cg_dir = slice_path(slice_name)
+        try:
+            names = os.listdir(root + cg_dir)
+        except OSError:
+            continue
+        for name in names:
+            if not (name.startswith("gpu-router-") and name.endswith(".scope")):
+                continue
+            try:
+                with open(os.path.join(root + cg_dir, name, "cgroup.procs")) as f:
+                    pids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            if pids:
+                found[name] = (f"{cg_dir}/{name}", pids)
+    return found
+
+
 def binding_service(pid="self"):
     """The .service a process runs in (from /proc/PID/cgroup), for BindsTo=; None outside a service."""
     from . import confinement

@@ -572,12 +572,12 @@ def calibration_doc(w, result, rec, unit):
 
 def cmd_calibrate(args):
     from ..daemon import gpu_backends
-    from .cli import _emit, _pick_workload
+    from .common import emit, pick_workload
 
 
     inputs, template = _split(args)
     cfg = _load(args)
-    w = _pick_workload(cfg, args.workload)
+    w = pick_workload(cfg, args.workload)
     try:
         timeout = _config.parse_duration(args.timeout)
         if timeout <= 0:
@@ -683,7 +683,7 @@ def cmd_calibrate(args):
         except charts.ChartError as exc:
             sys.stderr.write(f"gpu-router: calibrate: no chart: {exc}\n")
             data["chart"], chart_failed = None, True
-    _emit(args, data, render(data, w) + (f"\nchart: {data['chart']}" if data.get("chart") else ""))
+    emit(args, data, render(data, w) + (f"\nchart: {data['chart']}" if data.get("chart") else ""))
     return 1 if problems or chart_failed else 0
 
 

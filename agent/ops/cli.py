@@ -13,36 +13,14 @@ from .. import config as _config
 from .. import policy, slots
 from ..wrapper.probe import ProbeFailed, find_input, measure
 from . import host, preflight
-
-
-def _load(args):
-    return _config.load(args.config)
-
-
-def _pick_workload(cfg, name):
-    if name:
-        return cfg.workload(name)
-    if len(cfg.workloads) == 1:
-        return next(iter(cfg.workloads.values()))
-    known = ", ".join(sorted(cfg.workloads)) or "none configured"
-    raise _config.ConfigError(f"name a workload with --workload ({known})", cfg.path)
-
-
-def _emit(args, data, text):
-    if args.json and data is not None:
-        json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str, ensure_ascii=False)
-        sys.stdout.write("\n")
-    else:  # names in it are member-chosen (inputs, journal fields): no control character reaches the terminal
-        from ..termtext import block
-
-        sys.stdout.write(block(text.rstrip("\n")) + "\n")
+from .common import emit, load, pick_workload, worksheet
 
 
 # ---- explain --------------------------------------------------------------------------------------------------
 
 def cmd_explain(args):
-    cfg = _load(args)
-    w = _pick_workload(cfg, args.workload)
+    cfg = load(args)
+    w = pick_workload(cfg, args.workload)
     job_args = list(args.args) if args.args else [args.file]
     path = find_input(w.input, job_args) if args.args else args.file
     values, probe_error = None, None
@@ -116,7 +94,7 @@ def cmd_explain(args):
     if mode in ("GPU", "CPU"):
         text.append(f"would run  {' '.join(str(a) for a in data['command'])}")
     text += [f"  ! {p}" for p in problems]
-    _emit(args, data, "\n".join(text))
+    emit(args, data, "\n".join(text))
     return 0
 
 
@@ -256,13 +234,13 @@ def cmd_check(args):
         b["ok"] = not blocking
         bad |= bool(blocking)
         results[name] = b
-        lines += _worksheet(w, b)
+        lines += worksheet(w, b)
     lines.append("ok: every profile can run" if not bad else
                  "NOT OK: fix the lines marked ! (jobs would fail or overcommit memory)")
     data = {"gpu_state": gpu_state, "workloads": results, "ok": not bad}
     if candidate:
         data["candidate"] = {"file": candidate[0], "as": candidate[1], "valid": True}
-    _emit(args, data, "\n".join(lines))
+    emit(args, data, "\n".join(lines))
     return 1 if bad else 0
 
 
@@ -298,36 +276,6 @@ def _candidate(args):
     return cand, os.path.join(_config.dropin_dir(main_path), os.path.basename(cand))
 
 
-def _mb(v):
-    return "unknown" if v is None else f"{v} MB"
-
-
-def _worksheet(w, b):
-    out = [f"== {w.name} ({w.source})", "GPU path:",
-           f"  VRAM per job:     {_mb(b['vram_per_job_mb'])}" + ("" if b["vram_per_job_mb"] is not None
-                                                                  else " (vram_model = linear: see calibrate)"),
-           f"  Max GPU jobs:     " + (f"{b['max_gpu_jobs']} per GPU" if b["max_gpu_jobs"] is not None
-                                       else "no slot cap (admission = vram: as many as fit the VRAM)"),
-           f"  GPU VRAM:         {_mb(b['gpu_vram_mb'])}" + (f" [{b['gpu_vram_source']}]" if b["gpu_vram_source"]
-                                                             else ""),
-           f"  Headroom:         {_mb(b['vram_headroom_mb'])}" + _verdict(b["vram_headroom_mb"]),
-           "CPU path:",
-           f"  RAM per job:      {_mb(b['ram_per_job_mb'])}",
-           f"  Max CPU jobs:     {b['max_cpu_jobs']}",
-           f"  System RAM:       {_mb(b['ram_mb'])} [{b['ram_source']}]",
-           f"  Other processes:  {_mb(b['other_ram_mb'])}",
-           f"  Headroom:         {_mb(b['ram_headroom_mb'])}" + _verdict(b["ram_headroom_mb"]),
-           f"systemd MemoryMax:  {_mb(b['suggested_memory_max_mb'])} suggested (max(GPU peak, CPU peak) + 20%)"]
-    out += [f"  ! {p}" for p in b["problems"]]
-    return out + [""]
-
-
-def _verdict(headroom):
-    if headroom is None:
-        return ""
-    return "  ok" if headroom >= 0 else "  NEGATIVE"
-
-
 # ---- wrap / unwrap ----------------------------------------------------------------------------------------------
 
 def cmd_wrap(args):
@@ -336,14 +284,14 @@ def cmd_wrap(args):
     (a second slot, BLOCKED, forever). Refuses before touching anything when the profile cannot be edited."""
     from . import profile_edit, wrap
 
-    cfg = _load(args)
+    cfg = load(args)
     if args.workload not in cfg.workloads:  # wrap first, then `init` writes the profile with the real binary
         result = wrap.wrap(args.binary, args.workload)
         if isinstance(result, dict) and result.get("real"):
             result["message"] = (result.get("message", "") + f"; no profile {args.workload!r} yet: "
                                  f"gpu-router init --workload {args.workload} writes one (it proposes "
                                  f"binary = \"{result['real']}\"); until then its jobs exit 2")
-        _emit(args, result if isinstance(result, dict) else {"result": str(result)}, _describe(result))
+        emit(args, result if isinstance(result, dict) else {"result": str(result)}, _describe(result))
         return 0
     profile = cfg.workload(args.workload)
     target = os.path.abspath(args.binary) if "/" in args.binary else None
@@ -372,7 +320,7 @@ def cmd_wrap(args):
         else:
             sys.stderr.write(f"gpu-router: note: profile {args.workload!r} runs {profile.binary}, but the wrapped "
                              f"binary now lives at {result['real']}: set binary = \"{result['real']}\"\n")
-    _emit(args, result if isinstance(result, dict) else {"result": str(result)}, _describe(result))
+    emit(args, result if isinstance(result, dict) else {"result": str(result)}, _describe(result))
     return 0
 
 
@@ -382,7 +330,7 @@ def cmd_unwrap(args):
     if not args.all and not args.binary:
         raise _config.ConfigError("name a BINARY or give --all")
     result = wrap.unwrap(args.binary, all=args.all, force=args.force)
-    _emit(args, result if isinstance(result, dict) else {"result": str(result)}, _describe(result))
+    emit(args, result if isinstance(result, dict) else {"result": str(result)}, _describe(result))
     return 0
 
 
@@ -485,8 +433,9 @@ def main(argv):
         return 69
     except BrokenPipeError:
         return 0
-    except Exception as exc:  # wrap.WrapError without importing wrap for every command
-        if type(exc).__name__ in ("WrapError", "UnwrapIncomplete"):
+    except Exception as exc:
+        wrap = sys.modules.get(__package__ + ".wrap")  # a WrapError means wrap is loaded: no import for the others
+        if wrap is not None and isinstance(exc, wrap.WrapError):
             sys.stderr.write(f"gpu-router: {exc}\n")
             return getattr(exc, "exit_code", 1)
         raise

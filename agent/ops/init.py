@@ -244,7 +244,7 @@ def _fmt_num(value):
 # ---- the command ------------------------------------------------------------------------------------------------
 
 def cmd_init(args):
-    from .cli import _emit, _worksheet
+    from .common import emit, worksheet
 
     out = sys.stderr if args.json else sys.stdout
     main_path = _config.config_path(args.config)
@@ -363,7 +363,7 @@ def cmd_init(args):
     if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
         problems.append(f"{binary} is not an executable file (yet): jobs would exit 127/126")
     b["problems"] = problems
-    out.write("\n".join(_worksheet(w, b)) + "\n")
+    out.write("\n".join(worksheet(w, b)) + "\n")
     negative = any("negative" in p for p in problems)
     if not ask.confirm(f"Write {target}", default=not negative):
         raise InitRefused("nothing written")
@@ -373,7 +373,7 @@ def cmd_init(args):
     text = [f"wrote {target}",
             f"next: gpu-router check --workload {name}; gpu-router wrap BINARY --workload {name} (the name callers "
             f"use, e.g. /usr/bin/{name}); gpu-router explain --workload {name} FILE"]
-    _emit(args, data, "\n".join(text))
+    emit(args, data, "\n".join(text))
     return 1 if negative else 0
 
 

@@ -225,7 +225,7 @@ def one(j):
 
 
 def cmd_jobs(args):
-    from .cli import _emit
+    from .common import emit
 
     try:
         events, ignored = read(args.since if not args.job else "-1y" if args.since == "-1d" else args.since,
@@ -247,16 +247,16 @@ def cmd_jobs(args):
             sys.stderr.write(f"gpu-router: no job {_t(args.job)} in the journal"
                              + (" visible to this user" if partial else "") + "\n")
             return 1
-        _emit(args, found[0], one(found[0]))
+        emit(args, found[0], one(found[0]))
         return 0
     jobs = select(jobs, args.workload, args.result, args.mode, args.caller)
     if args.json:
-        _emit(args, {"since": args.since, "until": args.until, "jobs": jobs, "partial": partial is not None,
+        emit(args, {"since": args.since, "until": args.until, "jobs": jobs, "partial": partial is not None,
                      "note": partial, "ignored": ignored}, "")
         return 0
     text = table(jobs) if jobs else f"no jobs since {_t(args.since)}" + (" matching the filters" if (
         args.workload or args.result or args.mode or args.caller) else "")
-    _emit(args, None, text)
+    emit(args, None, text)
     return 0
 
 

@@ -162,7 +162,7 @@ def request(cfg, workload, path):
 
 def cmd_request(args):
     """Print the option; when undecided print REFUSED (sbatch stops on it) and exit 2, the reason on stderr."""
-    from .cli import _emit
+    from .common import emit
 
     try:
         cfg = _config.load(args.config)
@@ -172,16 +172,16 @@ def cmd_request(args):
         reason = f"config error: {exc}" if isinstance(exc, _config.ConfigError) else str(exc)
         sys.stderr.write(f"gpu-router slurm-conf --request: {reason}; printed {REFUSED} so that sbatch "
                          f"submits nothing\n")
-        _emit(args, {"error": reason, "sbatch": REFUSED, "license": REFUSED}, REFUSED)
+        emit(args, {"error": reason, "sbatch": REFUSED, "license": REFUSED}, REFUSED)
         return 2
-    _emit(args, data, data["license"] if args.licenses else data["sbatch"])
+    emit(args, data, data["license"] if args.licenses else data["sbatch"])
     return 0
 
 
 # ---- the command ----------------------------------------------------------------------------------------------
 
 def cmd_slurm_conf(args):
-    from .cli import _emit
+    from .common import emit
 
     if args.request:
         return cmd_request(args)
@@ -208,13 +208,13 @@ def cmd_slurm_conf(args):
         return 1 if bad else 0
     if args.check:
         return check(args, data)
-    _emit(args, data, render(data))
+    emit(args, data, render(data))
     return 1 if bad else 0
 
 
 def check(args, data):
     """--check: the live files against this host's figures; exit 1 when something is wrong."""
-    from .cli import _emit
+    from .common import emit
 
     try:
         problems, notes = slurmconf.check(data["live"], data["node"], data["cpus"], data["gres"], data["wanted"])
@@ -227,7 +227,7 @@ def check(args, data):
     text += [f"! {p}" for p in problems] + [f"  note: {n}" for n in notes]
     if problems:
         text.append("  `gpu-router slurm-conf --print slurm.conf` (and gres.conf) prints the files merged")
-    _emit(args, result, "\n".join(text))
+    emit(args, result, "\n".join(text))
     return 1 if problems else 0
 
 
