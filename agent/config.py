@@ -980,6 +980,9 @@ def _read_toml(path):
     return doc
 
 
+read_toml = _read_toml   # public for ops (init, check -f): one reader of a TOML file (issue 20)
+
+
 def _regular(st, path):
     if not _stat.S_ISREG(st.st_mode):
         kind = "a directory" if _stat.S_ISDIR(st.st_mode) else "a FIFO" if _stat.S_ISFIFO(st.st_mode) else \

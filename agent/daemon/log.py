@@ -50,12 +50,12 @@ def _render(logger, method_name, event_dict):
             pass
     if os.environ.get("GPU_ROUTER_LOG") != "stderr":
         try:
-            journal._send_journald(journal.encode_native(pairs))
+            journal.send_journald(journal.encode_native(pairs))
             return ""
         except Exception:  # noqa: BLE001
             pass
     try:
-        os.write(2, journal._json_line(pairs).encode("utf-8", "surrogateescape"))
+        os.write(2, journal.json_line(pairs).encode("utf-8", "surrogateescape"))
     except Exception:  # noqa: BLE001
         pass
     return ""

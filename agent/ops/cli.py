@@ -268,7 +268,7 @@ def _candidate(args):
     cand = os.path.abspath(args.file)
     if args.as_path:
         return cand, os.path.abspath(args.as_path)
-    raw = _config._read_toml(cand)
+    raw = _config.read_toml(cand)
     if raw is None:
         raise _config.ConfigError("no such file", cand)
     if os.path.basename(cand) == os.path.basename(main_path) or set(raw) - {"workloads"}:

@@ -43,7 +43,7 @@ def _sources(main_path):
 
     A drop-in that does not parse is kept as its error: it is fatal unless it is the file --force replaces.
     """
-    main_raw = _config._read_toml(main_path)
+    main_raw = _config.read_toml(main_path)
     if main_raw is None:
         if main_path != _config.DEFAULT_PATH:
             raise _config.ConfigError("no such config file", main_path)
@@ -59,7 +59,7 @@ def _sources(main_path):
     for name in names:
         path = os.path.join(ddir, name)
         try:
-            dropins.append((path, _config._read_toml(path) or {}))
+            dropins.append((path, _config.read_toml(path) or {}))
         except _config.ConfigError as exc:
             dropins.append((path, exc))
     return main_raw, dropins
