@@ -850,6 +850,16 @@ def dropin_dir(main_path):
     return os.path.join(os.path.dirname(main_path), "workloads.d")
 
 
+def is_dropin(name):
+    """A drop-in is read only when named *.toml, never a hidden file (an editor's)."""
+    return name.endswith(".toml") and not name.startswith(".")
+
+
+def dropin_names(ddir):
+    """The drop-ins read from `ddir`, sorted (os.listdir's OSError when it cannot be listed)."""
+    return sorted(n for n in os.listdir(ddir) if is_dropin(n))
+
+
 def _identity(path):
     """(path, mtime, size, inode, ctime) of a file, or (path, None) when it does not exist."""
     try:
@@ -871,7 +881,7 @@ def _sources(main_path):
         out.append(_identity(path))
     ddir = dropin_dir(main_path)
     try:
-        names = sorted(n for n in os.listdir(ddir) if n.endswith(".toml") and not n.startswith("."))
+        names = dropin_names(ddir)
     except (FileNotFoundError, NotADirectoryError):
         names = []
     for name in names:
@@ -1014,6 +1024,9 @@ def read_toml(path):
     return doc
 
 
+read_toml = _read_toml   # public for ops (init, check -f): one reader of a TOML file (issue 20)
+
+
 def _regular(st, path):
     if not _stat.S_ISREG(st.st_mode):
         kind = "a directory" if _stat.S_ISDIR(st.st_mode) else "a FIFO" if _stat.S_ISFIFO(st.st_mode) else \
@@ -1067,7 +1080,7 @@ def _read_dropins(main_path, cand_file, cand_target):
     ddir = dropin_dir(main_path)
     dropins = []
     try:
-        names = sorted(n for n in os.listdir(ddir) if n.endswith(".toml") and not n.startswith("."))
+        names = dropin_names(ddir)
     except (FileNotFoundError, NotADirectoryError):
         names = []
     except OSError as exc:

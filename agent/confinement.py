@@ -49,16 +49,49 @@ def parse(text):
     return out
 
 
-def read(pid="self"):
-    """The parsed /proc/PID/cgroup, [] when it cannot be read (the process is gone, no /proc)."""
+def read(pid="self", proc="/proc"):
+    """The parsed /proc/PID/cgroup, [] when it cannot be read (the process is gone, no /proc); a live process
+    always has a line, so [] also says "gone"."""
     try:
-        fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(f"{proc}/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return []
     try:
         return parse(os.read(fd, 65536).decode("utf-8", "replace"))
     finally:
         os.close(fd)
+
+
+def systemd_path(lines):
+    """The path in systemd's own hierarchy (cgroup v2, else v1's name=systemd): where its units show, or ""."""
+    paths = dict(lines)
+    return paths.get("") or paths.get("name=systemd") or ""
+
+
+def unit_of(lines):
+    """The systemd unit (a .service or .scope, never init.scope) the parsed lines put the process in, or None."""
+    name = systemd_path(lines).rstrip("/").rsplit("/", 1)[-1]
+    return name if name.endswith((".service", ".scope")) and name != "init.scope" else None
+
+
+def service_of(lines):
+    """The nearest .service above (or at) the process's place in systemd's hierarchy, or None."""
+    for part in reversed(systemd_path(lines).split("/")):
+        if part.endswith(".service"):
+            return part
+    return None
+
+
+def memory_path(lines):
+    """(controllers, path) of the hierarchy holding the memory controller: v1's memory line where there is one
+    (hybrid), else the v2 line; None without either."""
+    found = None
+    for controllers, path in lines:
+        if controllers == "memory" or "memory" in controllers.split(","):
+            return controllers, path
+        if controllers == "":
+            found = (controllers, path)
+    return found
 
 
 def slurm_step(path):
@@ -83,6 +116,16 @@ def hierarchy_dir(controllers, root=CGROUP_ROOT):
     if controllers == "":
         return root if os.path.exists(root + "/cgroup.controllers") else root + "/unified"
     return root + "/" + controllers.replace("name=", "")
+
+
+def systemd_root(root=CGROUP_ROOT):
+    """Where systemd's own hierarchy (its units' cgroups) is mounted: v2, or the unified/name=systemd tree on a
+    hybrid host."""
+    if os.path.exists(root + "/cgroup.controllers"):
+        return root
+    if os.path.exists(root + "/unified/cgroup.procs"):
+        return root + "/unified"
+    return root + "/systemd"
 
 
 def classify(lines, root=CGROUP_ROOT):

@@ -9,7 +9,7 @@ SELF_NAMES = ("gpu-router", "gpu_router", "__main__.py", "main.py")
 
 def workload_for_link(name):
     """The workload a symlink name stands for: the name itself, unless `gpu-router wrap` recorded another."""
-    from .wrapper.wrapmap import lookup
+    from .wrapmap import lookup
 
     return lookup(name) or name
 

@@ -57,22 +57,37 @@ def properties(workload, mode, metric_text, pid, caller_unit=None, memory_max_mb
     return props
 
 
-def caller_unit(pid="self"):
+def running_scopes():
+    """{scope name: (control group, [pids])} of gpu-router scopes alive now: `status`, and the agent's adoption
+    after a restart (daemon/service.py still has its own copy: to be replaced by this one)."""
+    from . import confinement
+
+    root = confinement.systemd_root()
+    found = {}
+    for slice_name in SLICES.values():
+        cg_dir = slice_path(slice_name)
+        try:
+            names = os.listdir(root + cg_dir)
+        except OSError:
+            continue
+        for name in names:
+            if not (name.startswith("gpu-router-") and name.endswith(".scope")):
+                continue
+            try:
+                with open(os.path.join(root + cg_dir, name, "cgroup.procs")) as f:
+                    pids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            if pids:
+                found[name] = (f"{cg_dir}/{name}", pids)
+    return found
+
+
+def binding_service(pid="self"):
     """The .service a process runs in (from /proc/PID/cgroup), for BindsTo=; None outside a service."""
-    try:
-        with open(f"/proc/{pid}/cgroup", "rb") as f:
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return None
-    paths = {}
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        paths[controllers] = path
-    path = paths.get("") or paths.get("name=systemd") or ""
-    for part in reversed(path.split("/")):
-        if part.endswith(".service"):
-            return part
-    return None
+    from . import confinement
+
+    return confinement.service_of(confinement.read(pid))
 
 
 # ---- asking the agent ----------------------------------------------------------------------------------------
@@ -152,7 +167,7 @@ def place_directly(job):
     from . import policy
 
     w = job.workload
-    props = properties(w, job.mode, job.fields()["METRIC"], os.getpid(), caller_unit(),
+    props = properties(w, job.mode, job.fields()["METRIC"], os.getpid(), binding_service(),
                        policy.memory_max_mb(w, job.mode))
     name = unit_name(job.id)
     start_scope(name, props)

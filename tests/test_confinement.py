@@ -129,3 +129,18 @@ def test_wrapper_keeps_a_slurm_job_in_its_step(step_cgroup, tmp_path, gr_bin, cl
     assert res.rc == 0, res
     assert res.event("routed")["GPU_ROUTER_SCOPE"] == f"slurm:{step_cgroup.parent.name[4:]}.0"
     assert [r["pid"] for r in rig.starts()] == [int(res.event("routed")["GPU_ROUTER_PID"])]   # ran, same PID
+
+
+def test_units_and_memory_place_from_one_parser():
+    """The wrapper's runner unit, the scope's BindsTo= service and `status`'s memory cgroup all come from
+    confinement.parse (issue 20): one reading of /proc/PID/cgroup, on v2 and on hybrid v1."""
+    v2 = confinement.parse("0::/system.slice/ci-runner.service/job.scope\n")
+    hybrid = confinement.parse("5:memory:/system.slice/ci.service\n1:name=systemd:/system.slice/ci.service\n"
+                               "0::/system.slice/ci.service\n")
+    init = confinement.parse("0::/init.scope\n")
+    assert (confinement.unit_of(v2), confinement.service_of(v2)) == ("job.scope", "ci-runner.service")
+    assert (confinement.unit_of(hybrid), confinement.service_of(hybrid)) == ("ci.service", "ci.service")
+    assert (confinement.unit_of(init), confinement.service_of(init)) == (None, None)
+    assert confinement.memory_path(hybrid) == ("memory", "/system.slice/ci.service")
+    assert confinement.memory_path(v2) == ("", "/system.slice/ci-runner.service/job.scope")
+    assert confinement.unit_of(confinement.read(os.getpid())) == confinement.unit_of(confinement.read())

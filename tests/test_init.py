@@ -388,3 +388,21 @@ def test_init_asks_the_schema_tables_questions(tmp_path, monkeypatch, capsys):
                      "file-size", "--input", "last-file", "--unit", "bytes"]) == 2  # stdin ends at "write it?"
     out = capsys.readouterr().out
     assert "Which scope, {really} [best-effort]: " in out and "CPU jobs for" in out
+
+
+def test_init_and_check_count_the_same_gpus_when_none_are_listed(tmp_path, gr_bin, clean_env):
+    """One home for the host's figures (issue 20, ops/host.py): the agent's snapshot lists no GPU, and `init` and
+    `check` count the same GPUs (0, as the wrapper routes every job to CPU then), VRAM and RAM. `init` counted 1."""
+    from gpu_router import snapshot
+    import time
+
+    etc = Etc(tmp_path, gr_bin, clean_env, main={"gpu": {"backend": "none"}})
+    snapshot.write(str(etc.snapshot), {"version": 1, "time": time.time(), "source": "none", "error": None,
+                                       "driver": None, "gpus": []})
+    p = etc.init(*FLAGS, "--yes", "--json")
+    assert p.returncode == 0, p.stderr
+    made = json.loads(p.stdout)["budget"]
+    c = etc.check("whisper")
+    checked = json.loads(c.stdout)["workloads"]["whisper"]
+    figures = ("gpus", "gpu_vram_mb", "ram_mb", "ram_source")
+    assert [made[k] for k in figures] == [checked[k] for k in figures] == [0, None, 32768, "config [host] ram_mb"]

@@ -20,7 +20,7 @@ from gpu_router import config as gr_config
 from gpu_router import journal_read as R
 from gpu_router.daemon import metrics
 from gpu_router.journal import MESSAGE_IDS
-from gpu_router.ops import cli, live, status
+from gpu_router.ops import common, live, status
 from gpu_router.ops import jobs as J
 from gpu_router.ops import stats as S
 
@@ -147,11 +147,11 @@ EVIL = "clip\x1b]0;owned\x07\x1b[2J\x9b31m\nFAKE LINE\u202e.mp3"
 
 
 def test_emit_escapes_control_characters_but_keeps_lines(capsys):
-    cli._emit(argparse.Namespace(json=False), None, f"a\n{EVIL}\nb")
+    common.emit(argparse.Namespace(json=False), None, f"a\n{EVIL}\nb")
     out = capsys.readouterr().out
     no_control(out)
     assert out.count("\n") == 4 and "\\x1b]0;owned\\x07" in out
-    cli._emit(argparse.Namespace(json=True), {"input": EVIL}, "")
+    common.emit(argparse.Namespace(json=True), {"input": EVIL}, "")
     assert json.loads(capsys.readouterr().out) == {"input": EVIL}  # JSON escapes by itself, and stays exact
 
 

@@ -9,6 +9,7 @@ A rule broken fails with the importing module, the line and the imported name, s
 """
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -106,3 +107,99 @@ def test_the_rules_catch_a_broken_import(tmp_path):
             test_imports_follow_the_wing_rules(fake / "wrapper" / "run.py", ("gpu_router", "wrapper", "run"))
     finally:
         globals()["AGENT"] = saved
+
+
+# ---- one home per idea (issue 20) -------------------------------------------------------------------------------
+
+def _text(node):
+    """A string literal's text, an f-string's with "{}" for each placeholder; None for anything else."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+    return None
+
+
+def _rel(path):
+    return path.relative_to(AGENT).as_posix()
+
+
+def _path_literals(path):
+    """(line, text) of every string that looks like a path: docstrings and messages are long, paths are not."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        text = _text(node)
+        if text is not None and "/" in text and " " not in text:
+            yield node.lineno, text
+
+
+def test_one_reader_of_proc_pid_cgroup():
+    """/proc/PID/cgroup is read in confinement.py only (`read`, `parse` and what is taken from it)."""
+    found = [f"{_rel(p)}:{line}: {text}" for p, _parts in MODULES if _rel(p) != "confinement.py"
+             for line, text in _path_literals(p) if text.startswith("/proc/") and text.endswith("/cgroup")]
+    assert not found, "a second reader of /proc/PID/cgroup (use confinement.read):\n" + "\n".join(found)
+
+
+def _host_figures(path):
+    """Where a module computes a host figure itself: MemTotal, the smallest GPU's VRAM, the GPU count."""
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if _text(node) == "/proc/meminfo":
+            yield node.lineno, "reads /proc/meminfo"
+        elif isinstance(node, (ast.ListComp, ast.GeneratorExp, ast.SetComp)) and \
+                re.search(r"\.total_mb\b|\['total_mb'\]|get\('total_mb'", ast.unparse(node.elt)):
+            yield node.lineno, "collects the GPUs' total_mb"
+        elif isinstance(node, ast.IfExp) and "host.gpus" in ast.unparse(node.test) \
+                and "len(" in ast.unparse(node.orelse):
+            yield node.lineno, "counts the GPUs"
+
+
+def test_one_home_for_the_host_figures():
+    """GPU count, VRAM per GPU and RAM are computed in ops/host.py only (check, init, calibrate, slurm-conf)."""
+    found = [f"{_rel(p)}:{line}: {what}" for p, parts in MODULES if parts[1:2] == ("ops",)
+             and _rel(p) != "ops/host.py" for line, what in _host_figures(p)]
+    assert not found, "a second host-figures computation (use ops.host.figures):\n" + "\n".join(found)
+
+
+def test_no_command_imports_the_registry():
+    """ops/cli.py registers the commands; what they share is in ops/common.py, so none imports cli.py back."""
+    found = [f"{_rel(p)}:{line}" for p, parts in MODULES if parts[1:2] == ("ops",) and parts[-1] != "cli"
+             for line, target, _top in _imports(p, parts) if target[:3] == ("gpu_router", "ops", "cli")]
+    assert not found, "a command imports ops.cli (use ops.common):\n" + "\n".join(found)
+
+
+def _private_uses(path, parts):
+    """(line, name) of another gpu_router module's private name used here: `module._name` or an import of it."""
+    tree = ast.parse(path.read_text(), str(path))
+    own = ".".join(parts)
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            package = parts[:-1]
+            base = (package[:len(package) - (node.level - 1)] if node.level else ()) + \
+                tuple((node.module or "").split(".")) if node.module else package[:len(package) - (node.level - 1)]
+            for alias in node.names:
+                full = base + (alias.name,)
+                is_module = (AGENT.joinpath(*full[1:]).with_suffix(".py").exists()
+                             or AGENT.joinpath(*full[1:]).is_dir())
+                if full[0] != "gpu_router":
+                    continue
+                if is_module:
+                    aliases[alias.asname or alias.name] = ".".join(full)
+                elif alias.name.startswith("_") and not alias.name.startswith("__") and ".".join(base) != own:
+                    yield node.lineno, ".".join(full)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                and node.attr.startswith("_") and not node.attr.startswith("__") and aliases[node.value.id] != own:
+            yield node.lineno, f"{aliases[node.value.id]}.{node.attr}"
+
+
+# Known, in code another change is rewriting (init's prompts are being derived from the config schema): remove
+# an entry when its line goes; a new use anywhere else fails.
+KNOWN_PRIVATE = {("ops/init.py", "gpu_router.config._default_unit"), ("ops/init.py", "gpu_router.config._mib")}
+
+
+def test_no_private_name_across_modules():
+    """A name with a leading underscore is its module's own: another module uses a public one (issue 20)."""
+    found = [f"{_rel(p)}:{line}: {name}" for p, parts in MODULES for line, name in _private_uses(p, parts)
+             if (_rel(p), name) not in KNOWN_PRIVATE]
+    assert not found, "another module's private name:\n" + "\n".join(found)

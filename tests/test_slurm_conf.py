@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 import helpers
-from gpu_router.ops import cli, slurm
+from gpu_router.ops import cli, host, slurm
 
 PROFILE = {"probe": "file-size", "threshold": 1000, "max_gpu_jobs": 4, "max_cpu_jobs": 2, "gpu_vram_mb": 3700,
            "cpu_ram_mb": 11000}
@@ -50,7 +50,7 @@ def site(rig, text=SITE, gres=None):
     return path
 
 
-NODE = f"NodeName=gpu07 CPUs={os.cpu_count()} RealMemory={cli.system_ram_mb()}"
+NODE = f"NodeName=gpu07 CPUs={os.cpu_count()} RealMemory={host.system_ram_mb()}"
 
 
 def test_gres_counts_are_the_slots_of_every_gpu_and_the_cpu_pool(rig):
@@ -74,7 +74,7 @@ def test_lines_are_merged_with_the_live_slurm_conf(rig):
     site(rig)
     d = json.loads(run(rig, "--json", "--node", "gpu07").stdout)
     assert d["slurm_conf"][0] == ("NodeName=gpu07 NodeAddr=10.0.0.7 Features=fast State=UNKNOWN "
-                                  f"CPUs={os.cpu_count()} RealMemory={cli.system_ram_mb()} "
+                                  f"CPUs={os.cpu_count()} RealMemory={host.system_ram_mb()} "
                                   "Gres=gr_whisper_large_gpu:8,gr_whisper_large_cpu:2")
     assert "SchedulerParameters=bf_interval=30,sched_interval=2" in d["slurm_conf"]
 

@@ -14,7 +14,7 @@ import tomllib
 import pytest
 
 from gpu_router.ops import wrap as W
-from gpu_router.wrapper import wrapmap
+from gpu_router import wrapmap
 
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 LAUNCHER = "#!/usr/bin/python3 -IS\n# stand-in for the gpu-router launcher\n"

@@ -191,7 +191,7 @@ def grant(cfg, request, pid, uid):
                               f"{'/'.join(sorted(held['GPU']))}")
     memory_max = policy.memory_max_mb(workload, mode)
     unit = scope.unit_name(job_id)
-    props = scope.properties(workload, mode, metric, pid, scope.caller_unit(pid), memory_max)
+    props = scope.properties(workload, mode, metric, pid, scope.binding_service(pid), memory_max)
     return Grant(name=unit, props=props, workload=workload, mode=mode, device=device,
                  metric=metric, pid=pid, job_id=job_id, memory_max_mb=memory_max,
                  control_group=scope.control_group(mode, job_id), scope_policy=scope_policy,

@@ -37,7 +37,6 @@ sample, in the same worker thread, so NVML is only ever used from one thread at 
 """
 
 import math
-import os
 import sys
 import threading
 import time
@@ -737,13 +736,11 @@ def parse_accounted_apps(lines, uuids, pids):
     return out
 
 
-def find_executable(name, path=None):
-    """shutil.which without importing shutil (agent start-up counts too)."""
-    for folder in (path if path is not None else os.environ.get("PATH", os.defpath)).split(os.pathsep):
-        candidate = os.path.join(folder or ".", name)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+def find_executable(name):
+    """nvidia-smi's place on $PATH (executables.which: the one search, shared with the wrapper and ops)."""
+    from ..executables import which
+
+    return which(name)
 
 
 def open_backend(prefer="auto", call_timeout_s=5.0, smi_path=None, accounting="off"):

@@ -21,7 +21,7 @@ import threading
 import time
 
 from . import gpu_backends as gpu_mod
-from .. import journal, snapshot
+from .. import confinement, journal, snapshot
 
 FOREIGN_NOTE_MB = 256    # a smaller foreign process (a display server, a monitoring tool) is not worth a line
 FOREIGN_QUIET_S = 300.0  # one vram-foreign event per GPU per 5 minutes, unless a larger process appears
@@ -103,8 +103,7 @@ class Monitor:
             cache[p] = job  # caches ancestry only; the cgroup verdict below is about pid itself
         if job is not None:
             return True, job
-        cgroup = self._read(pid, "cgroup")
-        return bool(cgroup) and b"gpu-router" in cgroup, None
+        return any("gpu-router" in path for _c, path in confinement.read(pid, self.proc_root)), None
 
     def _reserved(self):
         try:

@@ -40,6 +40,7 @@ from .. import samples as _samples
 from .. import config as _config
 from .. import policy
 from ..wrapper.probe import ProbeFailed, measure
+from . import host
 
 SAMPLE_INTERVAL_S = 0.1
 DEFAULT_TIMEOUT = "1h"
@@ -521,15 +522,16 @@ def _pick_gpu(sample, wanted):
     return sorted(gpus, key=lambda g: (-(g.get("free_mb") or 0), g["index"]))[0]
 
 
-def _budget(cfg, w, gpu_info, detected_totals):
+def _budget(cfg, w, gpu_info, listed):
+    """(per-job VRAM budget, VRAM per GPU, its source): the host's figures (ops/host.py), except that the GPU
+    calibrated on, when there is one, gives the VRAM where [host] gpu_vram_mb is unset."""
     if w.max_gpu_jobs is not None and w.max_gpu_jobs <= 0:
         return None, None, "max_gpu_jobs = 0"
-    if cfg.host.gpu_vram_mb is not None:
-        vram, source = cfg.host.gpu_vram_mb, "[host] gpu_vram_mb"
-    elif gpu_info and gpu_info.get("total_mb"):
+    h = host.figures(cfg, listed)
+    if cfg.host.gpu_vram_mb is None and gpu_info and gpu_info.get("total_mb"):
         vram, source = gpu_info["total_mb"], f"GPU {gpu_info['index']}"
-    elif detected_totals:
-        vram, source = min(detected_totals), "detected (smallest GPU)"
+    elif h.vram_mb is not None:
+        vram, source = h.vram_mb, h.vram_source
     else:
         return None, None, None
     # vram mode without a slot cap: one job may use the whole GPU (less the reserve); VRAM decides how many share it
@@ -569,13 +571,13 @@ def calibration_doc(w, result, rec, unit):
 
 
 def cmd_calibrate(args):
-    from ..daemon import gpu_backends as _gpu
-    from .cli import _emit, _pick_workload
+    from ..daemon import gpu_backends
+    from .common import emit, pick_workload
 
 
     inputs, template = _split(args)
     cfg = _load(args)
-    w = _pick_workload(cfg, args.workload)
+    w = pick_workload(cfg, args.workload)
     try:
         timeout = _config.parse_duration(args.timeout)
         if timeout <= 0:
@@ -596,14 +598,12 @@ def cmd_calibrate(args):
     backend, gpu_info, detected = None, None, []
     try:
         if inputs and mode == "GPU":
-            backend = _gpu.open_backend(cfg.gpu.backend, cfg.gpu.call_timeout, accounting=cfg.gpu.accounting)
+            backend = gpu_backends.open_backend(cfg.gpu.backend, cfg.gpu.call_timeout, accounting=cfg.gpu.accounting)
             first = backend.sample()
-            detected = [g["total_mb"] for g in first.get("gpus", ()) if g.get("total_mb")]
+            detected = list(first.get("gpus", ()))
             gpu_info = _pick_gpu(first, args.gpu)
         elif cfg.host.gpu_vram_mb is None and w.max_gpu_jobs:
-            from .init import detect_gpus
-
-            detected = [g["total_mb"] for g in detect_gpus(cfg)[0] if g.get("total_mb")]
+            detected = host.detect_gpus(cfg)[0]
         for n, path in enumerate(inputs):
             run = _calibrate_one(cfg, w, mode, gpu_info, backend, template, path, n, timeout)
             runs.append(run)
@@ -683,7 +683,7 @@ def cmd_calibrate(args):
         except charts.ChartError as exc:
             sys.stderr.write(f"gpu-router: calibrate: no chart: {exc}\n")
             data["chart"], chart_failed = None, True
-    _emit(args, data, render(data, w) + (f"\nchart: {data['chart']}" if data.get("chart") else ""))
+    emit(args, data, render(data, w) + (f"\nchart: {data['chart']}" if data.get("chart") else ""))
     return 1 if problems or chart_failed else 0
 
 

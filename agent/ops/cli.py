@@ -12,43 +12,15 @@ import sys
 from .. import config as _config
 from .. import policy, slots
 from ..wrapper.probe import ProbeFailed, find_input, measure
-from . import preflight
-
-
-def _load(args):
-    return _config.load(args.config)
-
-
-def _pick_workload(cfg, name):
-    if name:
-        return cfg.workload(name)
-    if len(cfg.workloads) == 1:
-        return next(iter(cfg.workloads.values()))
-    known = ", ".join(sorted(cfg.workloads)) or "none configured"
-    raise _config.ConfigError(f"name a workload with --workload ({known})", cfg.path)
-
-
-def _emit(args, data, text):
-    if args.json and data is not None:
-        json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str, ensure_ascii=False)
-        sys.stdout.write("\n")
-    else:  # names in it are member-chosen (inputs, journal fields): no control character reaches the terminal
-        from ..termtext import block
-
-        sys.stdout.write(block(text.rstrip("\n")) + "\n")
-
-
-def _gpus(cfg):
-    from ..wrapper.run import read_gpus
-
-    return read_gpus(cfg)
+from . import host, preflight
+from .common import emit, load, pick_workload, worksheet
 
 
 # ---- explain --------------------------------------------------------------------------------------------------
 
 def cmd_explain(args):
-    cfg = _load(args)
-    w = _pick_workload(cfg, args.workload)
+    cfg = load(args)
+    w = pick_workload(cfg, args.workload)
     job_args = list(args.args) if args.args else [args.file]
     path = find_input(w.input, job_args) if args.args else args.file
     values, probe_error = None, None
@@ -57,7 +29,7 @@ def cmd_explain(args):
         values = _measure_as(viewer, w, path)
     except ProbeFailed as exc:
         probe_error = {"reason": exc.reason, "message": str(exc)}
-    gpus, gpu_state = _gpus(cfg)
+    gpus, gpu_state = host.snapshot_gpus(cfg)
     reservations = slots.live_reservations(cfg.router.lock_dir) if w.admission == "vram" else {}
     oom_entry, oom_how = _oom_before(cfg, w, path)
     after = policy.after_gpu_oom(w, oom_how, oom_entry[4] if oom_entry else None)
@@ -122,7 +94,7 @@ def cmd_explain(args):
     if mode in ("GPU", "CPU"):
         text.append(f"would run  {' '.join(str(a) for a in data['command'])}")
     text += [f"  ! {p}" for p in problems]
-    _emit(args, data, "\n".join(text))
+    emit(args, data, "\n".join(text))
     return 0
 
 
@@ -204,21 +176,9 @@ def _measure_as(viewer, w, path):
     raise ProbeFailed(out["reason"], out["message"])
 
 
-def host_figures(cfg, gpus):
-    """(GPU count, VRAM per GPU, RAM) a budget counts with: the [host] keys, else what the snapshot and
-    /proc/meminfo say (the smallest GPU's VRAM, so every GPU can take what is planned)."""
-    vram = cfg.host.gpu_vram_mb
-    if vram is None and gpus:
-        totals = [g.total_mb for g in gpus if g.total_mb]
-        vram = min(totals) if totals else None
-    ram = cfg.host.ram_mb if cfg.host.ram_mb is not None else system_ram_mb()
-    count = cfg.host.gpus if cfg.host.gpus is not None else (len(gpus) if gpus is not None else 1)
-    return count, vram, ram
-
-
 def _budget(cfg, w, gpus):
-    count, vram, ram = host_figures(cfg, gpus)
-    return policy.budget(w, vram, count, ram, cfg.host.other_ram_mb)
+    h = host.figures(cfg, gpus)
+    return policy.budget(w, h.vram_mb, h.gpus, h.ram_mb, cfg.host.other_ram_mb)
 
 
 def _free_slots(cfg, w, plan):
@@ -237,17 +197,6 @@ def _free_slots(cfg, w, plan):
 
 # ---- check ------------------------------------------------------------------------------------------------------
 
-def system_ram_mb():
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        return None
-    return None
-
-
 def cmd_check(args):
     candidate = None
     if args.file:
@@ -261,30 +210,20 @@ def cmd_check(args):
     if not names:
         sys.stderr.write(f"gpu-router: no workload profiles in {cfg.path} or its workloads.d/\n")
         return 1
-    gpus, gpu_state = _gpus(cfg)
-    vram = cfg.host.gpu_vram_mb
-    vram_source = "config [host] gpu_vram_mb" if vram is not None else None
-    if vram is None and gpus:
-        totals = [g.total_mb for g in gpus if g.total_mb]
-        if totals:
-            vram, vram_source = min(totals), "detected (smallest GPU)"
-    ram = cfg.host.ram_mb
-    ram_source = "config [host] ram_mb" if ram is not None else "detected (/proc/meminfo)"
-    if ram is None:
-        ram = system_ram_mb()
-    count = cfg.host.gpus if cfg.host.gpus is not None else (len(gpus) if gpus is not None else 1)
+    gpus, gpu_state = host.snapshot_gpus(cfg)
+    h = host.figures(cfg, gpus)
     results, lines, bad = {}, [], False
     if candidate:
         lines.append(f"candidate {candidate[0]} as {candidate[1]}: the configuration with it is valid "
                      f"(nothing was activated)")
-        if not os.path.basename(candidate[1]).endswith(".toml") or os.path.basename(candidate[1]).startswith("."):
+        if not _config.is_dropin(os.path.basename(candidate[1])):
             lines.append(f"  ! {candidate[1]} would be ignored: drop-ins are read only when named *.toml")
             bad = True
         lines.append("")
     for name in names:
         w = cfg.workload(name)
-        b = policy.budget(w, vram, count, ram, cfg.host.other_ram_mb)
-        b["gpu_vram_source"], b["ram_source"], b["gpus"] = vram_source, ram_source, count
+        b = policy.budget(w, h.vram_mb, h.gpus, h.ram_mb, cfg.host.other_ram_mb)
+        b["gpu_vram_source"], b["ram_source"], b["gpus"] = h.vram_source, h.ram_source, h.gpus
         problems = policy.budget_problems(w, b)
         blocking = preflight.problems(w, b)
         problems += [p for p in blocking if p not in problems]
@@ -295,13 +234,13 @@ def cmd_check(args):
         b["ok"] = not blocking
         bad |= bool(blocking)
         results[name] = b
-        lines += _worksheet(w, b)
+        lines += worksheet(w, b)
     lines.append("ok: every profile can run" if not bad else
                  "NOT OK: fix the lines marked ! (jobs would fail or overcommit memory)")
     data = {"gpu_state": gpu_state, "workloads": results, "ok": not bad}
     if candidate:
         data["candidate"] = {"file": candidate[0], "as": candidate[1], "valid": True}
-    _emit(args, data, "\n".join(lines))
+    emit(args, data, "\n".join(lines))
     return 1 if bad else 0
 
 
@@ -337,36 +276,6 @@ def _candidate(args):
     return cand, os.path.join(_config.dropin_dir(main_path), os.path.basename(cand))
 
 
-def _mb(v):
-    return "unknown" if v is None else f"{v} MB"
-
-
-def _worksheet(w, b):
-    out = [f"== {w.name} ({w.source})", "GPU path:",
-           f"  VRAM per job:     {_mb(b['vram_per_job_mb'])}" + ("" if b["vram_per_job_mb"] is not None
-                                                                  else " (vram_model = linear: see calibrate)"),
-           f"  Max GPU jobs:     " + (f"{b['max_gpu_jobs']} per GPU" if b["max_gpu_jobs"] is not None
-                                       else "no slot cap (admission = vram: as many as fit the VRAM)"),
-           f"  GPU VRAM:         {_mb(b['gpu_vram_mb'])}" + (f" [{b['gpu_vram_source']}]" if b["gpu_vram_source"]
-                                                             else ""),
-           f"  Headroom:         {_mb(b['vram_headroom_mb'])}" + _verdict(b["vram_headroom_mb"]),
-           "CPU path:",
-           f"  RAM per job:      {_mb(b['ram_per_job_mb'])}",
-           f"  Max CPU jobs:     {b['max_cpu_jobs']}",
-           f"  System RAM:       {_mb(b['ram_mb'])} [{b['ram_source']}]",
-           f"  Other processes:  {_mb(b['other_ram_mb'])}",
-           f"  Headroom:         {_mb(b['ram_headroom_mb'])}" + _verdict(b["ram_headroom_mb"]),
-           f"systemd MemoryMax:  {_mb(b['suggested_memory_max_mb'])} suggested (max(GPU peak, CPU peak) + 20%)"]
-    out += [f"  ! {p}" for p in b["problems"]]
-    return out + [""]
-
-
-def _verdict(headroom):
-    if headroom is None:
-        return ""
-    return "  ok" if headroom >= 0 else "  NEGATIVE"
-
-
 # ---- wrap / unwrap ----------------------------------------------------------------------------------------------
 
 def cmd_wrap(args):
@@ -375,21 +284,21 @@ def cmd_wrap(args):
     (a second slot, BLOCKED, forever). Refuses before touching anything when the profile cannot be edited."""
     from . import profile_edit, wrap
 
-    cfg = _load(args)
+    cfg = load(args)
     if args.workload not in cfg.workloads:  # wrap first, then `init` writes the profile with the real binary
         result = wrap.wrap(args.binary, args.workload)
         if isinstance(result, dict) and result.get("real"):
             result["message"] = (result.get("message", "") + f"; no profile {args.workload!r} yet: "
                                  f"gpu-router init --workload {args.workload} writes one (it proposes "
                                  f"binary = \"{result['real']}\"); until then its jobs exit 2")
-        _emit(args, result if isinstance(result, dict) else {"result": str(result)}, _describe(result))
+        emit(args, result if isinstance(result, dict) else {"result": str(result)}, _describe(result))
         return 0
     profile = cfg.workload(args.workload)
     target = os.path.abspath(args.binary) if "/" in args.binary else None
     if target is None:
-        from ..wrapper.probe import which
+        from ..executables import USER_PATH, which
 
-        target = which(args.binary, os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin")
+        target = which(args.binary, fallback=USER_PATH)
     same = target is not None and (profile.binary == target or (
         os.path.exists(target) and os.path.realpath(profile.binary) == os.path.realpath(target)))
     placeholder = "/gpu-router-wrap-placeholder"
@@ -411,7 +320,7 @@ def cmd_wrap(args):
         else:
             sys.stderr.write(f"gpu-router: note: profile {args.workload!r} runs {profile.binary}, but the wrapped "
                              f"binary now lives at {result['real']}: set binary = \"{result['real']}\"\n")
-    _emit(args, result if isinstance(result, dict) else {"result": str(result)}, _describe(result))
+    emit(args, result if isinstance(result, dict) else {"result": str(result)}, _describe(result))
     return 0
 
 
@@ -421,7 +330,7 @@ def cmd_unwrap(args):
     if not args.all and not args.binary:
         raise _config.ConfigError("name a BINARY or give --all")
     result = wrap.unwrap(args.binary, all=args.all, force=args.force)
-    _emit(args, result if isinstance(result, dict) else {"result": str(result)}, _describe(result))
+    emit(args, result if isinstance(result, dict) else {"result": str(result)}, _describe(result))
     return 0
 
 
@@ -524,8 +433,9 @@ def main(argv):
         return 69
     except BrokenPipeError:
         return 0
-    except Exception as exc:  # wrap.WrapError without importing wrap for every command
-        if type(exc).__name__ in ("WrapError", "UnwrapIncomplete"):
+    except Exception as exc:
+        wrap = sys.modules.get(__package__ + ".wrap")  # a WrapError means wrap is loaded: no import for the others
+        if wrap is not None and isinstance(exc, wrap.WrapError):
             sys.stderr.write(f"gpu-router: {exc}\n")
             return getattr(exc, "exit_code", 1)
         raise

@@ -26,7 +26,7 @@ def gpu_jobs_running(cfg):
 
 
 def cmd_drain(args):
-    from .cli import _emit
+    from .common import emit
 
     cfg = _config.load(args.config)
     path = drainstate.path(cfg.agent.state_dir)
@@ -65,12 +65,12 @@ def cmd_drain(args):
     else:
         text.append("no GPU job is running: safe to update the driver or reset the GPU now")
     text.append("undo with: gpu-router resume")
-    _emit(args, data, "\n".join(text))
+    emit(args, data, "\n".join(text))
     return 1 if running and args.wait else 0
 
 
 def cmd_resume(args):
-    from .cli import _emit
+    from .common import emit
 
     cfg = _config.load(args.config)
     path = drainstate.path(cfg.agent.state_dir)
@@ -85,7 +85,7 @@ def cmd_resume(args):
         journal.emit("drain", f"GPUs resumed by {_who()}: new jobs may use the GPUs again",
                      {"REASON": "resumed", "BY": _who()})
     message = "GPUs resumed: new jobs may use the GPUs again" if before else "not drained: nothing to resume"
-    _emit(args, {"drained": False, "was_drained": before is not None, "file": path}, message)
+    emit(args, {"drained": False, "was_drained": before is not None, "file": path}, message)
     return 0
 
 

@@ -27,44 +27,13 @@ import time
 
 from .. import config as _config
 from .. import atomicfile, policy
+from . import host
 
 _NONE = object()  # a question without a default
 
 
 class InitRefused(Exception):
     """Nothing written, on purpose (the file exists, the operator said no): exit 1."""
-
-
-# ---- detection ------------------------------------------------------------------------------------------------
-
-def detect_gpus(cfg):
-    """([GPU dict with index, name, total_mb, …], where from): the agent's snapshot, else the GPU backend itself."""
-    from .. import snapshot
-
-    snap, why = snapshot.read(cfg.gpu.snapshot, cfg.gpu.snapshot_max_age)
-    if snap is not None and snap.get("gpus"):
-        return list(snap["gpus"]), f"agent snapshot ({snap.get('source')})"
-    if cfg.gpu.backend == "none":
-        return [], "[gpu] backend = \"none\""
-    from ..daemon import gpu_backends as gpu
-
-    backend = gpu.open_backend(cfg.gpu.backend, cfg.gpu.call_timeout)
-    try:
-        sample = backend.sample()
-    finally:
-        backend.close()
-    source = sample.get("source") or "none"
-    if sample.get("error"):
-        source += f": {sample['error']}"
-    elif source == "none":
-        source = "no NVML, no nvidia-smi"
-    return list(sample.get("gpus") or ()), source
-
-
-def system_ram_mb():
-    from .cli import system_ram_mb as read
-
-    return read()
 
 
 # ---- the current configuration (everything but the new profile) ------------------------------------------------
@@ -81,7 +50,7 @@ def _sources(main_path):
         main_raw = {}
     ddir = _config.dropin_dir(main_path)
     try:
-        names = sorted(n for n in os.listdir(ddir) if n.endswith(".toml") and not n.startswith("."))
+        names = _config.dropin_names(ddir)
     except (FileNotFoundError, NotADirectoryError):
         names = []
     except OSError as exc:
@@ -218,9 +187,9 @@ def _wrapped_real(name):
     """The real binary recorded by `gpu-router wrap` for workload NAME (or a binary named NAME), or None."""
     import tomllib
 
-    from ..wrapper.wrapmap import WRAPPED_DIR
+    from .. import wrapmap
 
-    folder = os.environ.get("GPU_ROUTER_WRAPPED_DIR") or WRAPPED_DIR
+    folder = wrapmap.folder()
     try:
         names = sorted(n for n in os.listdir(folder) if n.endswith(".toml"))
     except OSError:
@@ -239,13 +208,13 @@ def _wrapped_real(name):
 def _default_binary(name):
     """The real binary of NAME: what `gpu-router wrap` recorded, its .distrib / .real, else NAME on PATH (never a
     wrapped name: that is gpu-router itself)."""
-    from ..wrapper.probe import which
+    from ..executables import USER_PATH, which
 
     real = _wrapped_real(name)
     if real:
         return real
 
-    found = which(name, os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin")
+    found = which(name, fallback=USER_PATH)
     folders = [os.path.dirname(found)] if found else []
     folders += [d for d in ("/usr/local/bin", "/usr/bin", "/usr/sbin", "/bin") if d not in folders]
     for folder in folders:
@@ -261,7 +230,7 @@ def _default_binary(name):
 def _binary(text):
     path = str(text).strip()
     if not path.startswith("/"):
-        from ..wrapper.probe import which
+        from ..executables import which
 
         found = which(path)
         if found is None:
@@ -282,24 +251,16 @@ def _fmt_num(value):
 # ---- the command ------------------------------------------------------------------------------------------------
 
 def cmd_init(args):
-    from .cli import _emit, _worksheet
+    from .common import emit, worksheet
 
     out = sys.stderr if args.json else sys.stdout
     main_path = _config.config_path(args.config)
     main_raw, dropins = _sources(main_path)
     cfg = _config.build(_config.validate(main_raw, main_path, []))  # the settings; the profiles are checked below
 
-    gpus, gpu_source = detect_gpus(cfg)
-    totals = [g["total_mb"] for g in gpus if g.get("total_mb")]
-    if cfg.host.gpu_vram_mb is not None:
-        vram, vram_source = cfg.host.gpu_vram_mb, "config [host] gpu_vram_mb"
-    elif totals:
-        vram, vram_source = min(totals), f"detected, smallest GPU ({gpu_source})"
-    else:
-        vram, vram_source = None, None
-    ram = cfg.host.ram_mb if cfg.host.ram_mb is not None else system_ram_mb()
-    ram_source = "config [host] ram_mb" if cfg.host.ram_mb is not None else "detected (/proc/meminfo)"
-    count = cfg.host.gpus if cfg.host.gpus is not None else (len(gpus) if gpus else 1)
+    gpus, gpu_source = host.detect_gpus(cfg)
+    h = host.figures(cfg, gpus, gpu_source)
+    vram, vram_source, ram, ram_source, count = h.vram_mb, h.vram_source, h.ram_mb, h.ram_source, h.gpus
     detected = {"gpus": [{k: g.get(k) for k in ("index", "name", "total_mb", "free_mb")} for g in gpus],
                 "gpu_source": gpu_source, "gpu_vram_mb": vram, "gpu_vram_source": vram_source, "ram_mb": ram,
                 "ram_source": ram_source}
@@ -395,7 +356,7 @@ def cmd_init(args):
     if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
         problems.append(f"{binary} is not an executable file (yet): jobs would exit 127/126")
     b["problems"] = problems
-    out.write("\n".join(_worksheet(w, b)) + "\n")
+    out.write("\n".join(worksheet(w, b)) + "\n")
     negative = any("negative" in p for p in problems)
     if not ask.confirm(f"Write {target}", default=not negative):
         raise InitRefused("nothing written")
@@ -405,7 +366,7 @@ def cmd_init(args):
     text = [f"wrote {target}",
             f"next: gpu-router check --workload {name}; gpu-router wrap BINARY --workload {name} (the name callers "
             f"use, e.g. /usr/bin/{name}); gpu-router explain --workload {name} FILE"]
-    _emit(args, data, "\n".join(text))
+    emit(args, data, "\n".join(text))
     return 1 if negative else 0
 
 

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 
+from .. import confinement
 from ..termtext import field as _t
 from . import stats
 
@@ -109,11 +110,12 @@ def still_running(j):
     if not pid:
         return False
     try:
-        with open(f"/proc/{int(pid)}/cgroup") as f:
-            cgroups = f.read()
-    except (OSError, ValueError):
+        lines = confinement.read(int(pid))
+    except ValueError:
         return False
-    return not j.get("scope") or j["scope"] in cgroups
+    if not lines:   # gone
+        return False
+    return not j.get("scope") or any(j["scope"] in path for _c, path in lines)
 
 
 def settle(jobs):
@@ -224,7 +226,7 @@ def one(j):
 
 
 def cmd_jobs(args):
-    from .cli import _emit
+    from .common import emit
 
     try:
         events, ignored = read(args.since if not args.job else "-1y" if args.since == "-1d" else args.since,
@@ -246,17 +248,17 @@ def cmd_jobs(args):
             sys.stderr.write(f"gpu-router: no job {_t(args.job)} in the journal"
                              + (" visible to this user" if partial else "") + "\n")
             return 1
-        _emit(args, found[0], one(found[0]))
+        emit(args, found[0], one(found[0]))
         return 0
     jobs = select(jobs, args.workload, args.result, args.mode, args.caller)
     if args.json:
-        _emit(args, {"since": args.since, "until": args.until, "jobs": jobs, "partial": partial is not None,
+        emit(args, {"since": args.since, "until": args.until, "jobs": jobs, "partial": partial is not None,
                      "note": partial, "ignored": ignored}, "")
         return 0
     header = not args.no_header
     text = table(jobs, header=header) if jobs else f"no jobs since {_t(args.since)}" + (" matching the filters" if (
         args.workload or args.result or args.mode or args.caller) else "")
-    _emit(args, None, text)
+    emit(args, None, text)
     return 0
 
 

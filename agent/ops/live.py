@@ -11,23 +11,13 @@ import os
 import pwd
 import time
 
-from .. import slots
+from .. import confinement, procstat, slots
+from ..daemon import accounting
 
 
 def _lock_table():
     """{(major, minor, inode): pid} of flock holders (waiters skipped); empty when /proc/locks cannot be read."""
     return slots.flock_table() or {}
-
-
-def _boot_time():
-    try:
-        with open("/proc/stat") as f:
-            for line in f:
-                if line.startswith("btime "):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def _proc(pid):
@@ -41,18 +31,8 @@ def _proc(pid):
             info["user"] = str(st.st_uid)
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             info["args"] = [a.decode("utf-8", "surrogateescape") for a in f.read().split(b"\0")[:-1]]
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        boot = _boot_time()
-        if boot is not None:
-            info["started"] = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-        with open(f"/proc/{pid}/cgroup") as f:
-            for line in f:
-                _h, controllers, path = line.rstrip("\n").split(":", 2)
-                if controllers in ("", "memory") or "memory" in controllers.split(","):
-                    info["cgroup"] = (controllers, path)
-                    if controllers == "memory":
-                        break
+        info["started"] = procstat.start_time(pid)
+        info["cgroup"] = confinement.memory_path(confinement.read(pid))
     except (OSError, IndexError, ValueError):
         pass
     try:
@@ -66,27 +46,20 @@ def _proc(pid):
 
 
 def _memory(cgroup):
-    """(used MB, limit MB or None) of the job's memory cgroup (v2 memory.current/max, v1 usage/limit)."""
+    """(used MB, limit MB or None) of the job's memory cgroup: the use as the accounting reads it, the limit from
+    v2 memory.max or v1 memory.limit_in_bytes ("max" or v1's huge figure: none)."""
     if not cgroup:
         return None, None
     controllers, path = cgroup
-    if controllers == "":
-        base = "/sys/fs/cgroup" + path
-        names = ("memory.current", "memory.max")
-    else:
-        base = "/sys/fs/cgroup/memory" + path
-        names = ("memory.usage_in_bytes", "memory.limit_in_bytes")
-    values = []
-    for name in names:
-        try:
-            with open(os.path.join(base, name)) as f:
-                text = f.read().strip()
-        except OSError:
-            values.append(None)
-            continue
-        values.append(None if text == "max" or not text.isdigit() or int(text) >= 1 << 60 else
-                      round(int(text) / 1048576, 1))
-    return values[0], values[1]
+    base = confinement.hierarchy_dir("") + path if controllers == "" else confinement.CGROUP_ROOT + "/memory" + path
+    used = accounting.read_memory(base).get("current")
+    try:
+        with open(os.path.join(base, "memory.max" if controllers == "" else "memory.limit_in_bytes")) as f:
+            text = f.read().strip()
+    except OSError:
+        text = None
+    limit = (None if text is None or not text.isdigit() or int(text) >= 1 << 60 else round(int(text) / 1048576, 1))
+    return (None if used is None else round(used / 1048576, 1)), limit
 
 
 def running(cfg, snapshot_gpus, reservations):

@@ -9,13 +9,13 @@ from .. import policy
 PROBE_TOOLS = {"ffprobe-duration": [("ffprobe", "ffmpeg")], "mediainfo-duration": [("mediainfo", "mediainfo")],
                "media-duration": [("mediainfo", "mediainfo"), ("ffprobe", "ffmpeg")],
                "video-pixels": [("ffprobe", "ffmpeg")]}
-SEARCH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+from ..executables import ADMIN_PATH as SEARCH
 
 
 def _which(name):
-    from ..wrapper.probe import which
+    from ..executables import which
 
-    return which(name, os.environ.get("PATH") or SEARCH) or which(name, SEARCH)
+    return which(name, fallback=SEARCH) or which(name, SEARCH)
 
 
 def binary_problems(w):

@@ -23,7 +23,7 @@ import sys
 
 from .. import config as _config
 from .. import policy
-from . import slurmconf
+from . import host, slurmconf
 
 REFUSED = "--gpu-router-request-failed"   # sbatch stops on an unknown option: `sbatch $(…)` submits nothing
 SCHED = "sched_interval=2"
@@ -36,18 +36,15 @@ def gres_name(workload, pool):
 
 
 def host_figures(cfg):
-    """(gpus, gpu_vram_mb, ram_mb, gpu_state): what `gpu-router check` counts with."""
-    from . import cli
-
-    gpus, gpu_state = cli._gpus(cfg)
-    return (*cli.host_figures(cfg, gpus), gpu_state)
+    """(gpus, gpu_vram_mb, ram_mb, gpu_state): what `gpu-router check` counts with (ops/host.py)."""
+    gpus, gpu_state = host.snapshot_gpus(cfg)
+    h = host.figures(cfg, gpus)
+    return h.gpus, h.vram_mb, h.ram_mb, gpu_state
 
 
 def node_figures():
     """(CPUs, RealMemory MiB) as slurmd itself finds them: every CPU of the host, MemTotal."""
-    from .cli import system_ram_mb
-
-    return os.cpu_count() or 1, system_ram_mb() or 1
+    return host.cpu_figures()
 
 
 def conf(cfg, names, node=None, live=None):
@@ -148,8 +145,6 @@ def request(cfg, workload, path):
     """The GRES a job with this input takes: the pool gpu-router will route it to (slots not looked at).
     The input must be readable here: a probe that fails here is not a CPU job, it is no decision."""
     from ..wrapper.probe import ProbeFailed, measure
-    from .cli import _gpus
-
     w = cfg.workload(workload)
     if not os.path.exists(path):
         raise Undecided(f"{path}: no such input on this host (the submit host must see the job's input)")
@@ -158,7 +153,7 @@ def request(cfg, workload, path):
     except ProbeFailed as exc:
         raise Undecided(f"{path}: the {w.name} probe cannot measure it here ({exc}); the submit host needs the "
                         f"input readable and the probe's tools") from None
-    gpus, _state = _gpus(cfg)
+    gpus, _state = host.snapshot_gpus(cfg)
     plan = policy.plan(w, values, gpus, None, cfg.gpu.reserve_mb)
     pool = "gpu" if plan.mode == "GPU" and w.max_gpu_jobs else "cpu"
     return {"workload": w.name, "input": path, "pool": pool, "reason": plan.reason, "gres": gres_name(w.name, pool),
@@ -167,7 +162,7 @@ def request(cfg, workload, path):
 
 def cmd_request(args):
     """Print the option; when undecided print REFUSED (sbatch stops on it) and exit 2, the reason on stderr."""
-    from .cli import _emit
+    from .common import emit
 
     try:
         cfg = _config.load(args.config)
@@ -177,16 +172,16 @@ def cmd_request(args):
         reason = f"config error: {exc}" if isinstance(exc, _config.ConfigError) else str(exc)
         sys.stderr.write(f"gpu-router slurm-conf --request: {reason}; printed {REFUSED} so that sbatch "
                          f"submits nothing\n")
-        _emit(args, {"error": reason, "sbatch": REFUSED, "license": REFUSED}, REFUSED)
+        emit(args, {"error": reason, "sbatch": REFUSED, "license": REFUSED}, REFUSED)
         return 2
-    _emit(args, data, data["license"] if args.licenses else data["sbatch"])
+    emit(args, data, data["license"] if args.licenses else data["sbatch"])
     return 0
 
 
 # ---- the command ----------------------------------------------------------------------------------------------
 
 def cmd_slurm_conf(args):
-    from .cli import _emit
+    from .common import emit
 
     if args.request:
         return cmd_request(args)
@@ -213,13 +208,13 @@ def cmd_slurm_conf(args):
         return 1 if bad else 0
     if args.check:
         return check(args, data)
-    _emit(args, data, render(data))
+    emit(args, data, render(data))
     return 1 if bad else 0
 
 
 def check(args, data):
     """--check: the live files against this host's figures; exit 1 when something is wrong."""
-    from .cli import _emit
+    from .common import emit
 
     try:
         problems, notes = slurmconf.check(data["live"], data["node"], data["cpus"], data["gres"], data["wanted"])
@@ -232,7 +227,7 @@ def check(args, data):
     text += [f"! {p}" for p in problems] + [f"  note: {n}" for n in notes]
     if problems:
         text.append("  `gpu-router slurm-conf --print slurm.conf` (and gres.conf) prints the files merged")
-    _emit(args, result, "\n".join(text))
+    emit(args, result, "\n".join(text))
     return 1 if problems else 0
 
 

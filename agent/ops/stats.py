@@ -156,7 +156,7 @@ def advice(w):
 
 
 def cmd_stats(args):
-    from .cli import _emit
+    from .common import emit
 
     import sys
 
@@ -213,7 +213,7 @@ def cmd_stats(args):
         except charts.ChartError as exc:
             sys.stderr.write(f"gpu-router: stats: no chart: {exc}\n")
             data["chart"], code = None, 1
-    _emit(args, data, "\n".join(lines))
+    emit(args, data, "\n".join(lines))
     return code
 
 

@@ -8,8 +8,7 @@ from .. import drainstate, slots
 
 
 def collect(cfg):
-    from ..daemon import service as agent
-    from .. import snapshot
+    from .. import scope, snapshot
 
     snap, why = snapshot.read(cfg.gpu.snapshot, cfg.gpu.snapshot_max_age)
     data = {"snapshot": {"state": "ok" if snap else why,
@@ -40,7 +39,7 @@ def collect(cfg):
     if dir_fd is not None:
         os.close(dir_fd)
     data["reservations"] = {k: [{"pid": p, "mb": mb} for p, mb in v] for k, v in reservations.items()}
-    for unit, (cg, pids) in sorted(agent.running_scopes().items()):
+    for unit, (cg, pids) in sorted(scope.running_scopes().items()):
         data["scopes"].append({"scope": unit, "cgroup": cg, "pids": pids})
     from . import live
 
@@ -89,12 +88,12 @@ def cmd_status(args):
     import sys
 
     from ..termtext import block
-    from .cli import _emit
+    from .common import emit
 
     cfg = _config.load(args.config)
     if not args.watch:
         data = collect(cfg)
-        _emit(args, data, render(data, not args.no_header))
+        emit(args, data, render(data, not args.no_header))
         return 0
     shown = 0
     tty = sys.stdout.isatty()

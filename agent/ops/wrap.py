@@ -34,11 +34,10 @@ import os
 import stat
 import sys
 
-from .. import atomicfile
+from .. import atomicfile, wrapmap
 
 PACKAGE = "gpu-router"
 LAUNCHER = "/usr/bin/gpu-router"
-WRAPPED_DIR = "/var/lib/gpu-router/wrapped"
 DIVERT_SUFFIX = ".distrib"
 RENAME_SUFFIX = ".real"
 RECORD_VERSION = 1
@@ -79,7 +78,7 @@ class _Host:
         self.admindir = admindir
         self.launcher = launcher
         if state_dir is None:
-            state_dir = os.environ.get("GPU_ROUTER_WRAPPED_DIR") or self.real(WRAPPED_DIR)
+            state_dir = os.environ.get(wrapmap.ENV) or self.real(wrapmap.WRAPPED_DIR)
         self.state_dir = os.path.abspath(state_dir)
 
     def real(self, path):

@@ -97,14 +97,6 @@ def _kind(st):
 
 # ---- running an external probe --------------------------------------------------------------------------------
 
-def which(name, path=None):
-    for folder in (path or os.environ.get("PATH") or "/usr/bin:/bin").split(os.pathsep):
-        candidate = os.path.join(folder or ".", name)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
 def run_command(argv, timeout):
     """(exit status, stdout bytes, stderr tail) of argv; at ``timeout`` the probe and all it started are killed.
 
@@ -343,8 +335,15 @@ def _external(argv, timeout, what):
     return text
 
 
+def _which(name):
+    """executables.which, imported only by the probes that look a tool up (not every job's path)."""
+    from ..executables import which
+
+    return which(name)
+
+
 def _tool(name):
-    path = which(name)
+    path = _which(name)
     if path is None:
         raise ProbeFailed("probe-not-found", f"{name} is not installed (or not on PATH)")
     return path
@@ -378,7 +377,7 @@ def _mediainfo_duration(path, fd, size, timeout, workload):
 
 
 def _media_duration(path, fd, size, timeout, workload):
-    if which("mediainfo"):
+    if _which("mediainfo"):
         return _mediainfo_duration(path, fd, size, timeout, workload)
     return _ffprobe_duration(path, fd, size, timeout, workload)
 
@@ -432,7 +431,7 @@ def _video_pixels(path, fd, size, timeout, workload):
 def _command(path, fd, size, timeout, workload):
     argv = [a.replace("{input}", path) for a in workload.probe_command]
     if not argv[0].startswith("/"):
-        found = which(argv[0])
+        found = _which(argv[0])
         if found is None:
             raise ProbeFailed("probe-not-found", f"probe command {argv[0]!r} not found on PATH")
         argv[0] = found

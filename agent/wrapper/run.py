@@ -342,23 +342,12 @@ def _restore_signals():
                 pass
 
 
-def caller_unit():
-    """The systemd unit this process runs in before it moves to its scope (the runner's service), or None."""
-    try:
-        fd = os.open("/proc/self/cgroup", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        text = os.read(fd, 8192).decode("utf-8", "replace")
-    finally:
-        os.close(fd)
-    for line in text.splitlines():
-        _h, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "x", "")
-        if controllers in ("", "name=systemd"):
-            name = path.rstrip("/").rsplit("/", 1)[-1]
-            if name.endswith((".service", ".scope")) and name != "init.scope":
-                return name
-    return None
+def runner_unit():
+    """The systemd unit this process runs in before it moves to its scope (the runner's service or scope), or
+    None: what GPU_ROUTER_CALLER_UNIT= records."""
+    from .. import confinement
+
+    return confinement.unit_of(confinement.read())
 
 
 def _scope(job, cfg):
@@ -442,7 +431,7 @@ def _run(workload_name, args, config_file=None):
     try:
         admit_with_wait(job, cfg, dir_fd)
         if workload.scope != "off":  # journald will attribute our events to the scope from now on
-            job.caller_unit = caller_unit()
+            job.caller_unit = runner_unit()
         _scope(job, cfg)
     except Blocked as exc:
         for fd in job.fds:
