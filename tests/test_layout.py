@@ -193,9 +193,7 @@ def _private_uses(path, parts):
             yield node.lineno, f"{aliases[node.value.id]}.{node.attr}"
 
 
-# Known, in code another change is rewriting (init's prompts are being derived from the config schema): remove
-# an entry when its line goes; a new use anywhere else fails.
-KNOWN_PRIVATE = {("ops/init.py", "gpu_router.config._default_unit"), ("ops/init.py", "gpu_router.config._mib")}
+KNOWN_PRIVATE = set()  # (file, name) pairs allowed for now; none are left
 
 
 def test_no_private_name_across_modules():
