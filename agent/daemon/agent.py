@@ -12,16 +12,18 @@ import selectors
 import signal
 import time
 
-from . import accounting, accounting_mode, broker, clients, holder, inflight, jobrecord, metrics, procevents, \
-    scopewalk, sdglue
+from . import accounting, accounting_mode, broker, clients, grants, holder, inflight, jobend, jobrecord, liveness, \
+    metrics, procevents, scopewalk, sdglue
 from .. import journal, oom_memory, procstat, scope, slots
 from .. import config as _config
 
 SAMPLE_DEFER_S = 1.0  # how long the periodic sample may wait for scopes being made
-NEIGHBOUR_S = 0.5  # a GPU job that ended this shortly before another's exit counts in that one's OOM evidence
 
 
-class Agent:
+class Agent(grants.Grants, jobend.JobEnd):
+    """The agent's state, its sampling and its loop; the broker's grant path is grants.Grants, a job's end
+    jobend.JobEnd (one object: every part sees the same jobs, selector and snapshot)."""
+
     def __init__(self, config_file=None, monitor=None):
         self.config_file = config_file
         self.cfg = _config.load(config_file)
@@ -43,7 +45,7 @@ class Agent:
         self.outgrown = {}  # (gpu key, pid) → the MiB last reported for a job that outgrew its reservation
         self._sample_errors = set()  # (stage, exception type, where): each reported once
         self.oom = oom_memory.Memory(self.cfg.agent.state_dir, self.log)  # inputs that ran out of GPU memory
-        self._gpu_exits = []  # (device, monotonic time, peak MiB) of the GPU jobs that ended in the last NEIGHBOUR_S
+        self._gpu_exits = []  # (device, monotonic time, peak MiB) of the GPU jobs that ended in jobend.NEIGHBOUR_S
 
     # -- pieces ------------------------------------------------------------------------------------------------
 
@@ -70,7 +72,7 @@ class Agent:
             job = accounting.JobAccount.from_record(r)
             if r.get("holder_pid"):
                 job.holder = holder.Holder(r["holder_pid"], r.get("holder_start"))
-            if job.scope not in scopes and not _job_alive(job):
+            if job.scope not in scopes and not liveness.job_alive(job):
                 # Scope gone and job gone: the counters are gone too; account what the record and the queued
                 # exit event (fd store) still say.
                 job.control_group = None
@@ -104,65 +106,6 @@ class Agent:
         if self.jobs:
             self.log.info("adopted running jobs", jobs=len(self.jobs), from_records=len(records))
 
-    def begin_scope(self, name, props):
-        """The broker's StartTransientUnit, with a holder process in the scope next to the job (holder.py); the
-        job's end is awaited in the loop (inflight.py, scope_ended)."""
-        h = holder.spawn()
-        if h is not None:
-            props = [(k, list(v) + [h.pid]) if k == "PIDs" else (k, v) for k, v in props]
-        # A SIGTERM (agent restart) in the middle of the D-Bus call interrupts sd-bus's poll: the scope would be
-        # refused with EINTR and the job blocked. Hold the signals until the scope exists; they arrive after.
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-        try:
-            self.inflight.begin(name, props)
-        except BaseException:
-            if h is not None:
-                h.release()
-            raise
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        if h is not None:
-            self._holders[name] = h
-
-    def scope_ended(self, token, error):
-        """A scope's start job ended: answer its wrapper (what broker.handle answers for a scope made at once),
-        account for the job, then the requests its PID sent meanwhile."""
-        g, answer = token
-        if error is None:
-            fields = {"OK": "1", "SCOPE": g.name}
-        else:
-            h = self._holders.pop(g.name, None)
-            if h is not None:
-                h.release()
-            fields, g = broker.scope_failed(g, scope.ScopeError(error))
-        try:
-            if g is not None:
-                self.on_grant(g)
-        except Exception as exc:  # noqa: BLE001 - the wrapper is answered all the same
-            self.log.error("accounting a new job failed", error=f"{type(exc).__name__}: {exc}")
-        answer(broker.frame(fields))
-        pid = token[0].pid
-        for payload, uid, later in self._waiting.pop(pid, []):
-            reply = self._handle_request(payload, pid, uid)
-            if callable(reply):
-                reply(later)
-            else:
-                later(reply)
-
-    def _answer_at_end(self, g, answer):
-        if not self.inflight.attach(g.name, (g, answer)):  # never expected: its job is in flight since begin
-            self.scope_ended((g, answer), f"scope {g.name}: its start job was lost")
-
-    def on_grant(self, g):
-        job = accounting.JobAccount(
-            g.job_id, g.pid, g.workload.name, g.mode, g.device, g.metric, g.name, g.control_group,
-            g.workload.runtime_max, predicted_vram_mb=g.predicted_vram_mb, memory_max_mb=g.memory_max_mb,
-            input_path=g.input, pid_start=procstat.start_ticks(g.pid))
-        job.holder = self._holders.pop(g.name, None) if g.name else None
-        job.input_id = self._guarded("input-id", oom_memory.verify, g.pid, g.input, getattr(g, "input_id", None))
-        self._guarded("oom-retry", self._retried, job)
-        self.track(job)
-
     def track(self, job, write_record=True):
         """Follow a job: a pidfd wakes the loop the moment it exits; its holder keeps the cgroup until then.
         One account per PID: a newer one replaces the older (whose descriptors are closed, never leaked)."""
@@ -171,7 +114,7 @@ class Agent:
         if write_record:
             self._write_record(job)
         job.sample()
-        if _job_alive(job):
+        if liveness.job_alive(job):
             try:
                 job.pidfd = os.pidfd_open(job.pid)
                 self.selector.register(job.pidfd, selectors.EVENT_READ, ("exited", job.pid))
@@ -195,140 +138,11 @@ class Agent:
             if fd is not None:
                 _drop_fd(self.selector, fd)
 
-    def existing_scope(self, pid, grant=None):
-        """The scope this PID already sits in (one the agent made for it, its process still alive), or None.
-        A dead process's account is closed first: a reused PID is a new job.
-
-        An account adopted from a bare scope (the agent that made it was killed before it wrote the job's record:
-        no device, metric or input known) is completed from ``grant`` when that is the same job asking again (a
-        wrapper whose agent went away unanswered asks the next one, scope.Unanswered): the same JOB id from the
-        same PID, its fields checked by broker.grant. Without it the job would be accounted with metric unknown,
-        no input and no device, although the wrapper has just said all of it."""
-        job = self.jobs.get(pid)
-        if job is None:
-            return None
-        if not _pidfd_alive(job.pidfd) or not _job_alive(job):
-            self.finish(pid, procevents.zombie_status(pid))
-            return None
-        if grant is not None and grant.job_id == job.job_id and job.device is None and grant.mode == job.mode:
-            job.device, job.metric, job.input = grant.device, grant.metric, grant.input
-            job.predicted_vram_mb, job.memory_max_mb = grant.predicted_vram_mb, grant.memory_max_mb
-            self._write_record(job)
-        return job.scope
-
     def _write_record(self, job):
         try:
             jobrecord.write(self.records, job.to_record())
         except (OSError, ValueError) as exc:
             self.log.warning("cannot write a job record", job=job.job_id, error=str(exc))
-
-    def finish(self, pid, wait_status=None):
-        job = self.jobs.pop(pid, None)
-        if job is None:
-            return None
-        self._close_fds(job)
-        job.wait_status = wait_status
-        job.final_read()  # the holder still keeps the cgroup: exact peak and OOM count
-        if job.holder is not None:
-            job.holder.release()
-        if job.mode == "GPU":
-            after = self._guarded("gpu-after-exit", self._sample_after_exit, job)  # first: the nearest the failure
-            job.take_accounted(self._guarded("vram-accounting", self._accounted_peaks, job))
-            if after is not None:
-                self._guarded("gpu-evidence", self._gpu_evidence, job, after)
-            if job.peak_vram_mb:
-                self._gpu_exits.append((job.device, time.monotonic(), job.peak_vram_mb))
-        fields = job.outcome()
-        self._guarded("oom-memory", self._remember, job, fields)
-        status = f"exit {fields['EXIT_STATUS']}" if "EXIT_STATUS" in fields else "exit status unknown"
-        ram = f"{fields['PEAK_RAM_MB']} MB" if fields.get("PEAK_RAM_MB") is not None else "not measured"
-        vram = ""
-        if job.mode == "GPU":
-            vram = f", peak VRAM {fields['PEAK_VRAM_MB']} MB" if fields.get("PEAK_VRAM_MB") is not None else \
-                ", peak VRAM not measured"
-            if fields.get("PREDICTED_VRAM_MB") is not None:
-                vram += f" (predicted {fields['PREDICTED_VRAM_MB']} MB)"
-        journal.emit("job-finished", f"{job.workload}: job {job.job_id} on {job.mode} finished: {fields['RESULT']} "
-                     f"({status}, {fields['DURATION_S']:.1f}s, peak RAM {ram}{vram})", fields,
-                     priority=6 if fields["RESULT"] == "success" else 4)
-        try:
-            accounting.record_sample(self.cfg.agent.state_dir, fields,
-                                     peaks_known=job.peaks_known(gpu_sampling=self._gpu_sampling()))
-        except OSError as exc:
-            self.log.warning("cannot record a calibration sample", error=str(exc))
-        jobrecord.remove(self.records, job.job_id)
-        self.metrics.job_finished(fields)
-        return fields
-
-    # -- CUDA OOMs (HACKING.md, "CUDA OOMs"): know it, remember the input, never send its retry into it again ----
-
-    def _sample_after_exit(self, job):
-        """One GPU sample right after a GPU job failed or ended with its status unknown (its GPU entries, or None):
-        what the other processes use on its GPU then is the nearest measure of what they used when it failed (a
-        short job may have ended between two periodic samples)."""
-        if self.monitor is None or job.device is None:
-            return None
-        base = accounting.classify(job.wait_status, job.oom_kills, job.runtime_max, time.time() - job.started,
-                                   job.failcnt)
-        if base not in ("failed", "unknown"):
-            return None
-        self.fresh_sample(0.0)
-        return list((self.snapshot or {}).get("gpus", ()))
-
-    def _gpu_evidence(self, job, gpus):
-        """Fold the sample after the exit into the job's OOM evidence, with the GPU jobs that failed beside it."""
-        now = time.monotonic()
-        self._gpu_exits = [x for x in self._gpu_exits if now - x[1] <= NEIGHBOUR_S]
-        # GPU jobs that ended on the same GPU just before this one's exit held their memory until they exited (CUDA
-        # allocators give it back at exit; a job that failed by running out did so at its peak): gone from the
-        # sample after, they were there when this one failed, at most at their peak.
-        neighbours = sum(peak for device, _t, peak in self._gpu_exits if device == job.device)
-        for other in list(self.jobs.values()):  # ended with it, not accounted yet (the same wake-up): their peaks
-            if other.mode == "GPU" and other.device == job.device and not _job_alive(other, zombie_ok=False):
-                peaks = self._guarded("vram-accounting", self._accounted_peaks, other)
-                neighbours += sum(peaks.values()) if peaks else (other.peak_vram_mb or 0)
-        for gpu in gpus:
-            job.see_gpu(gpu, after_exit=True, also_mb=neighbours)
-
-    def _remember(self, job, fields):
-        """The input of a GPU attempt that ran out of memory goes into the OOM memory (its identity as the agent
-        verified it at the grant): ``oom`` for a cuda-oom the job itself caused (outgrew; a job squeezed by others'
-        growth fits: its retry may go to the GPU again), ``suspect`` when the exit status is unknown but the GPU
-        was full while it ran (a retry within oom_memory.RETRY_WINDOW_S confirms it)."""
-        if job.mode != "GPU" or job.input_id is None:
-            return
-        result = fields["RESULT"]
-        if result == "cuda-oom" and fields.get("OOM_CAUSE") == "outgrew":
-            kind = "oom"
-        elif result == "unknown" and accounting.gpu_was_full(job.peak_vram_mb, job.gpu_total_mb, job.others_mb):
-            kind = "suspect"
-        else:
-            return
-        self.oom.mark(job.input_id, kind, time.time(), job.workload, job.peak_vram_mb,
-                      accounting.oom_need_mb(job.peak_vram_mb, job.gpu_total_mb), job.device, job.job_id,
-                      job.gpu_total_mb, os.fsdecode(job.input) if job.input else None)
-        fields["OOM_MEMORY"] = kind
-        self.log.info("input remembered as out of GPU memory", job=job.job_id, kind=kind,
-                      peak_vram_mb=job.peak_vram_mb, total_mb=job.gpu_total_mb, others_mb=job.others_mb)
-
-    def _retried(self, job):
-        """A retry of a suspect's input within the window: the sign that the GPU attempt failed. The suspect
-        becomes an ``oom`` (the wrapper already routed this retry as after an OOM)."""
-        entry = self.oom.get(job.input_id) if job.input_id is not None else None
-        if entry is None or oom_memory.applies(entry, time.time()) != "suspect":
-            return
-        self.oom.mark(job.input_id, "oom", entry[1], *entry[2:], input_name=self.oom.inputs.get(job.input_id))
-        self.log.info("a suspected CUDA OOM confirmed by the caller's retry", job=job.job_id,
-                      retried_after_s=round(time.time() - entry[1], 1))
-
-    def _accounted_peaks(self, job):
-        """The driver's per-process peaks of the job's PIDs on its GPU ({pid: MiB}), or None where the backend's
-        accounting cannot vouch for them (then the samples' maximum stands)."""
-        ask = getattr(getattr(self.monitor, "backend", None), "accounted_peaks", None)
-        if ask is None or self.cfg.gpu.accounting == "off":
-            return None
-        device = int(job.device) if isinstance(job.device, str) and job.device.isdigit() else None
-        return ask(job.accounting_pids(), device=device, job_started=job.started, not_before=job.first_start())
 
     def _gpu_sampling(self):
         """Whether GPU samples list processes here (a GPU backend that sees GPUs): VRAM peaks are then expected."""
@@ -344,7 +158,7 @@ class Agent:
             self.snapshot = self.monitor.sample_once()
             self.check_predictions()
             for job in list(self.jobs.values()):  # every sample is OOM evidence for the GPU jobs running now
-                if job.mode == "GPU" and _job_alive(job):
+                if job.mode == "GPU" and liveness.job_alive(job):
                     for gpu in self.snapshot.get("gpus", ()):
                         self._guarded("job-gpu", job.see_gpu, gpu)
         return self.snapshot.get("time")
@@ -418,7 +232,7 @@ class Agent:
             self.log.error("config error; keeping the last good config", error=str(exc))
         if os.geteuid() == 0:
             self._guarded("tidy", slots.tidy, self.cfg.router.lock_dir, broker.group_id(self.cfg.agent.group))
-        alive_before = {pid for pid, job in self.jobs.items() if _job_alive(job)}
+        alive_before = {pid for pid, job in self.jobs.items() if liveness.job_alive(job)}
         if self.monitor is not None:
             snapshot = self._guarded("gpu-sample", self.monitor.sample_once)
             if snapshot is not None:
@@ -461,7 +275,7 @@ class Agent:
         The kernel's exit message may be waiting in the proc connector (it is, whenever a job ended during a
         slow GPU sample): drain it first, so the sampling path never closes a job without its exit status.
         """
-        dead = [pid for pid, job in self.jobs.items() if not _job_alive(job)]
+        dead = [pid for pid, job in self.jobs.items() if not liveness.job_alive(job)]
         if not dead:
             return
         if self.proc is not None:
@@ -469,7 +283,7 @@ class Agent:
         for pid in dead:
             if pid in self.jobs:
                 job = self.jobs[pid]
-                self.finish(pid, procevents.zombie_status(pid) if _job_alive(job, zombie_ok=True) else None)
+                self.finish(pid, procevents.zombie_status(pid) if liveness.job_alive(job, zombie_ok=True) else None)
 
     def status_line(self):
         gpus = (self.snapshot or {}).get("gpus", [])
@@ -618,28 +432,6 @@ class Agent:
             if pid in self.jobs:
                 self.finish(pid, status)
 
-    def _handle_request(self, payload, pid, uid):
-        """One complete scope request from clients.py → the reply frame, or ``later(answer)`` while its scope's
-        start job runs (clients.py serves everyone else meanwhile). Never raises."""
-        if pid in self._waiting:
-            # Its scope is being made: answered after it, as the same PID's second request always was (REUSED).
-            return lambda answer: self._waiting[pid].append((payload, uid, answer))
-        try:  # a profile added a moment ago must be known to the very next request (a cache hit costs ~1 ms)
-            self.cfg = _config.load(self.config_file)
-        except _config.ConfigError as exc:
-            self.log.error("config error; keeping the last good config", error=str(exc))
-        begun = []
-        fields, g = broker.handle(payload, pid, uid, self.cfg, broker.group_id(self.cfg.agent.group),
-                                  existing=self.existing_scope,
-                                  start_scope=lambda name, props: begun.append(self.begin_scope(name, props)),
-                                  fresh_sample=self.fresh_sample)
-        if begun and g is not None and fields.get("OK") == "1":
-            self._waiting[pid] = []
-            return lambda answer: self._answer_at_end(g, answer)
-        if g is not None:
-            self.on_grant(g)
-        return broker.frame(fields)
-
     def _stop(self, *_):
         self.stopping = True
 
@@ -679,31 +471,6 @@ def _drop_fd(selector, fd):
         pass
 
 
-def _pidfd_alive(pidfd):
-    """False once a pidfd is readable (its process has exited); True when there is no pidfd to ask."""
-    if pidfd is None:
-        return True
-    import select
-
-    try:
-        return not select.select([pidfd], [], [], 0)[0]
-    except (OSError, ValueError):
-        return True
-
-
-def _job_alive(job, zombie_ok=False):
-    """The job's process (same PID and start time: a PID may be reused) exists and, unless ``zombie_ok``, runs."""
-    try:
-        with open(f"/proc/{job.pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return False
-    try:
-        if job.pid_start is not None and int(fields[19]) != job.pid_start:
-            return False
-    except (IndexError, ValueError):
-        return False
-    return zombie_ok or fields[0] not in (b"Z", b"X")
 
 
 def _logger():
