@@ -52,7 +52,10 @@ def passed_fds():
         try:
             named = daemon.listen_fds_with_names(False)  # {fd: name}; only when LISTEN_PID is ours
         except OSError:  # LISTEN_FDNAMES does not name every fd: by number, as systemd passed them
-            named = {fd: "" for fd in daemon.listen_fds(False)}
+            try:
+                named = {fd: "" for fd in daemon.listen_fds(False)}
+            except OSError:  # LISTEN_FDS is not a number: nothing passed
+                named = {}
         for i, (fd, name) in enumerate(sorted(named.items())):
             if not name or (name == "unknown" and "LISTEN_FDNAMES" not in os.environ):
                 name = f"fd{i}"
