@@ -1,5 +1,5 @@
 """The broker's grant path of the Agent: a scope request in (clients.py), its scope begun (holder, inflight.py),
-the wrapper answered at the start job's end, the job accounted from then on (Agent.track). A mixin of agent.Agent:
+the wrapper answered at the start job's end, the job accounted from then on (Agent.track). A mixin of resident.Agent:
 its state (jobs, _holders, _waiting, inflight) is the Agent's."""
 
 import signal

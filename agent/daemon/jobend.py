@@ -1,4 +1,4 @@
-"""A job's end, as the Agent accounts it (a mixin of agent.Agent): its counters read while the holder still keeps
+"""A job's end, as the Agent accounts it (a mixin of resident.Agent): its counters read while the holder still keeps
 the cgroup, its outcome (accounting.py's rules) with the GPU's evidence of a CUDA OOM, the job-finished event, the
 calibration sample, and the OOM memory (HACKING.md, "CUDA OOMs")."""
 

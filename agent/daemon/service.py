@@ -1,5 +1,5 @@
 """gpu-router-agent: the resident half's command line (packaging/bin/gpu-router-agent, the unit's ExecStart and
-ExecStartPre). The service itself is in agent.py (the Agent and its loop), sdglue.py (sd_notify, socket activation,
+ExecStartPre). The service itself is in resident.py (the Agent and its loop), sdglue.py (sd_notify, socket activation,
 the fd store), scopewalk.py (the scopes alive now) and accounting_mode.py (--enable-accounting).
 """
 
@@ -7,7 +7,7 @@ import argparse
 
 from .. import config as _config
 from .accounting_mode import enable_accounting
-from .agent import Agent
+from .resident import Agent
 from .scopewalk import running_scopes  # noqa: F401 - ops/status.py walks the scopes through it
 
 
