@@ -59,7 +59,7 @@ def properties(workload, mode, metric_text, pid, caller_unit=None, memory_max_mb
 
 def running_scopes():
     """{scope name: (control group, [pids])} of gpu-router scopes alive now: `status`, and the agent's adoption
-    after a restart (daemon/service.py still has its own copy: to be replaced by this one)."""
+    after a restart (daemon/resident.py)."""
     from . import confinement
 
     root = confinement.systemd_root()

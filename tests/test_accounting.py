@@ -348,7 +348,6 @@ def test_a_bare_adopted_job_is_completed_from_its_wrappers_second_request(tmp_pa
     input. The answer is the same scope (REUSED), and the account takes what the request says, so the job is
     accounted in full (the systemd kill storm found such jobs accounted with metric unknown and no input)."""
     from gpu_router import journal
-    from gpu_router.daemon import service
 
     job = subprocess.Popen(["sleep", "0.5"])
     try:
@@ -369,7 +368,7 @@ def test_a_bare_adopted_job_is_completed_from_its_wrappers_second_request(tmp_pa
         assert (record["metric"], record["device"], os.fsencode(record["input"])) == \
             ("150", "cpu", b"/srv/in \xff.wav")
         events = []
-        monkeypatch.setattr(service.journal, "emit", lambda name, msg, fields, **kw: events.append((name, fields)))
+        monkeypatch.setattr(journal, "emit", lambda name, msg, fields, **kw: events.append((name, fields)))
         assert job.wait(10) == 0
         agent.close_vanished()
         fields = next(f for name, f in events if name == "job-finished")

@@ -226,12 +226,12 @@ def test_bare_scope_adoption_trusts_only_a_pid_the_scope_holds(rig, monkeypatch)
     """The suspected case: a scope named by a member's JOB id "tx-1-…" made the restarted agent follow PID 1 (and
     PID 1's whole tree became "ours"). The scope's members come from the kernel's cgroup.procs; here, with no
     systemd to make a scope, running_scopes is replaced by what it would read: the one stand-in in this file."""
-    from gpu_router.daemon import service
+    from gpu_router import scope
 
     agent, _, _, _, _, sleeper = rig
     member = sleeper(A)
     cg = "/gpu.slice/gpu-router.slice/gpu-router-cpu.slice/gpu-router-tx-1-abc.scope"
-    monkeypatch.setattr(service, "running_scopes", lambda: {"gpu-router-tx-1-abc.scope": (cg, [member])})
+    monkeypatch.setattr(scope, "running_scopes", lambda: {"gpu-router-tx-1-abc.scope": (cg, [member])})
     agent.adopt()
     assert 1 not in agent.jobs and member in agent.jobs
     for job in list(agent.jobs.values()):

@@ -312,13 +312,13 @@ def test_enable_accounting_turns_it_on_records_when_and_never_fails(tmp_path, fa
     assert list(marker) == ["0"] and before <= marker["0"] <= time.time()
     # The agent's backend takes that time as "on since": jobs adopted from before it are not covered in full.
     from gpu_router import config as gr_config
-    from gpu_router.daemon import service
+    from gpu_router.daemon import accounting_mode
 
     loaded = gr_config.load(str(cfg), use_cache=False)
-    assert service._read_enabled_at(loaded) == {0: marker["0"]}
+    assert accounting_mode.read_enabled_at(loaded) == {0: marker["0"]}
     b = gpu.NvmlBackend.__new__(gpu.NvmlBackend)
     b._init_accounting("auto")
-    b.enabled_at = service._read_enabled_at(loaded)
+    b.enabled_at = accounting_mode.read_enabled_at(loaded)
     assert b._acct_state(0, "on")["since"] == marker["0"]
     assert not b._acct_usable(0, marker["0"] - 10) and b._acct_usable(0, marker["0"] + 1)
 

@@ -1,0 +1,29 @@
+"""Whether a job's process still runs: its pidfd, and /proc/PID/stat with the start time it was granted with (a
+PID may be reused)."""
+
+
+def pidfd_alive(pidfd):
+    """False once a pidfd is readable (its process has exited); True when there is no pidfd to ask."""
+    if pidfd is None:
+        return True
+    import select
+
+    try:
+        return not select.select([pidfd], [], [], 0)[0]
+    except (OSError, ValueError):
+        return True
+
+
+def job_alive(job, zombie_ok=False):
+    """The job's process (same PID and start time: a PID may be reused) exists and, unless ``zombie_ok``, runs."""
+    try:
+        with open(f"/proc/{job.pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return False
+    try:
+        if job.pid_start is not None and int(fields[19]) != job.pid_start:
+            return False
+    except (IndexError, ValueError):
+        return False
+    return zombie_ok or fields[0] not in (b"Z", b"X")
