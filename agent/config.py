@@ -1024,7 +1024,6 @@ def read_toml(path):
     return doc
 
 
-read_toml = _read_toml   # public for ops (init, check -f): one reader of a TOML file (issue 20)
 
 
 def _regular(st, path):

@@ -118,9 +118,10 @@ def hierarchy_dir(controllers, root=CGROUP_ROOT):
     return root + "/" + controllers.replace("name=", "")
 
 
-def systemd_root(root=CGROUP_ROOT):
+def systemd_root(root=None):
     """Where systemd's own hierarchy (its units' cgroups) is mounted: v2, or the unified/name=systemd tree on a
-    hybrid host."""
+    hybrid host. ``root``: the cgroup file system's mount point (CGROUP_ROOT, read at each call)."""
+    root = CGROUP_ROOT if root is None else root
     if os.path.exists(root + "/cgroup.controllers"):
         return root
     if os.path.exists(root + "/unified/cgroup.procs"):

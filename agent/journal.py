@@ -200,7 +200,6 @@ def json_line(pairs):
                            for k, v in dict(pairs).items()) + "}\n"
 
 
-send_journald, json_line = _send_journald, _json_line   # public: daemon/log.py's sink (issue 20)
 
 
 # The agent and the CLI install python3-systemd's journal.send here (log.py); the wrapper keeps the native one.

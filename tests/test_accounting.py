@@ -17,7 +17,7 @@ import pytest
 import helpers
 
 from gpu_router.daemon import accounting, holder, jobrecord, procevents
-from gpu_router import procstat
+from gpu_router import confinement, procstat
 
 # A stand-in nvidia-smi that takes 0.4 s per call (a slow driver): the agent spends most of its time sampling, so
 # jobs end while it samples.
@@ -335,6 +335,7 @@ def _bare_scope_agent(tmp_path, monkeypatch, pids):
     cgroot.mkdir()
     (cgroot / "cgroup.controllers").write_text("memory pids\n")
     monkeypatch.setattr(accounting, "CGROUP_ROOT", str(cgroot))
+    monkeypatch.setattr(confinement, "CGROUP_ROOT", str(cgroot))  # scope.running_scopes walks from there
     scope = f"gpu-router-tx-{pids[0]}-abcdef.scope"
     folder = cgroot / "gpu.slice/gpu-router.slice/gpu-router-cpu.slice" / scope
     folder.mkdir(parents=True)
