@@ -317,7 +317,8 @@ class Agent:
                 _drop_fd(self.selector, fd)
 
     def existing_scope(self, pid, grant=None):
-        """The scope this PID already sits in (one the agent made for it, its process still alive), or None.
+        """The scope this PID already sits in (one the agent made for it, its process still alive), "" when it is
+        followed without one, or None.
         A dead process's account is closed first: a reused PID is a new job.
 
         An account adopted from a bare scope (the agent that made it was killed before it wrote the job's record:
@@ -335,7 +336,7 @@ class Agent:
             job.device, job.metric, job.input = grant.device, grant.metric, grant.input
             job.predicted_vram_mb, job.memory_max_mb = grant.predicted_vram_mb, grant.memory_max_mb
             self._write_record(job)
-        return job.scope
+        return job.scope or ""  # "": followed without a scope (scope = "off", OP=track; a best-effort job)
 
     def _write_record(self, job):
         try:
