@@ -308,3 +308,26 @@ def test_scope_off_without_an_agent_or_with_a_silent_one_the_job_runs_as_before(
     assert rc == 187 and "OpenEncodeSessionEx failed: out of memory" in err and "Traceback" not in err, err
     assert routed["GPU_ROUTER_MODE"] == "GPU"
     assert took < 10, "held up past the wrapper's deadline"
+
+
+@root_only
+def test_scope_off_a_restarted_agent_adopts_the_followed_job_from_its_record(rig):
+    """The agent restarts while a followed job (scope = "off": no scope, no cgroup) runs: the next agent adopts it
+    from its record and accounts its CUDA OOM, the input remembered as before."""
+    rig.start(scope="off")
+    path = rig.new_input("adopted.wav")
+    p = subprocess.Popen([rig.gr, "run", "--workload", "fake", "--", "--vram", "12000", "--grow", "1000",
+                          "--seconds", "0.5", str(path)], env=rig.env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    rig.fake.wait_for(lambda: list((rig.base / "jobs").glob("*.json")) != [], timeout=20)
+    record = json.loads(next((rig.base / "jobs").glob("*.json")).read_text())
+    assert (record["scope"], record["control_group"]) == (None, None)
+    first_events = rig.stop()
+    assert not [e for e in first_events if e.get("GPU_ROUTER_EVENT") == "job-finished"]
+    rig.start(scope="off")
+    job = record["job_id"]
+    rig.fake.wait_for(lambda: not (rig.base / "jobs" / f"{job}.json").exists(), timeout=30)
+    assert p.wait(30) == 1                                     # reaped after the agent read its status
+    done = rig.finished(rig.stop(), job)
+    assert (done["GPU_ROUTER_RESULT"], done.get("GPU_ROUTER_OOM_MEMORY")) == ("cuda-oom", "oom"), \
+        json.dumps(done)
