@@ -100,6 +100,20 @@ def request_fields(job, cfg):
             ("INPUT_ID", ":".join(str(x) for x in job.input_id) if getattr(job, "input_id", None) else "")]
 
 
+TRACK_TIMEOUT_S = 1.0
+
+
+def track(job, cfg):
+    """scope = "off", a GPU job: ask the agent to follow it (OP=track: the scope request's fields, no scope made),
+    so its outcome and a CUDA OOM are known and its input remembered. Best-effort and short: the job runs whatever
+    the answer, and a request the agent reads after we exec'd still names this PID, which the job keeps."""
+    fields = [("OP", "track")] + request_fields(job, cfg)[1:]
+    try:
+        return ask_agent(cfg.agent.socket, fields, timeout=TRACK_TIMEOUT_S).get("OK") == "1"
+    except (OSError, ScopeError):
+        return False
+
+
 MAX_INPUT_BYTES = 4096
 
 

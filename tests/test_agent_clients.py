@@ -386,6 +386,27 @@ def test_a_second_request_for_the_same_pid_reuses_its_scope(tmp_path_factory):
     assert fields == {"OK": "1", "SCOPE": g.name, "REUSED": "1"} and g2 is None and len(made) == 1
 
 
+def test_a_track_request_is_checked_like_a_scope_request_and_makes_no_scope(tmp_path_factory):
+    """OP=track (scope = "off"): the same fields and checks as OP=scope, an account's Grant with no scope, no
+    control group; a PID followed already (with or without a scope) is kept, not accounted twice."""
+    cfg = _tx_config(tmp_path_factory)
+    made = []
+    req = [("OP", "track"), ("WORKLOAD", "tx"), ("JOB", f"tx-{os.getpid()}-abc"), ("MODE", "GPU"), ("DEVICE", "0"),
+           ("INPUT_ID", "1:2:3:4")]
+    fields, g = broker.handle(journal.encode_native(req), os.getpid(), 0, cfg, None,
+                              start_scope=lambda n, p: made.append(n), existing=lambda pid, g_: None)
+    assert fields == {"OK": "1", "TRACKED": "1"} and made == []
+    assert (g.name, g.control_group, g.mode, g.device, g.input_id, g.scope_policy) == (None, None, "GPU", "0",
+                                                                                       (1, 2, 3, 4), "off")
+    fields, g2 = broker.handle(journal.encode_native(req), os.getpid(), 0, cfg, None,
+                               start_scope=lambda n, p: made.append(n), existing=lambda pid, g_: "")
+    assert fields == {"OK": "1", "TRACKED": "1", "REUSED": "1"} and g2 is None and made == []
+    bad = [(k, f"tx-{os.getpid() + 1}-abc" if k == "JOB" else v) for k, v in req]  # another PID's job id
+    fields, g3 = broker.handle(journal.encode_native(bad), os.getpid(), 0, cfg, None,
+                               start_scope=lambda n, p: made.append(n), existing=lambda pid, g_: None)
+    assert fields["OK"] == "0" and "bad job id" in fields["ERROR"] and g3 is None
+
+
 # ---- the real agent process ------------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -39,7 +39,7 @@ def rig(tmp_path, fake_gpus, agent_bin, gr_bin, clean_env):  # noqa: F811
     r = Rig()
     r.base, r.media, r.fake, r.gr = base, media, fake_gpus, str(gr_bin)
 
-    def start(extra="", netns=False):
+    def start(extra="", netns=False, scope="best-effort"):
         cfg.write_text(f"""
 [router]
 lock_dir = "{base}/locks"
@@ -54,7 +54,7 @@ state_dir = "{base}/state"
 binary = "{JOB}"
 probe = "file-size"
 threshold = 1000000
-scope = "best-effort"
+scope = "{scope}"
 cpu_args = ["--device", "cpu"]
 {extra}
 """)
@@ -242,3 +242,92 @@ def test_a_job_that_fails_when_its_gpu_is_lost_is_a_gpu_fault_and_not_remembered
     done = rig.finished(events, job)
     assert done["GPU_ROUTER_RESULT"] == "gpu-fault" and done["GPU_ROUTER_GPU_FAULT"] == "gpu-lost", done
     assert "GPU_ROUTER_OOM_MEMORY" not in done
+
+
+@root_only
+def test_scope_off_the_agent_still_follows_a_gpu_job_and_remembers_its_oom(rig):
+    """scope = "off": no scope, but the wrapper asks the agent to follow the GPU job (OP=track), so it is accounted
+    like any other: cuda-oom from the driver's figures, the input remembered, its retry on the CPU."""
+    rig.start(scope="off")
+    path = rig.new_input("off.wav")
+    rc, err, routed = rig.run(path, "--vram", "12000", "--grow", "1000", "--seconds", "0.2", "--fail-as", "nvenc")
+    assert rc == 187 and "OpenEncodeSessionEx failed: out of memory" in err
+    assert routed["GPU_ROUTER_MODE"] == "GPU" and "GPU_ROUTER_SCOPE" not in routed
+    rc2, err2, routed2 = rig.run(path, "--vram", "12000", "--grow", "1000", "--seconds", "0.2")
+    events = rig.stop()
+    first = rig.finished(events, routed["GPU_ROUTER_JOB"])
+    assert (first["GPU_ROUTER_RESULT"], first["GPU_ROUTER_EXIT_STATUS"]) == ("cuda-oom", "187"), first
+    assert first["GPU_ROUTER_OOM_MEMORY"] == "oom" and "GPU_ROUTER_SCOPE" not in first
+    assert rc2 == 0, err2
+    assert (routed2["GPU_ROUTER_MODE"], routed2["GPU_ROUTER_REASON"]) == ("CPU", "cuda-oom-before"), routed2
+    assert not [e for e in events if e.get("GPU_ROUTER_EVENT") == "job-finished"
+                and e["GPU_ROUTER_JOB"] == routed2["GPU_ROUTER_JOB"]], "a CPU job with scope off is not followed"
+
+
+@root_only
+def test_scope_off_status_unknown_the_retry_confirms_the_suspect(rig):
+    """scope = "off" where exit statuses are unknown (no proc connector, nobody waits for the job): the GPU was
+    full, so the input is a suspect and the caller's retry goes to the CPU."""
+    rig.start(netns=True, scope="off")
+    path = rig.new_input("offc.wav")
+    err, routed = rig.run_unwaited(path, "--vram", "12000", "--grow", "1000", "--seconds", "0.2")
+    assert "CUDA out of memory" in err
+    rc2, err2, routed2 = rig.run(path, "--vram", "12000", "--grow", "1000", "--seconds", "0.2")
+    events = rig.stop()
+    first = rig.finished(events, routed["GPU_ROUTER_JOB"])
+    assert first["GPU_ROUTER_RESULT"] == "unknown" and first["GPU_ROUTER_OOM_MEMORY"] == "suspect", first
+    assert rc2 == 0, err2
+    assert (routed2["GPU_ROUTER_MODE"], routed2["GPU_ROUTER_REASON"]) == ("CPU", "cuda-oom-suspected")
+
+
+@root_only
+def test_scope_off_without_an_agent_or_with_a_silent_one_the_job_runs_as_before(rig, tmp_path):
+    """The agent gone, or one that never answers: the job runs all the same, its exit status unchanged, and a
+    silent agent holds it up for at most the wrapper's short deadline (scope.TRACK_TIMEOUT_S). Guards the new
+    request's path: on the old code no request is made at all."""
+    import socket
+
+    rig.start(scope="off")
+    rig.stop()
+    path = rig.new_input("alone.wav")
+    sock_path = rig.base / "agent.sock"
+    if sock_path.exists():
+        sock_path.unlink()
+    rc, err, routed = rig.run(path, "--vram", "100", "--seconds", "0.1", "--fail-as", "nvenc")
+    assert routed["GPU_ROUTER_MODE"] == "GPU" and rc == 0 and "Traceback" not in err, err
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.bind(str(sock_path))
+    silent.listen(8)                                           # takes connections, never reads nor answers
+    try:
+        t0 = time.monotonic()
+        rc, err, routed = rig.run(path, "--vram", "12000", "--grow", "1000", "--seconds", "0.1", "--fail-as",
+                                  "nvenc")
+        took = time.monotonic() - t0
+    finally:
+        silent.close()
+    assert rc == 187 and "OpenEncodeSessionEx failed: out of memory" in err and "Traceback" not in err, err
+    assert routed["GPU_ROUTER_MODE"] == "GPU"
+    assert took < 10, "held up past the wrapper's deadline"
+
+
+@root_only
+def test_scope_off_a_restarted_agent_adopts_the_followed_job_from_its_record(rig):
+    """The agent restarts while a followed job (scope = "off": no scope, no cgroup) runs: the next agent adopts it
+    from its record and accounts its CUDA OOM, the input remembered as before."""
+    rig.start(scope="off")
+    path = rig.new_input("adopted.wav")
+    p = subprocess.Popen([rig.gr, "run", "--workload", "fake", "--", "--vram", "12000", "--grow", "1000",
+                          "--seconds", "0.5", str(path)], env=rig.env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    rig.fake.wait_for(lambda: list((rig.base / "jobs").glob("*.json")) != [], timeout=20)
+    record = json.loads(next((rig.base / "jobs").glob("*.json")).read_text())
+    assert (record["scope"], record["control_group"]) == (None, None)
+    first_events = rig.stop()
+    assert not [e for e in first_events if e.get("GPU_ROUTER_EVENT") == "job-finished"]
+    rig.start(scope="off")
+    job = record["job_id"]
+    rig.fake.wait_for(lambda: not (rig.base / "jobs" / f"{job}.json").exists(), timeout=30)
+    assert p.wait(30) == 1                                     # reaped after the agent read its status
+    done = rig.finished(rig.stop(), job)
+    assert (done["GPU_ROUTER_RESULT"], done.get("GPU_ROUTER_OOM_MEMORY")) == ("cuda-oom", "oom"), \
+        json.dumps(done)

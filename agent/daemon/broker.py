@@ -153,7 +153,7 @@ def grant(cfg, request, pid, uid):
                                                 for k, v in request.items()):
         raise Refused("malformed request")
     op = request.get(b"OP")
-    if op != b"scope":
+    if op not in (b"scope", b"track"):
         raise Refused(f"unknown operation {_shown(op or b'')!r}")
     claimed = request.get(b"PID")
     if claimed is not None and claimed != str(pid).encode():
@@ -189,6 +189,10 @@ def grant(cfg, request, pid, uid):
             if mode == "GPU" and device is not None and device not in held["GPU"]:
                 raise Refused(f"pid {pid} asks for GPU {device} but holds a slot on GPU "
                               f"{'/'.join(sorted(held['GPU']))}")
+    if op == b"track":  # scope = "off": an account only (no scope, no holder, no limits): see handle
+        return Grant(workload=workload, mode=mode, device=device, metric=metric, pid=pid, job_id=job_id,
+                     scope_policy="off", input=_input(request.get(b"INPUT")), predicted_vram_mb=predicted,
+                     input_id=oom_memory.parse_id(request.get(b"INPUT_ID", b"")))
     memory_max = policy.memory_max_mb(workload, mode)
     unit = scope.unit_name(job_id)
     props = scope.properties(workload, mode, metric, pid, scope.binding_service(pid), memory_max)
@@ -297,7 +301,12 @@ def handle(payload, pid, uid, cfg, group_gid, start_scope=scope.start_scope, exi
     ``existing(pid, grant)``: the scope the agent already made for this PID, if any, still alive: a PID is in one
     scope at a time (a wrapped program that execs another wrapped program, or a member asking again), so a second
     request is answered with that scope and makes nothing new: no second unit, no second account. ``grant`` is
-    the checked request, for an account that knows less than it says (see Agent.existing_scope).
+    the checked request, for an account that knows less than it says (see Agent.existing_scope); for ``OP=track``
+    any account of the PID counts (None: none), its scope or "" when it has none.
+
+    ``OP=track`` is the request of a GPU job whose workload has ``scope = "off"``: the same fields, checked the same
+    way, but no scope and no holder are made; the Grant (name and control_group None) is accounted like a
+    best-effort job without systemd, so its outcome and CUDA OOMs are known all the same.
     """
     try:
         request = parse_request(payload)
@@ -316,6 +325,9 @@ def handle(payload, pid, uid, cfg, group_gid, start_scope=scope.start_scope, exi
         log_refusal(pid, uid, reason)
         return {"OK": "0", "ERROR": reason}, None
     held = existing(pid, g) if existing is not None else None
+    if g.name is None:  # OP=track (scope = "off"): the agent only follows the job; a PID followed already is kept
+        return ({"OK": "1", "TRACKED": "1", "REUSED": "1"}, None) if held is not None else \
+            ({"OK": "1", "TRACKED": "1"}, g)
     if held:
         return {"OK": "1", "SCOPE": held, "REUSED": "1"}, None
     try:

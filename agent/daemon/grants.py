@@ -70,7 +70,8 @@ class Grants:
         self.track(job)
 
     def existing_scope(self, pid, grant=None):
-        """The scope this PID already sits in (one the agent made for it, its process still alive), or None.
+        """The scope this PID already sits in (one the agent made for it, its process still alive), "" when it is
+        followed without one, or None.
         A dead process's account is closed first: a reused PID is a new job.
 
         An account adopted from a bare scope (the agent that made it was killed before it wrote the job's record:
@@ -88,7 +89,7 @@ class Grants:
             job.device, job.metric, job.input = grant.device, grant.metric, grant.input
             job.predicted_vram_mb, job.memory_max_mb = grant.predicted_vram_mb, grant.memory_max_mb
             self._write_record(job)
-        return job.scope
+        return job.scope or ""  # "": followed without a scope (scope = "off", OP=track; a best-effort job)
 
     def _handle_request(self, payload, pid, uid):
         """One complete scope request from clients.py → the reply frame, or ``later(answer)`` while its scope's

@@ -16,7 +16,8 @@ from .. import atomicfile
 VERSION = 1
 FIELDS = ("job_id", "pid", "pid_start", "workload", "mode", "device", "metric", "scope", "control_group",
           "runtime_max", "started", "predicted_vram_mb", "memory_max_mb", "input", "input_bytes", "holder_pid",
-          "holder_start", "peak_vram_mb", "vram_sampled", "vram_samples", "vram_pids")
+          "holder_start", "peak_vram_mb", "vram_sampled", "vram_samples", "vram_pids",
+          "input_id", "gpu_total_mb", "others_mb", "gpu_fault")  # the OOM evidence and key (issue 18)
 
 
 def directory(snapshot_path):

@@ -354,6 +354,10 @@ def _scope(job, cfg):
     """Put this process into its transient scope; Blocked when scope = "required" and none can be made."""
     w = job.workload
     if w.scope == "off":
+        if job.mode == "GPU":  # no scope, but the agent follows it: its outcome and a CUDA OOM are known
+            from .. import scope
+
+            scope.track(job, cfg)
         return True
     from .. import confinement, scope
 
