@@ -8,7 +8,7 @@ import json
 import os
 import socket
 
-from conftest import LIB
+from helpers import LIB
 
 from gpu_router.daemon import sdglue
 
