@@ -296,3 +296,23 @@ def test_step_account_is_the_step_in_the_memory_hierarchy(tmp_path):
     assert (v1[0].label, v1[1]) == ("slurm:77.0", "/slurm/uid_1000/job_77/step_0")
     assert (no_memory[0].label, no_memory[1]) == ("slurm:77.0", None)
     assert confinement.step_account(confinement.parse("0::/system.slice/x.service\n"), str(tmp_path)) is None
+
+
+def test_no_oom_watch_is_registered_in_a_v1_slurm_step(tmp_path):
+    """cgroup v1's OOM notification is registered by writing to the cgroup's cgroup.event_control: in Slurm's
+    step the agent writes nothing (its oom_kill is read after the exit instead). Plain files stand in for the
+    cgroup (this host cannot lend Slurm's); on main the registration was written into them."""
+    from gpu_router.daemon import accounting
+
+    for d in ("memory/slurm/uid_0/job_5/step_0", "memory/system.slice/gpu-router-x.scope"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
+        (tmp_path / d / "cgroup.event_control").write_text("")
+    assert accounting.watch_oom(str(tmp_path / "memory/slurm/uid_0/job_5/step_0")) is None
+    assert (tmp_path / "memory/slurm/uid_0/job_5/step_0/cgroup.event_control").read_text() == ""
+    fd = accounting.watch_oom(str(tmp_path / "memory/system.slice/gpu-router-x.scope"))   # the control: a scope
+    try:
+        assert (tmp_path / "memory/system.slice/gpu-router-x.scope/cgroup.event_control").read_text() != ""
+    finally:
+        if fd is not None:
+            os.close(fd)
