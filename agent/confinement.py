@@ -21,6 +21,7 @@ user@UID.service) belong to that member, which the owner check refuses.
 import os
 
 CGROUP_ROOT = "/sys/fs/cgroup"
+PROC = "/proc"   # read at each call of read(): tests point it at a folder laid out like /proc
 
 
 class Confinement:
@@ -49,9 +50,10 @@ def parse(text):
     return out
 
 
-def read(pid="self", proc="/proc"):
+def read(pid="self", proc=None):
     """The parsed /proc/PID/cgroup, [] when it cannot be read (the process is gone, no /proc); a live process
     always has a line, so [] also says "gone"."""
+    proc = PROC if proc is None else proc
     try:
         fd = os.open(f"{proc}/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -149,3 +151,29 @@ def classify(lines, root=CGROUP_ROOT):
 def find(pid="self", root=CGROUP_ROOT):
     """The job manager confining process `pid` (default: this one), or None."""
     return classify(read(pid), root)
+
+
+def step_account(lines, root=None):
+    """(Confinement, the step's path in the memory hierarchy) for the agent's accounting of a job Slurm confines
+    (what accounting.memory_dir takes; None where Slurm does not hold its memory: v1 without task/cgroup's memory
+    part), or None when no Slurm step holds it. The step, not the task below it (…/user/task_0): slurmstepd removes
+    a task's cgroup as the task ends, the step's lives until slurmstepd is done. The agent only reads there."""
+    root = CGROUP_ROOT if root is None else root
+    held = classify(lines, root)
+    if held is None:
+        return None
+    controllers, path = memory_path(lines) or ("", "")
+    parts = path.split("/")
+    for i in range(2, len(parts) + 1):
+        found = slurm_step("/".join(parts[:i]))
+        if found is None:
+            continue
+        if found[:2] != (held.job, held.step):
+            break
+        try:
+            if os.stat(hierarchy_dir(controllers, root) + found[2]).st_uid != 0:
+                break      # as in classify: a member's look-alike
+        except OSError:
+            break
+        return held, "/".join(parts[:i])
+    return held, None

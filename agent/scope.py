@@ -104,7 +104,7 @@ TRACK_TIMEOUT_S = 1.0
 
 
 def track(job, cfg):
-    """scope = "off", a GPU job: ask the agent to follow it (OP=track: the scope request's fields, no scope made),
+    """scope = "off" (a GPU job), or a Slurm step: ask the agent to follow it (OP=track: a scope request's fields),
     so its outcome and a CUDA OOM are known and its input remembered. Best-effort and short: the job runs whatever
     the answer, and a request the agent reads after we exec'd still names this PID, which the job keeps."""
     fields = [("OP", "track")] + request_fields(job, cfg)[1:]

@@ -131,6 +131,59 @@ def test_wrapper_keeps_a_slurm_job_in_its_step(step_cgroup, tmp_path, gr_bin, cl
     assert [r["pid"] for r in rig.starts()] == [int(res.event("routed")["GPU_ROUTER_PID"])]   # ran, same PID
 
 
+@real
+def test_wrapper_in_a_step_asks_the_agent_to_account_it(step_cgroup, tmp_path, gr_bin, clean_env):
+    """Inside a Slurm step the wrapper makes no scope but sends OP=track (any mode), so the agent accounts the job
+    from the step's cgroup; on main it sent nothing. The agent here is a listening socket that records what comes
+    (the agent's side is tested above), answering as the agent does."""
+    import socket
+    import threading
+
+    from gpu_router import journal
+    from gpu_router.daemon import broker
+
+    rig = helpers.Rig(tmp_path, gr_bin, clean_env, {"w": {"threshold": 100, "scope": "required"}},
+                      router={"retry_exit_code": 75})
+    sock_path = tmp_path / "agent.sock"
+    rig.doc.setdefault("agent", {})["socket"] = str(sock_path)
+    rig.rewrite()
+    (tmp_path / "in").write_bytes(b"x" * 10)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    os.chmod(sock_path, 0o777)
+    listener.listen(8)
+    listener.settimeout(30)
+    got = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    payload = broker._recv_exact(conn, broker.frame_size(broker._recv_exact(conn, 4)))
+                except (OSError, broker.Refused):
+                    continue
+                got.append(journal.decode_native(payload))
+                conn.sendall(broker.frame({"OK": "1", "TRACKED": "1"}))
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        argv = ["sh", "-c", f'echo $$ > {step_cgroup}/cgroup.procs && exec "$@"', "sh"] + rig.argv("w", tmp_path / "in")
+        p = subprocess.run(argv, env=rig.env, capture_output=True, timeout=60)
+    finally:
+        listener.close()
+    res = helpers.Result(p.returncode, p.stdout, p.stderr, rig)
+    assert res.rc == 0, res
+    tracks = [r for r in got if r.get("OP") == "track"]
+    assert len(tracks) == 1, got
+    assert tracks[0]["PID"] == res.event("routed")["GPU_ROUTER_PID"]
+    assert tracks[0]["JOB"] == res.event("routed")["GPU_ROUTER_JOB"]
+
+
 def test_units_and_memory_place_from_one_parser():
     """The wrapper's runner unit, the scope's BindsTo= service and `status`'s memory cgroup all come from
     confinement.parse (issue 20): one reading of /proc/PID/cgroup, on v2 and on hybrid v1."""
@@ -144,3 +197,122 @@ def test_units_and_memory_place_from_one_parser():
     assert confinement.memory_path(hybrid) == ("memory", "/system.slice/ci.service")
     assert confinement.memory_path(v2) == ("", "/system.slice/ci-runner.service/job.scope")
     assert confinement.unit_of(confinement.read(os.getpid())) == confinement.unit_of(confinement.read())
+
+
+# ---- the agent accounts a Slurm job from its step's cgroup ---------------------------------------------------------
+
+STEP = "/system.slice/node1_slurmstepd.scope/job_42/step_0"
+
+
+def _slurm_agent(tmp_path, monkeypatch, pid, cgroup_line):
+    """An in-process agent (backend none) with CGROUP_ROOT a plain folder in cgroup v2's layout holding Slurm's
+    step cgroup, and confinement.PROC a folder like /proc whose <pid>/cgroup is ``cgroup_line``: a stand-in, as
+    this host (cgroup v1/hybrid, no Slurm) cannot make Slurm's v2 cgroups nor put a process in one. The job is a
+    real process; the tests/vm Slurm lane (GPU_ROUTER_VM_SLURM=1) checks the same on a real Slurm under v2."""
+    from gpu_router.daemon import accounting, service
+
+    base, cfg = helpers.agent_folder(tmp_path, workload='binary = "/bin/true"\nthreshold = 100\n')
+    monkeypatch.setenv("GPU_ROUTER_CACHE_DIR", str(base))
+    monkeypatch.setenv("GPU_ROUTER_LOG", "stderr")
+    cgroot = tmp_path / "cgroup"
+    (cgroot / STEP.lstrip("/") / "user" / "task_0").mkdir(parents=True)
+    (cgroot / "cgroup.controllers").write_text("memory pids\n")
+    step = cgroot / STEP.lstrip("/")
+    (step / "memory.current").write_text("4096\n")
+    (step / "memory.peak").write_text(f"{300 * 1048576}\n")
+    (step / "memory.events").write_text("low 0\nhigh 0\nmax 7\noom 1\noom_kill 1\n")
+    monkeypatch.setattr(accounting, "CGROUP_ROOT", str(cgroot))
+    monkeypatch.setattr(confinement, "CGROUP_ROOT", str(cgroot))
+    (tmp_path / "proc" / str(pid)).mkdir(parents=True)
+    (tmp_path / "proc" / str(pid) / "cgroup").write_text(cgroup_line)
+    monkeypatch.setattr(confinement, "PROC", str(tmp_path / "proc"))
+    return service.Agent(str(cfg))
+
+
+def _track_and_finish(agent, monkeypatch, job):
+    from gpu_router import journal
+
+    request = journal.encode_native([
+        ("OP", "track"), ("WORKLOAD", "tx"), ("JOB", f"tx-{job.pid}-abcdef"), ("MODE", "CPU"), ("DEVICE", "cpu"),
+        ("PID", str(job.pid)), ("METRIC", "150"), ("SCOPE_POLICY", "required")])
+    reply = journal.decode_native(agent._handle_request(request, job.pid, 0)[4:])
+    assert reply == {"OK": "1", "TRACKED": "1"}
+    account = agent.jobs[job.pid]
+    events = []
+    monkeypatch.setattr(journal, "emit", lambda name, msg, fields, **kw: events.append((name, fields)))
+    job.wait(10)
+    agent.close_vanished()
+    return account, next(f for name, f in events if name == "job-finished")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="Slurm's cgroup must be root's (the owner check): needs root")
+def test_the_agent_accounts_a_slurm_job_from_its_step_cgroup(tmp_path, monkeypatch):
+    """OP=track from a PID in a Slurm step: the account reads the step's cgroup (its peak, its OOM kill), the
+    event says which step. On main the account had no cgroup: no PEAK_RAM_MB, RESULT unknown, SCOPE None."""
+    job = subprocess.Popen(["sleep", "0.3"])
+    try:
+        agent = _slurm_agent(tmp_path, monkeypatch, job.pid, f"0::{STEP}/user/task_0\n")
+        account, fields = _track_and_finish(agent, monkeypatch, job)
+        assert account.control_group == STEP and account.holder is None
+        assert (fields["SCOPE"], fields["PEAK_RAM_MB"], fields["RESULT"]) == ("slurm:42.0", 300.0, "oom-kill")
+        assert sorted(os.listdir(tmp_path / "cgroup" / STEP.lstrip("/"))) == \
+            ["memory.current", "memory.events", "memory.peak", "user"]   # read only: nothing written there
+    finally:
+        job.kill()
+        job.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the same agent as above")
+def test_a_track_request_outside_slurm_gets_no_control_group(tmp_path, monkeypatch):
+    """The control: the same request from a PID that is not in a Slurm step (a look-alike path a member could
+    make under its own user@.service does not count) is followed without a cgroup, as scope = "off" always was."""
+    job = subprocess.Popen(["sleep", "0.3"])
+    try:
+        agent = _slurm_agent(tmp_path, monkeypatch, job.pid,
+                             "0::/user.slice/user-1000.slice/user@1000.service/job_42/step_0\n")
+        account, fields = _track_and_finish(agent, monkeypatch, job)
+        assert account.control_group is None
+        assert (fields["SCOPE"], fields["PEAK_RAM_MB"]) == (None, None)
+    finally:
+        job.kill()
+        job.wait()
+
+
+def test_step_account_is_the_step_in_the_memory_hierarchy(tmp_path):
+    """The step (not its task, which Slurm removes as it ends) in the hierarchy holding memory: v2's path, v1's
+    memory line; none where Slurm does not hold the memory (v1 without task/cgroup's memory part)."""
+    (tmp_path / "unified" / STEP.lstrip("/")).mkdir(parents=True)
+    (tmp_path / "memory/slurm/uid_1000/job_77/step_0/task_0").mkdir(parents=True)
+    (tmp_path / "freezer/slurm/uid_1000/job_77/step_0").mkdir(parents=True)
+    v2 = confinement.step_account(confinement.parse(f"0::{STEP}/user/task_0\n"), str(tmp_path))
+    v1 = confinement.step_account(confinement.parse(V1), str(tmp_path))
+    no_memory = confinement.step_account(confinement.parse(V1.replace("11:memory:/slurm/uid_1000/job_77/step_0/task_0",
+                                                                      "11:memory:/system.slice/slurmd.service")),
+                                         str(tmp_path))
+    if os.geteuid() != 0:
+        assert (v2, v1, no_memory) == (None, None, None)   # the owner check: these folders are not root's
+        return
+    assert (v2[0].label, v2[1]) == ("slurm:42.0", STEP)
+    assert (v1[0].label, v1[1]) == ("slurm:77.0", "/slurm/uid_1000/job_77/step_0")
+    assert (no_memory[0].label, no_memory[1]) == ("slurm:77.0", None)
+    assert confinement.step_account(confinement.parse("0::/system.slice/x.service\n"), str(tmp_path)) is None
+
+
+def test_no_oom_watch_is_registered_in_a_v1_slurm_step(tmp_path):
+    """cgroup v1's OOM notification is registered by writing to the cgroup's cgroup.event_control: in Slurm's
+    step the agent writes nothing (its oom_kill is read after the exit instead). Plain files stand in for the
+    cgroup (this host cannot lend Slurm's); on main the registration was written into them."""
+    from gpu_router.daemon import accounting
+
+    for d in ("memory/slurm/uid_0/job_5/step_0", "memory/system.slice/gpu-router-x.scope"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
+        (tmp_path / d / "cgroup.event_control").write_text("")
+    assert accounting.watch_oom(str(tmp_path / "memory/slurm/uid_0/job_5/step_0")) is None
+    assert (tmp_path / "memory/slurm/uid_0/job_5/step_0/cgroup.event_control").read_text() == ""
+    fd = accounting.watch_oom(str(tmp_path / "memory/system.slice/gpu-router-x.scope"))   # the control: a scope
+    try:
+        assert (tmp_path / "memory/system.slice/gpu-router-x.scope/cgroup.event_control").read_text() != ""
+    finally:
+        if fd is not None:
+            os.close(fd)

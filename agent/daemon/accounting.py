@@ -8,7 +8,7 @@ or its scope's cgroup disappears. ``classify`` is pure, so every outcome rule is
 import os
 import time
 
-from .. import procstat, samples
+from .. import confinement, procstat, samples
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 # A VRAM peak from the agent's own samples (no driver accounting) becomes a calibration sample only when at least
@@ -153,6 +153,8 @@ def watch_oom(directory):
     """
     if os.path.exists(os.path.join(directory, "memory.events")):
         return _inotify(os.path.join(directory, "memory.events"))
+    if confinement.slurm_step(directory) is not None:
+        return None  # v1 wants a write into Slurm's cgroup (cgroup.event_control): the agent only reads there
     try:
         efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     except (AttributeError, OSError):

@@ -10,7 +10,7 @@ import socket
 import struct
 
 from .. import config as _config
-from .. import journal, oom_memory, policy, scope, slots, trust
+from .. import confinement, journal, oom_memory, policy, scope, slots, trust
 
 _UCRED = struct.Struct("3i")
 MAX_REQUEST = 64 * 1024
@@ -140,7 +140,7 @@ class Grant:
     """A scope request the agent accepted: what to create and how to account for it."""
 
     __slots__ = ("name", "props", "workload", "mode", "device", "metric", "pid", "job_id", "memory_max_mb",
-                 "control_group", "input", "predicted_vram_mb", "scope_policy", "input_id")
+                 "control_group", "input", "predicted_vram_mb", "scope_policy", "input_id", "confined")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -189,10 +189,15 @@ def grant(cfg, request, pid, uid):
             if mode == "GPU" and device is not None and device not in held["GPU"]:
                 raise Refused(f"pid {pid} asks for GPU {device} but holds a slot on GPU "
                               f"{'/'.join(sorted(held['GPU']))}")
-    if op == b"track":  # scope = "off": an account only (no scope, no holder, no limits): see handle
+    if op == b"track":  # scope = "off", or a Slurm step: an account only (no scope, no holder, no limits)
+        # Where Slurm confines the caller (the agent's own reading of /proc/PID/cgroup, never a request field), the
+        # job is accounted from its step's cgroup: peaks and OOM kills from where it really is. Read only: nothing
+        # is written to Slurm's cgroups, no holder put there, no PID moved (--mem, sacct and scancel stay Slurm's).
+        held = confinement.step_account(confinement.read(pid))
         return Grant(workload=workload, mode=mode, device=device, metric=metric, pid=pid, job_id=job_id,
                      scope_policy="off", input=_input(request.get(b"INPUT")), predicted_vram_mb=predicted,
-                     input_id=oom_memory.parse_id(request.get(b"INPUT_ID", b"")))
+                     input_id=oom_memory.parse_id(request.get(b"INPUT_ID", b"")),
+                     confined=held[0].label if held else None, control_group=held[1] if held else None)
     memory_max = policy.memory_max_mb(workload, mode)
     unit = scope.unit_name(job_id)
     props = scope.properties(workload, mode, metric, pid, scope.binding_service(pid), memory_max)

@@ -61,7 +61,7 @@ class Grants:
 
     def on_grant(self, g):
         job = accounting.JobAccount(
-            g.job_id, g.pid, g.workload.name, g.mode, g.device, g.metric, g.name, g.control_group,
+            g.job_id, g.pid, g.workload.name, g.mode, g.device, g.metric, g.name or g.confined, g.control_group,
             g.workload.runtime_max, predicted_vram_mb=g.predicted_vram_mb, memory_max_mb=g.memory_max_mb,
             input_path=g.input, pid_start=procstat.start_ticks(g.pid))
         job.holder = self._holders.pop(g.name, None) if g.name else None

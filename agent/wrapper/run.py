@@ -364,6 +364,7 @@ def _scope(job, cfg):
     held = confinement.find()
     if held is not None:  # a Slurm step: moving the PID would take it out of --mem, sacct and scancel
         job.scope = held.label
+        scope.track(job, cfg)  # the agent accounts it from the step's cgroup (best-effort, TRACK_TIMEOUT_S at most)
         return True
     try:
         job.scope = scope.place(job, cfg)

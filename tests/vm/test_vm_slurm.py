@@ -1,7 +1,8 @@
 """Slurm's cgroup plugins on cgroup v2: the VM lane's image with munge and slurm-wlm baked in (an image of its own,
 keyed by its package set), gpu-router's .deb installed, and guest/slurm_checks.py run inside: proctrack/cgroup +
 task/cgroup + cgroup/v2, the printed slurm.conf/gres.conf, a wrapped job that stays in its step's cgroup,
-`scancel`, Slurm's --mem limit. See tests/systemd/README-slurm.md.
+`scancel`, Slurm's --mem limit, the agent's job-finished for such jobs (SCOPE, PEAK_RAM_MB, oom-kill). See
+tests/systemd/README-slurm.md.
 """
 import os
 import pathlib

@@ -2,9 +2,10 @@
 printed slurm.conf/gres.conf installed as they are, and a wrapped job (scope = "required") submitted by `runner`.
 
 Checked: the job stays in its step's cgroup (…/slurmstepd.scope/job_N/step_batch…) and the wrapper's routed event
-says SCOPE=slurm:N.batch; `scancel` ends it; Slurm's --mem limit kills a runaway (OUT_OF_MEMORY). Copied into the
-payload as checks.py (run.sh runs that name). Accounting of such a job is Slurm's (docs/fleet.md): not checked
-here.
+says SCOPE=slurm:N.batch; `scancel` ends it; Slurm's --mem limit kills a runaway (OUT_OF_MEMORY). The agent
+accounts each job from its step's cgroup (OP=track; it writes nothing there): its job-finished says
+SCOPE=slurm:N.batch, a PEAK_RAM_MB from the step's memory.peak, and oom-kill for the runaway (memory.events).
+Copied into the payload as checks.py (run.sh runs that name).
 """
 import json
 import pathlib
@@ -143,6 +144,28 @@ def alloc_pid(path):
     return int(r.stdout.split()[0]) if r.stdout.split() else None
 
 
+def events(name):
+    sh("journalctl --sync")
+    return [json.loads(x) for x in sh(f"journalctl -b -o json GPU_ROUTER_EVENT={name}").stdout.splitlines()]
+
+
+def routed_for(path):
+    mine = [e for e in events("routed") if e.get("GPU_ROUTER_INPUT") == path]
+    assert mine, f"no routed event for {path}"
+    return mine[-1]
+
+
+def finished(job, timeout=60):
+    """The agent's job-finished event for the wrapper's JOB id (written at the job's exit, by the agent)."""
+    try:
+        return wait_for(lambda: next((e for e in events("job-finished") if e.get("GPU_ROUTER_JOB") == job), None),
+                        timeout=timeout)
+    except TimeoutError:
+        raise AssertionError(f"no job-finished for {job}:\n" +
+                             sh("journalctl -b -u gpu-router-agent --no-pager | tail -30", check=False).stdout) \
+            from None
+
+
 def test_printed_files_pass_check_and_slurm_uses_cgroup_v2():
     assert pathlib.Path("/sys/fs/cgroup/cgroup.controllers").exists()
     r = sh(["gpu-router", "slurm-conf", "--check"], check=False)
@@ -163,6 +186,9 @@ def test_wrapped_job_stays_in_its_step_cgroup():
     routed = [json.loads(x) for x in sh("journalctl -b -o json GPU_ROUTER_EVENT=routed").stdout.splitlines()]
     mine = [e for e in routed if e.get("GPU_ROUTER_INPUT") == "/srv/in/1" or e.get("GPU_ROUTER_PID") == str(pid)]
     assert mine and mine[-1]["GPU_ROUTER_SCOPE"] == f"slurm:{jid}.batch", routed[-3:]
+    done = finished(mine[-1]["GPU_ROUTER_JOB"])   # accounted by the agent from the step's own cgroup
+    assert (done["GPU_ROUTER_SCOPE"], done["GPU_ROUTER_RESULT"]) == (f"slurm:{jid}.batch", "success"), done
+    assert 20 <= float(done["GPU_ROUTER_PEAK_RAM_MB"]) <= 200, done   # alloc touched 20 MiB; --mem=200M
 
 
 def test_scancel_ends_the_wrapped_job():
@@ -180,3 +206,8 @@ def test_slurm_mem_limit_kills_a_runaway():
     jid = submit([400, 5, 0], mem="100M", n=3)
     wait_for(lambda: jobcomp(jid), timeout=120)
     assert jobcomp(jid)["JobState"] == "OUT_OF_MEMORY", jobcomp(jid)
+    done = finished(routed_for("/srv/in/3")["GPU_ROUTER_JOB"])
+    print("runaway's job-finished:", {k: v for k, v in done.items() if k.startswith("GPU_ROUTER_")})
+    assert (done["GPU_ROUTER_SCOPE"], done["GPU_ROUTER_RESULT"]) == (f"slurm:{jid}.batch", "oom-kill"), done
+    if done.get("GPU_ROUTER_PEAK_RAM_MB") is not None:   # absent only where slurmstepd removed the step first
+        assert 50 <= float(done["GPU_ROUTER_PEAK_RAM_MB"]) <= 101, done   # --mem=100M: at the limit, not above
