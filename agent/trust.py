@@ -224,10 +224,6 @@ class Entry:
 
 
 def _unlink(dir_fd, name):
-    _unlink_one(dir_fd, name)
-
-
-def _unlink_one(dir_fd, name):
     try:
         os.unlink(name, dir_fd=dir_fd)
     except OSError:
@@ -250,10 +246,14 @@ def read_ledger(dir_fd, workloads=None, locks=None, tidy=False, skip=None):
     out = []
     budget = [UNLINK_BUDGET]
 
-    def _unlink(dir_fd, name):  # the module's, within this pass's budget
-        if budget[0] > 0:
+    def reject(name, why=None):
+        """An entry that does not count: told to ``skip`` (malformed), removed by ``tidy`` within this pass's
+        budget, so a flood is cleared over a few passes, never in one long one."""
+        if why is not None and skip is not None:
+            skip(name, why)
+        if tidy and budget[0] > 0:
             budget[0] -= 1
-            _unlink_one(dir_fd, name)
+            _unlink(dir_fd, name)
 
     opened = 0
     for name, inode, plain in listed:
@@ -265,10 +265,7 @@ def read_ledger(dir_fd, workloads=None, locks=None, tidy=False, skip=None):
             continue
         parsed = ledger_name(name)
         if parsed is None or not plain or inode in seen:
-            if skip is not None:
-                skip(name, "not a ledger entry (name, type or a second link)")
-            if tidy:
-                _unlink(dir_fd, name)
+            reject(name, "not a ledger entry (name, type or a second link)")
             continue
         seen.add(inode)
         if opened >= MAX_NAMES:
@@ -280,10 +277,7 @@ def read_ledger(dir_fd, workloads=None, locks=None, tidy=False, skip=None):
         if got is None:
             continue
         if got is False:
-            if skip is not None:
-                skip(name, "not a single-link regular file of at most 256 bytes")
-            if tidy:
-                _unlink(dir_fd, name)
+            reject(name, "not a single-link regular file of at most 256 bytes")
             continue
         fd, st = got
         try:
@@ -293,21 +287,14 @@ def read_ledger(dir_fd, workloads=None, locks=None, tidy=False, skip=None):
                 continue
             text = ledger_text(data, workloads)
             if text is None:
-                if skip is not None:
-                    skip(name, "it does not hold a number of MiB")
-                if tidy:
-                    _unlink(dir_fd, name)
+                reject(name, "it does not hold a number of MiB")
                 continue
             mb, name_w, m, start = text
             if st.st_uid and per_uid.get(st.st_uid, 0) >= MAX_PER_UID:
-                if skip is not None:
-                    skip(name, f"uid {st.st_uid} has more than {MAX_PER_UID} entries")
-                if tidy:
-                    _unlink(dir_fd, name)
+                reject(name, f"uid {st.st_uid} has more than {MAX_PER_UID} entries")
                 continue
             if not _live(fd, st, dir_fd, name, pid, start, by_inode, inode):
-                if tidy:
-                    _unlink(dir_fd, name)  # held, but not by the process it names: never a wrapper's entry
+                reject(name)  # held, but not by the process it names: never a wrapper's entry
                 continue
             per_uid[st.st_uid] = per_uid.get(st.st_uid, 0) + 1
             out.append(Entry(key, pid, mb, name_w, m, start, st.st_uid, name))
