@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """What the wrapper costs per job, next to the shell router it replaces and to the bare binary.
 
-    /usr/bin/python3 bench/bench_wrapper.py [--rounds 300] [--write-readme]
+    /usr/bin/python3 bench/bench_wrapper.py [--rounds 300] [--old COMMIT[,COMMIT…]] [--write-readme]
 
 Each variant starts a fresh process exactly as a job runner would (posix_spawn + waitpid, wall clock), all of them
 interleaved round by round in a shuffled order, so drift and noise from the rest of the machine hit them alike;
@@ -15,6 +15,9 @@ the figures are medians.
                   twin), the decision event sent to a journald-protocol socket of this script's own
   warm/stderr     the same with GPU_ROUTER_LOG=stderr (JSON line to /dev/null), as where journald is absent
   cold/journald   the same as warm/journald with no usable config cache: TOML parsed and validated every run
+  warm@COMMIT     with --old: warm/journald run by the code of COMMIT (git archive of its agent/ and its launcher,
+                  laid out as .build/ is), same config, snapshot and socket, a cache folder of its own; measured in
+                  the same interleaved rounds, so "its own work above python-floor" compares side by side
 
 Then `python3 -X importtime` of one warm run lists where the interpreter's import time goes on the hot path.
 --write-readme replaces the "## Wrapper overhead" section of bench/README.md with the results.
@@ -78,6 +81,30 @@ class Drain:
         self.sock.close()
 
 
+def old_build(commit, root):
+    """The launcher of ``commit``'s wrapper, laid out as tests/conftest.py lays out .build/: its agent/ (git archive)
+    as lib/gpu_router, its packaging/bin/gpu-router with the package path put first."""
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", commit], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    dest = pathlib.Path(root) / f"old-{sha}"
+    (dest / "lib").mkdir(parents=True)
+    data = subprocess.run(["git", "-C", str(REPO), "archive", sha, "agent"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=data, check=True)
+    (dest / "lib" / "gpu_router").symlink_to("../agent")
+    text = subprocess.run(["git", "-C", str(REPO), "show", f"{sha}:packaging/bin/gpu-router"], check=True,
+                          capture_output=True, text=True).stdout
+    lib = str(dest / "lib")
+    patched = text.replace('sys.path.append("/usr/lib/python3/dist-packages")',
+                           f'sys.path.insert(0, {lib!r})\nsys.path.append("/usr/lib/python3/dist-packages")')
+    if patched == text:
+        raise SystemExit(f"{sha}: its launcher has no dist-packages line to point at the archived tree")
+    (dest / "bin").mkdir()
+    launcher = dest / "bin" / "gpu-router"
+    launcher.write_text(patched)
+    launcher.chmod(0o755)
+    return sha, launcher
+
+
 def setup(root):
     sys.path.insert(0, str(REPO / ".build" / "lib"))
     from gpu_router import snapshot
@@ -115,12 +142,13 @@ cpu_args = ["--device", "cpu"]
     return root, config, script
 
 
-def variants(root, config, script, journal_socket):
+def variants(root, config, script, journal_socket, olds=()):
     base = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "GPU_ROUTER_CONFIG": str(config),
             "GPU_ROUTER_JOURNAL_SOCKET": journal_socket}
-    wrapper = [str(LAUNCHER), "run", "--workload", "noop", "--", str(root / "input.bin")]
+    job = ["run", "--workload", "noop", "--", str(root / "input.bin")]
+    wrapper = [str(LAUNCHER)] + job
     warm = dict(base, GPU_ROUTER_CACHE_DIR=str(root / "cache"))
-    return {
+    table = {
         "true": (["/bin/true"], base),
         "bash": ([str(script), str(root / "input.bin")], base),
         "python-floor": ([PYTHON, "-IS", "-c", "pass"], base),
@@ -128,6 +156,10 @@ def variants(root, config, script, journal_socket):
         "warm/stderr": (wrapper, dict(warm, GPU_ROUTER_LOG="stderr")),
         "cold/journald": (wrapper, dict(base, GPU_ROUTER_CACHE_DIR=str(root / "no-cache-here"))),
     }
+    for sha, launcher in olds:  # a cache folder each: an older cache format must not make either side cold
+        (root / f"cache-{sha}").mkdir(mode=0o755)
+        table[f"warm@{sha}"] = ([str(launcher)] + job, dict(base, GPU_ROUTER_CACHE_DIR=str(root / f"cache-{sha}")))
+    return table
 
 
 def spawn_once(argv, env, devnull):
@@ -181,10 +213,12 @@ def report(samples, rounds, imports, import_total, drained):
     q = {k: statistics.quantiles(v, n=10) for k, v in samples.items()}
     true = med["true"]
     lines = []
-    lines.append(f"{'variant':<15} {'median ms':>10} {'p10':>7} {'p90':>7} {'over /bin/true':>15} {'x bash':>7}")
+    lines.append(f"{'variant':<15} {'median ms':>10} {'p10':>7} {'p90':>7} {'over /bin/true':>15} {'x bash':>7}"
+                 f" {'over floor':>11}")
     for name in samples:
         lines.append(f"{name:<15} {med[name]:>10.2f} {q[name][0]:>7.2f} {q[name][-1]:>7.2f} "
-                     f"{med[name] - true:>15.2f} {med[name] / med['bash']:>7.2f}")
+                     f"{med[name] - true:>15.2f} {med[name] / med['bash']:>7.2f} "
+                     f"{med[name] - med['python-floor']:>11.2f}")
     ratio = med["warm/journald"] / med["bash"]
     over_ratio = (med["warm/journald"] - true) / (med["bash"] - true)
     verdict = "meets" if ratio <= TARGET_RATIO else "MISSES"
@@ -198,6 +232,12 @@ def report(samples, rounds, imports, import_total, drained):
         f"stderr instead of the journald socket: {med['warm/stderr'] - med['warm/journald']:+.2f} ms",
         f"{rounds} rounds, interleaved; journald socket received {drained} datagrams",
     ]
+    own = med["warm/journald"] - med["python-floor"]
+    for name in (n for n in samples if n.startswith("warm@")):
+        old_own = med[name] - med["python-floor"]
+        summary.append(f"side by side with {name[5:]}: wall {med['warm/journald']:.2f} vs {med[name]:.2f} ms "
+                       f"(new/old {med['warm/journald'] / med[name]:.2f}x); own work above python-floor "
+                       f"{own:.2f} vs {old_own:.2f} ms (new/old {own / old_own:.2f}x)")
     imp = [f"{'module':<34} {'self µs':>8} {'cumul. µs':>10}"]
     for name, s, c in imports[:15]:
         imp.append(f"{name:<34} {s:>8.0f} {c:>10.0f}")
@@ -259,6 +299,8 @@ def write_readme(lines, summary, imp, rounds):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--old", action="append", default=[], metavar="COMMIT",
+                    help="also measure the wrapper of COMMIT side by side (repeatable, or a comma list)")
     ap.add_argument("--write-readme", action="store_true")
     args = ap.parse_args()
     ensure_launcher()
@@ -267,10 +309,12 @@ def main():
     drain = Drain(os.path.join(sock_dir, "journal"))
     try:
         root, config, script = setup(tmp)
-        table = variants(root, config, script, os.path.join(sock_dir, "journal"))
+        olds = [old_build(c, tmp) for arg in args.old for c in arg.split(",") if c]
+        table = variants(root, config, script, os.path.join(sock_dir, "journal"), olds)
         samples = measure(table, args.rounds)
-        if not any((root / "cache").iterdir()):
-            raise SystemExit("the warm variants never wrote their config cache: the figures would be cold")
+        for cache in ["cache"] + [f"cache-{sha}" for sha, _ in olds]:
+            if not any((root / cache).iterdir()):
+                raise SystemExit(f"a warm variant never wrote its config cache ({cache}): the figures would be cold")
         imports, total = importtime(table)
         lines, summary, imp, _ = report(samples, args.rounds, imports, total, drain.count)
         print("\n".join(lines))
