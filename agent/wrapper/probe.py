@@ -12,7 +12,6 @@ read (that would steal the job's data or hang), a directory or device is refused
 """
 
 import os
-import select
 import _signal as signal  # the built-in half: `import signal` pulls in enum (~3 ms on the hot path)
 import stat as _stat
 import time
@@ -111,6 +110,8 @@ def run_command(argv, timeout):
     probe's group and every descendant left, reaps them, then exits. A cgroup would also do, but there is none to
     put the probe in before the job has its scope; this needs no privilege and no systemd.
     """
+    import select  # external probes only (the guardian forked below has it too): not on the built-in probes' path
+
     if not os.access(argv[0], os.X_OK) or os.path.isdir(argv[0]):
         raise ProbeFailed("probe-not-runnable", f"cannot run {argv[0]!r}: not an executable file")
     out_r, out_w = os.pipe()
@@ -186,6 +187,8 @@ def _prctl():
 
 def _guardian(argv, out_w, err_w, life_r, devnull):
     """Runs in the forked guardian; returns its exit code (the probe's, or 128+signal)."""
+    import select  # already loaded by run_command before the fork
+
     parent = os.getppid()
     prctl = _prctl()
     if prctl is not None:
