@@ -8,7 +8,7 @@ produce the same fields, so ``journalctl GPU_ROUTER_MODE=BLOCKED`` sees every ev
 A sink failure is swallowed: logging never stops a job.
 """
 
-import os
+from . import fastos as os  # os without its import cost (fastos.py)
 import sys
 
 # One MESSAGE_ID per event type (fixed; packaging/catalog/gpu-router.catalog explains each one).

@@ -1,7 +1,6 @@
 """Entry point: the wrapper when called as ``gpu-router run`` or through a symlink named after a workload,
 the operator CLI otherwise. The CLI (argparse, json, structlog) is imported only when asked for."""
 
-import os
 import sys
 
 SELF_NAMES = ("gpu-router", "gpu_router", "__main__.py", "main.py")
@@ -16,7 +15,7 @@ def workload_for_link(name):
 
 def main(argv=None):
     argv = sys.argv if argv is None else argv
-    name = os.path.basename(argv[0]) if argv else "gpu-router"
+    name = argv[0].rpartition("/")[2] if argv else "gpu-router"  # basename, without importing os (fastos.py)
     if name not in SELF_NAMES:
         from .wrapper.run import run
 
@@ -25,6 +24,8 @@ def main(argv=None):
         from .wrapper.run import main_run
 
         return main_run(argv[2:])
+    import os  # noqa: F401 - loaded first, so fastos is os itself in the CLI's process
+
     from .ops.cli import main as cli_main
 
     return cli_main(argv[1:])

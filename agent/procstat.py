@@ -4,7 +4,7 @@ A PID alone may be reused; with the start time (field 22, the same in every PID 
 The wrapper records its own in each VRAM reservation, the agent in each holder and job record.
 """
 
-import os
+from . import fastos as os  # os without its import cost (fastos.py)
 
 
 def _fields(pid):

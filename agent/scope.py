@@ -9,7 +9,7 @@ Requests and replies use journald's native field encoding (``journal.encode_nati
 here, so the hot path needs neither json nor a second format.
 """
 
-import os
+from . import fastos as os  # os without its import cost (fastos.py)
 
 from . import journal
 

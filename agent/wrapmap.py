@@ -1,7 +1,7 @@
 """The wrapped-records folder and the hot path's reader of it: which workload a wrapped binary's name stands for,
 as `gpu-router wrap` recorded it (no TOML). `wrap` writes there, `init` and the wrapper read: one home."""
 
-import os
+from . import fastos as os  # os without its import cost (fastos.py)
 
 from . import atomicfile
 

@@ -183,7 +183,7 @@ def _private_uses(path, parts):
                              or AGENT.joinpath(*full[1:]).is_dir())
                 if full[0] != "gpu_router":
                     continue
-                if is_module:
+                if is_module and full != ("gpu_router", "fastos"):  # fastos stands for os: os._exit is os's API
                     aliases[alias.asname or alias.name] = ".".join(full)
                 elif alias.name.startswith("_") and not alias.name.startswith("__") and ".".join(base) != own:
                     yield node.lineno, ".".join(full)
