@@ -16,10 +16,8 @@ import sys
 if "os" in sys.modules:
     sys.modules[__name__] = sys.modules["os"]
 else:
-    from posix import *  # noqa: F401,F403 - what os re-exports unchanged
-    from posix import _exit, _path_normpath, environ as _environb, getcwd, lstat, stat as _stat_fn  # noqa: F401
-
-    del environ  # noqa: F821 - posix's is bytes; os.environ's str mapping is built below on first use
+    import posix
+    from posix import _path_normpath, getcwd, lstat, stat as _stat_fn
 
     SEEK_SET, SEEK_CUR, SEEK_END = 0, 1, 2
     sep = "/"
@@ -104,11 +102,16 @@ else:
     path = _Path()
 
     def __getattr__(name):
+        """posix's name (what os re-exports unchanged), else the real os's; kept here after the first use."""
         if name == "environ":  # os.environ's contents, decoded as os decodes them; read-only use on the hot path
             enc = sys.getfilesystemencoding()
-            env = globals()["environ"] = {k.decode(enc, "surrogateescape"): v.decode(enc, "surrogateescape")
-                                          for k, v in _environb.items()}
-            return env
-        import os
+            value = {k.decode(enc, "surrogateescape"): v.decode(enc, "surrogateescape")
+                     for k, v in posix.environ.items()}
+        elif hasattr(posix, name):
+            value = getattr(posix, name)
+        else:
+            import os
 
-        return getattr(os, name)
+            value = getattr(os, name)
+        globals()[name] = value
+        return value
