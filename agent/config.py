@@ -16,7 +16,7 @@ writable by anyone else, is trusted.
 
 import marshal
 from . import fastos as os  # os without its import cost (fastos.py)
-import stat as _stat
+import _stat  # stat.py re-exports these from the built-in _stat: no module to load
 
 DEFAULT_PATH = "/etc/gpu-router/config.toml"
 DEFAULT_CACHE_DIR = "/run/gpu-router/cache"

@@ -8,7 +8,7 @@ nor a lock file can be swapped for a symlink under us; a directory or file writa
 
 import fcntl
 from . import fastos as os  # os without its import cost (fastos.py)
-import stat as _stat
+import _stat  # stat.py re-exports these from the built-in _stat: no module to load
 import time
 
 # trust (the ledger's and the queue's readers) and procstat are imported where used: the common admission (a slot

@@ -12,7 +12,7 @@ terminal unless it passed one of these checks. HACKING.md, "Threat model", lists
 
 import fcntl
 from . import fastos as os  # os without its import cost (fastos.py)
-import stat as _stat
+import _stat  # stat.py re-exports these from the built-in _stat: no module to load
 import time
 
 from . import procstat

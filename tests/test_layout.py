@@ -17,7 +17,7 @@ AGENT = pathlib.Path(__file__).resolve().parent.parent / "agent"
 WINGS = ("wrapper", "daemon", "ops")
 ENTRY = {"main", "__main__"}
 # Module-level imports allowed in the core and the wrapper: builtins and stdlib modules measured cheap (HACKING.md).
-CHEAP = {"os", "sys", "fcntl", "marshal", "time", "errno", "select", "_socket", "_signal", "stat", "struct"}
+CHEAP = {"os", "sys", "fcntl", "marshal", "time", "errno", "select", "_socket", "_signal", "stat", "_stat", "struct"}
 MAY_IMPORT = {
     "core": {"core"},
     "wrapper": {"core", "wrapper"},

@@ -13,7 +13,7 @@ read (that would steal the job's data or hang), a directory or device is refused
 
 from .. import fastos as os  # os without its import cost (fastos.py)
 import _signal as signal  # the built-in half: `import signal` pulls in enum (~3 ms on the hot path)
-import stat as _stat
+import _stat  # stat.py re-exports these from the built-in _stat: no module to load
 import time
 
 OUTPUT_LIMIT = 64 * 1024
