@@ -744,8 +744,10 @@ HEAVY = {"json", "enum", "re", "subprocess", "dataclasses", "tomllib", "socket",
          "os", "posixpath", "_collections_abc"}  # os: ~1.1 ms for what posix has (agent/fastos.py)
 # The package's own modules a common job does not need (issue 20: each costs ~0.1-0.2 ms of every job's start):
 # the ledger's and queue's readers (vram admission, wait), the trusted state-file reader (only when a drain file or
-# a wrap record is there), the external probes' select, stat.py (the built-in _stat has what it re-exports).
-NOT_ON_COMMON_PATH = {"gpu_router.trust", "gpu_router.procstat", "gpu_router.atomicfile", "select", "stat"}
+# a wrap record is there), the external probes' guardian and select (a file-size probe here), stat.py (the built-in
+# _stat has what it re-exports).
+NOT_ON_COMMON_PATH = {"gpu_router.trust", "gpu_router.procstat", "gpu_router.atomicfile",
+                      "gpu_router.wrapper.guardian", "select", "stat"}
 
 
 @pytest.mark.parametrize("sink,size", [("journald", SMALL), ("stderr", SMALL), ("journald", BIG)],
