@@ -1,20 +1,32 @@
 """The schema is the one table: the records' fields come from it, so a key added there reaches the record."""
 
 import pathlib
+import sys
 import types
 
-from gpu_router import config
+from gpu_router import config, configparse
 
 SOURCE = pathlib.Path(config.__file__).read_text()
+PARSE_SOURCE = pathlib.Path(configparse.__file__).read_text()
 
 
 def _config_with(extra_line, after):
     """A fresh copy of agent/config.py with one schema line added after ``after`` (the module as a maintainer
-    would edit it: one line in the schema, nothing else)."""
+    would edit it: one line in the schema, nothing else), its validation (configparse.py, unchanged) reading that
+    copy's schema."""
     assert SOURCE.count(after) == 1, after
     module = types.ModuleType("gpu_router.config_edited")
     module.__package__ = "gpu_router"
     exec(compile(SOURCE.replace(after, after + "\n" + extra_line), config.__file__, "exec"), module.__dict__)
+    parse = types.ModuleType("gpu_router.configparse_edited")
+    parse.__package__ = "gpu_router"
+    saved = sys.modules["gpu_router.config"]
+    sys.modules["gpu_router.config"] = module  # configparse's `from .config import …` takes the edited copy
+    try:
+        exec(compile(PARSE_SOURCE, configparse.__file__, "exec"), parse.__dict__)
+    finally:
+        sys.modules["gpu_router.config"] = saved
+    module.validate = parse.validate
     return module
 
 
