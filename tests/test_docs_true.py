@@ -33,9 +33,9 @@ DOCS = ["README.md", "HACKING.md", "docs/fleet.md", "docs/runners.md", "debian/R
 
 # What each document yields at least today (commands, options, metrics, keys, fields; see minimum()): far enough
 # below the real counts that an edit does not trip it, far above 0.
-MINIMUM = {"README.md": 150, "HACKING.md": 40, "docs/fleet.md": 40, "docs/runners.md": 15,
-           "debian/README.Debian": 0, "bench/README.md": 10, "packaging/man/gpu-router.1": 100,
-           "packaging/man/gpu-router.toml.5": 5, "packaging/man/gpu-router-agent.8": 40,
+MINIMUM = {"README.md": 150, "HACKING.md": 60, "docs/fleet.md": 80, "docs/runners.md": 25,
+           "debian/README.Debian": 1, "bench/README.md": 20, "packaging/man/gpu-router.1": 150,
+           "packaging/man/gpu-router.toml.5": 10, "packaging/man/gpu-router-agent.8": 40,
            "packaging/prometheus/gpu-router.rules.yml": 15, "units/gpu-router-agent.service": 2}
 
 
@@ -496,12 +496,29 @@ def readme_exit_codes(d):
     return {int(c) for row in rows for c in re.findall(r"^\d+|(?<=/ )\d+", row.strip())}
 
 
+# ------------------------------------------------------------------------------------------------ paths
+
+REPO_PATH = re.compile(r"(?<![\w./-])((?:tests|bench|agent|packaging|debian|units|docs)/[\w./*-]*[\w*])")
+
+
+def repo_paths(d):
+    """(line, path) for each path into this repository the document names (`tests/test_runners.py`)."""
+    for m in REPO_PATH.finditer(d.text):
+        yield line_of(d, m.start()), m.group(1)
+
+
+def path_problems(d):
+    return [f"{d.where(n)}: {p} is no file of the repository" for n, p in repo_paths(d)
+            if not (any(REPO.glob(p)) if "*" in p else (REPO / p).exists())]
+
+
 # ------------------------------------------------------------------------------------------------ the tests
 
 def minimum(d):
     """Items extracted: each command line and its words, bare options, metrics, config keys, journal fields."""
     return (sum(1 + len(t) for _, _, t in commands(d)) + sum(1 for _ in bare_options(d))
-            + sum(1 for _ in metric_mentions(d)) + sum(1 for _ in config_keys(d)) + sum(1 for _ in journal_fields(d)))
+            + sum(1 for _ in metric_mentions(d)) + sum(1 for _ in config_keys(d)) + sum(1 for _ in journal_fields(d))
+            + sum(1 for _ in repo_paths(d)))
 
 
 def test_every_document_is_read():
@@ -524,6 +541,12 @@ def test_every_command_line_names_real_commands_and_options(name):
 @pytest.mark.parametrize("name", DOCS)
 def test_every_option_named_alone_in_inline_code_exists(name):
     problems = bare_option_problems(doc(name))
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", DOCS)
+def test_every_repository_path_named_exists(name):
+    problems = path_problems(doc(name))
     assert not problems, "\n".join(problems)
 
 
@@ -650,12 +673,14 @@ The metric gpu_router_gpu_memory_mib, gpu_router_jobs_routed_total{reason="drain
 gpu_router_jobs_blocked_total{result="success"}, gpu_router_jobs_finished_total{result=~"oom-kill|oom"}.
 
 `journalctl GPU_ROUTER_EVENT=routed GPU_ROUTER_MOOD=GPU GPU_ROUTER_EVENT=exploded`
+
+Tested in tests/test_docs_true.py and tests/test_nothing.py.
 """
 
 
 def test_the_checker_reports_what_is_wrong_in_a_synthetic_document():
     d = Doc("synthetic.md", WRONG)
-    found = command_problems(d) + bare_option_problems(d) + metric_problems(d) + key_problems(d) + field_problems(d)
+    found = command_problems(d) + bare_option_problems(d) + path_problems(d) + metric_problems(d) + key_problems(d) + field_problems(d)
     expected = ["synthetic.md:4: `gpu-router check --frobnicate`: gpu-router check: unknown option --frobnicate",
                 "synthetic.md:5: `gpu-router explode now.mp3`: gpu-router: unknown command explode",
                 "synthetic.md:7: `gpu-router run --workload w --bogus -- x`: gpu-router run: unknown option --bogus",
@@ -672,5 +697,6 @@ def test_the_checker_reports_what_is_wrong_in_a_synthetic_document():
                 "synthetic.md:22: spill_cpu is no config key",
                 "synthetic.md:22: [agent] has no key metric_dir",
                 "synthetic.md:27: GPU_ROUTER_MOOD is written nowhere in agent/",
-                "synthetic.md:27: GPU_ROUTER_EVENT=exploded: no 'exploded' in agent/"]
+                "synthetic.md:27: GPU_ROUTER_EVENT=exploded: no 'exploded' in agent/",
+                "synthetic.md:29: tests/test_nothing.py is no file of the repository"]
     assert sorted(found) == sorted(expected)
