@@ -17,6 +17,7 @@ import pathlib
 import re
 import shlex
 import tempfile
+import tomllib
 
 import pytest
 
@@ -205,7 +206,7 @@ def check_options(parser_actions, tokens, what):
             break
         if not t.startswith("-") or t == "-" or re.fullmatch(r"-\d.*", t):
             continue
-        opt, eq, _ = t.partition("=")
+        opt, eq, value = t.partition("=")
         action = parser_actions.get(opt)
         if action is None:
             problems.append(f"{what}: unknown option {opt}")
@@ -213,7 +214,10 @@ def check_options(parser_actions, tokens, what):
         if not eq and action.nargs != 0:
             if action.nargs in (None, 1) or (action.nargs == "?" and i < len(tokens)
                                               and not tokens[i].startswith("-")):
+                value = tokens[i] if i < len(tokens) else ""
                 i += 1
+        if action.choices and value and not placeholder(value) and value not in action.choices:
+            problems.append(f"{what}: {opt} takes {'|'.join(map(str, action.choices))}, not {value}")
     return problems
 
 
@@ -431,8 +435,42 @@ def check_key(section, key):
     return [] if key in schema else [f"[{section}] has no key {key}"]
 
 
+def config_values(d):
+    """(line, section or None, key, `key = value` text) for each one-line setting of a TOML block or inline code."""
+    section = None
+    for kind, n, text in d.spans:
+        if kind == "toml":
+            head = re.match(r"\s*\[([\w.-]+)\]", text)
+            if head:
+                section = head.group(1)
+            elif re.match(rf"\s*[a-z_]+\s*=\s*{TOML_VALUE}", text):
+                yield n, section, text.strip()
+        elif kind == "inline" and re.fullmatch(rf"[a-z_]+ = {TOML_VALUE}.*", text, re.S):
+            yield n, None, text
+
+
+def check_value(section, setting):
+    """The value through the schema's own checker for its key (in any section that has it when none is named)."""
+    try:
+        (key, value), = tomllib.loads(setting).items()
+    except (tomllib.TOMLDecodeError, ValueError):
+        return [f"{setting!r} is no TOML setting"]
+    schemas = [schema_for(section)] if section else [s for s in SCHEMA.values() if key in s]
+    errors = []
+    for schema in schemas:
+        if schema is None or key not in schema:
+            return []  # check_key says so
+        try:
+            schema[key][0](value)
+            return []
+        except (ValueError, TypeError) as exc:
+            errors.append(str(exc))
+    return [f"{setting}: {errors[0]}"] if errors else []
+
+
 def key_problems(d):
-    return [f"{d.where(n)}: {p}" for n, section, key in config_keys(d) for p in check_key(section, key)]
+    return ([f"{d.where(n)}: {p}" for n, section, key in config_keys(d) for p in check_key(section, key)]
+            + [f"{d.where(n)}: {p}" for n, section, setting in config_values(d) for p in check_value(section, setting)])
 
 
 # ------------------------------------------------------------------------------------------------ journal fields
@@ -652,6 +690,7 @@ WRONG = """# a synthetic document
 gpu-router check --frobnicate           # an option check does not have
 gpu-router explode now.mp3              # a command that does not exist
 gpu-router status --watch 2 --json      # fine
+gpu-router jobs -o yaml
 gpu-router run --workload w --bogus -- x
 gpu-router-agent --once --twice
 ```
@@ -664,10 +703,11 @@ reserve_mb = 100
 reserv_mb = 100
 [workloads.x]
 max_gpu_job = 2
+max_cpu_jobs = -1
 [gpus]
 ```
 
-`[agent] metric_dir` and `on_gpu_oom = "cpu"` and `spill_cpu = true`.
+`[agent] metric_dir` and `on_gpu_oom = "cpu"` and `spill_cpu = true`, `on_gpu_oom = "gpu"`.
 
 The metric gpu_router_gpu_memory_mib, gpu_router_jobs_routed_total{reason="drained"} (fine),
 gpu_router_jobs_blocked_total{result="success"}, gpu_router_jobs_finished_total{result=~"oom-kill|oom"}.
@@ -683,20 +723,23 @@ def test_the_checker_reports_what_is_wrong_in_a_synthetic_document():
     found = command_problems(d) + bare_option_problems(d) + path_problems(d) + metric_problems(d) + key_problems(d) + field_problems(d)
     expected = ["synthetic.md:4: `gpu-router check --frobnicate`: gpu-router check: unknown option --frobnicate",
                 "synthetic.md:5: `gpu-router explode now.mp3`: gpu-router: unknown command explode",
-                "synthetic.md:7: `gpu-router run --workload w --bogus -- x`: gpu-router run: unknown option --bogus",
-                "synthetic.md:8: `gpu-router-agent --once --twice`: gpu-router-agent: unknown option --twice",
-                "synthetic.md:11: `gpu-router jobs --sinse=-1d`: gpu-router jobs: unknown option --sinse",
-                "synthetic.md:11: `--ass` is an option of no command (nor of ['nvidia-smi', 'sbatch'])",
-                "synthetic.md:24: gpu_router_gpu_memory_mib is not exported by daemon/metrics.py",
-                "synthetic.md:25: gpu_router_jobs_blocked_total has no label result (it has ['reason', 'workload'])",
-                'synthetic.md:25: gpu_router_jobs_finished_total{result="oom"}: the code never exports result="oom" '
+                "synthetic.md:7: `gpu-router jobs -o yaml`: gpu-router jobs: -o takes table|json, not yaml",
+                "synthetic.md:8: `gpu-router run --workload w --bogus -- x`: gpu-router run: unknown option --bogus",
+                "synthetic.md:9: `gpu-router-agent --once --twice`: gpu-router-agent: unknown option --twice",
+                "synthetic.md:12: `gpu-router jobs --sinse=-1d`: gpu-router jobs: unknown option --sinse",
+                "synthetic.md:12: `--ass` is an option of no command (nor of ['nvidia-smi', 'sbatch'])",
+                "synthetic.md:17: [gpu] has no key reserv_mb",
+                "synthetic.md:19: [workloads.x] has no key max_gpu_job",
+                "synthetic.md:20: max_cpu_jobs = -1: expected a whole number from 0 to 4096, got -1",
+                "synthetic.md:21: [gpus] is no section of the config",
+                "synthetic.md:24: spill_cpu is no config key",
+                "synthetic.md:24: [agent] has no key metric_dir",
+                "synthetic.md:24: on_gpu_oom = \"gpu\": expected one of 'cpu', 'gpu-with-room', 'fail', got 'gpu'",
+                "synthetic.md:26: gpu_router_gpu_memory_mib is not exported by daemon/metrics.py",
+                "synthetic.md:27: gpu_router_jobs_blocked_total has no label result (it has ['reason', 'workload'])",
+                'synthetic.md:27: gpu_router_jobs_finished_total{result="oom"}: the code never exports result="oom" '
                 "(it does ['cuda-oom', 'failed', 'gpu-fault', 'oom-kill', 'success', 'timeout', 'unknown'])",
-                "synthetic.md:16: [gpu] has no key reserv_mb",
-                "synthetic.md:18: [workloads.x] has no key max_gpu_job",
-                "synthetic.md:19: [gpus] is no section of the config",
-                "synthetic.md:22: spill_cpu is no config key",
-                "synthetic.md:22: [agent] has no key metric_dir",
-                "synthetic.md:27: GPU_ROUTER_MOOD is written nowhere in agent/",
-                "synthetic.md:27: GPU_ROUTER_EVENT=exploded: no 'exploded' in agent/",
-                "synthetic.md:29: tests/test_nothing.py is no file of the repository"]
+                "synthetic.md:29: GPU_ROUTER_MOOD is written nowhere in agent/",
+                "synthetic.md:29: GPU_ROUTER_EVENT=exploded: no 'exploded' in agent/",
+                "synthetic.md:31: tests/test_nothing.py is no file of the repository"]
     assert sorted(found) == sorted(expected)
