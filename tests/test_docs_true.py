@@ -274,6 +274,28 @@ def bare_option_problems(d):
             for n, opt in bare_options(d) if opt not in every_option() and opt not in FOREIGN_OPTIONS]
 
 
+BENCH = re.compile(r"(?<![\w/.-])(bench/[\w-]+\.py)\b([^#|;&>`\n]*)")
+
+
+def bench_commands(d):
+    """(line, script, options) for each bench script run in a code line: `bench/trace.py --traces foreign`."""
+    for kind, n, text in d.spans:
+        if kind in ("code", "inline"):
+            for m in BENCH.finditer(re.split(r"(?:^|\s)#", text, 1)[0]):
+                yield n, m.group(1), [t.split("=")[0] for t in re.sub(r"[][]", " ", m.group(2)).split()
+                                      if t.startswith("--")]
+
+
+def bench_problems(d):
+    """Grep level: a bench script's option is a literal of that script (they are run, not imported, here)."""
+    out = []
+    for n, script, opts in bench_commands(d):
+        path = REPO / script
+        src = path.read_text() if path.exists() else ""
+        out += [f"{d.where(n)}: {script} has no option {o}" for o in opts if f'"{o}"' not in src]
+    return out
+
+
 def commands(d):
     """(line, program, tokens) for every command line of the document."""
     for kind, n, text in d.spans:
@@ -556,7 +578,7 @@ def minimum(d):
     """Items extracted: each command line and its words, bare options, metrics, config keys, journal fields."""
     return (sum(1 + len(t) for _, _, t in commands(d)) + sum(1 for _ in bare_options(d))
             + sum(1 for _ in metric_mentions(d)) + sum(1 for _ in config_keys(d)) + sum(1 for _ in journal_fields(d))
-            + sum(1 for _ in repo_paths(d)))
+            + sum(1 for _ in repo_paths(d)) + sum(1 + len(o) for _, _, o in bench_commands(d)))
 
 
 def test_every_document_is_read():
@@ -579,6 +601,12 @@ def test_every_command_line_names_real_commands_and_options(name):
 @pytest.mark.parametrize("name", DOCS)
 def test_every_option_named_alone_in_inline_code_exists(name):
     problems = bare_option_problems(doc(name))
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", DOCS)
+def test_every_bench_script_option_exists(name):
+    problems = bench_problems(doc(name))
     assert not problems, "\n".join(problems)
 
 
@@ -652,6 +680,16 @@ def test_gpu_router_agent_8_lists_every_exported_metric_with_its_labels():
             if labels != set(families[fam][1])] == []
 
 
+def test_hacking_module_map_names_every_module_and_only_those():
+    """The module map is how a change finds its room: each row's file exists, each file has its row."""
+    rows = re.findall(r"^\| ([^|]+) \|", doc("HACKING.md").text, re.M)
+    named = {name for row in rows for name in re.findall(r"`([\w/]+\.py)`", row)}
+    files = {str(p.relative_to(REPO / "agent")) for p in (REPO / "agent").rglob("*.py") if p.name != "__init__.py"}
+    assert len(named) >= 40
+    assert sorted(named - files) == [], "HACKING.md names modules that do not exist"
+    assert sorted(files - named) == [], "modules without their row in HACKING.md's module map"
+
+
 def test_readme_journal_events_are_the_events_the_code_has():
     """README's list after `GPU_ROUTER_EVENT` (routed, blocked, ..., vram-foreign with `PID`, ...)."""
     from gpu_router import journal
@@ -714,13 +752,14 @@ gpu_router_jobs_blocked_total{result="success"}, gpu_router_jobs_finished_total{
 
 `journalctl GPU_ROUTER_EVENT=routed GPU_ROUTER_MOOD=GPU GPU_ROUTER_EVENT=exploded`
 
-Tested in tests/test_docs_true.py and tests/test_nothing.py.
+Tested in tests/test_docs_true.py and tests/test_nothing.py; `bench/trace.py --traces grow --jobz 4`.
 """
 
 
 def test_the_checker_reports_what_is_wrong_in_a_synthetic_document():
     d = Doc("synthetic.md", WRONG)
-    found = command_problems(d) + bare_option_problems(d) + path_problems(d) + metric_problems(d) + key_problems(d) + field_problems(d)
+    found = (command_problems(d) + bare_option_problems(d) + path_problems(d) + bench_problems(d)
+             + metric_problems(d)) + key_problems(d) + field_problems(d)
     expected = ["synthetic.md:4: `gpu-router check --frobnicate`: gpu-router check: unknown option --frobnicate",
                 "synthetic.md:5: `gpu-router explode now.mp3`: gpu-router: unknown command explode",
                 "synthetic.md:7: `gpu-router jobs -o yaml`: gpu-router jobs: -o takes table|json, not yaml",
@@ -741,5 +780,6 @@ def test_the_checker_reports_what_is_wrong_in_a_synthetic_document():
                 "(it does ['cuda-oom', 'failed', 'gpu-fault', 'oom-kill', 'success', 'timeout', 'unknown'])",
                 "synthetic.md:29: GPU_ROUTER_MOOD is written nowhere in agent/",
                 "synthetic.md:29: GPU_ROUTER_EVENT=exploded: no 'exploded' in agent/",
-                "synthetic.md:31: tests/test_nothing.py is no file of the repository"]
+                "synthetic.md:31: tests/test_nothing.py is no file of the repository",
+                "synthetic.md:31: bench/trace.py has no option --jobz"]
     assert sorted(found) == sorted(expected)
