@@ -1,14 +1,16 @@
 """What the documents name exists (issue 20: docs that stay true by test). From README.md, HACKING.md, docs/,
 debian/README.Debian, bench/README.md, the man pages, the units' comments and the shipped Prometheus rules, this
-extracts every command line (`gpu-router SUB --opt`, `gpu-router run --workload`, `gpu-router-agent --opt`, in
-code blocks and inline code), every metric name and label claim, every config key (TOML code blocks, `[section]
-key`, inline `key = value`), every journal field and event value, and README's exit codes; each is checked against
-the code itself: the argparse parsers walked, an exposition the real exporter writes (daemon/metrics.py, seeded
-and fed one GPU), the schema tables of config.py, the wrapper's exit constants. Journal fields are checked at grep
-level: the field (or its name without GPU_ROUTER_) is a string or a keyword in agent/'s sources.
+extracts every command line (`gpu-router SUB --opt VALUE`, `gpu-router run --workload`, `gpu-router-agent --opt`,
+in code blocks, inline code and the man pages' synopses) and option named alone, every metric name and label
+claim, every config key and value (TOML blocks, `[section] key`, inline `key = value`), every journal field and
+event, the exit codes, the bench scripts' options and the repository's paths; each is checked against the code
+itself: the argparse parsers walked (their choices too), an exposition the real exporter writes
+(daemon/metrics.py, seeded, fed one GPU and a backend error), the schema's own checkers (config.py), the
+wrapper's exit constants, journal.MESSAGE_IDS. Grep level, said where it is: journal fields (a string or keyword
+in agent/), `gpu-router run`'s options (main_run parses by hand), bench scripts' options (literals of the script).
 
-Each document must yield a minimum of items, so an extraction that finds nothing cannot pass; the synthetic
-documents at the end go through the same checker and must be reported."""
+Each document must yield a minimum of items, so an extraction that finds nothing cannot pass; a synthetic
+document at the end goes through the same checkers and each of its errors must be reported."""
 
 import argparse
 import functools
@@ -63,8 +65,11 @@ def unroff_line(line):
 
 
 class Doc:
-    """One document's spans: ("code", line, text) per code line, ("inline", line, text) per `inline code`,
-    ("toml", line, text) per line of a TOML block, and its whole text for names found anywhere."""
+    """One document's spans, (kind, line, text): "code" per line of a code block (or an Exec= of a unit, an .EX
+    line of a man page), "toml" per line of a TOML block, "inline" per `inline code` (or an OPTIONS item of a
+    man page), "synopsis" per command item of gpu-router(1) and option item of gpu-router-agent(8), "field" per
+    field of gpu-router(1)'s JOURNAL items; its text (roff undone) for names found anywhere, and its prose (the
+    text outside code blocks)."""
 
     def __init__(self, name, text=None):
         self.name = name
@@ -339,15 +344,15 @@ def exposition():
     families, samples = {}, set()
     for text in texts:
         for fam in text_string_to_metric_families(text):
-            kind, labels = families.setdefault(fam.name, (fam.type, {}))
+            labels = families.setdefault(fam.name, (fam.type, {}))[1]
             if fam.type == "counter":
                 samples.update({fam.name + "_total", fam.name + "_created"})
             elif fam.type == "histogram":
-                samples.update(fam.name + s for s in ("", "_bucket", "_sum", "_count", "_created"))
+                samples.update(fam.name + suffix for suffix in ("", "_bucket", "_sum", "_count", "_created"))
             else:
                 samples.add(fam.name)
-            for s in fam.samples:
-                for k, v in s.labels.items():
+            for sample in fam.samples:
+                for k, v in sample.labels.items():
                     if k != "le":
                         labels.setdefault(k, set()).add(v)
     for name, (_, names) in metrics.COUNTERS.items():  # a counter with no series yet still has its labels
