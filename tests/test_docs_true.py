@@ -713,6 +713,43 @@ def test_gpu_router_1_lists_every_event_with_its_message_id():
     assert dict(line.split("\t") for line in table.strip().split("\n")) == journal.MESSAGE_IDS
 
 
+def rule_problems(rules):
+    """Each alert's labels (`by (...)`, `on (...)`, `{{ $labels.x }}` in its text) are labels of a metric its
+    expression uses: an alert grouping by a label no series has fires without it, or never."""
+    families, _ = exposition()
+    problems, alerts = [], 0
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            alerts += 1
+            expr = rule["expr"]
+            used = {family_of(m.group(1)) for m in METRIC.finditer(expr)} - {None}
+            have = {"instance", "job"}.union(*(families[f][1] for f in used))
+            words = re.findall(r"\b(?:by|on|without|ignoring)\s*\(([^)]*)\)", expr)
+            wanted = {w for group_labels in words for w in re.findall(r"\w+", group_labels)}
+            wanted |= set(re.findall(r"\$labels\.(\w+)", str(rule.get("annotations", ""))))
+            name = rule.get("alert") or rule.get("record")
+            problems += [f"{name}: label {w} is on none of {sorted(used)}" for w in sorted(wanted - have)]
+    return alerts, problems
+
+
+def test_the_shipped_rules_use_labels_their_metrics_have():
+    import yaml
+
+    alerts, problems = rule_problems(yaml.safe_load((REPO / "packaging/prometheus/gpu-router.rules.yml").read_text()))
+    assert alerts >= 5
+    assert not problems, "\n".join(problems)
+
+
+def test_the_rules_check_reports_a_label_no_metric_has():
+    rules = {"groups": [{"rules": [
+        {"alert": "A", "expr": "sum by (instance, workload) (increase(gpu_router_jobs_blocked_total[5m])) > 0",
+         "annotations": {"summary": "{{ $labels.workload }} {{ $labels.mode }}"}},
+        {"alert": "B", "expr": "gpu_router_slots_busy >= on (instance, pool, gpu) gpu_router_slots"}]}]}
+    assert rule_problems(rules) == (2, [
+        "A: label mode is on none of ['gpu_router_jobs_blocked']",
+        "B: label gpu is on none of ['gpu_router_slots', 'gpu_router_slots_busy']"])
+
+
 def test_readme_exit_codes_are_the_codes_the_wrapper_defines():
     documented = readme_exit_codes(doc("README.md"))
     assert len(documented) >= 7
