@@ -1,4 +1,5 @@
-"""A process's identity from /proc/PID/stat: its PID and its start time in clock ticks since boot.
+"""A process's identity from /proc/PID/stat: its PID and its start time in clock ticks since boot; the one reader
+of /proc/PID/stat (``read``: state, parent, session, start, a zombie's wait status), held so by tests/test_layout.py.
 
 A PID alone may be reused; with the start time (field 22, the same in every PID namespace) it names one process.
 The wrapper records its own in each VRAM reservation, the agent in each holder and job record.
@@ -7,19 +8,29 @@ The wrapper records its own in each VRAM reservation, the agent in each holder a
 from . import fastos as os  # os without its import cost (fastos.py)
 
 
-def _fields(pid):
-    """The fields after the command name (which may hold spaces and parentheses), or None when there is no such
-    process. fields[0] is the state (field 3), fields[19] the start time (field 22)."""
+GONE = (b"Z", b"X", b"x")  # states of a process that has exited (a zombie, or dead and being reaped)
+
+
+def _raw(pid):
+    """/proc/PID/stat's bytes, or None when there is no such process."""
     try:
         fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        stat = os.read(fd, 4096)
+        return os.read(fd, 4096)
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def _fields(pid):
+    """The fields after the command name (which may hold spaces and parentheses), or None when there is no such
+    process. fields[0] is the state (field 3), fields[19] the start time (field 22)."""
+    stat = _raw(pid)
+    if stat is None:
+        return None
     fields = stat[stat.rfind(b")") + 2:].split()
     return fields if len(fields) > 19 else None
 
@@ -36,7 +47,7 @@ def start_ticks(pid="self"):
 def is_process(pid, ticks):
     """True while the process that started at ``ticks`` runs (not a zombie); ``ticks`` None: any process there."""
     fields = _fields(pid)
-    if not fields or fields[0] in (b"Z", b"X", b"x"):
+    if not fields or fields[0] in GONE:
         return False
     try:
         return ticks is None or int(fields[19]) == ticks
@@ -72,3 +83,36 @@ def uids(pid):
         pass
     return ()
 
+
+
+class Stat:
+    """What the agent and the tools take from /proc/PID/stat, by name (proc(5) numbers the fields from 1)."""
+
+    __slots__ = ("comm", "state", "ppid", "session", "start", "exit_status")
+
+    def __init__(self, comm, fields):
+        self.comm = comm                # field 2 without its parentheses (bytes, at most 15 of them)
+        self.state = fields[0]          # field 3: b"R", b"S", … b"Z"
+        self.ppid = int(fields[1])      # field 4
+        self.session = int(fields[3])   # field 6
+        self.start = int(fields[19])    # field 22, clock ticks since boot
+        # field 52: the wait status of an exited process its parent has not reaped (0 while it runs)
+        self.exit_status = int(fields[49]) if len(fields) > 49 else None
+
+    @property
+    def gone(self):
+        """The process has exited (a zombie: its memory, VRAM included, is already freed)."""
+        return self.state in GONE
+
+
+def read(pid):
+    """The Stat of a process, or None when there is none (or its stat cannot be parsed)."""
+    stat = _raw(pid)
+    if stat is None:
+        return None
+    head, _, tail = stat.rpartition(b")")
+    fields = tail.split()
+    try:
+        return Stat(head[head.find(b"(") + 1:], fields) if len(fields) > 19 else None
+    except ValueError:
+        return None

@@ -350,7 +350,7 @@ def test_a_bare_adopted_job_is_completed_from_its_wrappers_second_request(tmp_pa
     accounted in full (the systemd kill storm found such jobs accounted with metric unknown and no input)."""
     from gpu_router import journal
 
-    job = subprocess.Popen(["sleep", "0.5"])
+    job = subprocess.Popen(["sh", "-c", "read x; exit 0"], stdin=subprocess.PIPE)  # ends when told (see above)
     try:
         agent, scope = _bare_scope_agent(tmp_path, monkeypatch, [job.pid])
         agent.adopt()
@@ -370,6 +370,7 @@ def test_a_bare_adopted_job_is_completed_from_its_wrappers_second_request(tmp_pa
             ("150", "cpu", b"/srv/in \xff.wav")
         events = []
         monkeypatch.setattr(journal, "emit", lambda name, msg, fields, **kw: events.append((name, fields)))
+        job.stdin.close()
         assert job.wait(10) == 0
         agent.close_vanished()
         fields = next(f for name, f in events if name == "job-finished")
@@ -385,7 +386,9 @@ def test_a_scope_without_a_record_is_adopted_with_its_holder(tmp_path, monkeypat
     the holder in it along, or the holder sleeps for ever and systemd never removes the scope. Real job, holder and
     decoy processes (_bare_scope_agent)."""
     h = holder.spawn()
-    job = subprocess.Popen(["sleep", "0.3"])
+    # the job ends when told (its stdin closed), not after a time: under load the adoption may take longer than any
+    # fixed sleep, and a job already gone is not adopted
+    job = subprocess.Popen(["sh", "-c", "read x; exit 0"], stdin=subprocess.PIPE)
     decoy = subprocess.Popen(["sleep", "infinity"])  # a job's own `sleep infinity` is not the holder
     try:
         agent, scope = _bare_scope_agent(tmp_path, monkeypatch, [job.pid, decoy.pid, h.pid])
@@ -393,6 +396,7 @@ def test_a_scope_without_a_record_is_adopted_with_its_holder(tmp_path, monkeypat
         adopted = agent.jobs[job.pid]
         assert adopted.scope == scope and adopted.holder is not None, "adopted without its holder"
         assert (adopted.holder.pid, adopted.holder.start) == (h.pid, h.start)
+        job.stdin.close()
         assert job.wait(10) == 0
         agent.close_vanished()  # the job is accounted: its holder is ended, so systemd can remove the scope
         assert job.pid not in agent.jobs

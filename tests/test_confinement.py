@@ -240,6 +240,7 @@ def _track_and_finish(agent, monkeypatch, job):
     account = agent.jobs[job.pid]
     events = []
     monkeypatch.setattr(journal, "emit", lambda name, msg, fields, **kw: events.append((name, fields)))
+    job.stdin.close()  # the job ends when told, not after a time a loaded machine may outrun
     job.wait(10)
     agent.close_vanished()
     return account, next(f for name, f in events if name == "job-finished")
@@ -249,7 +250,7 @@ def _track_and_finish(agent, monkeypatch, job):
 def test_the_agent_accounts_a_slurm_job_from_its_step_cgroup(tmp_path, monkeypatch):
     """OP=track from a PID in a Slurm step: the account reads the step's cgroup (its peak, its OOM kill), the
     event says which step. On main the account had no cgroup: no PEAK_RAM_MB, RESULT unknown, SCOPE None."""
-    job = subprocess.Popen(["sleep", "0.3"])
+    job = subprocess.Popen(["sh", "-c", "read x; exit 0"], stdin=subprocess.PIPE)
     try:
         agent = _slurm_agent(tmp_path, monkeypatch, job.pid, f"0::{STEP}/user/task_0\n")
         account, fields = _track_and_finish(agent, monkeypatch, job)
@@ -266,7 +267,7 @@ def test_the_agent_accounts_a_slurm_job_from_its_step_cgroup(tmp_path, monkeypat
 def test_a_track_request_outside_slurm_gets_no_control_group(tmp_path, monkeypatch):
     """The control: the same request from a PID that is not in a Slurm step (a look-alike path a member could
     make under its own user@.service does not count) is followed without a cgroup, as scope = "off" always was."""
-    job = subprocess.Popen(["sleep", "0.3"])
+    job = subprocess.Popen(["sh", "-c", "read x; exit 0"], stdin=subprocess.PIPE)
     try:
         agent = _slurm_agent(tmp_path, monkeypatch, job.pid,
                              "0::/user.slice/user-1000.slice/user@1000.service/job_42/step_0\n")

@@ -45,8 +45,29 @@ def test_a_command_name_with_spaces_and_parentheses():
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             assert procstat.is_process(p.pid, procstat.start_ticks(p.pid))
+            st = procstat.read(p.pid)  # the name kept whole (at most 15 bytes), the fields after it in place
+            assert st.comm == os.path.basename(exe).encode()[:15] and st.ppid == os.getpid()
         finally:
             p.kill()
             p.wait()
     finally:
         os.unlink(exe)
+
+
+def test_read_names_the_fields_of_a_real_process_and_of_its_zombie():
+    """read(): parent, session, start and, once it has exited unreaped, its wait status (exit 3 → 0x300)."""
+    p = subprocess.Popen(["sh", "-c", "read x; exit 3"], stdin=subprocess.PIPE, start_new_session=True)
+    try:
+        st = procstat.read(p.pid)
+        assert st.comm == b"sh" and st.ppid == os.getpid() and st.session == p.pid
+        assert st.start == procstat.start_ticks(p.pid) and not st.gone and st.exit_status == 0
+        p.stdin.close()
+        deadline = time.monotonic() + 10
+        while not procstat.read(p.pid).gone:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert procstat.read(p.pid).exit_status == 3 << 8
+    finally:
+        p.wait()
+    assert procstat.read(p.pid) is None
+

@@ -53,7 +53,10 @@ def test_abstract_notify_socket(monkeypatch):
     r.bind("\0" + name)
     r.settimeout(5)
     monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
-    assert sdglue.Notifier().store_fd(0, "stdin") is True
+    n = sdglue.Notifier()
+    n("STATUS=abstract")  # python3-sdnotify's path
+    assert _receive(r)[0] == b"STATUS=abstract"
+    assert n.store_fd(0, "stdin") is True  # python3-systemd's (a descriptor passed)
     assert _receive(r)[0] == b"FDSTORE=1\nFDNAME=stdin"
 
 

@@ -299,7 +299,7 @@ class JobAccount:
         mine = sum(p.get("used_mb") or 0 for p in gpu.get("processes", ())
                    if p.get("pid") == self.pid or p.get("job") == self.pid)
         others = max(0, used - mine) + (also_mb if after_exit else 0)
-        # ``also_mb``: jobs that failed on this GPU just before (service.NEIGHBOUR_S), gone from this sample.
+        # ``also_mb``: jobs that failed on this GPU just before (jobend.NEIGHBOUR_S), gone from this sample.
         # The latest sample while it ran, and the one right after its exit: the two nearest the moment it failed (a
         # job that runs out of memory exits at once); either one showing the GPU full at the job's peak is evidence.
         self.others_mb = max(self.others_mb, others) if after_exit and self.others_mb is not None else others

@@ -115,7 +115,7 @@ class _Accounting:
         self.accounting = policy
         self._acct = {}       # index -> {"state": ..., "since": wall time from which it has been on}
         self._notes = []      # (level, message, fields) for the agent's log, one per change
-        self.enabled_at = {}  # index -> wall time a privileged helper turned the mode on (service.enable_accounting)
+        self.enabled_at = {}  # index -> wall time a privileged helper turned the mode on (accounting_mode.enable_accounting)
 
     def drain_notes(self):
         notes, self._notes = self._notes, []

@@ -1,6 +1,8 @@
 """Whether a job's process still runs: its pidfd, and /proc/PID/stat with the start time it was granted with (a
 PID may be reused)."""
 
+from .. import procstat
+
 
 def pidfd_alive(pidfd):
     """False once a pidfd is readable (its process has exited); True when there is no pidfd to ask."""
@@ -16,14 +18,7 @@ def pidfd_alive(pidfd):
 
 def job_alive(job, zombie_ok=False):
     """The job's process (same PID and start time: a PID may be reused) exists and, unless ``zombie_ok``, runs."""
-    try:
-        with open(f"/proc/{job.pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except OSError:
+    st = procstat.read(job.pid)
+    if st is None or job.pid_start is not None and st.start != job.pid_start:
         return False
-    try:
-        if job.pid_start is not None and int(fields[19]) != job.pid_start:
-            return False
-    except (IndexError, ValueError):
-        return False
-    return zombie_ok or fields[0] not in (b"Z", b"X")
+    return zombie_ok or not st.gone

@@ -14,7 +14,7 @@ reservations read verified, holders of real slot files; never a PID a member's r
 its cgroup path contains "gpu-router" (our scopes). Everything else, including memory no process accounts for
 (driver overhead, other containers), is foreign: not ours to give out.
 
-sd_notify, the watchdog and the service's lifetime are agent.py's; ``on_sample`` is the hook it needs.
+sd_notify and the watchdog are sdglue.py's, the service's lifetime resident.py's (the Agent); ``on_sample`` is the hook it needs.
 """
 
 import threading

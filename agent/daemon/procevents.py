@@ -16,6 +16,8 @@ import os
 import socket
 import struct
 
+from .. import procstat
+
 NETLINK_CONNECTOR = 11
 CN_IDX_PROC = 1
 CN_VAL_PROC = 1
@@ -153,14 +155,8 @@ def drain(sock):
 
 def zombie_status(pid):
     """The wait status of an exited process its parent has not reaped yet (/proc/PID/stat field 52), else None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return None
-    if len(fields) < 50 or fields[0] not in (b"Z", b"X"):
-        return None
-    return int(fields[49])
+    st = procstat.read(pid)
+    return st.exit_status if st is not None and st.gone else None
 
 
 def exit_code(status):

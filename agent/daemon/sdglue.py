@@ -1,8 +1,10 @@
-"""The agent's side of systemd's service protocol, through python3-systemd (sd_notify, sd_listen_fds).
+"""The agent's side of systemd's service protocol: sd_notify and socket activation.
 
-sd_notify: READY/STATUS/STOPPING/WATCHDOG, and FDSTORE=1 (systemd keeps the proc connector's socket across an agent
-restart, so exits that happen meanwhile are not lost). Socket activation: the broker socket and the fd-store entries
-systemd passes back, by name. Outside systemd every call here is silent and the agent binds its own socket.
+sd_notify: READY/STATUS/STOPPING/WATCHDOG through python3-sdnotify (one datagram socket, connected once);
+FDSTORE=1 through python3-systemd's notify, which can pass a descriptor (sdnotify cannot): systemd keeps the proc
+connector's socket across an agent restart, so exits that happen meanwhile are not lost. Socket activation
+(python3-systemd's sd_listen_fds): the broker socket and the fd-store entries systemd passes back, by name.
+Outside systemd every call here is silent and the agent binds its own socket.
 """
 
 import os
@@ -13,32 +15,37 @@ from . import broker, procevents
 _PASSED = None
 
 
-def _notify(text, fds=None):
-    """sd_notify(3): True when sent, False outside systemd (no NOTIFY_SOCKET) or where it cannot be sent."""
+def _notify_fds(text, fds):
+    """sd_pid_notify_with_fds(3): True when sent, False where it cannot be sent."""
     from systemd import daemon
 
-    try:  # fds only when given: 235 takes fds=None for a sequence (TypeError)
-        return bool(daemon.notify(text, fds=fds) if fds else daemon.notify(text))
+    try:
+        return bool(daemon.notify(text, fds=fds))
     except (OSError, ValueError):
         return False
 
 
 class Notifier:
-    """sd_notify; silent outside systemd."""
+    """sd_notify; silent outside systemd (no NOTIFY_SOCKET, or nobody listening: the agent goes on without it)."""
 
     def __init__(self):
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        self._sender = None
+        if self.enabled:
+            import sdnotify
+
+            self._sender = sdnotify.SystemdNotifier()  # never raises (debug=False); sends nothing if unconnected
 
     def __call__(self, text):
-        if self.enabled:
-            _notify(text)
+        if self._sender is not None:
+            self._sender.notify(text)
 
     def store_fd(self, fd, name):
         """FDSTORE=1: systemd keeps a copy of ``fd`` and passes it to the next start of this service (needs
         FileDescriptorStoreMax= in the unit). False outside systemd or where it cannot be sent."""
         if not os.environ.get("NOTIFY_SOCKET"):
             return False
-        return _notify(f"FDSTORE=1\nFDNAME={name}", fds=[fd])
+        return _notify_fds(f"FDSTORE=1\nFDNAME={name}", [fd])
 
 
 def passed_fds():

@@ -38,7 +38,7 @@ from ..daemon import accounting
 from .. import atomicfile
 from .. import samples as _samples
 from .. import config as _config
-from .. import policy
+from .. import policy, procstat
 from ..wrapper.probe import ProbeFailed, measure
 from . import host
 
@@ -64,15 +64,9 @@ def _proc_table():
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-            fields = data[data.rindex(b")") + 2:].split()
-            if fields[0] in (b"Z", b"X", b"x"):
-                continue
-            table[int(entry)] = (int(fields[1]), int(fields[3]))
-        except (OSError, ValueError, IndexError):
-            continue
+        st = procstat.read(entry)
+        if st is not None and not st.gone:
+            table[int(entry)] = (st.ppid, st.session)
     return table
 
 
