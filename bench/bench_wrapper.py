@@ -246,8 +246,8 @@ def report(samples, rounds, imports, import_total, drained):
 
 
 HISTORY = [
-    "History, issue 20 (same machine, `--rounds 100 --old 020ffd9,939dc14`, 2026-12-06): at 8fc9400 the wrapper's "
-    "own work above python-floor was 4.60 ms against 020ffd9's 3.20 (1.44x) and 939dc14's 3.88 (1.19x): the hot path "
+    "History, issue 20 (same machine, `--rounds 100 --old 020ffd9,939dc14`, 2026-12-06, load average 1.97): at "
+    "8fc9400 the wrapper's own work above python-floor was 4.60 ms against 020ffd9's 3.20 (1.44x) and 939dc14's 3.88 (1.19x): the hot path "
     "had gained drainstate, atomicfile, errno, oom_memory, trust, procstat, the wrapper package and scope (GPU jobs "
     "with scope = \"off\" are tracked), a config.py grown to a 77 KB .pyc, and it paid `import os` (1.1 ms: "
     "os.environ's class builds _collections_abc's ABCs). Now: os from agent/fastos.py (posix's functions), the "
@@ -304,7 +304,7 @@ def write_readme(lines, summary, imp, rounds, olds=(), load=""):
         text = text.rstrip("\n") + "\n\n" + "\n".join(section)
     else:
         end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + "\n".join(section) + (text[end + 1:] if end != -1 else "")
+        text = text[:start] + "\n".join(section).rstrip("\n") + "\n\n" + (text[end + 1:] if end != -1 else "")
     README.write_text(text.rstrip("\n") + "\n")
 
 
