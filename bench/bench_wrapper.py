@@ -246,14 +246,14 @@ def report(samples, rounds, imports, import_total, drained):
 
 
 HISTORY = [
-    'History, issue 20 (same machine, `--rounds 100 --old 020ffd9,939dc14`, 2026-12-06, load average 1.97): at '
-    "8fc9400 the wrapper's own work above python-floor was 4.60 ms against 020ffd9's 3.20 (1.44x) and 939dc14's "
-    '3.88 (1.19x): the hot path had gained drainstate, atomicfile, errno, oom_memory, trust, procstat, the '
-    'wrapper package and scope (GPU jobs with scope = "off" are tracked), a config.py grown to a 77 KB .pyc, and '
-    "it paid `import os` (1.1 ms: os.environ's class builds _collections_abc's ABCs). Now: os from "
-    "agent/fastos.py (posix's functions), the ledger's and queue's readers, the drain file's trusted reader, the "
-    'probe guardian and TOML/validation (configparse.py) imported only where used, the built-in _stat for '
-    'stat.py.',
+    "History, issue 20 (same machine, `--rounds 100 --old 020ffd9,939dc14`, 2026-12-06, load average 1.97): at "
+    "8fc9400 the wrapper's own work above python-floor was 4.60 ms against 020ffd9's 3.20 (1.44x) and 939dc14's"
+    " 3.88 (1.19x): the hot path had gained drainstate, atomicfile, errno, oom_memory, trust, procstat, the "
+    "wrapper package and scope (GPU jobs with scope = \"off\" are tracked), a config.py grown to a 77 KB .pyc, "
+    "and it paid `import os` (1.1 ms: os.environ's class builds _collections_abc's ABCs). Now: os from "
+    "agent/fastos.py (posix's functions), the ledger's and queue's readers, the drain file's trusted reader, "
+    "the probe guardian and TOML/validation (configparse.py) imported only where used, the built-in _stat for "
+    "stat.py.",
     "",
     "History (same machine, same script): before 2026-11-27 the hot path imported `signal` (in probe.py; it pulls "
     "in `enum`, ~3 ms) and `json` for the stderr fallback (~2 ms): warm/journald was 12.6 ms = 3.84x bash, "
