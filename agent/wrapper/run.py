@@ -123,15 +123,14 @@ def read_gpus(cfg, fresh=False):
 
 def _dead(pids):
     """The pids among ``pids`` that no longer run: no /proc entry, or a zombie (its VRAM is already freed)."""
+    if not pids:
+        return set()
+    from .. import procstat  # only when the snapshot shows our processes outside the ledger (rare: hot path)
+
     out = set()
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            out.add(pid)
-            continue
-        if data[data.rfind(b")") + 2:data.rfind(b")") + 3] in (b"Z", b"X", b"x"):
+        st = procstat.read(pid)
+        if st is None or st.gone:
             out.add(pid)
     return out
 
