@@ -62,6 +62,7 @@ class Loop:
                 self.clients.accept(self.listener)
             else:
                 self.clients.ready(key.data[1], events)
+        self.clients.serve()  # the turn's requests, as the agent's loop serves them
 
     def connect(self):
         c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -718,6 +719,37 @@ def test_rate_limited_refusals_still_count_in_the_metrics(tmp_path):
     m.count_event({"GPU_ROUTER_EVENT": "broker-refused", "GPU_ROUTER_SUPPRESSED": "97"})
     m.count_event({"GPU_ROUTER_EVENT": "broker-refused"})
     assert m.store.counters["gpu_router_broker_refusals_total"][()] == 99
+
+
+# ---- the pool of holders ---------------------------------------------------------------------------------------
+
+def _holder_children(pid):
+    from gpu_router.daemon import holder
+
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+    return [k for k in kids if holder.is_holder(k)]
+
+
+def test_the_agent_keeps_a_pool_of_holders_and_ends_every_one_when_it_stops(agent):
+    """Holders are started while the agent is idle (daemon/holder.Pool), each a ``sleep infinity`` that ignores
+    SIGTERM: left behind by a stopping agent they would sleep for ever under init. The agent ends and reaps them."""
+    from gpu_router.daemon import holder
+
+    base, p, env = agent
+    deadline = time.monotonic() + 20
+    while len(_holder_children(p.pid)) < holder.POOL_SIZE:
+        assert p.poll() is None and time.monotonic() < deadline, "the idle agent started no pool of holders"
+        time.sleep(0.05)
+    pooled = _holder_children(p.pid)
+    assert len(pooled) == holder.POOL_SIZE  # bounded
+    p.terminate()
+    assert p.wait(10) == 0
+    left = [pid for pid in pooled if os.path.exists(f"/proc/{pid}")]
+    assert not left, f"pooled holders left running after the agent stopped: {left}"
 
 
 # ---- an agent that stops or goes away with a request in hand ---------------------------------------------------

@@ -81,6 +81,14 @@ def find(pids):
 
 def spawn():
     """Start a holder and wait until it sleeps (every page it needs touched); None if that fails."""
+    h = _start()
+    if h is not None and not _await(h, time.monotonic() + READY_TIMEOUT_S):
+        h = None
+    return h
+
+
+def _start():
+    """posix_spawn a holder, without waiting for it (a Holder whose ``start`` is None until it is seen asleep)."""
     path = next((p for p in SLEEP if os.access(p, os.X_OK)), None)
     if path is None:
         return None
@@ -94,19 +102,112 @@ def spawn():
         return None
     finally:
         os.close(devnull)
-    h = Holder(pid, None, child=True)
-    deadline = time.monotonic() + READY_TIMEOUT_S
+    return Holder(pid, None, child=True)
+
+
+def _look(h):
+    """One look at a started holder: True once it sleeps (``start`` then set), False when it died or is not what
+    was started, None while it is still on its way."""
+    try:
+        with open(f"/proc/{h.pid}/stat", "rb") as f:
+            head, _, tail = f.read().rpartition(b")")
+        fields = tail.split()
+        if head.endswith(b"(sleep") and fields[0] == b"S":
+            h.start = int(fields[19])
+            return True
+        if fields[0] in (b"Z", b"X"):
+            return False
+    except (OSError, IndexError, ValueError):
+        return False
+    return None
+
+
+def _await(h, deadline):
+    """Wait (1 ms steps) until ``h`` sleeps; False (and ``h`` released) when it died or ``deadline`` passed."""
     while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                head, _, tail = f.read().rpartition(b")")
-            if head.endswith(b"(sleep") and tail.split()[0] == b"S":
-                h.start = int(tail.split()[19])
-                return h
-            if tail.split()[0] in (b"Z", b"X"):
-                break
-        except (OSError, IndexError, ValueError):
+        seen = _look(h)
+        if seen:
+            return True
+        if seen is False:
             break
         time.sleep(0.001)
     h.release()
-    return None
+    return False
+
+
+POOL_SIZE = 8
+RETRY_S = 10.0
+
+
+class Pool:
+    """Holders started ahead of need, so a scope request takes one already asleep instead of waiting for a new
+    one to start (posix_spawn, then exec, ld.so and libc: milliseconds, and many more when a burst of wrappers
+    keeps both cores busy and the agent waits its turn after every look).
+
+    ``fill()`` (the agent's loop, one at a time while it has nothing else to do) starts holders up to ``size``
+    without waiting for them to sleep;
+    ``take()`` hands out one seen asleep — the same holder spawn() makes, is_holder() true — else waits for the
+    oldest one starting, else spawns one the old way. Every holder stays the agent's child: one that died in the
+    pool is reaped at the next look, and ``close()`` (the agent's stop) ends and reaps them all. Bounded: at most
+    ``size`` idle holders, ``sleep infinity`` in the agent's own cgroup (its service's stop kills them too)."""
+
+    def __init__(self, size=POOL_SIZE):
+        self.size = size
+        self.ready = []     # asleep: ready to be put in a scope
+        self.starting = []  # spawned, not yet seen asleep
+        self.failed = 0     # spawns that failed (no sleep binary, out of processes)
+        self.retry_at = 0.0
+
+    def _sort(self):
+        waiting = []
+        for h in self.starting:
+            seen = _look(h)
+            if seen:
+                self.ready.append(h)
+            elif seen is False:
+                h.release()
+            else:
+                waiting.append(h)
+        self.starting = waiting
+
+    def take(self):
+        """A holder asleep now (None if none can be had); it is the caller's from here on."""
+        self._sort()
+        while self.ready:
+            h = self.ready.pop(0)
+            if _look(h):  # still asleep (nothing but root could have ended it; looked at all the same)
+                return h
+            h.release()
+        while self.starting:
+            h = self.starting.pop(0)
+            if _await(h, time.monotonic() + READY_TIMEOUT_S):
+                return h
+        return spawn()
+
+    def short(self):
+        """Fewer than ``size`` holders asleep or on their way (and no failed spawn in the last RETRY_S: a host
+        where none can start does not make the loop try again and again)."""
+        return len(self.ready) + len(self.starting) < self.size and time.monotonic() >= self.retry_at
+
+    def fill(self, limit=None):
+        """Start holders (at most ``limit``) until ``size`` are asleep or on their way; never waits for them to
+        sleep (posix_spawn itself returns once the child has exec'd)."""
+        self._sort()
+        started = 0
+        while self.short() and (limit is None or started < limit):
+            h = _start()
+            if h is None:
+                self.failed += 1
+                self.retry_at = time.monotonic() + RETRY_S
+                return
+            self.starting.append(h)
+            started += 1
+
+    def pids(self):
+        return [h.pid for h in self.ready + self.starting]
+
+    def close(self):
+        """End and reap every idle holder (the agent stops)."""
+        for h in self.ready + self.starting:
+            h.release()
+        self.ready, self.starting = [], []
