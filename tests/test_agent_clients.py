@@ -734,22 +734,39 @@ def _holder_children(pid):
     return [k for k in kids if holder.is_holder(k)]
 
 
-def test_the_agent_keeps_a_pool_of_holders_and_ends_every_one_when_it_stops(agent):
-    """Holders are started while the agent is idle (daemon/holder.Pool), each a ``sleep infinity`` that ignores
-    SIGTERM: left behind by a stopping agent they would sleep for ever under init. The agent ends and reaps them."""
-    from gpu_router.daemon import holder
+ASK_NOPE = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from gpu_router import scope
+reply = scope.ask_agent(sys.argv[2], [("OP", "scope"), ("WORKLOAD", "nope")], timeout=5)
+assert reply.get("OK") == "0", reply
+"""
 
+
+def test_a_batch_of_scope_requests_leaves_no_holder_in_the_agent(agent):
+    """The holders of a turn's scope requests are started together (daemon/holder.Pool) and the ones not taken are
+    ended with the batch: a holder blocks SIGTERM, so one left waiting in the agent's cgroup would hold a crashed
+    agent's restart up by TimeoutStopSec. No systemd here: every scope fails, and its holder is ended too."""
     base, p, env = agent
-    deadline = time.monotonic() + 20
-    while len(_holder_children(p.pid)) < holder.POOL_SIZE:
-        assert p.poll() is None and time.monotonic() < deadline, "the idle agent started no pool of holders"
+    import gpu_router
+
+    lib = os.path.dirname(os.path.dirname(gpu_router.__file__))
+    # Scope requests that are refused before any holder is taken (no such workload), and some that are granted:
+    # the batch starts a holder for each, so the refused ones' are ended only by the batch's end.
+    burst = [subprocess.Popen(["/usr/bin/python3", "-I", "-c", script, lib, str(base / "agent.sock"), "1"])
+             for script in (ASK_MANY, ASK_NOPE) * 4]
+    seen = set()
+    while any(b.poll() is None for b in burst):
+        seen.update(_holder_children(p.pid))
+        time.sleep(0.002)
+    assert all(b.returncode == 0 for b in burst)
+    deadline = time.monotonic() + 5
+    while _holder_children(p.pid):
+        assert time.monotonic() < deadline, f"holders left in the agent: {_holder_children(p.pid)}"
         time.sleep(0.05)
-    pooled = _holder_children(p.pid)
-    assert len(pooled) == holder.POOL_SIZE  # bounded
+    assert not [pid for pid in seen if os.path.exists(f"/proc/{pid}")], "a holder was left running"
     p.terminate()
     assert p.wait(10) == 0
-    left = [pid for pid in pooled if os.path.exists(f"/proc/{pid}")]
-    assert not left, f"pooled holders left running after the agent stopped: {left}"
 
 
 # ---- an agent that stops or goes away with a request in hand ---------------------------------------------------

@@ -60,7 +60,7 @@ def test_one_table_read_serves_the_turn_and_a_slot_given_up_before_it_is_refused
     views, made = [], []
 
     @contextlib.contextmanager
-    def batch():
+    def batch(payloads):
         views.append(broker.LockView())
         yield
 

@@ -1,5 +1,5 @@
-"""The agent's pool of holders (daemon/holder.Pool): real ``sleep infinity`` processes, started ahead of the scope
-requests, handed out asleep, reaped when they die in the pool and when the pool is closed: none is ever left
+"""The holders of a batch of scope requests (daemon/holder.Pool): real ``sleep infinity`` processes, started
+together, handed out asleep, reaped when they die in the pool and when the pool is closed: none is ever left
 behind, neither a zombie nor an orphan that blocks SIGTERM for ever."""
 
 import os
@@ -24,15 +24,15 @@ def _until(cond, timeout=10.0):
 
 def test_the_pool_hands_out_sleeping_holders_and_close_reaps_every_one():
     pool = holder.Pool(size=3)
-    pool.fill()
-    assert len(pool.pids()) == 3
+    pool.fill(5)
+    assert len(pool.pids()) == 3  # bounded by its size
     h = pool.take()
     try:
         # The same holder spawn() makes: recognisable after an agent restart, its identity known for the record.
         assert holder.is_holder(h.pid) and h.child
         assert h.start == procstat.start_ticks(h.pid)
         assert h.pid not in pool.pids()
-        pool.fill(limit=1)
+        pool.fill(3)
         idle = pool.pids()
         assert len(idle) == 3
         pool.close()
@@ -47,7 +47,7 @@ def test_the_pool_hands_out_sleeping_holders_and_close_reaps_every_one():
 def test_a_holder_that_died_in_the_pool_is_reaped_and_never_handed_out():
     pool = holder.Pool(size=2)
     try:
-        pool.fill()
+        pool.fill(2)
         _until(lambda: (pool._sort(), len(pool.ready) == 2)[1])
         victim = pool.ready[0].pid
         os.kill(victim, signal.SIGKILL)
@@ -62,14 +62,14 @@ def test_a_holder_that_died_in_the_pool_is_reaped_and_never_handed_out():
         pool.close()
 
 
-def test_an_empty_pool_still_gives_a_holder_and_a_failing_spawn_does_not_spin(monkeypatch):
+def test_an_empty_pool_still_gives_a_holder_and_a_failing_spawn_stops_the_filling(monkeypatch):
     pool = holder.Pool(size=2)
-    h = pool.take()  # nothing started yet: the old way, spawned and awaited
+    h = pool.take()  # nothing started: the old way, spawned and awaited
     try:
         assert holder.is_holder(h.pid)
     finally:
         h.release()
     monkeypatch.setattr(holder, "SLEEP", ("/nonexistent/sleep",))
-    pool.fill()
+    pool.fill(2)
     assert pool.failed == 1 and pool.pids() == []
-    assert not pool.short(), "after a failed spawn the agent's idle loop must not try again at once"
+    assert pool.take() is None

@@ -12,9 +12,9 @@ cannot exhaust the agent's descriptors either. This is what sshd's LoginGraceTim
 connection is out of the selector and every other client is served.
 
 Complete requests are not handled as they are read but by ``serve()``, which the loop calls after each turn (the
-events of one ``select()``): the requests of a turn are one batch, handled inside ``batch()`` (a context the agent
-gives: one read of the kernel's lock table for all of them, broker.LockView), so a burst costs one table read per
-turn instead of one per request.
+events of one ``select()``): the requests of a turn are one batch, handled inside ``batch(payloads)`` (a context
+the agent gives: one read of the kernel's lock table for all of them, broker.LockView, and their holders started
+together), so a burst costs one table read per turn instead of one per request.
 """
 
 import contextlib
@@ -138,11 +138,11 @@ class Clients:
             conn.inbuf = b""
 
     def serve(self):
-        """Handle the requests read since the last call, as one batch (inside ``batch()``). The loop calls it after
-        each turn's events and after expire(); a request read later is the next batch's."""
+        """Handle the requests read since the last call, as one batch (inside ``batch(payloads)``). The loop calls
+        it after each turn's events and after expire(); a request read later is the next batch's."""
         while self.pending:
             todo, self.pending = self.pending, []
-            with self.batch():
+            with self.batch([payload for _, payload in todo]):
                 for conn, payload in todo:
                     if self.conns.get(conn.fd) is conn:
                         self._handle(conn, payload)

@@ -135,28 +135,30 @@ def _await(h, deadline):
     return False
 
 
-POOL_SIZE = 8
-RETRY_S = 10.0
+POOL_SIZE = 16
 
 
 class Pool:
-    """Holders started ahead of need, so a scope request takes one already asleep instead of waiting for a new
-    one to start (posix_spawn, then exec, ld.so and libc: milliseconds, and many more when a burst of wrappers
-    keeps both cores busy and the agent waits its turn after every look).
+    """Holders started together for a batch of scope requests (the requests of one loop turn), so that they exec
+    and fall asleep side by side while the agent checks the requests and calls systemd, instead of one after the
+    other, each request waiting for its own (posix_spawn, then exec, ld.so and libc: milliseconds, and many more
+    when a burst of wrappers keeps both cores busy and the agent waits its turn after every look).
 
-    ``fill()`` (the agent's loop, one at a time while it has nothing else to do) starts holders up to ``size``
-    without waiting for them to sleep;
-    ``take()`` hands out one seen asleep — the same holder spawn() makes, is_holder() true — else waits for the
-    oldest one starting, else spawns one the old way. Every holder stays the agent's child: one that died in the
-    pool is reaped at the next look, and ``close()`` (the agent's stop) ends and reaps them all. Bounded: at most
-    ``size`` idle holders, ``sleep infinity`` in the agent's own cgroup (its service's stop kills them too)."""
+    ``fill(n)`` starts up to ``n`` holders (at most ``size``) without waiting for them to sleep; ``take()`` hands
+    out one seen asleep — the same holder spawn() makes, is_holder() true — else waits for the oldest one starting,
+    else spawns one the old way; ``close()`` (the batch's end, and the agent's stop) ends and reaps those not taken.
+    Every holder stays the agent's child, reaped when it dies or is ended.
+
+    Never kept idle between batches: a holder blocks SIGTERM, so one waiting in the agent's cgroup when the agent
+    dies (a crash, the watchdog's SIGABRT) would hold its restart up by TimeoutStopSec (15 s, measured 18.7 s in
+    the lane's container against ~3 s) until systemd SIGKILLs it. A batch's holders are there for milliseconds, as
+    a single holder between its spawn and its StartTransientUnit always was."""
 
     def __init__(self, size=POOL_SIZE):
         self.size = size
         self.ready = []     # asleep: ready to be put in a scope
         self.starting = []  # spawned, not yet seen asleep
         self.failed = 0     # spawns that failed (no sleep binary, out of processes)
-        self.retry_at = 0.0
 
     def _sort(self):
         waiting = []
@@ -184,30 +186,22 @@ class Pool:
                 return h
         return spawn()
 
-    def short(self):
-        """Fewer than ``size`` holders asleep or on their way (and no failed spawn in the last RETRY_S: a host
-        where none can start does not make the loop try again and again)."""
-        return len(self.ready) + len(self.starting) < self.size and time.monotonic() >= self.retry_at
-
-    def fill(self, limit=None):
-        """Start holders (at most ``limit``) until ``size`` are asleep or on their way; never waits for them to
-        sleep (posix_spawn itself returns once the child has exec'd)."""
-        self._sort()
-        started = 0
-        while self.short() and (limit is None or started < limit):
+    def fill(self, n):
+        """Start holders until ``min(n, size)`` are asleep or on their way; never waits for them to sleep
+        (posix_spawn itself returns once the child has exec'd). A failed spawn ends the filling (take() then
+        tries once more the old way)."""
+        while len(self.ready) + len(self.starting) < min(n, self.size):
             h = _start()
             if h is None:
                 self.failed += 1
-                self.retry_at = time.monotonic() + RETRY_S
                 return
             self.starting.append(h)
-            started += 1
 
     def pids(self):
         return [h.pid for h in self.ready + self.starting]
 
     def close(self):
-        """End and reap every idle holder (the agent stops)."""
+        """End and reap every holder not taken (the batch is served, or the agent stops)."""
         for h in self.ready + self.starting:
             h.release()
         self.ready, self.starting = [], []

@@ -42,7 +42,7 @@ class Agent(grants.Grants, jobend.JobEnd):
         self.proc_stored = False  # a copy of self.proc is in systemd's fd store
         self.records = jobrecord.directory(self.cfg.gpu.snapshot)
         self._holders = {}  # scope name → Holder, between StartTransientUnit and the grant
-        self.holder_pool = holder.Pool()  # holders started ahead of the requests (filled by the loop)
+        self.holder_pool = holder.Pool()  # the holders started for the batch of requests being served
         self.inflight = inflight.InFlight(self.selector, self.scope_ended, warn=self.log.warning)  # start jobs
         self._waiting = {}  # pid → [(payload, uid, answer)]: its requests that came while its scope was made
         self.outgrown = {}  # (gpu key, pid) → the MiB last reported for a job that outgrew its reservation
@@ -339,16 +339,9 @@ class Agent(grants.Grants, jobend.JobEnd):
             wake = min(sample_due, next_dog if dog else sample_due, self.clients.next_deadline() or sample_due,
                        self.inflight.next_deadline() or sample_due)
             timeout = max(0.0, wake - time.monotonic())
-            short = self.holder_pool.short()
-            events = self.selector.select(0 if short else timeout)
-            if short and not events:
-                # Idle: one more holder for the pool (posix_spawn waits for the exec: never while anyone waits
-                # on us), then look again.
-                self.holder_pool.fill(1)
-                continue
             # New connections last: the requests already accepted are read (and their scopes begun) first, so a
             # burst is not refused for connections of its own that merely wait to be read.
-            for key, events in sorted(events, key=lambda ke: ke[0].data == "broker"):
+            for key, events in sorted(self.selector.select(timeout), key=lambda ke: ke[0].data == "broker"):
                 try:
                     self._dispatch(key, events, listener)
                 except Exception as exc:  # noqa: BLE001 - one job's or client's trouble never stops the agent
