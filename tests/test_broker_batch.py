@@ -110,3 +110,37 @@ def test_a_view_is_read_when_first_used_not_when_made(cfg, tmp_path):
     assert broker.held_slots(os.getpid(), cfg.router.lock_dir, "tx", cfg=cfg) == {"CPU": {"cpu"}}
     assert view.reads == 1
     os.close(fd)
+
+
+def test_a_request_whose_batch_failed_is_answered_at_its_deadline_not_left_open():
+    """serve() takes the turn's requests out of ``pending`` before its batch begins: if the batch itself fails (the
+    agent logs it and goes on), those connections are whole but unserved, and expire() must still answer and close
+    them rather than keep them for ever (their clients would wait out their own 10 s, the agent keep the fds)."""
+    @contextlib.contextmanager
+    def batch(payloads):
+        raise OSError("EMFILE")
+        yield
+
+    loop = Loop(deadline_s=0.3, batch=batch)
+    c = loop.connect()
+    try:
+        c.sendall(_frame_request())
+        with pytest.raises(OSError):
+            loop.step(0.5)
+        assert loop.clients.conns, "the request should still be open, unserved"
+        import time
+
+        time.sleep(0.4)
+        loop.step(0.0)
+        assert not loop.clients.conns, "an unserved request was kept past its deadline"
+        c.settimeout(2)
+        reply = journal.decode_native(c.recv(65536)[4:])
+        assert reply["OK"] == "0" and "retry" in reply["ERROR"]
+    finally:
+        c.close()
+        loop.close()
+
+
+def _frame_request():
+    payload = journal.encode_native([("OP", "scope"), ("WORKLOAD", "tx")])
+    return len(payload).to_bytes(4, "little") + payload

@@ -214,9 +214,15 @@ class Clients:
             if conn.outbuf is None and not force_oldest:
                 # The agent may be the slow one (a scope took seconds to make, an emulated or loaded host): what
                 # the client sent in time is read first, so only a client that really is incomplete is expired.
+                was_complete = conn.complete
                 self._read(conn)
-                if self.conns.get(conn.fd) is not conn or conn.outbuf is not None or conn.complete:
+                if self.conns.get(conn.fd) is not conn or conn.outbuf is not None or \
+                        (conn.complete and not was_complete):
                     continue  # whole (served below) or gone after all; a reply still to write keeps its deadline
+            if conn.complete and conn.outbuf is None:  # read whole, yet never served (its batch failed)
+                _send_quietly(conn.sock, broker.frame({"OK": "0", "ERROR": "internal error; retry"}))
+                self.close(conn)
+                continue
             if conn.outbuf is None:
                 self.refuse(conn.pid, conn.uid, f"no complete request within {self.deadline_s:g}s")
                 _send_quietly(conn.sock, broker.frame({"OK": "0", "ERROR": "request timed out"}))

@@ -92,7 +92,10 @@ def _start():
     path = next((p for p in SLEEP if os.access(p, os.X_OK)), None)
     if path is None:
         return None
-    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:  # out of descriptors: no holder now (the request is answered all the same)
+        return None
     try:
         # One exec, no shell; fds 0-2 on /dev/null, every other fd of the agent is close-on-exec.
         pid = os.posix_spawn(path, ["sleep", "infinity"], {"PATH": "/usr/bin:/bin"}, setsid=True,
