@@ -63,7 +63,7 @@ class ScopeBus:
             from pystemd.dbuslib import DBus, DBusAddress, apply_signature
         except ImportError:
             raise ScopeError("pystemd is not installed (python3-pystemd)") from None
-        if self.private_path and os.geteuid() == 0 and os.path.exists(self.private_path):
+        if self.private_path and os.geteuid() == 0 and _answers(self.private_path):
             bus = DBusAddress(b"unix:path=" + os.fsencode(self.private_path), True)
             try:
                 bus.open()
@@ -184,6 +184,27 @@ class ScopeBus:
         except Exception as exc:  # noqa: BLE001
             raise ScopeError(f"cannot read the state of {name}: {exc}") from None
         return state.decode("ascii", "replace") if isinstance(state, bytes) else str(state)
+
+
+PROBE_TIMEOUT_S = 1.0
+
+
+def _answers(path):
+    """Whether the private socket accepts us within PROBE_TIMEOUT_S: connected and authenticated (the D-Bus
+    EXTERNAL handshake's first line answered ``OK``). sd-bus would wait up to its 90 s authentication timeout for
+    a peer that does not answer (systemd stuck, or not systemd), with the agent's loop held all that time."""
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(PROBE_TIMEOUT_S)
+        s.connect(path)
+        s.sendall(b"\0AUTH EXTERNAL " + str(os.geteuid()).encode().hex().encode() + b"\r\n")
+        return s.recv(256).startswith(b"OK ")
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 def _close(bus):
