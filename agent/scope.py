@@ -136,8 +136,8 @@ def ask_agent(socket_path, fields, timeout=REQUEST_TIMEOUT_S):
         sock.sendall(len(payload).to_bytes(4, "little") + payload)
         sock.shutdown(_socket.SHUT_WR)
         data = b""
-        while True:
-            chunk = sock.recv(65536)
+        while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "little"):
+            chunk = sock.recv(65536)  # the whole frame, then done: no wait for the agent to close its end
             if not chunk:
                 break
             data += chunk

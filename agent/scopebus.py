@@ -7,9 +7,18 @@ once, the signal matched once (AddMatch), and any number of scopes can be in fli
 wrapper's root path (no agent) uses the same connection type and waits for its one job (``wait``).
 
 Anyone on the bus may send us a signal: a JobRemoved counts only from systemd's own unique name.
+
+As root (the agent, and the wrapper's root path) the connection goes straight to systemd's private socket,
+/run/systemd/private, as systemctl's does: no dbus-daemon between us, so a StartTransientUnit round trip is one hop
+each way instead of two (measured ~0.7–1.1 ms against ~1.8–2.2 ms in the lane's container, and the bus daemon is
+one process fewer to wait for on a busy host). Only systemd is at the other end of that socket, so every message
+on it is systemd's; it sends every manager signal to a direct connection unasked (no AddMatch there), of which
+only JobRemoved is kept. Where that socket cannot be reached (not root, not systemd, a sandbox), the system bus as
+before.
 """
 
 import errno
+import os
 
 from .scope import ScopeError
 
@@ -24,6 +33,7 @@ _RULE = (b"type='signal',sender='org.freedesktop.systemd1',path='/org/freedeskto
 # never delivered.
 _LOST = {errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE, errno.ESHUTDOWN, errno.EBADF}
 _MAX_MESSAGES = 4096  # per drain: the loop gets back to its other work even under a flood of signals
+PRIVATE = "/run/systemd/private"
 
 
 def unit_values(props):
@@ -42,15 +52,27 @@ def unit_values(props):
 
 
 class ScopeBus:
-    def __init__(self):
+    def __init__(self, private=PRIVATE):
         self.bus = None
         self.manager = None  # systemd's unique name on the bus
+        self.private_path = private  # systemd's own socket, tried first as root (None: never)
+        self.private = False  # the open connection is the private socket
 
     def open(self):
         try:
-            from pystemd.dbuslib import DBus, apply_signature
+            from pystemd.dbuslib import DBus, DBusAddress, apply_signature
         except ImportError:
             raise ScopeError("pystemd is not installed (python3-pystemd)") from None
+        if self.private_path and os.geteuid() == 0 and _answers(self.private_path):
+            bus = DBusAddress(b"unix:path=" + os.fsencode(self.private_path), True)
+            try:
+                bus.open()
+                bus.call_method(SYSTEMD, MANAGER_PATH, b"org.freedesktop.DBus.Peer", b"Ping", [])
+            except Exception:  # noqa: BLE001 - refused, or not systemd: the system bus then
+                _close(bus)
+            else:
+                self.bus, self.manager, self.private = bus, None, True
+                return
         bus = DBus()
         try:
             bus.open()
@@ -59,12 +81,12 @@ class ScopeBus:
         except Exception as exc:  # pystemd's DBus errors: no bus, no systemd on it
             _close(bus)
             raise ScopeError(f"cannot reach systemd over D-Bus: {exc}") from None
-        self.bus = bus
+        self.bus, self.private = bus, False
 
     def close(self):
         if self.bus is not None:
             _close(self.bus)
-        self.bus = None
+        self.bus, self.private = None, False
 
     def fileno(self):
         return self.bus.get_fd() if self.bus is not None else None
@@ -113,11 +135,12 @@ class ScopeBus:
             empty = 0
             if not msg.is_signal(MANAGER, b"JobRemoved"):
                 continue
-            if msg.get_sender() != self.manager and not refreshed:
-                refreshed = True  # systemd re-executed itself and has a new name, or this is a forgery
-                self._refresh_manager()
-            if msg.get_sender() != self.manager:
-                continue
+            if not self.private:  # on the bus anyone may send a signal (on systemd's own socket only systemd can)
+                if msg.get_sender() != self.manager and not refreshed:
+                    refreshed = True  # systemd re-executed itself and has a new name, or this is a forgery
+                    self._refresh_manager()
+                if msg.get_sender() != self.manager:
+                    continue
             msg.process_reply(False)
             body = msg.body
             if isinstance(body, list) and len(body) == 4:
@@ -161,6 +184,27 @@ class ScopeBus:
         except Exception as exc:  # noqa: BLE001
             raise ScopeError(f"cannot read the state of {name}: {exc}") from None
         return state.decode("ascii", "replace") if isinstance(state, bytes) else str(state)
+
+
+PROBE_TIMEOUT_S = 1.0
+
+
+def _answers(path):
+    """Whether the private socket accepts us within PROBE_TIMEOUT_S: connected and authenticated (the D-Bus
+    EXTERNAL handshake's first line answered ``OK``). sd-bus would wait up to its 90 s authentication timeout for
+    a peer that does not answer (systemd stuck, or not systemd), with the agent's loop held all that time."""
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(PROBE_TIMEOUT_S)
+        s.connect(path)
+        s.sendall(b"\0AUTH EXTERNAL " + str(os.geteuid()).encode().hex().encode() + b"\r\n")
+        return s.recv(256).startswith(b"OK ")
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 def _close(bus):

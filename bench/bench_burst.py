@@ -44,6 +44,13 @@ max_gpu_jobs = 1
 scope = "off"
 """
 
+# The checkout's agent copied and byte-compiled (old/ too, when given), linked where the launchers look.
+COMPILED = r"""
+rm -rf /opt/gpu-router/agent && cp -a /src/agent /opt/gpu-router/agent
+for t in /opt/gpu-router/agent /old/agent; do if test -d $t; then python3 -m compileall -q $t >/dev/null; fi; done
+ln -sfn /opt/gpu-router/agent /opt/gpu-router/lib/gpu_router
+"""
+
 STAMP = 'exec date +%s.%N > "$1"\n'
 
 # Runs inside the container as root: launches N at once, waits for all, prints "latency exit" per job.
@@ -112,10 +119,12 @@ def main(argv=None):
         if args.old:
             with tempfile.TemporaryDirectory() as tmp:
                 c.copy_in(old_tree(args.old, pathlib.Path(tmp)), "/old/agent")
-        c.run(srcinstall.TREE + srcinstall.START, timeout=120)
+        # Byte-compiled as the package's postinst does (py3compile): /src is read-only in the container, so run
+        # from there every wrapper would compile every module it imports, a cost no installed host pays.
+        c.run(srcinstall.TREE + COMPILED + srcinstall.START, timeout=120)
         c.add_user("runner", groups=["gpu-router"])
         c.wait_for("systemctl is-active --quiet gpu-router-agent.service", timeout=30)
-        current = "/src/agent"
+        current = "/opt/gpu-router/agent"
 
         def use(tree):
             nonlocal current
@@ -129,7 +138,7 @@ def main(argv=None):
         for n in [int(x) for x in args.sizes.split(",")]:
             for r in range(1 if n >= 512 else args.rounds):
                 for side in sides:
-                    use("/old/agent" if side == "old" else "/src/agent")
+                    use("/old/agent" if side == "old" else "/opt/gpu-router/agent")
                     out = c.run(["/usr/bin/python3", "/srv/driver.py", side, str(n), f"/tmp/burst-{side}-{n}-{r}"],
                                 timeout=600).stdout.splitlines()
                     c.wait_for('test -z "$(systemctl list-jobs --no-legend)"', timeout=300, interval=0.2)

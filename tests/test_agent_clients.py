@@ -62,6 +62,7 @@ class Loop:
                 self.clients.accept(self.listener)
             else:
                 self.clients.ready(key.data[1], events)
+        self.clients.serve()  # the turn's requests, as the agent's loop serves them
 
     def connect(self):
         c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -718,6 +719,54 @@ def test_rate_limited_refusals_still_count_in_the_metrics(tmp_path):
     m.count_event({"GPU_ROUTER_EVENT": "broker-refused", "GPU_ROUTER_SUPPRESSED": "97"})
     m.count_event({"GPU_ROUTER_EVENT": "broker-refused"})
     assert m.store.counters["gpu_router_broker_refusals_total"][()] == 99
+
+
+# ---- the pool of holders ---------------------------------------------------------------------------------------
+
+def _holder_children(pid):
+    from gpu_router.daemon import holder
+
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+    return [k for k in kids if holder.is_holder(k)]
+
+
+ASK_NOPE = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from gpu_router import scope
+reply = scope.ask_agent(sys.argv[2], [("OP", "scope"), ("WORKLOAD", "nope")], timeout=5)
+assert reply.get("OK") == "0", reply
+"""
+
+
+def test_a_batch_of_scope_requests_leaves_no_holder_in_the_agent(agent):
+    """The holders of a turn's scope requests are started together (daemon/holder.Pool) and the ones not taken are
+    ended with the batch: a holder blocks SIGTERM, so one left waiting in the agent's cgroup would hold a crashed
+    agent's restart up by TimeoutStopSec. No systemd here: every scope fails, and its holder is ended too."""
+    base, p, env = agent
+    import gpu_router
+
+    lib = os.path.dirname(os.path.dirname(gpu_router.__file__))
+    # Scope requests that are refused before any holder is taken (no such workload), and some that are granted:
+    # the batch starts a holder for each, so the refused ones' are ended only by the batch's end.
+    burst = [subprocess.Popen(["/usr/bin/python3", "-I", "-c", script, lib, str(base / "agent.sock"), "1"])
+             for script in (ASK_MANY, ASK_NOPE) * 4]
+    seen = set()
+    while any(b.poll() is None for b in burst):
+        seen.update(_holder_children(p.pid))
+        time.sleep(0.002)
+    assert all(b.returncode == 0 for b in burst)
+    deadline = time.monotonic() + 5
+    while _holder_children(p.pid):
+        assert time.monotonic() < deadline, f"holders left in the agent: {_holder_children(p.pid)}"
+        time.sleep(0.05)
+    assert not [pid for pid in seen if os.path.exists(f"/proc/{pid}")], "a holder was left running"
+    p.terminate()
+    assert p.wait(10) == 0
 
 
 # ---- an agent that stops or goes away with a request in hand ---------------------------------------------------

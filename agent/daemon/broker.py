@@ -147,7 +147,7 @@ class Grant:
             setattr(self, k, kw.get(k))
 
 
-def grant(cfg, request, pid, uid):
+def grant(cfg, request, pid, uid, locks=None):
     """Check a request (bytes fields) against the config and the peer; the Grant, or Refused with the reason."""
     if not isinstance(request, dict) or not all(isinstance(k, bytes) and isinstance(v, bytes)
                                                 for k, v in request.items()):
@@ -179,7 +179,7 @@ def grant(cfg, request, pid, uid):
     policy_raw = request.get(b"SCOPE_POLICY", b"")
     scope_policy = policy_raw.decode("ascii") if policy_raw in (b"required", b"best-effort", b"off") else None
     if uid != 0:
-        held = held_slots(pid, cfg.router.lock_dir, workload.name, cfg=cfg)
+        held = held_slots(pid, cfg.router.lock_dir, workload.name, cfg=cfg, view=locks)
         if held is not None:
             if not held:
                 raise Refused(f"pid {pid} holds no slot of workload {workload.name!r}: only a job the wrapper "
@@ -210,34 +210,72 @@ def grant(cfg, request, pid, uid):
                  input_id=oom_memory.parse_id(request.get(b"INPUT_ID", b"")))
 
 
-def held_slots(pid, lock_dir, workload, locks_path="/proc/locks", cfg=None):
+def held_slots(pid, lock_dir, workload, locks_path="/proc/locks", cfg=None, view=None):
     """{"GPU": {device, …}, "CPU": {"cpu"}} of the slots of ``workload`` that ``pid`` holds (flock), from the
     kernel's lock table; None when that cannot be known (then the request is judged on its own).
 
     The MODE of a scope decides its limits (slice, MemoryMax): the agent takes it from the slot the caller actually
     holds, not from what it says. The wrapper takes its slot before it asks, in the same PID, and the lock is the
     kernel's record of who holds what. Only files named as a slot (trust.slot_name; with ``cfg`` a slot the
-    config has), one link, are looked at, at most trust.MAX_NAMES names."""
-    table = slots.flock_table(locks_path)
-    if table is None:
-        return None
-    try:
-        dir_fd = os.open(lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
+    config has), one link, are looked at, at most trust.MAX_NAMES names. ``view``: the LockView of the batch the
+    request is served in (one table read for all of them), else the table is read for this request alone."""
     pools = trust.pools_of(cfg) if cfg is not None else {workload: (1 << 20, 1 << 20)}
+    if view is None:
+        view = LockView(locks_path)
+    found = view.slot_holders(lock_dir, pools)
+    if found is None:
+        return None
     held = {}
-    try:
-        found = trust.slot_holders(dir_fd, pools, table, only=workload)
-    finally:
-        os.close(dir_fd)
-    for (_, pool), holders in found.items():
-        if pid in holders:
+    for (w, pool), holders in found.items():
+        if w == workload and pid in holders:
             if pool == "cpu":
                 held.setdefault("CPU", set()).add("cpu")
             else:
                 held.setdefault("GPU", set()).add(pool[3:])
     return held
+
+
+class LockView:
+    """Who holds which slot, read from the kernel once for a batch of requests (the requests of one loop turn,
+    clients.Clients.serve) instead of once per request: /proc/locks and the lock dir's slot files.
+
+    Why a shared read is still the kernel's word for each request: it is made lazily, at the first check that needs
+    it, and a batch is only served once all of its requests have been received (serve() starts after the turn's
+    reads; a request read later belongs to the next batch, with a view of its own). So for every request of the
+    batch the table is read after the request arrived and before it is answered — the same window in which the
+    per-request read was made. A slot released before that read is not in it, and the request is refused as it
+    always was; a view is never kept across batches (a table read before a request arrived could show a slot its
+    sender had already given up)."""
+
+    def __init__(self, locks_path="/proc/locks"):
+        self.locks_path = locks_path
+        self.reads = 0      # table reads made: at most one
+        self._table = None  # {(major, minor, inode): pid}, or None (not read yet, or unreadable)
+        self._found = {}    # (lock_dir, pools) → trust.slot_holders of every workload
+
+    def slot_holders(self, lock_dir, pools):
+        """{(workload, pool): {pid, …}} of the real slots held, every workload of ``pools``; None when the table
+        or the lock dir cannot be read."""
+        key = (lock_dir, tuple(sorted(pools.items())))
+        if key in self._found:
+            return self._found[key]
+        if self.reads == 0:
+            self.reads += 1
+            self._table = slots.flock_table(self.locks_path)  # None: unreadable (for the whole batch)
+        found = None
+        table = self._table
+        if table is not None:
+            try:
+                dir_fd = os.open(lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                dir_fd = None
+            if dir_fd is not None:
+                try:
+                    found = trust.slot_holders(dir_fd, pools, table)
+                finally:
+                    os.close(dir_fd)
+        self._found[key] = found
+        return found
 
 
 class RateLimit:
@@ -300,7 +338,8 @@ def peer_gone(pid):
     return state in (b"Z", b"X")
 
 
-def handle(payload, pid, uid, cfg, group_gid, start_scope=scope.start_scope, existing=None, fresh_sample=None):
+def handle(payload, pid, uid, cfg, group_gid, start_scope=scope.start_scope, existing=None, fresh_sample=None,
+           locks=None):
     """One complete request (the frame's payload) → (reply fields, Grant or None). Never raises.
 
     ``existing(pid, grant)``: the scope the agent already made for this PID, if any, still alive: a PID is in one
@@ -320,7 +359,7 @@ def handle(payload, pid, uid, cfg, group_gid, start_scope=scope.start_scope, exi
             # vram admission asks it when its snapshot is older than a moment: publish a new one unless one was
             # taken just now; the reply carries its time, nothing else is done for it.
             return {"OK": "1", "TIME": repr(fresh_sample())}, None
-        g = grant(cfg, request, pid, uid)
+        g = grant(cfg, request, pid, uid, locks)
     except Refused as exc:
         if not peer_gone(pid):
             log_refusal(pid, uid, str(exc))

@@ -10,8 +10,14 @@ cannot exhaust the agent's descriptors either. This is what sshd's LoginGraceTim
 ``handler(payload, pid, uid) -> reply bytes`` runs once per complete request. It may instead return a callable,
 ``later(answer)``: the reply comes later (a scope being made), through ``answer(reply bytes)``; meanwhile the
 connection is out of the selector and every other client is served.
+
+Complete requests are not handled as they are read but by ``serve()``, which the loop calls after each turn (the
+events of one ``select()``): the requests of a turn are one batch, handled inside ``batch(payloads)`` (a context
+the agent gives: one read of the kernel's lock table for all of them, broker.LockView, and their holders started
+together), so a burst costs one table read per turn instead of one per request.
 """
 
+import contextlib
 import errno
 import os
 import selectors
@@ -31,7 +37,7 @@ _UCRED = struct.Struct("3i")
 class Conn:
     """One client: credentials from the kernel at accept, a read buffer, then a reply to write."""
 
-    __slots__ = ("sock", "fd", "pid", "uid", "gid", "deadline", "inbuf", "need", "outbuf", "waiting")
+    __slots__ = ("sock", "fd", "pid", "uid", "gid", "deadline", "inbuf", "need", "outbuf", "waiting", "complete")
 
     def __init__(self, sock, pid, uid, gid, deadline):
         self.sock, self.fd = sock, sock.fileno()
@@ -41,13 +47,16 @@ class Conn:
         self.need = None     # payload size once the 4-byte header is in
         self.outbuf = None   # the reply, once the request is handled
         self.waiting = False  # the handler answers later
+        self.complete = False  # the whole request is read (in ``pending`` until served)
 
 
 class Clients:
     def __init__(self, selector, handler, refuse=None, deadline_s=DEADLINE_S, max_open=MAX_OPEN,
-                 max_per_uid=MAX_PER_UID, clock=time.monotonic):
+                 max_per_uid=MAX_PER_UID, clock=time.monotonic, batch=None):
         self.selector = selector
         self.handler = handler
+        self.batch = batch or contextlib.nullcontext
+        self.pending = []  # (Conn, payload): complete requests read this turn, for serve()
         self.refuse = refuse or (lambda pid, uid, reason: None)
         self.deadline_s = deadline_s
         self.max_open = max_open
@@ -88,6 +97,9 @@ class Clients:
             conn = Conn(sock, pid, uid, gid, self.clock() + self.deadline_s)
             self.conns[conn.fd] = conn
             self.selector.register(sock, selectors.EVENT_READ, ("client", conn.fd))
+            # A wrapper sends its request right after connect(): it is usually here already, and read now it is
+            # served in this turn instead of the next select()'s.
+            self._read(conn)
 
     # -- events ----------------------------------------------------------------------------------------------
 
@@ -101,6 +113,8 @@ class Clients:
             self._read(conn)
 
     def _read(self, conn):
+        if conn.complete:
+            return
         try:
             chunk = conn.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
@@ -118,19 +132,32 @@ class Clients:
             except broker.Refused as exc:
                 self._answer(conn, {"OK": "0", "ERROR": str(exc)}, refused=str(exc))
                 return
-        if conn.need is not None and len(conn.inbuf) >= 4 + conn.need:
-            payload = conn.inbuf[4:4 + conn.need]
+        if conn.need is not None and len(conn.inbuf) >= 4 + conn.need and not conn.complete:
+            conn.complete = True  # read no further: the rest (at most an EOF) is left for _close_read
+            self.pending.append((conn, conn.inbuf[4:4 + conn.need]))
             conn.inbuf = b""
-            try:
-                reply = self.handler(payload, conn.pid, conn.uid)
-            except Exception as exc:  # noqa: BLE001 - the handler must not raise; if it does, the client pays
-                reply = broker.frame({"OK": "0", "ERROR": f"internal error: {type(exc).__name__}"})
-            self.served += 1
-            if callable(reply):
-                self._wait(conn, reply)
-                return
-            conn.outbuf = reply
-            self._write(conn)
+
+    def serve(self):
+        """Handle the requests read since the last call, as one batch (inside ``batch(payloads)``). The loop calls
+        it after each turn's events and after expire(); a request read later is the next batch's."""
+        while self.pending:
+            todo, self.pending = self.pending, []
+            with self.batch([payload for _, payload in todo]):
+                for conn, payload in todo:
+                    if self.conns.get(conn.fd) is conn:
+                        self._handle(conn, payload)
+
+    def _handle(self, conn, payload):
+        try:
+            reply = self.handler(payload, conn.pid, conn.uid)
+        except Exception as exc:  # noqa: BLE001 - the handler must not raise; if it does, the client pays
+            reply = broker.frame({"OK": "0", "ERROR": f"internal error: {type(exc).__name__}"})
+        self.served += 1
+        if callable(reply):
+            self._wait(conn, reply)
+            return
+        conn.outbuf = reply
+        self._write(conn)
 
     def _wait(self, conn, later):
         """Out of the selector until answered (a shut-down write side would read as EOF again and again)."""
@@ -187,13 +214,20 @@ class Clients:
             if conn.outbuf is None and not force_oldest:
                 # The agent may be the slow one (a scope took seconds to make, an emulated or loaded host): what
                 # the client sent in time is read first, so only a client that really is incomplete is expired.
+                was_complete = conn.complete
                 self._read(conn)
-                if self.conns.get(conn.fd) is not conn or conn.outbuf is not None:
-                    continue  # served (or gone) after all; a reply still to write keeps its deadline
+                if self.conns.get(conn.fd) is not conn or conn.outbuf is not None or \
+                        (conn.complete and not was_complete):
+                    continue  # whole (served below) or gone after all; a reply still to write keeps its deadline
+            if conn.complete and conn.outbuf is None:  # read whole, yet never served (its batch failed)
+                _send_quietly(conn.sock, broker.frame({"OK": "0", "ERROR": "internal error; retry"}))
+                self.close(conn)
+                continue
             if conn.outbuf is None:
                 self.refuse(conn.pid, conn.uid, f"no complete request within {self.deadline_s:g}s")
                 _send_quietly(conn.sock, broker.frame({"OK": "0", "ERROR": "request timed out"}))
             self.close(conn)
+        self.serve()
         return len(late)
 
     def close(self, conn):

@@ -2,6 +2,7 @@
 the wrapper answered at the start job's end, the job accounted from then on (Agent.track). A mixin of resident.Agent:
 its state (jobs, _holders, _waiting, inflight) is the Agent's."""
 
+import contextlib
 import signal
 
 from . import accounting, broker, holder, liveness, procevents
@@ -13,7 +14,7 @@ class Grants:
     def begin_scope(self, name, props):
         """The broker's StartTransientUnit, with a holder process in the scope next to the job (holder.py); the
         job's end is awaited in the loop (inflight.py, scope_ended)."""
-        h = holder.spawn()
+        h = self.holder_pool.take()
         if h is not None:
             props = [(k, list(v) + [h.pid]) if k == "PIDs" else (k, v) for k, v in props]
         # A SIGTERM (agent restart) in the middle of the D-Bus call interrupts sd-bus's poll: the scope would be
@@ -91,21 +92,42 @@ class Grants:
             self._write_record(job)
         return job.scope or ""  # "": followed without a scope (scope = "off", OP=track; a best-effort job)
 
+    @contextlib.contextmanager
+    def request_batch(self, payloads=()):
+        """The requests of one loop turn (clients.Clients.serve): what every one of them reads the same is read
+        once — the config (reloaded), the group's id, and the kernel's lock table (broker.LockView, whose
+        docstring says why one read after the batch arrived is each request's own) — and the holders of those
+        that ask for a scope are started together (holder.Pool), ended at the batch's end if not taken."""
+        self._batch = self._new_batch()
+        # A hint only (the request is checked later): a holder too many is ended below, one too few is spawned.
+        self.holder_pool.fill(sum(1 for p in payloads if b"OP=scope\n" in p))
+        try:
+            yield
+        finally:
+            self._batch = None
+            self.holder_pool.close()
+
+    def _new_batch(self):
+        try:  # a profile added a moment ago must be known to the very next request (a cache hit costs ~1 ms)
+            self.cfg = _config.load(self.config_file)
+        except _config.ConfigError as exc:
+            self.log.error("config error; keeping the last good config", error=str(exc))
+        return broker.group_id(self.cfg.agent.group), broker.LockView()
+
     def _handle_request(self, payload, pid, uid):
         """One complete scope request from clients.py → the reply frame, or ``later(answer)`` while its scope's
         start job runs (clients.py serves everyone else meanwhile). Never raises."""
         if pid in self._waiting:
             # Its scope is being made: answered after it, as the same PID's second request always was (REUSED).
             return lambda answer: self._waiting[pid].append((payload, uid, answer))
-        try:  # a profile added a moment ago must be known to the very next request (a cache hit costs ~1 ms)
-            self.cfg = _config.load(self.config_file)
-        except _config.ConfigError as exc:
-            self.log.error("config error; keeping the last good config", error=str(exc))
+        batch = self._batch
+        if batch is None:
+            batch = self._new_batch()
         begun = []
-        fields, g = broker.handle(payload, pid, uid, self.cfg, broker.group_id(self.cfg.agent.group),
+        fields, g = broker.handle(payload, pid, uid, self.cfg, batch[0],
                                   existing=self.existing_scope,
                                   start_scope=lambda name, props: begun.append(self.begin_scope(name, props)),
-                                  fresh_sample=self.fresh_sample)
+                                  fresh_sample=self.fresh_sample, locks=batch[1])
         if begun and g is not None and fields.get("OK") == "1":
             self._waiting[pid] = []
             return lambda answer: self._answer_at_end(g, answer)

@@ -81,10 +81,21 @@ def find(pids):
 
 def spawn():
     """Start a holder and wait until it sleeps (every page it needs touched); None if that fails."""
+    h = _start()
+    if h is not None and not _await(h, time.monotonic() + READY_TIMEOUT_S):
+        h = None
+    return h
+
+
+def _start():
+    """posix_spawn a holder, without waiting for it (a Holder whose ``start`` is None until it is seen asleep)."""
     path = next((p for p in SLEEP if os.access(p, os.X_OK)), None)
     if path is None:
         return None
-    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:  # out of descriptors: no holder now (the request is answered all the same)
+        return None
     try:
         # One exec, no shell; fds 0-2 on /dev/null, every other fd of the agent is close-on-exec.
         pid = os.posix_spawn(path, ["sleep", "infinity"], {"PATH": "/usr/bin:/bin"}, setsid=True,
@@ -94,19 +105,106 @@ def spawn():
         return None
     finally:
         os.close(devnull)
-    h = Holder(pid, None, child=True)
-    deadline = time.monotonic() + READY_TIMEOUT_S
+    return Holder(pid, None, child=True)
+
+
+def _look(h):
+    """One look at a started holder: True once it sleeps (``start`` then set), False when it died or is not what
+    was started, None while it is still on its way."""
+    try:
+        with open(f"/proc/{h.pid}/stat", "rb") as f:
+            head, _, tail = f.read().rpartition(b")")
+        fields = tail.split()
+        if head.endswith(b"(sleep") and fields[0] == b"S":
+            h.start = int(fields[19])
+            return True
+        if fields[0] in (b"Z", b"X"):
+            return False
+    except (OSError, IndexError, ValueError):
+        return False
+    return None
+
+
+def _await(h, deadline):
+    """Wait (1 ms steps) until ``h`` sleeps; False (and ``h`` released) when it died or ``deadline`` passed."""
     while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                head, _, tail = f.read().rpartition(b")")
-            if head.endswith(b"(sleep") and tail.split()[0] == b"S":
-                h.start = int(tail.split()[19])
-                return h
-            if tail.split()[0] in (b"Z", b"X"):
-                break
-        except (OSError, IndexError, ValueError):
+        seen = _look(h)
+        if seen:
+            return True
+        if seen is False:
             break
         time.sleep(0.001)
     h.release()
-    return None
+    return False
+
+
+POOL_SIZE = 16
+
+
+class Pool:
+    """Holders started together for a batch of scope requests (the requests of one loop turn), so that they exec
+    and fall asleep side by side while the agent checks the requests and calls systemd, instead of one after the
+    other, each request waiting for its own (posix_spawn, then exec, ld.so and libc: milliseconds, and many more
+    when a burst of wrappers keeps both cores busy and the agent waits its turn after every look).
+
+    ``fill(n)`` starts up to ``n`` holders (at most ``size``) without waiting for them to sleep; ``take()`` hands
+    out one seen asleep — the same holder spawn() makes, is_holder() true — else waits for the oldest one starting,
+    else spawns one the old way; ``close()`` (the batch's end, and the agent's stop) ends and reaps those not taken.
+    Every holder stays the agent's child, reaped when it dies or is ended.
+
+    Never kept idle between batches: a holder blocks SIGTERM, so one waiting in the agent's cgroup when the agent
+    dies (a crash, the watchdog's SIGABRT) would hold its restart up by TimeoutStopSec (15 s, measured 18.7 s in
+    the lane's container against ~3 s) until systemd SIGKILLs it. A batch's holders are there for milliseconds, as
+    a single holder between its spawn and its StartTransientUnit always was."""
+
+    def __init__(self, size=POOL_SIZE):
+        self.size = size
+        self.ready = []     # asleep: ready to be put in a scope
+        self.starting = []  # spawned, not yet seen asleep
+        self.failed = 0     # spawns that failed (no sleep binary, out of processes)
+
+    def _sort(self):
+        waiting = []
+        for h in self.starting:
+            seen = _look(h)
+            if seen:
+                self.ready.append(h)
+            elif seen is False:
+                h.release()
+            else:
+                waiting.append(h)
+        self.starting = waiting
+
+    def take(self):
+        """A holder asleep now (None if none can be had); it is the caller's from here on."""
+        self._sort()
+        while self.ready:
+            h = self.ready.pop(0)
+            if _look(h):  # still asleep (nothing but root could have ended it; looked at all the same)
+                return h
+            h.release()
+        while self.starting:
+            h = self.starting.pop(0)
+            if _await(h, time.monotonic() + READY_TIMEOUT_S):
+                return h
+        return spawn()
+
+    def fill(self, n):
+        """Start holders until ``min(n, size)`` are asleep or on their way; never waits for them to sleep
+        (posix_spawn itself returns once the child has exec'd). A failed spawn ends the filling (take() then
+        tries once more the old way)."""
+        while len(self.ready) + len(self.starting) < min(n, self.size):
+            h = _start()
+            if h is None:
+                self.failed += 1
+                return
+            self.starting.append(h)
+
+    def pids(self):
+        return [h.pid for h in self.ready + self.starting]
+
+    def close(self):
+        """End and reap every holder not taken (the batch is served, or the agent stops)."""
+        for h in self.ready + self.starting:
+            h.release()
+        self.ready, self.starting = [], []

@@ -36,10 +36,13 @@ class Agent(grants.Grants, jobend.JobEnd):
         self.selector = selectors.DefaultSelector()
         self.metrics = metrics.Metrics(self.cfg.agent.state_dir, log=self.log)
         self.proc = None
-        self.clients = clients.Clients(self.selector, self._handle_request, broker.log_refusal)
+        self._batch = None  # (group id, broker.LockView) while a turn's requests are served (Grants.request_batch)
+        self.clients = clients.Clients(self.selector, self._handle_request, broker.log_refusal,
+                                       batch=self.request_batch)
         self.proc_stored = False  # a copy of self.proc is in systemd's fd store
         self.records = jobrecord.directory(self.cfg.gpu.snapshot)
         self._holders = {}  # scope name → Holder, between StartTransientUnit and the grant
+        self.holder_pool = holder.Pool()  # the holders started for the batch of requests being served
         self.inflight = inflight.InFlight(self.selector, self.scope_ended, warn=self.log.warning)  # start jobs
         self._waiting = {}  # pid → [(payload, uid, answer)]: its requests that came while its scope was made
         self.outgrown = {}  # (gpu key, pid) → the MiB last reported for a job that outgrew its reservation
@@ -347,8 +350,10 @@ class Agent(grants.Grants, jobend.JobEnd):
                         self.clients.drop(key.data[1])
                     elif key.data not in ("broker", "exits", "wakeup", "dbus"):
                         _drop_fd(self.selector, key.fd)  # never again: a readable fd left behind would spin
+            self._serve()
         self._answer_accepted(listener)
         self.clients.close_all()
+        self.holder_pool.close()
         if self.proc is not None:
             procevents.close_listener(self.proc, unsubscribe=not self.proc_stored)
         self.notify("STOPPING=1")
@@ -458,6 +463,14 @@ class Agent(grants.Grants, jobend.JobEnd):
                     self.log.error("event handling failed", error=f"{type(exc).__name__}: {exc}")
                     if isinstance(key.data, tuple) and key.data[0] == "client":
                         self.clients.drop(key.data[1])
+            self._serve()
+
+    def _serve(self):
+        """The requests this turn read, as one batch (clients.Clients.serve)."""
+        try:
+            self.clients.serve()
+        except Exception as exc:  # noqa: BLE001 - as in the loop: one request's trouble stops nothing
+            self.log.error("serving requests failed", error=f"{type(exc).__name__}: {exc}")
 
 
 def _drop_fd(selector, fd):
