@@ -139,6 +139,12 @@ def test_one_reader_of_proc_pid_cgroup():
     assert not found, "a second reader of /proc/PID/cgroup (use confinement.read):\n" + "\n".join(found)
 
 
+def test_one_reader_of_proc_pid_stat():
+    """/proc/PID/stat is read in procstat.py only (`read`: state, parent, session, start, a zombie's exit status)."""
+    found = [f"{_rel(p)}:{line}: {text}" for p, _parts in MODULES if _rel(p) != "procstat.py"
+             for line, text in _path_literals(p) if text.startswith("/proc/") and text.endswith("/stat")]
+    assert not found, "a second reader of /proc/PID/stat (use procstat.read):\n" + "\n".join(found)
+
 def _host_figures(path):
     """Where a module computes a host figure itself: MemTotal, the smallest GPU's VRAM, the GPU count."""
     tree = ast.parse(path.read_text(), str(path))

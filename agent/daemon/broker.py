@@ -10,7 +10,7 @@ import socket
 import struct
 
 from .. import config as _config
-from .. import confinement, journal, oom_memory, policy, scope, slots, trust
+from .. import confinement, journal, oom_memory, policy, procstat, scope, slots, trust
 
 _UCRED = struct.Struct("3i")
 MAX_REQUEST = 64 * 1024
@@ -330,12 +330,8 @@ def peer_gone(pid):
     queue while no agent ran (a restart), or its wrapper gave up waiting (the 1 s of OP=sample), exec'd its job
     and the job ended: refusing it refuses nobody, so it is answered but not logged as a refusal (which would
     show a member refused, and count in gpu_router_broker_refusals_total, after every agent restart)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state in (b"Z", b"X")
+    st = procstat.read(pid)
+    return st is None or st.gone
 
 
 def handle(payload, pid, uid, cfg, group_gid, start_scope=scope.start_scope, existing=None, fresh_sample=None,

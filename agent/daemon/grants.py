@@ -5,7 +5,7 @@ its state (jobs, _holders, _waiting, inflight) is the Agent's."""
 import contextlib
 import signal
 
-from . import accounting, broker, holder, liveness, procevents
+from . import accounting, broker, liveness, procevents
 from .. import config as _config
 from .. import oom_memory, procstat, scope
 

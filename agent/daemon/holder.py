@@ -60,13 +60,12 @@ def is_holder(pid):
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             if f.read() != b"sleep\0infinity\0":
                 return False
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
         with open(f"/proc/{pid}/status", "rb") as f:
             blocked = next(int(line.split()[1], 16) for line in f if line.startswith(b"SigBlk:"))
     except (OSError, IndexError, ValueError, StopIteration):
         return False
-    if fields[0] in (b"Z", b"X") or int(fields[3]) != pid:  # field 6: the session id
+    st = procstat.read(pid)
+    if st is None or st.gone or st.session != pid:  # the leader of its own session (setsid)
         return False
     return all(blocked >> (int(sig) - 1) & 1 for sig in BLOCKED)
 
@@ -111,17 +110,12 @@ def _start():
 def _look(h):
     """One look at a started holder: True once it sleeps (``start`` then set), False when it died or is not what
     was started, None while it is still on its way."""
-    try:
-        with open(f"/proc/{h.pid}/stat", "rb") as f:
-            head, _, tail = f.read().rpartition(b")")
-        fields = tail.split()
-        if head.endswith(b"(sleep") and fields[0] == b"S":
-            h.start = int(fields[19])
-            return True
-        if fields[0] in (b"Z", b"X"):
-            return False
-    except (OSError, IndexError, ValueError):
+    st = procstat.read(h.pid)
+    if st is None or st.gone:
         return False
+    if st.comm == b"sleep" and st.state == b"S":
+        h.start = st.start
+        return True
     return None
 
 
