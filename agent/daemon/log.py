@@ -5,7 +5,6 @@ by the wrapper: ``import structlog`` alone costs ~60 ms there.
 """
 
 import os
-import sys
 
 from .. import journal
 
@@ -19,7 +18,7 @@ def _systemd_send():
     if not os.path.exists(journal.DEFAULT_SOCKET):
         return None
     try:
-        from systemd import journal as sd_journal
+        import systemd.journal  # noqa: F401 - only whether python3-systemd is there (sd_send imports it too)
     except ImportError:
         return None
 

@@ -40,7 +40,7 @@ def worksheet(w, b):
     out = [f"== {w.name} ({w.source})", "GPU path:",
            f"  VRAM per job:     {_mb(b['vram_per_job_mb'])}" + ("" if b["vram_per_job_mb"] is not None
                                                                   else " (vram_model = linear: see calibrate)"),
-           f"  Max GPU jobs:     " + (f"{b['max_gpu_jobs']} per GPU" if b["max_gpu_jobs"] is not None
+           "  Max GPU jobs:     " + (f"{b['max_gpu_jobs']} per GPU" if b["max_gpu_jobs"] is not None
                                        else "no slot cap (admission = vram: as many as fit the VRAM)"),
            f"  GPU VRAM:         {_mb(b['gpu_vram_mb'])}" + (f" [{b['gpu_vram_source']}]" if b["gpu_vram_source"]
                                                              else ""),
