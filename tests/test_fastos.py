@@ -4,7 +4,7 @@ Each check runs in a fresh `python3 -IS` process, as the wrapper does, so the mo
 """
 import subprocess
 
-from conftest import LIB
+from helpers import LIB
 
 PYTHON = "/usr/bin/python3"
 

@@ -7,7 +7,6 @@ fresh /usr/bin/python3 whose LD_LIBRARY_PATH / PATH / PYTHONPATH were set before
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 from fakenvml import PYTHON, FakeGpus, fake_gpus, have_pynvml  # noqa: F401  (fake_gpus is a fixture)
 from gpu_router.daemon import gpu_backends as gpu
 
-LIB = pathlib.Path(__file__).resolve().parent.parent / ".build" / "lib"  # made by conftest.py
+from helpers import LIB  # noqa: E402 - .build/lib, made by conftest.py
 
 HAVE_PYNVML = have_pynvml()
 needs_pynvml = pytest.mark.skipif(not HAVE_PYNVML, reason="no pynvml binding for /usr/bin/python3 "

@@ -207,3 +207,19 @@ def test_no_private_name_across_modules():
     found = [f"{_rel(p)}:{line}: {name}" for p, parts in MODULES for line, name in _private_uses(p, parts)
              if (_rel(p), name) not in KNOWN_PRIVATE]
     assert not found, "another module's private name:\n" + "\n".join(found)
+
+
+def test_no_test_module_imports_conftest():
+    """Two conftest.py (tests/ and tests/systemd/) in one run: `import conftest` gets whichever was loaded first, so
+    a name taken from it is missing in the full run (CI) though present when the file runs alone. Shared names
+    live in tests/helpers.py."""
+    found = []
+    for path in sorted(AGENT.parent.joinpath("tests").rglob("*.py")):
+        if path.name == "conftest.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            if "conftest" in names:
+                found.append(f"{path.relative_to(AGENT.parent)}:{node.lineno}")
+    assert not found, "imports conftest (use tests/helpers.py):\n" + "\n".join(found)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import time
@@ -13,7 +12,7 @@ from fakenvml import PYTHON, FakeGpus, fake_gpus, have_pynvml  # noqa: F401  (fa
 from gpu_router.daemon import gpu_backends as gpu, monitor
 from gpu_router import snapshot
 
-LIB = pathlib.Path(__file__).resolve().parent.parent / ".build" / "lib"  # made by conftest.py
+from helpers import LIB  # noqa: E402 - .build/lib, made by conftest.py
 
 HAVE_PYNVML = have_pynvml()
 

@@ -3,7 +3,6 @@
 import json
 import marshal
 import os
-import pathlib
 import stat
 import subprocess
 import threading
@@ -13,7 +12,7 @@ import pytest
 
 from gpu_router import snapshot
 
-LIB = pathlib.Path(__file__).resolve().parent.parent / ".build" / "lib"  # made by conftest.py
+from helpers import LIB  # noqa: E402 - .build/lib, made by conftest.py
 
 PYTHON = "/usr/bin/python3"
 

@@ -16,7 +16,7 @@ if str(HERE) not in sys.path:  # `import harness` from the lane's tests, whateve
     sys.path.insert(0, str(HERE))
 
 import harness  # noqa: E402
-from harness import lane_required, require_lane  # noqa: E402,F401  (re-exported for the lane's modules)
+from harness import require_lane  # noqa: E402
 
 _TIMINGS: dict[str, float] = {}
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import harness
-from conftest import require_lane
+from harness import require_lane
 
 REPO = harness.REPO
 HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LC_ALL": "C.UTF-8"}

@@ -34,7 +34,7 @@ import time
 import pytest
 
 import harness
-from conftest import require_lane
+from harness import require_lane
 from test_deb import APT, build_gpu_router
 from test_scopes import FAKE_SMI
 

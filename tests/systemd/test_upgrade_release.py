@@ -14,7 +14,7 @@ import tarfile
 import pytest
 
 import harness
-from conftest import require_lane
+from harness import require_lane
 from test_deb import APT, PROFILE, build_fake, build_gpu_router, host, show
 
 REPO = harness.REPO
