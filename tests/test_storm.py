@@ -161,6 +161,7 @@ def test_kill_storm_leaves_nothing_held_and_the_runner_matches_the_journal(rig):
     queue = list(plan)
     lock = threading.Lock()
     done = threading.Event()
+    progress = threading.Condition(lock)
 
     def worker():
         while True:
@@ -168,6 +169,7 @@ def test_kill_storm_leaves_nothing_held_and_the_runner_matches_the_journal(rig):
                 if not queue:
                     return
                 name, mb, ms, kill, delay = queue.pop()
+                progress.notify_all()
             p = subprocess.Popen(r.argv(mb, ms, paths[name]), env=r.env, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
             if kill:
@@ -179,8 +181,15 @@ def test_kill_storm_leaves_nothing_held_and_the_runner_matches_the_journal(rig):
             seen[str(paths[name])] = p.wait()
 
     def agent_killer():
+        # Paced by the storm's progress, not by the clock: about every sixth of the jobs taken (± a random few),
+        # so a faster wrapper (a shorter storm) is killed under just as often.
         kills = 0
-        while not done.wait(rng.uniform(1.0, 2.0)):
+        for k in range(1, 6):
+            mark = n - n * k // 6 + rng.randint(-30, 30)  # jobs left in the queue at this kill
+            with lock:
+                progress.wait_for(lambda: len(queue) <= mark or done.is_set())
+            if done.is_set():
+                break
             r.agent.kill()
             r.agent.wait()
             kills += 1
@@ -195,7 +204,9 @@ def test_kill_storm_leaves_nothing_held_and_the_runner_matches_the_journal(rig):
         t.start()
     for t in workers:
         t.join()
-    done.set()
+    with lock:
+        done.set()
+        progress.notify_all()
     killer.join()
     r.agent.kill()
     r.agent.wait()
