@@ -200,18 +200,26 @@ def test_on_gpu_oom_fail_refuses_the_retry_with_its_code(rig, gr_bin):
     assert (blocked["GPU_ROUTER_MODE"], blocked["GPU_ROUTER_REASON"]) == ("BLOCKED", "cuda-oom-before")
 
 
-@root_only
-def test_status_unknown_a_quick_retry_is_the_sign_and_confirms_it(rig):
-    """The agent in its own network namespace has no proc connector (as inside a container): the attempt's exit
-    status is unknown, so its RESULT stays unknown — but the GPU was full, so the input is a suspect, and the
-    caller's retry within the window goes to the CPU (cuda-oom-suspected) and confirms it for later retries."""
-    rig.start(netns=True)
-    path = rig.new_input("c.wav")
+def _unknown_oom_then_retry(rig, name, **start):
+    """An agent without the proc connector (its own network namespace): one unwaited attempt that runs out of
+    GPU memory, then the caller's retry of the same input → (the first attempt's job-finished fields, the retry's
+    exit code, stderr and routed event)."""
+    rig.start(netns=True, **start)
+    path = rig.new_input(name)
     err, routed = rig.run_unwaited(path, "--vram", "12000", "--grow", "1000", "--seconds", "0.2")
     assert "CUDA out of memory" in err
     rc2, err2, routed2 = rig.run(path, "--vram", "12000", "--grow", "1000", "--seconds", "0.2")
     events = rig.stop()
     first = rig.finished(events, routed["GPU_ROUTER_JOB"])
+    return first, rc2, err2, routed2
+
+
+@root_only
+def test_status_unknown_a_quick_retry_is_the_sign_and_confirms_it(rig):
+    """The agent in its own network namespace has no proc connector (as inside a container): the attempt's exit
+    status is unknown, so its RESULT stays unknown — but the GPU was full, so the input is a suspect, and the
+    caller's retry within the window goes to the CPU (cuda-oom-suspected) and confirms it for later retries."""
+    first, rc2, err2, routed2 = _unknown_oom_then_retry(rig, "c.wav")
     assert first["GPU_ROUTER_RESULT"] == "unknown" and "GPU_ROUTER_EXIT_STATUS" not in first, first
     assert first["GPU_ROUTER_OOM_MEMORY"] == "suspect"
     assert rc2 == 0, err2
@@ -268,13 +276,7 @@ def test_scope_off_the_agent_still_follows_a_gpu_job_and_remembers_its_oom(rig):
 def test_scope_off_status_unknown_the_retry_confirms_the_suspect(rig):
     """scope = "off" where exit statuses are unknown (no proc connector, nobody waits for the job): the GPU was
     full, so the input is a suspect and the caller's retry goes to the CPU."""
-    rig.start(netns=True, scope="off")
-    path = rig.new_input("offc.wav")
-    err, routed = rig.run_unwaited(path, "--vram", "12000", "--grow", "1000", "--seconds", "0.2")
-    assert "CUDA out of memory" in err
-    rc2, err2, routed2 = rig.run(path, "--vram", "12000", "--grow", "1000", "--seconds", "0.2")
-    events = rig.stop()
-    first = rig.finished(events, routed["GPU_ROUTER_JOB"])
+    first, rc2, err2, routed2 = _unknown_oom_then_retry(rig, "offc.wav", scope="off")
     assert first["GPU_ROUTER_RESULT"] == "unknown" and first["GPU_ROUTER_OOM_MEMORY"] == "suspect", first
     assert rc2 == 0, err2
     assert (routed2["GPU_ROUTER_MODE"], routed2["GPU_ROUTER_REASON"]) == ("CPU", "cuda-oom-suspected")
