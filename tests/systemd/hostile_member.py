@@ -89,8 +89,16 @@ def main(argv):
         fd = publish(folder, name, f"1 - - {start}\n".encode(), lock=False)
         os.close(fd)  # unlocked: it counts only while this process lives (start time and owner match)
         t0 = time.monotonic()
+        src = os.path.join(folder, name)
         for i in range(n):
-            os.link(os.path.join(folder, name), os.path.join(folder, f"{name}~{i}"))
+            new = os.path.join(folder, f"{name}~{i}")
+            try:
+                os.link(src, new)
+            except FileNotFoundError:  # the agent removed the name linked from (junk: more than one link)
+                os.close(publish(folder, name, f"1 - - {start}\n".encode(), lock=False))
+                src = os.path.join(folder, name)
+                os.link(src, new)
+            src = new  # link from the newest name next: the least likely to be removed already
         hold(args, entry=name, links=n, seconds=round(time.monotonic() - t0, 2))
     elif cmd == "ticket":
         folder = subdir(f"{args[0]}.{args[1]}.queue")
