@@ -23,6 +23,7 @@ MAX_VALUE = 4096   # characters kept of one field (an input path, a message); lo
 MAX_FIELDS = 128   # fields kept of one entry
 MAX_OWNERS = 65536  # job owners remembered while following the journal (the oldest forgotten first)
 MAX_ENTRIES = 1000000  # entries one command reads at most
+BARRIER_S = 3.0    # the longest agent_accounted waits for journald to store what was sent before it
 
 AGENT_EVENTS = frozenset(("job-finished", "gpu-health", "vram-foreign", "vram-underpredicted", "agent",
                           "broker-refused"))
@@ -256,5 +257,52 @@ def read(since, directory=None, events=tuple(MESSAGE_IDS), until=None, matches=(
             if authors.check(e):
                 out.append(e)
         return out, authors.ignored
+    finally:
+        reader.close()
+
+
+def agent_accounted(job_ids, since, timeout_s=BARRIER_S, directory=None):
+    """Which of ``job_ids`` already have the agent's own job-finished in the journal (a set), or None when the
+    journal cannot say; ``since``: a Unix time before those events.
+
+    An agent killed right after it sent an event may leave it in journald's socket queue, not yet stored. A marker
+    sent now through the same socket is queued behind it (a datagram socket's queue is one line): once the marker
+    is stored, so is every event sent before it (or journald dropped it: then it is not there, rightly). The
+    marker is an ``agent`` event with a random BARRIER field; waited for at most ``timeout_s``."""
+    import time
+
+    from . import journal
+    from . import fastos as os
+
+    token = os.urandom(16).hex()
+    if journal.emit("agent", f"gpu-router-agent: looking in the journal for the accounts of {len(job_ids)} job(s) "
+                    "a killed agent was finishing", {"STATE": "recovering", "BARRIER": token}) != "journald":
+        return None
+    reader = open_reader(directory)
+    try:
+        reader.add_match(f"{PREFIX}BARRIER={token}")
+        reader.seek_head()
+        deadline = time.monotonic() + timeout_s
+        while not reader.get_next():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            reader.wait(left)
+        reader.flush_matches()
+        for i, job_id in enumerate(job_ids):
+            if i:
+                reader.add_disjunction()
+            reader.add_match("MESSAGE_ID=" + MESSAGE_IDS["job-finished"], f"{PREFIX}JOB={job_id}", "_UID=0",
+                             f"_SYSTEMD_UNIT={AGENT_UNIT}")
+        reader.seek_realtime(int(max(0, since - 60) * 1e6))
+        done = set()
+        for _ in range(MAX_ENTRIES):
+            entry = reader.get_next()
+            if not entry:
+                break
+            e = decode(entry)
+            if is_agent(e) and job_of(e) in job_ids:
+                done.add(job_of(e))
+        return done
     finally:
         reader.close()

@@ -410,6 +410,71 @@ def test_a_scope_without_a_record_is_adopted_with_its_holder(tmp_path, monkeypat
         job.wait()
 
 
+@pytest.mark.parametrize("journal_says", ["has it", "lacks it", "cannot say"])
+def test_an_agent_killed_while_it_accounts_a_job_leaves_it_accounted_once(tmp_path, monkeypatch, journal_says):
+    """The kill storm lane found a job with two job-finished events: its agent was SIGKILLed after the event and
+    before removing the job's record, and the next agent accounted the record again. The outcome now goes into
+    the record before the event: the next agent writes it (with the saved fields, not "unknown") only if the
+    journal lacks it, and also when the journal cannot say (a job is never left unaccounted). Real agents and a
+    real exited process; the journal's answer is given here (no journald in this lane: the real reader and its
+    barrier are checked in tests/systemd/test_scopes.py)."""
+    from gpu_router import journal, journal_read
+    from gpu_router.daemon import service
+
+    base, cfg = helpers.agent_folder(tmp_path, workload='binary = "/bin/true"\nthreshold = 100\n')
+    monkeypatch.setenv("GPU_ROUTER_CACHE_DIR", str(base))
+    monkeypatch.setenv("GPU_ROUTER_LOG", "stderr")
+    events = []
+    monkeypatch.setattr(journal, "emit", lambda name, msg, fields, **kw: events.append((name, dict(fields))))
+    proc = subprocess.Popen(["sh", "-c", "exit 3"])
+    status = os.waitpid(proc.pid, 0)[1]
+    proc.returncode = 3
+    job_id = f"tx-{proc.pid}-abcdef"
+    first = service.Agent(str(cfg))
+    job = accounting.JobAccount(job_id, proc.pid, "tx", "CPU", "cpu", "150", f"gpu-router-{job_id}.scope", None,
+                                None, started=time.time() - 2, input_path=b"/srv/in \xff.wav")
+    first.jobs[proc.pid] = job
+    removed = []
+    with monkeypatch.context() as m:  # the agent is killed right after the event: its record is not removed
+        m.setattr(jobrecord, "remove", lambda folder, name: removed.append(name))
+        sent = first.finish(proc.pid, wait_status=status)
+    assert [name for name, _ in events] == ["job-finished"] and sent["EXIT_STATUS"] == 3
+    left = jobrecord.load_all(first.records)[job_id]
+    assert jobrecord.outcome(left)["fields"]["RESULT"] == "failed"
+
+    asked = []
+
+    def accounted(ids, since):
+        asked.append((ids, since))
+        return {"has it": {job_id}, "lacks it": set(), "cannot say": None}[journal_says]
+
+    monkeypatch.setattr(journal_read, "agent_accounted", accounted)
+    events.clear()
+    second = service.Agent(str(cfg))
+    second.adopt()
+    assert asked == [([job_id], job.started)]
+    assert jobrecord.load_all(second.records) == {} and second.jobs == {}
+    if journal_says == "has it":
+        assert events == []
+    else:
+        assert [name for name, _ in events] == ["job-finished"]
+        again = events[0][1]
+        assert again == sent, "the saved outcome, input bytes and all"
+    second.adopt()  # nothing is left to account
+    assert len(events) == (0 if journal_says == "has it" else 1)
+
+
+def test_a_record_with_a_broken_outcome_is_accounted_as_a_running_jobs(tmp_path):
+    """Only a whole outcome is believed; anything else is a record like the others (adopted, accounted anew)."""
+    base = {"job_id": "tx-1-abc", "pid": 1, "started": 5.0}
+    good = {"fields": {"RESULT": "failed", "DURATION_S": 1.5, "EXIT_STATUS": 3, "DEVICE": None}, "peaks_known": True}
+    assert jobrecord.outcome(dict(base, outcome=good)) == good
+    for bad in (None, "x", {"fields": []}, {"fields": {"RESULT": 3, "DURATION_S": 1}},
+                {"fields": {"RESULT": "failed"}}, {"fields": {"RESULT": "failed", "DURATION_S": 1, "X": [1]}},
+                {"fields": {"RESULT": "failed", "DURATION_S": 1, 5: "x"}}):
+        assert jobrecord.outcome(dict(base, outcome=bad)) is None, bad
+
+
 # ---------------------------------------------------------------- CUDA OOM and GPU fault verdicts (issue 18)
 
 def _exited(code):

@@ -5,7 +5,7 @@ calibration sample, and the OOM memory (HACKING.md, "CUDA OOMs")."""
 import os
 import time
 
-from . import accounting, jobrecord, liveness
+from . import accounting, holder, jobrecord, liveness
 from .. import journal, oom_memory
 
 NEIGHBOUR_S = 0.5  # a GPU job that ended this shortly before another's exit counts in that one's OOM evidence
@@ -30,6 +30,16 @@ class JobEnd:
                 self._gpu_exits.append((job.device, time.monotonic(), job.peak_vram_mb))
         fields = job.outcome()
         self._guarded("oom-memory", self._remember, job, fields)
+        peaks_known = job.peaks_known(gpu_sampling=self._gpu_sampling())
+        # The outcome goes into the job's record before the event: an agent killed between the event and the
+        # record's removal leaves a record that says so, and the next agent writes the event only if the journal
+        # does not have it yet (recover). Without it the job was accounted twice.
+        self._write_record(job, outcome={"fields": {k: v for k, v in fields.items() if k != "INPUT"},
+                                         "peaks_known": peaks_known})
+        return self._account(job, fields, peaks_known)
+
+    def _account(self, job, fields, peaks_known):
+        """The job-finished event, the calibration sample and the metrics of an outcome; then the record goes."""
         status = f"exit {fields['EXIT_STATUS']}" if "EXIT_STATUS" in fields else "exit status unknown"
         ram = f"{fields['PEAK_RAM_MB']} MB" if fields.get("PEAK_RAM_MB") is not None else "not measured"
         vram = ""
@@ -42,13 +52,43 @@ class JobEnd:
                      f"({status}, {fields['DURATION_S']:.1f}s, peak RAM {ram}{vram})", fields,
                      priority=6 if fields["RESULT"] == "success" else 4)
         try:
-            accounting.record_sample(self.cfg.agent.state_dir, fields,
-                                     peaks_known=job.peaks_known(gpu_sampling=self._gpu_sampling()))
+            accounting.record_sample(self.cfg.agent.state_dir, fields, peaks_known=peaks_known)
         except OSError as exc:
             self.log.warning("cannot record a calibration sample", error=str(exc))
         jobrecord.remove(self.records, job.job_id)
         self.metrics.job_finished(fields)
         return fields
+
+    def recover(self, finishing):
+        """Finish what a killed agent was finishing: ``finishing`` holds the records that carry an outcome (the
+        agent was killed after it wrote the outcome, before it removed the record). The event goes out only for a
+        job whose job-finished the journal does not hold (journal_read.agent_accounted, which first waits until
+        journald has stored everything sent before it); its sample and metrics with it. A job whose event is
+        there is done: its sample and metrics, if the agent was killed before them, are not written (a lost
+        sample costs nothing; a second one would count the job twice). When the journal cannot say (no journald,
+        no stored journal), the event goes out: a job is never left unaccounted."""
+        from .. import journal_read
+
+        since = min((r.get("started") or 0 for r in finishing.values()), default=0)
+        try:
+            done = journal_read.agent_accounted(sorted(finishing), since)
+        except Exception as exc:  # noqa: BLE001 - a journal that cannot be read: account them all
+            self.log.warning("cannot read the journal for the accounts a killed agent was finishing",
+                             error=f"{type(exc).__name__}: {exc}")
+            done = None
+        for job_id, r in finishing.items():
+            job = accounting.JobAccount.from_record(r)
+            if isinstance(r.get("holder_pid"), int) and r.get("holder_start"):
+                holder.Holder(r["holder_pid"], r["holder_start"]).release()  # if the kill came before its end
+            if done is not None and job_id in done:
+                self.log.info("a killed agent's account of a job is in the journal", job=job_id)
+                jobrecord.remove(self.records, job_id)
+                continue
+            outcome = jobrecord.outcome(r)
+            fields = dict(outcome["fields"], INPUT=job.input)
+            self.log.info("a killed agent's account of a job is written now", job=job_id,
+                          journal="cannot say" if done is None else "has no account")
+            self._account(job, fields, outcome.get("peaks_known") is True)
 
     def _sample_after_exit(self, job):
         """One GPU sample right after a GPU job failed or ended with its status unknown (its GPU entries, or None):
@@ -118,3 +158,4 @@ class JobEnd:
             return None
         device = int(job.device) if isinstance(job.device, str) and job.device.isdigit() else None
         return ask(job.accounting_pids(), device=device, job_started=job.started, not_before=job.first_start())
+

@@ -2,8 +2,10 @@
 
 The scope's name and cgroup say little (workload, PID, slice); the request said much more (metric, device, input,
 limits, predicted VRAM). The agent writes one record per job when the scope is made, updates it when the job's
-VRAM peak grows (or a sample sees a new process of it), and removes it when the job is accounted, so an agent
-restarted mid-job (every package upgrade) adopts the job with everything it knew and accounts it in full. /run is
+VRAM peak grows (or a sample sees a new process of it), writes the job's outcome into it just before the job-finished
+event, and removes it once the job is accounted. So an agent restarted mid-job (every package upgrade) adopts the
+job with everything it knew and accounts it in full, and one killed while it accounted a job is followed by one that
+writes the event only if the journal lacks it (jobend.JobEnd.recover): each job is accounted once. /run is
 a tmpfs: records end with the boot, as the jobs do. A record that cannot be read is ignored (the job is then
 adopted from its scope alone).
 """
@@ -17,7 +19,8 @@ VERSION = 1
 FIELDS = ("job_id", "pid", "pid_start", "workload", "mode", "device", "metric", "scope", "control_group",
           "runtime_max", "started", "predicted_vram_mb", "memory_max_mb", "input", "input_bytes", "holder_pid",
           "holder_start", "peak_vram_mb", "vram_sampled", "vram_samples", "vram_pids",
-          "input_id", "gpu_total_mb", "others_mb", "gpu_fault")  # the OOM evidence and key (issue 18)
+          "input_id", "gpu_total_mb", "others_mb", "gpu_fault",  # the OOM evidence and key (issue 18)
+          "outcome")  # the job's outcome while it is being accounted (jobend.py): {"fields": …, "peaks_known": …}
 
 
 def directory(snapshot_path):
@@ -58,6 +61,19 @@ def remove(folder, job_id):
         atomicfile.remove_state(folder, _name(job_id))
     except (OSError, ValueError):  # a folder not root's alone holds no record of ours; the agent goes on
         pass
+
+
+def outcome(record):
+    """A record's outcome ({"fields": {NAME: value}, "peaks_known": bool}) when it has a whole one, else None (a
+    record without one is a running job's; one that does not have this shape is accounted again from the rest)."""
+    out = record.get("outcome")
+    if not isinstance(out, dict) or not isinstance(out.get("fields"), dict):
+        return None
+    fields = out["fields"]
+    if not all(isinstance(k, str) and isinstance(v, (str, int, float, type(None))) for k, v in fields.items()) \
+            or not isinstance(fields.get("RESULT"), str) or not isinstance(fields.get("DURATION_S"), (int, float)):
+        return None
+    return out
 
 
 def load_all(folder):

@@ -69,8 +69,11 @@ class Agent(grants.Grants, jobend.JobEnd):
 
         scopes = scope.running_scopes()
         records = jobrecord.load_all(self.records)
+        finishing = {job_id: r for job_id, r in records.items() if jobrecord.outcome(r) is not None}
+        if finishing:
+            self.recover(finishing)  # the previous agent was killed while it accounted these (jobend.py)
         for job_id, r in records.items():
-            if r["pid"] in self.jobs:
+            if r["pid"] in self.jobs or job_id in finishing:
                 continue
             job = accounting.JobAccount.from_record(r)
             if r.get("holder_pid"):
@@ -141,10 +144,11 @@ class Agent(grants.Grants, jobend.JobEnd):
             if fd is not None:
                 _drop_fd(self.selector, fd)
 
-    def _write_record(self, job):
+    def _write_record(self, job, outcome=None):
+        """``outcome``: the job-finished event's fields about to go out (jobend.JobEnd.finish)."""
         try:
-            jobrecord.write(self.records, job.to_record())
-        except (OSError, ValueError) as exc:
+            jobrecord.write(self.records, dict(job.to_record(), outcome=outcome))
+        except (OSError, ValueError, TypeError) as exc:
             self.log.warning("cannot write a job record", job=job.job_id, error=str(exc))
 
     def _gpu_sampling(self):

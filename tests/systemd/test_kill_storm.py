@@ -279,11 +279,14 @@ def test_kill_storm_with_real_scopes_leaves_nothing_and_the_ledger_matches_the_j
     for e in finished:
         results[e["GPU_ROUTER_RESULT"]] = results.get(e["GPU_ROUTER_RESULT"], 0) + 1
     known = sum(1 for e in finished if "GPU_ROUTER_EXIT_STATUS" in e)
+    # agents that found accounts a killed one was finishing (its outcome in the record: jobend.JobEnd.recover)
+    recovering = sum(1 for e in events if e.get("GPU_ROUTER_STATE") == "recovering")
     traceback = box.run("journalctl -b --no-pager -q -o cat | grep -c Traceback", check=False).stdout.strip()
     print(f"\nkill storm (systemd): {SIZE} attempts in {storm_s:.0f} s at concurrency {CONCURRENCY}, settled in "
           f"{settle_s:.1f} s; exit codes {dict(sorted(codes.items()))}; killed {killed_wrappers} wrappers before "
           f"exec and {killed_jobs} jobs; agent SIGKILLed {len(kills)}x, restarted {restarts}x; job-finished "
-          f"{dict(sorted(results.items()))} ({known} with an exit status), {len(refusals)} refusals of killed "
+          f"{dict(sorted(results.items()))} ({known} with an exit status), {recovering} restarts finished a killed "
+          f"agent's accounts; {len(refusals)} refusals of killed "
           f"wrappers; agent fds {fds0} fresh, "
           f"{fd_count(box, agent['MainPID'])} after")
     assert traceback == "0", box.run("journalctl -b --no-pager -q -o cat | grep -B2 -A20 Traceback | head -80",

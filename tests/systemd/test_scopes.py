@@ -247,6 +247,56 @@ def test_agent_restart_keeps_running_jobs_and_still_accounts_them(box):
     assert outcome["GPU_ROUTER_SCOPE"].startswith("gpu-router-hog-")
 
 
+PLANT_RECORDS = r"""
+import json, sys
+sys.path.insert(0, "/opt/gpu-router/lib")
+from gpu_router.daemon import jobrecord
+for record in json.load(sys.stdin):
+    jobrecord.write("/run/gpu-router/jobs", record)
+"""
+
+
+def test_an_agent_killed_while_it_accounts_jobs_is_followed_by_one_account_each(box):
+    """The agent writes a job's outcome into its record, then the job-finished event, then removes the record.
+    Two records are left here as a SIGKILL leaves them (the kill storm lane found a job accounted twice): one
+    whose event went out (a job that ran here, killed before the removal), one whose event did not (killed before
+    the event). The next agent writes the second's event with its saved outcome, not the first's again: it reads
+    the journal behind a barrier sent through journald's socket (journal_read.agent_accounted)."""
+    n = len(events(box, "GPU_ROUTER_EVENT=routed", "GPU_ROUTER_WORKLOAD=hog"))
+    assert gr(box, "hog", "/srv/alloc.py", "5", "0", "3", "x", "/srv/input", user="runner").returncode == 3
+    routed = events(box, "GPU_ROUTER_EVENT=routed", "GPU_ROUTER_WORKLOAD=hog")[n:][0]
+    done_job = routed["GPU_ROUTER_JOB"]
+    sent = finished(box, done_job)
+    keys = ("WORKLOAD", "JOB", "MODE", "DEVICE", "METRIC", "SCOPE", "PID", "RESULT", "DURATION_S", "EXIT_STATUS")
+    outcome = {k: sent["GPU_ROUTER_" + k] for k in keys}  # as the agent keeps them: numbers as numbers
+    outcome.update(PID=int(outcome["PID"]), DURATION_S=float(outcome["DURATION_S"]),
+                   EXIT_STATUS=int(outcome["EXIT_STATUS"]))
+    lost_job = "hog-999999-feedbe"
+    records = [
+        {"job_id": done_job, "pid": int(sent["GPU_ROUTER_PID"]), "workload": "hog", "mode": "CPU",
+         "scope": sent["GPU_ROUTER_SCOPE"], "started": time.time() - 30, "metric": outcome["METRIC"],
+         "input": "/srv/input", "outcome": {"fields": outcome, "peaks_known": False}},
+        {"job_id": lost_job, "pid": 999999, "workload": "hog", "mode": "CPU", "scope": f"gpu-router-{lost_job}.scope",
+         "started": time.time() - 5, "metric": "100", "input": "/srv/input",
+         "outcome": {"fields": dict(outcome, JOB=lost_job, PID=999999, EXIT_STATUS=7, DURATION_S=1.25,
+                                    SCOPE=f"gpu-router-{lost_job}.scope"), "peaks_known": False}}]
+    ready = len(events(box, "GPU_ROUTER_EVENT=agent", "GPU_ROUTER_STATE=ready"))
+    box.run(["systemctl", "stop", "gpu-router-agent.service"])
+    box.run(["python3", "-c", PLANT_RECORDS], input=json.dumps(records))
+    box.run(["systemctl", "start", "gpu-router-agent.service"])
+    box.wait_for(lambda: len(events(box, "GPU_ROUTER_EVENT=agent", "GPU_ROUTER_STATE=ready")) > ready or None,
+                 timeout=30, interval=0.3)  # ready comes after the adoption, and so after the recovery
+    lost = events(box, "GPU_ROUTER_EVENT=job-finished", f"GPU_ROUTER_JOB={lost_job}")
+    assert len(lost) == 1, lost
+    assert (lost[0]["GPU_ROUTER_RESULT"], lost[0]["GPU_ROUTER_EXIT_STATUS"], lost[0]["GPU_ROUTER_DURATION_S"],
+            lost[0]["GPU_ROUTER_INPUT"], lost[0]["_SYSTEMD_UNIT"]) == \
+        ("failed", "7", "1.25", "/srv/input", "gpu-router-agent.service")
+    assert len(events(box, "GPU_ROUTER_EVENT=job-finished", f"GPU_ROUTER_JOB={done_job}")) == 1
+    barrier = events(box, "GPU_ROUTER_EVENT=agent", "GPU_ROUTER_STATE=recovering")
+    assert barrier and len(barrier[-1]["GPU_ROUTER_BARRIER"]) == 32, barrier
+    assert box.run("ls -A /run/gpu-router/jobs").stdout.strip() == ""
+
+
 def test_runtime_max_ends_the_job_as_timeout(box):
     n = len(events(box, "GPU_ROUTER_EVENT=routed", "GPU_ROUTER_WORKLOAD=brief"))
     r = gr(box, "brief", "/srv/alloc.py", "1", "30", "/srv/input", timeout=60)
