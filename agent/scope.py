@@ -97,7 +97,8 @@ def request_fields(job, cfg):
             ("DEVICE", str(job.device)), ("PID", str(os.getpid())), ("SCOPE_POLICY", job.workload.scope),
             ("METRIC", job.fields()["METRIC"]), ("INPUT", _bounded(job.input or "")),
             ("PREDICTED_VRAM_MB", str(job.predicted_vram_mb or "")),
-            ("INPUT_ID", ":".join(str(x) for x in job.input_id) if getattr(job, "input_id", None) else "")]
+            ("INPUT_ID", ":".join(str(x) for x in job.input_id) if getattr(job, "input_id", None) else ""),
+            ("SLOT_FD", str(job.slot_fd) if getattr(job, "slot_fd", None) is not None else "")]
 
 
 TRACK_TIMEOUT_S = 1.0

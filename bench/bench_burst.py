@@ -2,13 +2,15 @@
 """A burst of jobs through the broker against `systemd-run --scope`, in a booted container (root; the lane's harness).
 
     sudo /usr/bin/python3 bench/bench_burst.py [--sizes 8,32,128,512] [--rounds 3] [--old 939dc14]
+                                                [--agent-setting Nice=-5]
 
 N jobs are started at once; each one's latency is from its launch (just before the fork) to its first instruction
 (the job is `/bin/sh stamp.sh`, which writes `date +%s.%N`). Sides, interleaved round by round:
   systemd-run   `systemd-run --scope --quiet --slice=gpu-router-cpu.slice` as root (a member may not: polkit);
   gpu-router    `gpu-router run` as a member of group gpu-router, the workload with scope = "required";
   old           the same with the code of --old (git archive of that commit), when given;
-  no-scope      the same workload with scope = "off" (--floor): what the wrapper costs without the broker.
+  no-scope      the same workload with scope = "off" (--floor): what the wrapper costs without the broker;
+  setting       gpu-router with the agent's unit given --agent-setting (a drop-in, e.g. Nice=-5), when given.
 Reported: p50 / p99 per side, the ratio of gpu-router's p99 to systemd-run's, and every job that failed (a job
 refused a scope exits 69/75 and writes no stamp).
 """
@@ -101,6 +103,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3, help="rounds per size (512: one)")
     ap.add_argument("--old", help="a commit to measure side by side (e.g. 939dc14)")
     ap.add_argument("--floor", action="store_true", help="also gpu-router without a scope (no broker)")
+    ap.add_argument("--agent-setting", action="append", default=[], metavar="KEY=VALUE",
+                    help="also gpu-router with this [Service] setting in the agent's unit (repeatable)")
     args = ap.parse_args(argv)
     import harness
     import srcinstall
@@ -109,7 +113,9 @@ def main(argv=None):
         sys.exit(f"no container lane here: {harness.unavailable_reason()}")
     # systemd-run last in each round: at N = 512 it can leave systemd busy for a while (each process its own bus
     # connection); every side starts with systemd's job queue empty.
-    sides = ["gpu-router"] + (["old"] if args.old else []) + (["no-scope"] if args.floor else []) + ["systemd-run"]
+    sides = ["gpu-router"] + (["old"] if args.old else []) + (["setting"] if args.agent_setting else []) + \
+        (["no-scope"] if args.floor else []) + ["systemd-run"]
+    dropin = "/etc/systemd/system/gpu-router-agent.service.d/bench.conf"
     c = harness.Container()
     c.start()
     try:
@@ -124,21 +130,24 @@ def main(argv=None):
         c.run(srcinstall.TREE + COMPILED + srcinstall.START, timeout=120)
         c.add_user("runner", groups=["gpu-router"])
         c.wait_for("systemctl is-active --quiet gpu-router-agent.service", timeout=30)
-        current = "/opt/gpu-router/agent"
+        current = ("/opt/gpu-router/agent", False)
 
-        def use(tree):
+        def use(tree, setting=False):
             nonlocal current
-            if tree != current:
-                c.run(f"ln -sfn {tree} /opt/gpu-router/lib/gpu_router && "
+            if (tree, setting) != current:
+                if setting:
+                    c.write_file(dropin, "[Service]\n" + "".join(f"{x}\n" for x in args.agent_setting))
+                c.run(f"{'' if setting else f'rm -f {dropin}; '}systemctl daemon-reload; "
+                      f"ln -sfn {tree} /opt/gpu-router/lib/gpu_router && "
                       f"systemctl reset-failed gpu-router-agent.service; systemctl restart gpu-router-agent.service"
                       f" && systemctl is-active --quiet gpu-router-agent.service", timeout=60)
-                current = tree
+                current = (tree, setting)
 
         results = {}
         for n in [int(x) for x in args.sizes.split(",")]:
             for r in range(1 if n >= 512 else args.rounds):
                 for side in sides:
-                    use("/old/agent" if side == "old" else "/opt/gpu-router/agent")
+                    use("/old/agent" if side == "old" else "/opt/gpu-router/agent", side == "setting")
                     out = c.run(["/usr/bin/python3", "/srv/driver.py", side, str(n), f"/tmp/burst-{side}-{n}-{r}"],
                                 timeout=600).stdout.splitlines()
                     c.wait_for('test -z "$(systemctl list-jobs --no-legend)"', timeout=300, interval=0.2)

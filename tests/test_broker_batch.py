@@ -23,11 +23,18 @@ import fcntl, os, socket, sys
 sys.path.insert(0, sys.argv[1])
 from gpu_router import journal
 sock_path, slot, release = sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+named = sys.argv[5] if len(sys.argv) > 5 else ""  # SLOT_FD: "slot" its slot's fd, a path: that file's, locked
 fd = os.open(slot, os.O_RDWR | os.O_CREAT, 0o644)
 fcntl.flock(fd, fcntl.LOCK_EX)
 pid = os.getpid()
 fields = [("OP", "scope"), ("WORKLOAD", "tx"), ("JOB", f"tx-{pid}-abc"), ("MODE", "CPU"), ("DEVICE", "cpu"),
           ("PID", str(pid)), ("METRIC", "1"), ("SCOPE_POLICY", "required")]
+if named == "slot":
+    fields.append(("SLOT_FD", str(fd)))
+elif named:
+    other = os.open(named, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    fields.append(("SLOT_FD", str(other)))
 payload = journal.encode_native(fields)
 s = socket.socket(socket.AF_UNIX)
 s.connect(sock_path)
@@ -92,6 +99,86 @@ def test_one_table_read_serves_the_turn_and_a_slot_given_up_before_it_is_refused
             p.kill()
             p.wait()
         loop.close()
+
+
+def _serve(cfg, tmp_path, requesters):
+    """Serve requesters [(slot file, release, SLOT_FD kind)] in one turn; (their replies, the batch's table reads,
+    the scopes made)."""
+    views, made = [], []
+
+    @contextlib.contextmanager
+    def batch(payloads):
+        views.append(broker.LockView())
+        yield
+
+    def handler(payload, pid, uid):
+        fields, _ = broker.handle(payload, pid, 4001, cfg, 0, start_scope=lambda n, p: made.append(n),
+                                  locks=views[-1])
+        return broker.frame(fields)
+
+    loop = Loop(handler=handler, deadline_s=5.0, batch=batch)
+    procs = []
+    try:
+        for slot, release, named in requesters:
+            p = subprocess.Popen(["/usr/bin/python3", "-I", "-c", REQUESTER, _lib(), loop.path,
+                                  str(tmp_path / "locks" / slot), release, named], stdout=subprocess.PIPE, text=True)
+            assert p.stdout.readline().strip() == "sent"
+            procs.append(p)
+        while loop.clients.served < len(procs):
+            loop.step(0.5)
+        return [p.stdout.readline().strip() for p in procs], sum(v.reads for v in views), made
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        loop.close()
+
+
+def test_a_request_naming_its_slots_descriptor_is_checked_without_the_lock_table(cfg, tmp_path):
+    """Reading /proc/locks makes the kernel wait for an RCU grace period (7-27 ms), the agent's one loop with it:
+    the slot is checked from the named descriptor's own locks (/proc/PID/fdinfo) instead. Real
+    requesters, real flocks: two holders are granted with no table read at all."""
+    replies, reads, made = _serve(cfg, tmp_path, [("tx.cpu.0", "0", "slot"), ("tx.cpu.1", "0", "slot")])
+    assert replies == ["1", "1"] and len(made) == 2
+    assert reads == 0, "no read of /proc/locks for requests whose descriptor shows their slot"
+
+
+@pytest.mark.parametrize("case", ["released", "own file", "no such fd"])
+def test_a_descriptor_that_does_not_show_a_slot_is_judged_by_the_lock_table(cfg, tmp_path, case):
+    """SLOT_FD is the member's word: a descriptor whose locks do not show the caller holding a real slot of the
+    mode it asks for decides nothing, and the whole table judges the request as before (refused here)."""
+    if case == "released":  # the slot given up before the agent looks
+        requester = ("tx.cpu.0", "1", "slot")
+    elif case == "own file":  # a lock on a file of its own, named as the slot's descriptor; no slot held
+        requester = ("tx.cpu.0", "1", str(tmp_path / "mine"))
+    else:
+        requester = ("tx.cpu.0", "1", "")
+    replies, reads, made = _serve(cfg, tmp_path, [requester])
+    assert replies[0].startswith("0") and "holds no slot" in replies[0], replies
+    assert reads == 1 and made == []
+
+
+def test_the_descriptors_locks_are_the_lock_tables(tmp_path):
+    """slots.fd_flock_table reads the same kernel record as slots.flock_table: one lock, the same key and PID."""
+    import fcntl
+
+    from gpu_router import slots
+
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    other = os.open(tmp_path / "g", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        assert slots.fd_flock_table(os.getpid(), fd) == {}
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        st = os.fstat(fd)
+        key = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+        assert slots.fd_flock_table(os.getpid(), fd) == {key: os.getpid()}
+        assert slots.flock_table()[key] == os.getpid()
+        assert slots.fd_flock_table(os.getpid(), other) == {}  # only that descriptor's own locks
+        assert slots.fd_flock_table(os.getpid(), 987654) is None
+        assert slots.fd_flock_table(2 ** 22 + 1, fd) is None
+    finally:
+        os.close(fd)
+        os.close(other)
 
 
 def test_a_view_is_read_when_first_used_not_when_made(cfg, tmp_path):

@@ -179,7 +179,8 @@ def grant(cfg, request, pid, uid, locks=None):
     policy_raw = request.get(b"SCOPE_POLICY", b"")
     scope_policy = policy_raw.decode("ascii") if policy_raw in (b"required", b"best-effort", b"off") else None
     if uid != 0:
-        held = held_slots(pid, cfg.router.lock_dir, workload.name, cfg=cfg, view=locks)
+        held = held_slots(pid, cfg.router.lock_dir, workload.name, cfg=cfg, view=locks,
+                          fd=trust.digits(request.get(b"SLOT_FD", b""), 7), wanted=(mode, device))
         if held is not None:
             if not held:
                 raise Refused(f"pid {pid} holds no slot of workload {workload.name!r}: only a job the wrapper "
@@ -210,9 +211,15 @@ def grant(cfg, request, pid, uid, locks=None):
                  input_id=oom_memory.parse_id(request.get(b"INPUT_ID", b"")))
 
 
-def held_slots(pid, lock_dir, workload, locks_path="/proc/locks", cfg=None, view=None):
+def held_slots(pid, lock_dir, workload, locks_path="/proc/locks", cfg=None, view=None, fd=None, wanted=None):
     """{"GPU": {device, …}, "CPU": {"cpu"}} of the slots of ``workload`` that ``pid`` holds (flock), from the
     kernel's lock table; None when that cannot be known (then the request is judged on its own).
+
+    ``fd``: the descriptor the request says holds its slot (SLOT_FD), a member's word: its locks are read from the
+    kernel (slots.fd_flock_table, no global lock), and if they show ``pid`` holding a real slot that gives
+    ``wanted`` (mode, device), that is the answer; anything else (an old wrapper, a wrong descriptor, a slot of
+    another mode) falls back to the whole table, which decides as before. The shortcut only ever grants what the
+    table would: the same kernel record of the same lock, on a slot file checked the same way (trust.slot_holders).
 
     The MODE of a scope decides its limits (slice, MemoryMax): the agent takes it from the slot the caller actually
     holds, not from what it says. The wrapper takes its slot before it asks, in the same PID, and the lock is the
@@ -220,9 +227,19 @@ def held_slots(pid, lock_dir, workload, locks_path="/proc/locks", cfg=None, view
     config has), one link, are looked at, at most trust.MAX_NAMES names. ``view``: the LockView of the batch the
     request is served in (one table read for all of them), else the table is read for this request alone."""
     pools = trust.pools_of(cfg) if cfg is not None else {workload: (1 << 20, 1 << 20)}
+    if fd is not None:
+        own = slots.fd_flock_table(pid, fd)
+        if own:
+            held = _held(_slot_holders(lock_dir, pools, own), workload, pid)
+            mode, device = wanted or (None, None)
+            if held and mode in held and (mode != "GPU" or device is None or device in held["GPU"]):
+                return held
     if view is None:
         view = LockView(locks_path)
-    found = view.slot_holders(lock_dir, pools)
+    return _held(view.slot_holders(lock_dir, pools), workload, pid)
+
+
+def _held(found, workload, pid):
     if found is None:
         return None
     held = {}
@@ -262,20 +279,21 @@ class LockView:
         if self.reads == 0:
             self.reads += 1
             self._table = slots.flock_table(self.locks_path)  # None: unreadable (for the whole batch)
-        found = None
-        table = self._table
-        if table is not None:
-            try:
-                dir_fd = os.open(lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError:
-                dir_fd = None
-            if dir_fd is not None:
-                try:
-                    found = trust.slot_holders(dir_fd, pools, table)
-                finally:
-                    os.close(dir_fd)
+        found = _slot_holders(lock_dir, pools, self._table) if self._table is not None else None
         self._found[key] = found
         return found
+
+
+def _slot_holders(lock_dir, pools, table):
+    """trust.slot_holders of the lock dir against a flock table; None when the lock dir cannot be opened."""
+    try:
+        dir_fd = os.open(lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return trust.slot_holders(dir_fd, pools, table)
+    finally:
+        os.close(dir_fd)
 
 
 class RateLimit:

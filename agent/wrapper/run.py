@@ -63,6 +63,7 @@ class Job:
         self.reason = None
         self.device = None
         self.slot = None
+        self.slot_fd = None  # the descriptor holding the slot: the agent reads its locks (slots.fd_flock_table)
         self.fds = []
         self.predicted_vram_mb = None
         self.gpu = None
@@ -206,7 +207,7 @@ def admit(job, cfg, dir_fd):
     got = slots.try_slot(dir_fd, cfg.router.lock_dir, w.name, "cpu", w.max_cpu_jobs)
     if got is None:
         raise Blocked("cpu-slots-full", f"all {w.max_cpu_jobs} CPU slot(s) of {w.name} are taken")
-    job.mode, job.device, job.slot = "CPU", "cpu", got[1]
+    job.mode, job.device, job.slot, job.slot_fd = "CPU", "cpu", got[1], got[0]
     job.fds.append(got[0])
     return True
 
@@ -236,6 +237,7 @@ def _take_gpu(job, plan, dir_fd, cfg, ledger, live):
             if got is None:
                 continue
             job.fds.append(got[0])
+            job.slot_fd = got[0]
         if ledger is not None:
             job.fds.append(ledger.reserve(gpu.key, plan.predicted_vram_mb, w.name, job.fields()["METRIC"]))
         job.mode, job.reason, job.gpu, job.slot = "GPU", plan.reason, gpu, got[1]
