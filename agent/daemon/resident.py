@@ -346,14 +346,7 @@ class Agent(grants.Grants, jobend.JobEnd):
             # New connections last: the requests already accepted are read (and their scopes begun) first, so a
             # burst is not refused for connections of its own that merely wait to be read.
             for key, events in sorted(self.selector.select(timeout), key=lambda ke: ke[0].data == "broker"):
-                try:
-                    self._dispatch(key, events, listener)
-                except Exception as exc:  # noqa: BLE001 - one job's or client's trouble never stops the agent
-                    self.log.error("event handling failed", error=f"{type(exc).__name__}: {exc}")
-                    if isinstance(key.data, tuple) and key.data[0] == "client":
-                        self.clients.drop(key.data[1])
-                    elif key.data not in ("broker", "exits", "wakeup", "dbus"):
-                        _drop_fd(self.selector, key.fd)  # never again: a readable fd left behind would spin
+                self._dispatch_guarded(key, events, listener)
             self._serve()
         self._answer_accepted(listener)
         self.clients.close_all()
@@ -365,6 +358,16 @@ class Agent(grants.Grants, jobend.JobEnd):
         journal.emit("agent", f"gpu-router-agent stopping; {len(self.jobs)} job(s) keep running in their scopes",
                      {"STATE": "stopping"})
         return 0
+
+    def _dispatch_guarded(self, key, events, listener):
+        try:
+            self._dispatch(key, events, listener)
+        except Exception as exc:  # noqa: BLE001 - one job's or client's trouble never stops the agent
+            self.log.error("event handling failed", error=f"{type(exc).__name__}: {exc}")
+            if isinstance(key.data, tuple) and key.data[0] == "client":
+                self.clients.drop(key.data[1])
+            elif key.data not in ("broker", "exits", "wakeup", "dbus"):
+                _drop_fd(self.selector, key.fd)  # never again: a readable fd left behind would spin
 
     def _dispatch(self, key, events, listener):
         try:  # an earlier event of the same batch may have closed this fd, and its number may be in use again
@@ -461,12 +464,7 @@ class Agent(grants.Grants, jobend.JobEnd):
             for key, events in self.selector.select(max(0.0, min(end, self.clients.next_deadline() or end,
                                                                  self.inflight.next_deadline() or end)
                                                         - time.monotonic())):
-                try:
-                    self._dispatch(key, events, listener)
-                except Exception as exc:  # noqa: BLE001 - as in the loop: one client's trouble stops nothing
-                    self.log.error("event handling failed", error=f"{type(exc).__name__}: {exc}")
-                    if isinstance(key.data, tuple) and key.data[0] == "client":
-                        self.clients.drop(key.data[1])
+                self._dispatch_guarded(key, events, listener)
             self._serve()
 
     def _serve(self):
