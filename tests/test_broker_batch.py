@@ -7,7 +7,6 @@ slot up before it is refused exactly as with a read per request."""
 import contextlib
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -63,47 +62,10 @@ def _lib():
     return os.path.dirname(os.path.dirname(gpu_router.__file__))
 
 
-def test_one_table_read_serves_the_turn_and_a_slot_given_up_before_it_is_refused(cfg, tmp_path):
-    views, made = [], []
-
-    @contextlib.contextmanager
-    def batch(payloads):
-        views.append(broker.LockView())
-        yield
-
-    def handler(payload, pid, uid):
-        # As the agent serves a member (uid 4001; group 0 is the requesters' own): broker.handle with the view of
-        # the batch it is served in. No systemd here: the scope is only recorded.
-        fields, _ = broker.handle(payload, pid, 4001, cfg, 0, start_scope=lambda n, p: made.append(n),
-                                  locks=views[-1])
-        return broker.frame(fields)
-
-    loop = Loop(handler=handler, deadline_s=5.0, batch=batch)
-    procs = []
-    try:
-        for slot, release in (("tx.cpu.0", "0"), ("tx.cpu.1", "1")):
-            p = subprocess.Popen(["/usr/bin/python3", "-I", "-c", REQUESTER, _lib(), loop.path,
-                                  str(tmp_path / "locks" / slot), release], stdout=subprocess.PIPE, text=True)
-            assert p.stdout.readline().strip() == "sent"
-            procs.append(p)
-        # Both requests are in before the agent looks: one turn, one batch, one read of /proc/locks.
-        while loop.clients.served < 2:
-            loop.step(0.5)
-        keeper, releaser = (p.stdout.readline().strip() for p in procs)
-        assert keeper == "1", keeper
-        assert releaser.startswith("0") and "holds no slot" in releaser, releaser
-        assert made == [f"gpu-router-tx-{procs[0].pid}-abc.scope"]
-        assert [v.reads for v in views] == [1], "one lock-table read for the whole turn"
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-        loop.close()
-
-
 def _serve(cfg, tmp_path, requesters):
-    """Serve requesters [(slot file, release, SLOT_FD kind)] in one turn; (their replies, the batch's table reads,
-    the scopes made)."""
+    """Serve requesters [(slot file, release, SLOT_FD kind)] in one turn, as the agent serves a member (uid 4001;
+    group 0 is the requesters' own: broker.handle with the view of the batch it is served in; no systemd here, a
+    scope is only recorded); (their replies, each batch's table reads, the scopes made)."""
     views, made = [], []
 
     @contextlib.contextmanager
@@ -126,12 +88,23 @@ def _serve(cfg, tmp_path, requesters):
             procs.append(p)
         while loop.clients.served < len(procs):
             loop.step(0.5)
-        return [p.stdout.readline().strip() for p in procs], sum(v.reads for v in views), made
+        return [p.stdout.readline().strip() for p in procs], [v.reads for v in views], made
     finally:
         for p in procs:
             p.kill()
             p.wait()
         loop.close()
+
+
+def test_one_table_read_serves_the_turn_and_a_slot_given_up_before_it_is_refused(cfg, tmp_path):
+    # Both requests are in before the agent looks: one turn, one batch, one read of /proc/locks. (No SLOT_FD, as
+    # an older wrapper asks: the table judges both.)
+    replies, reads, made = _serve(cfg, tmp_path, [("tx.cpu.0", "0", ""), ("tx.cpu.1", "1", "")])
+    keeper, releaser = replies
+    assert keeper == "1", keeper
+    assert releaser.startswith("0") and "holds no slot" in releaser, releaser
+    assert len(made) == 1 and made[0].startswith("gpu-router-tx-")
+    assert reads == [1], "one lock-table read for the whole turn"
 
 
 def test_a_request_naming_its_slots_descriptor_is_checked_without_the_lock_table(cfg, tmp_path):
@@ -140,7 +113,7 @@ def test_a_request_naming_its_slots_descriptor_is_checked_without_the_lock_table
     requesters, real flocks: two holders are granted with no table read at all."""
     replies, reads, made = _serve(cfg, tmp_path, [("tx.cpu.0", "0", "slot"), ("tx.cpu.1", "0", "slot")])
     assert replies == ["1", "1"] and len(made) == 2
-    assert reads == 0, "no read of /proc/locks for requests whose descriptor shows their slot"
+    assert reads == [0], "no read of /proc/locks for requests whose descriptor shows their slot"
 
 
 @pytest.mark.parametrize("case", ["released", "own file", "no such fd"])
@@ -155,7 +128,7 @@ def test_a_descriptor_that_does_not_show_a_slot_is_judged_by_the_lock_table(cfg,
         requester = ("tx.cpu.0", "1", "")
     replies, reads, made = _serve(cfg, tmp_path, [requester])
     assert replies[0].startswith("0") and "holds no slot" in replies[0], replies
-    assert reads == 1 and made == []
+    assert reads == [1] and made == []
 
 
 def test_the_descriptors_locks_are_the_lock_tables(tmp_path):
