@@ -158,4 +158,3 @@ class JobEnd:
             return None
         device = int(job.device) if isinstance(job.device, str) and job.device.isdigit() else None
         return ask(job.accounting_pids(), device=device, job_started=job.started, not_before=job.first_start())
-
