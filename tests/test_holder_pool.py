@@ -1,6 +1,6 @@
-"""The holders of a batch of scope requests (daemon/holder.Pool): real ``sleep infinity`` processes, started
-together, handed out asleep, reaped when they die in the pool and when the pool is closed: none is ever left
-behind, neither a zombie nor an orphan that blocks SIGTERM for ever."""
+"""The holders the agent keeps ready for scope requests (daemon/holder.Pool): real ``sleep infinity`` processes,
+started together or topped up a few at a time, handed out asleep, reaped when they die in the pool and when the
+pool is closed: none is ever left behind, neither a zombie nor an orphan that blocks SIGTERM for ever."""
 
 import os
 import signal
@@ -73,3 +73,31 @@ def test_an_empty_pool_still_gives_a_holder_and_a_failing_spawn_stops_the_fillin
     pool.fill(2)
     assert pool.failed == 1 and pool.pids() == []
     assert pool.take() is None
+
+
+def test_top_up_fills_the_pool_a_few_at_a_time_and_waits_after_a_failed_spawn(monkeypatch):
+    """The loop tops the pool up when idle (resident.Agent._top_up_holders): ``limit`` spawns a turn, True while
+    more are missing; a spawn that fails is not tried again before TOP_UP_RETRY_S (the loop would otherwise try
+    at every turn, and the topping's select(0) would spin)."""
+    pool = holder.Pool(size=5)
+    taken = None
+    try:
+        assert pool.top_up(limit=2) is True and len(pool.pids()) == 2
+        assert pool.top_up(limit=2) is True and len(pool.pids()) == 4
+        assert pool.top_up(limit=2) is False and len(pool.pids()) == 5  # full now
+        assert pool.top_up(limit=2) is False and len(pool.pids()) == 5
+        taken = pool.take()
+        assert holder.is_holder(taken.pid) and taken.pid not in pool.pids() and len(pool.pids()) == 4
+        _until(lambda: (pool._sort(), len(pool.ready) == 4)[1])  # kept asleep, none ended behind the caller's back
+        with monkeypatch.context() as m:
+            m.setattr(holder, "SLEEP", ("/nonexistent/sleep",))
+            assert pool.top_up(now=100.0) is False and pool.failed == 1
+        assert pool.top_up(now=100.0 + holder.TOP_UP_RETRY_S - 0.1) is False and len(pool.pids()) == 4
+        assert pool.top_up(now=100.0 + holder.TOP_UP_RETRY_S) is False and len(pool.pids()) == 5
+        idle = pool.pids()
+    finally:
+        pool.close()
+        if taken is not None:
+            taken.release()
+    for pid in idle:
+        assert _gone(pid), f"pooled holder {pid} left behind after close()"

@@ -68,25 +68,62 @@ def changes(m):
 # ---------------------------------------------------------------- ours vs foreign
 
 def test_a_job_whose_reservation_ends_during_the_sample_is_still_ours(make_monitor, nvml):
-    """The ledger is read before and after the backend's sample: a job that was admitted when sampled but whose
-    reservation is gone by the time the ledger is read again (it just ended) is ours, never foreign use. Before,
-    only the later read counted, and its VRAM showed up as foreign until the next sample."""
+    """A job the backend saw whose reservation is gone by the time the ledger is read (it just ended) is ours, never
+    foreign use: the PIDs of the previous ledger read count too, for two sample intervals (not longer: a PID may be
+    reused). Before the ledger read moved after the backend's sample (it costs the agent's loop a grace period), a
+    read before the sample did this."""
     nvml.add_gpu(16384)
     job = nvml.start_job(3000, 60, gpu=0)
     try:
         FakeGpus.wait_for(lambda: len(nvml.claims()) == 1)
-        reads = []
-
-        def ledger():
-            reads.append(1)
-            return [job.pid] if len(reads) == 1 else []   # the job's reservation ends between the two reads
-
-        g0 = make_monitor(reserved_pids=ledger).sample_once()["gpus"][0]
+        ledger = [job.pid]
+        m = make_monitor(reserved_pids=lambda: list(ledger), interval=1.0)
+        g0 = m.sample_once()["gpus"][0]
+        assert (g0["ours_mb"], g0["foreign_mb"]) == (3000, 0), g0
+        ledger.clear()  # the job's reservation ends; the backend still lists its process
+        m.clock_.t += 1.0
+        g0 = m.sample_once()["gpus"][0]
         assert (g0["ours_mb"], g0["foreign_mb"]) == (3000, 0), g0
         assert g0["processes"] == [{"pid": job.pid, "used_mb": 3000, "ours": True, "job": job.pid}]
+        m.clock_.t += 2.5  # the last read that named it is older than two intervals now
+        assert m.sample_once()["gpus"][0]["ours_mb"] == 0
     finally:
         job.kill()
         job.wait()
+
+
+def test_the_ledger_is_read_only_for_a_process_no_accounted_job_explains(make_monitor, nvml):
+    """reserved_pids() reads /proc/locks (an RCU grace period of the agent's loop): not at all while no GPU lists a
+    process or the accounted jobs (known_pids) explain each one, once per sample otherwise."""
+    nvml.add_gpu(16384)
+    reads = []
+
+    def ledger():
+        reads.append(1)
+        return []
+
+    accounted = []
+    m = make_monitor(reserved_pids=ledger, known_pids=lambda: list(accounted))
+    m.sample_once()
+    assert reads == []  # no process on any GPU
+    env = dict(nvml.env, CUDA_VISIBLE_DEVICES="0")
+    parent = subprocess.Popen(["/bin/sh", "-c", f"{' '.join(nvml.job_cmd(3000, 60))}; exit $?"], env=env)
+    procs = [parent]
+    try:
+        FakeGpus.wait_for(lambda: len(nvml.claims()) == 1)
+        accounted.append(parent.pid)  # an accounted job; its child holds the VRAM
+        g0 = m.sample_once()["gpus"][0]
+        assert (g0["ours_mb"], reads) == (3000, []), (g0, reads)
+        procs.append(nvml.start_job(2000, 60, gpu=0))  # another user's
+        FakeGpus.wait_for(lambda: len(nvml.claims()) == 2)
+        g0 = m.sample_once()["gpus"][0]
+        assert (g0["ours_mb"], g0["foreign_mb"], len(reads)) == (3000, 2000, 1), (g0, reads)
+    finally:
+        for _g, pid, _mb in nvml.claims():
+            os.kill(pid, signal.SIGKILL)
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def test_foreign_and_ours_processes(make_monitor, nvml):
@@ -112,8 +149,9 @@ def test_foreign_and_ours_processes(make_monitor, nvml):
                            "ours_mb", "foreign_mb", "processes", "utilization"}  # utilization: NVML's busy %
         assert set(snap) == {"version", "time", "source", "error", "driver", "gpus"}
         assert snapshot.read(m.snapshot_path, 5.0) == (snap, "ok")
-        # Without the reservation the same job is foreign
+        # Without the reservation the same job is foreign (once the read that named it is two intervals old)
         m.reserved_pids = lambda: []
+        m.clock_.t += 2 * m.interval + 0.1
         assert m.sample_once()["gpus"][0]["ours_mb"] == 0
     finally:
         for _g, pid, _mb in nvml.claims():

@@ -382,7 +382,7 @@ def test_units_verify(built):
     assert not problems, "\n".join(problems)
     service = (built.root / "lib/systemd/system/gpu-router-agent.service").read_text()
     for line in ("Type=notify", "NotifyAccess=main", "WatchdogSec=30", "Restart=on-failure",
-                 "ExecStart=/usr/sbin/gpu-router-agent", "KillMode=control-group"):
+                 "ExecStart=/usr/sbin/gpu-router-agent", "KillMode=mixed"):
         assert re.search(rf"^{re.escape(line)}$", service, re.M), line
     socket = (built.root / "lib/systemd/system/gpu-router-agent.socket").read_text()
     for line in ("ListenStream=/run/gpu-router/agent.sock", "SocketMode=0660", "SocketGroup=gpu-router"):

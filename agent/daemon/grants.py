@@ -96,16 +96,16 @@ class Grants:
     def request_batch(self, payloads=()):
         """The requests of one loop turn (clients.Clients.serve): what every one of them reads the same is read
         once — the config (reloaded), the group's id, and the kernel's lock table (broker.LockView, whose
-        docstring says why one read after the batch arrived is each request's own) — and the holders of those
-        that ask for a scope are started together (holder.Pool), ended at the batch's end if not taken."""
+        docstring says why one read after the batch arrived is each request's own) — and the holders missing
+        from the pool for those that ask for a scope are started together (holder.Pool); those not taken stay
+        in the pool for the next requests."""
         self._batch = self._new_batch()
-        # A hint only (the request is checked later): a holder too many is ended below, one too few is spawned.
+        # A hint only (the request is checked later): a holder too many stays in the pool, one too few is spawned.
         self.holder_pool.fill(sum(1 for p in payloads if b"OP=scope\n" in p))
         try:
             yield
         finally:
             self._batch = None
-            self.holder_pool.close()
 
     def _new_batch(self):
         try:  # a profile added a moment ago must be known to the very next request (a cache hit costs ~1 ms)

@@ -11,7 +11,7 @@ pending and is never delivered; SIGKILL cannot be blocked): when systemd stops t
 (RuntimeMaxSec=, BindsTo=, OOMPolicy=stop after an OOM kill) the job ends but the holder stays until the agent
 has read the counters. If the agent is not running then, systemd's own TimeoutStopSec ends it with SIGKILL; a
 restarted agent ends holders of jobs it finds dead. The holder is the agent's child (reaped by it) until the agent
-restarts; then it is init's.
+restarts; then it is init's. Until a scope takes it, a holder sleeps in the agent's own cgroup (``Pool``).
 """
 
 import os
@@ -133,29 +133,34 @@ def _await(h, deadline):
 
 
 POOL_SIZE = 16
+TOP_UP_PER_TURN = 4    # holders started in one idle loop turn: a request that arrives meanwhile waits for few
+TOP_UP_RETRY_S = 5.0   # after a failed spawn (no sleep binary, out of processes), before the next attempt
 
 
 class Pool:
-    """Holders started together for a batch of scope requests (the requests of one loop turn), so that they exec
-    and fall asleep side by side while the agent checks the requests and calls systemd, instead of one after the
-    other, each request waiting for its own (posix_spawn, then exec, ld.so and libc: milliseconds, and many more
-    when a burst of wrappers keeps both cores busy and the agent waits its turn after every look).
+    """Holders kept asleep in the agent for the scope requests to come, so that a burst's requests take one each
+    instead of waiting for their own: a spawn is posix_spawn, then exec, ld.so and libc, measured at 4–9 ms of the
+    agent's one loop per holder when a burst of wrappers keeps both cores busy (bench/README.md, "Holders kept
+    ready"), and the holders' own start competed with the burst for the cores.
 
-    ``fill(n)`` starts up to ``n`` holders (at most ``size``) without waiting for them to sleep; ``take()`` hands
-    out one seen asleep — the same holder spawn() makes, is_holder() true — else waits for the oldest one starting,
-    else spawns one the old way; ``close()`` (the batch's end, and the agent's stop) ends and reaps those not taken.
-    Every holder stays the agent's child, reaped when it dies or is ended.
+    ``top_up()`` (the loop calls it when it has nothing else to do: no request pending, no scope in flight) starts
+    a few holders at a time until ``size`` are asleep or on their way; ``fill(n)`` starts, for a batch of ``n``
+    requests, those missing; neither waits for a holder to sleep. ``take()`` hands out one seen asleep — the same
+    holder spawn() makes, is_holder() true — else waits for the oldest one starting, else spawns one the old way.
+    ``close()`` (the agent's stop) ends and reaps every one not taken. Every holder stays the agent's child, reaped
+    when it dies or is ended.
 
-    Never kept idle between batches: a holder blocks SIGTERM, so one waiting in the agent's cgroup when the agent
-    dies (a crash, the watchdog's SIGABRT) would hold its restart up by TimeoutStopSec (15 s, measured 18.7 s in
-    the lane's container against ~3 s) until systemd SIGKILLs it. A batch's holders are there for milliseconds, as
-    a single holder between its spawn and its StartTransientUnit always was."""
+    An idle holder blocks SIGTERM like any holder. What keeps one from holding up the agent's restart after a crash
+    (systemd's SIGTERM to the whole cgroup, then TimeoutStopSec) is the unit's KillMode=mixed: SIGTERM to the agent
+    alone, SIGKILL to whatever is left in its cgroup once it has exited (tests/systemd/test_scopes.py kills an agent
+    with a full pool and sees it back at once, its old holders gone)."""
 
     def __init__(self, size=POOL_SIZE):
         self.size = size
         self.ready = []     # asleep: ready to be put in a scope
         self.starting = []  # spawned, not yet seen asleep
         self.failed = 0     # spawns that failed (no sleep binary, out of processes)
+        self.retry_at = 0.0  # top_up() starts nothing before this (monotonic): a failed spawn is not retried at once
 
     def _sort(self):
         waiting = []
@@ -194,11 +199,29 @@ class Pool:
                 return
             self.starting.append(h)
 
+    def top_up(self, limit=TOP_UP_PER_TURN, now=None):
+        """Start up to ``limit`` holders towards ``size``; True while more are missing (call again soon), False
+        when the pool is full or a spawn just failed (retried TOP_UP_RETRY_S later)."""
+        now = time.monotonic() if now is None else now
+        if now < self.retry_at:
+            return False
+        self._sort()
+        for _ in range(limit):
+            if len(self.ready) + len(self.starting) >= self.size:
+                return False
+            h = _start()
+            if h is None:
+                self.failed += 1
+                self.retry_at = now + TOP_UP_RETRY_S
+                return False
+            self.starting.append(h)
+        return len(self.ready) + len(self.starting) < self.size
+
     def pids(self):
         return [h.pid for h in self.ready + self.starting]
 
     def close(self):
-        """End and reap every holder not taken (the batch is served, or the agent stops)."""
+        """End and reap every holder not taken (the agent stops)."""
         for h in self.ready + self.starting:
             h.release()
         self.ready, self.starting = [], []

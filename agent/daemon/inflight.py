@@ -42,6 +42,10 @@ class InFlight:
         self.names[name] = path
         return path
 
+    def connected(self):
+        """Whether the connection to systemd is open (a scope was begun on it, and it has not been lost since)."""
+        return self.bus.bus is not None
+
     def attach(self, name, token):
         """The caller's token for the job of ``name``; its end is reported from now on (at once if it came)."""
         job = self.jobs.get(self.names.get(name))

@@ -12,7 +12,10 @@ Another user's process that appears with at least FOREIGN_NOTE_MB of VRAM is one
 A process is ours when it or an ancestor is among ``reserved_pids()`` (Agent.reserved_pids: accounted jobs, VRAM
 reservations read verified, holders of real slot files; never a PID a member's record merely names, trust.py) or
 its cgroup path contains "gpu-router" (our scopes). Everything else, including memory no process accounts for
-(driver overhead, other containers), is foreign: not ours to give out.
+(driver overhead, other containers), is foreign: not ours to give out. ``known_pids()`` (the agent's accounted
+jobs, in memory) is asked first; ``reserved_pids()`` reads the ledger and /proc/locks, whose read holds the
+agent's one loop for an RCU grace period (5–25 ms measured: bench/README.md), so it is read only for a process no
+accounted job explains, at most once a sample (``_Ownership``).
 
 sd_notify and the watchdog are sdglue.py's, the service's lifetime resident.py's (the Agent); ``on_sample`` is the hook it needs.
 """
@@ -33,13 +36,14 @@ class Monitor:
     backend: a backend object (gpu.NvmlBackend, ...) or a preference string for gpu.open_backend.
     snapshot_path: where to publish (None: do not write; sample_once still returns the dict).
     reserved_pids: callable -> iterable of PIDs whose process trees are our jobs (errors count as empty).
+    known_pids: callable -> the part of those known without reading anything (the agent's accounted jobs).
     emit: journal.emit-compatible callable (event, message, fields). clock/monotonic: injectable for tests.
     """
 
     def __init__(self, backend="auto", snapshot_path=snapshot.DEFAULT_PATH, interval=2.0, reserved_pids=None,
                  xid_ignore=gpu_mod.APPLICATION_XIDS, xid_holdoff_s=300.0, call_timeout_s=5.0, emit=None,
                  on_sample=None, proc_root="/proc", clock=time.time, monotonic=time.monotonic, accounting="auto",
-                 log=None):
+                 log=None, known_pids=None):
         if isinstance(backend, str):
             backend = gpu_mod.open_backend(backend, call_timeout_s=call_timeout_s, accounting=accounting)
         self.log = log  # structlog-like logger for the backend's notes (accounting mode turned on, refused, ...)
@@ -47,6 +51,8 @@ class Monitor:
         self.snapshot_path = snapshot_path
         self.interval = float(interval)
         self.reserved_pids = reserved_pids or (lambda: ())
+        self.known_pids = known_pids or (lambda: ())
+        self._read_reserved = (None, frozenset())  # (monotonic time, PIDs) of the last reserved_pids() read
         self.xid_ignore = frozenset(int(x) for x in xid_ignore)
         self.xid_holdoff_s = float(xid_holdoff_s)
         self.emit = emit or journal.emit
@@ -105,9 +111,9 @@ class Monitor:
             return True, job
         return any("gpu-router" in path for _c, path in confinement.read(pid, self.proc_root)), None
 
-    def _reserved(self):
+    def _reserved(self, source=None):
         try:
-            return {int(p) for p in self.reserved_pids()}
+            return {int(p) for p in (source or self.reserved_pids)()}
         except Exception:  # the ledger being unreadable must not stop sampling: nothing counts as ours then
             return set()
 
@@ -216,15 +222,11 @@ class Monitor:
     def sample_once(self):
         """Sample, update health, publish; returns the snapshot dict (schema: HACKING.md)."""
         started = self.clock()
-        # The ledger is read before and after the backend's sample: a job that ended in between was ours when
-        # sampled (its VRAM must not turn up as foreign use), and one admitted in between is ours too.
-        reserved = self._reserved()
+        ownership = _Ownership(self)  # the accounted jobs now, before the backend's sample
         raw = self.backend.sample()
         now = self.monotonic()
         gpus = raw.get("gpus") or []
         self._apply_xids(raw.get("xid_events") or (), gpus, now)
-        reserved |= self._reserved()
-        cache = {}
         out = []
         seen = set()
         for g in gpus:
@@ -233,7 +235,7 @@ class Monitor:
             health, reason = self._health_of(g, now)
             processes = []
             for p in g.get("processes") or ():
-                ours, job = self.classify(p["pid"], reserved, cache)
+                ours, job = ownership.classify(p["pid"])
                 processes.append({"pid": p["pid"], "used_mb": p["used_mb"], "ours": ours, "job": job})
             used = g.get("used_mb")
             if used is None:
@@ -307,3 +309,33 @@ def describe(snap):
 
 
 __all__ = ["Monitor", "describe"]
+
+
+class _Ownership:
+    """Whose GPU processes are ours, for one sample. The agent's accounted jobs (known_pids) are asked first: the
+    same loop that ends their accounts runs this sample, so a job accounted when the sample began is still one
+    when its processes are classified. The rest (reserved_pids: the ledger and the slot holders) costs a read of
+    /proc/locks, so it is read only for a process no accounted job or scope explains, once, after the backend's
+    sample; the PIDs of the previous read count too when it was at most two sample intervals ago, so a job that
+    ended between the backend's sample and the read (its reservation gone) was still ours when sampled."""
+
+    def __init__(self, mon):
+        self.mon = mon
+        self.known = mon._reserved(mon.known_pids)
+        self.cache = {}
+        self.full = None
+        self.full_cache = {}
+
+    def classify(self, pid):
+        ours, job = self.mon.classify(pid, self.known, self.cache)
+        if ours:
+            return ours, job
+        if self.full is None:
+            mon = self.mon
+            fresh = mon._reserved()
+            at, last = mon._read_reserved
+            now = mon.monotonic()
+            recent = last if at is not None and now - at <= 2 * mon.interval else frozenset()
+            self.full = self.known | fresh | recent
+            mon._read_reserved = (now, frozenset(fresh))
+        return self.mon.classify(pid, self.full, self.full_cache)

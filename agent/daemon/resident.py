@@ -30,7 +30,8 @@ class Agent(grants.Grants, jobend.JobEnd):
         self.log = _logger()
         self.notify = sdglue.Notifier()
         self.jobs = {}  # pid → JobAccount
-        self.monitor = monitor if monitor is not None else _make_monitor(self.cfg, self.reserved_pids, self.log)
+        self.monitor = monitor if monitor is not None else _make_monitor(self.cfg, self.reserved_pids, self.log,
+                                                                         known_pids=self.known_pids)
         self.snapshot = None
         self.stopping = False
         self.selector = selectors.DefaultSelector()
@@ -42,7 +43,7 @@ class Agent(grants.Grants, jobend.JobEnd):
         self.proc_stored = False  # a copy of self.proc is in systemd's fd store
         self.records = jobrecord.directory(self.cfg.gpu.snapshot)
         self._holders = {}  # scope name → Holder, between StartTransientUnit and the grant
-        self.holder_pool = holder.Pool()  # the holders started for the batch of requests being served
+        self.holder_pool = holder.Pool()  # holders asleep, ready for the next scope requests (topped up when idle)
         self.inflight = inflight.InFlight(self.selector, self.scope_ended, warn=self.log.warning)  # start jobs
         self._waiting = {}  # pid → [(payload, uid, answer)]: its requests that came while its scope was made
         self.outgrown = {}  # (gpu key, pid) → the MiB last reported for a job that outgrew its reservation
@@ -51,6 +52,10 @@ class Agent(grants.Grants, jobend.JobEnd):
         self._gpu_exits = []  # (device, monotonic time, peak MiB) of the GPU jobs that ended in jobend.NEIGHBOUR_S
 
     # -- pieces ------------------------------------------------------------------------------------------------
+
+    def known_pids(self):
+        """The accounted jobs' PIDs: the part of reserved_pids known without reading the ledger or /proc/locks."""
+        return list(self.jobs)
 
     def reserved_pids(self):
         """Our jobs' PIDs for the monitor: accounted jobs, VRAM reservations, and slot holders (a slots-mode job
@@ -325,6 +330,7 @@ class Agent(grants.Grants, jobend.JobEnd):
         dog = sdglue.watchdog_interval()
         next_sample = time.monotonic() + interval
         next_dog = time.monotonic()
+        topping = False  # the holder pool is still being topped up: the next turn does not sleep in select()
         while not self.stopping:
             now = time.monotonic()
             if dog and now >= next_dog:
@@ -342,12 +348,13 @@ class Agent(grants.Grants, jobend.JobEnd):
             self.inflight.expire()
             wake = min(sample_due, next_dog if dog else sample_due, self.clients.next_deadline() or sample_due,
                        self.inflight.next_deadline() or sample_due)
-            timeout = max(0.0, wake - time.monotonic())
+            timeout = 0.0 if topping else max(0.0, wake - time.monotonic())
             # New connections last: the requests already accepted are read (and their scopes begun) first, so a
             # burst is not refused for connections of its own that merely wait to be read.
             for key, events in sorted(self.selector.select(timeout), key=lambda ke: ke[0].data == "broker"):
                 self._dispatch_guarded(key, events, listener)
             self._serve()
+            topping = self._top_up_holders()
         self._answer_accepted(listener)
         self.clients.close_all()
         self.holder_pool.close()
@@ -358,6 +365,16 @@ class Agent(grants.Grants, jobend.JobEnd):
         journal.emit("agent", f"gpu-router-agent stopping; {len(self.jobs)} job(s) keep running in their scopes",
                      {"STATE": "stopping"})
         return 0
+
+    def _top_up_holders(self):
+        """Holders for the next burst are started only on an agent that makes scopes (its connection to systemd
+        is open: none where every workload has scope = "off", or no systemd runs), and only when nothing waits on
+        this loop: no request read and not served, no scope in flight (its wrapper waits for the JobRemoved this
+        loop reads); a few per turn (each spawn holds the loop until the holder's exec). True while the pool is
+        still short."""
+        if not self.inflight.connected() or self.clients.pending or self.inflight.jobs or self._waiting:
+            return False
+        return bool(self._guarded("holder-pool", self.holder_pool.top_up))
 
     def _dispatch_guarded(self, key, events, listener):
         try:
@@ -494,13 +511,13 @@ def _logger():
     return log.setup()
 
 
-def _make_monitor(cfg, reserved_pids, log=None):
+def _make_monitor(cfg, reserved_pids, log=None, known_pids=None):
     from . import monitor
 
     g = cfg.gpu
     mon = monitor.Monitor(backend=g.backend, snapshot_path=g.snapshot, interval=g.sample_interval,
                           reserved_pids=reserved_pids, xid_ignore=g.ignored_xids, xid_holdoff_s=g.xid_holdoff,
-                          call_timeout_s=g.call_timeout, accounting=g.accounting, log=log)
+                          call_timeout_s=g.call_timeout, accounting=g.accounting, log=log, known_pids=known_pids)
     if hasattr(mon.backend, "enabled_at"):
         mon.backend.enabled_at = accounting_mode.read_enabled_at(cfg)
     return mon

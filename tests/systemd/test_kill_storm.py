@@ -3,10 +3,11 @@ jobs of a member of group gpu-router (so every scope is made by the agent's brok
 a job record under /run/gpu-router/jobs), scope = "required", and at random: a wrapper SIGKILLed before its exec,
 a running job SIGKILLed, and the agent SIGKILLed with `systemctl kill -s KILL` (systemd restarts it).
 
-Afterwards, within a bounded wait: no gpu-router scope unit, no holder, no slot, no reservation, no job record; the
-agent active with as many descriptors as a fresh one; and the runner's ledger (what each attempt exited with)
-matches the journal: a routed or a blocked event for what ran or was refused, one job-finished event for every job
-that reached its scope, with the runner's exit status where the agent knew it. No traceback anywhere.
+Afterwards, within a bounded wait: no gpu-router scope unit, no holder outside the running agent's pool, no slot,
+no reservation, no job record; the agent active with as many descriptors as a fresh one; and the runner's ledger
+(what each attempt exited with) matches the journal: a routed or a blocked event for what ran or was refused, one
+job-finished event for every job that reached its scope, with the runner's exit status where the agent knew it.
+No traceback anywhere.
 
 tests/test_storm.py is the same storm without systemd (scope = "off"), with the fake NVML and the VRAM ledger
 under load; this one is about scopes, holders, records and agent restarts. The jobs are tests/storm_job.c (a C
@@ -36,7 +37,7 @@ import pytest
 import harness
 from harness import require_lane
 from test_deb import APT, build_gpu_router
-from test_scopes import FAKE_SMI
+from test_scopes import FAKE_SMI, HOLDERS, holders
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JOB_SOURCE = os.path.join(os.path.dirname(HERE), "storm_job.c")
@@ -159,9 +160,9 @@ def test_kill_storm_with_real_scopes_leaves_nothing_and_the_ledger_matches_the_j
     # ---- afterwards: nothing held, within a bounded wait (the last jobs' accounts close at the agent's sample) ----
     def settled():
         left = box.run("systemctl list-units --all --plain --no-legend 'gpu-router-*.scope' | awk '{print $1}'; "
-                       "pgrep -fx 'sleep infinity' | sed 's/^/holder /'; pgrep -x storm_job | sed 's/^/job /'; "
-                       "ls -A /run/gpu-router/jobs | sed 's/^/record /'", check=False).stdout.split("\n")
-        left = [x for x in left if x.strip()]
+                       "pgrep -x storm_job | sed 's/^/job /'; ls -A /run/gpu-router/jobs | sed 's/^/record /'; "
+                       + HOLDERS, check=False).stdout.split("\n")
+        left = [x for x in left if x.strip() and not x.startswith("pool ")]  # the running agent's pool is no leftover
         return left == [] or None
 
     t0 = time.monotonic()
@@ -288,7 +289,7 @@ def test_kill_storm_with_real_scopes_leaves_nothing_and_the_ledger_matches_the_j
           f"{dict(sorted(results.items()))} ({known} with an exit status), {recovering} restarts finished a killed "
           f"agent's accounts; {len(refusals)} refusals of killed "
           f"wrappers; agent fds {fds0} fresh, "
-          f"{fd_count(box, agent['MainPID'])} after")
+          f"{fd_count(box, agent['MainPID'])} after, {len(holders(box)['pool'])} holders asleep in its pool")
     assert traceback == "0", box.run("journalctl -b --no-pager -q -o cat | grep -B2 -A20 Traceback | head -80",
                                      check=False).stdout
     assert len(kills) >= 3 and restarts >= len(kills), (kills, restarts)

@@ -80,6 +80,22 @@ def sh(cmd, check=True, timeout=120):
     return r
 
 
+def stray_holders():
+    """The `sleep infinity` holders left behind: any not asleep in the running agent's pool (its own cgroup, its
+    children: daemon/holder.Pool), as tests/systemd/test_scopes.py's HOLDERS tells them apart."""
+    main = sh("systemctl show -P MainPID gpu-router-agent.service").stdout.strip()
+    stray = []
+    for pid in sh("pgrep -fx 'sleep infinity'", check=False).stdout.split():
+        try:
+            cgroup = pathlib.Path(f"/proc/{pid}/cgroup").read_text().strip()
+            ppid = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if not (cgroup.endswith("/gpu-router-agent.service") and ppid == main):
+            stray.append(pid)
+    return stray
+
+
 def wait_for(predicate, timeout=60, interval=0.5):
     deadline = time.monotonic() + timeout
     while True:
@@ -269,7 +285,7 @@ def test_acceptance_batch():
     counts["overhead_mb"] = overhead
     counts["batch_s"] = round(batch_s, 1)
     leftovers = {"records": sorted(os.listdir("/run/gpu-router/jobs")) if os.path.isdir("/run/gpu-router/jobs")
-                 else [], "holders": sh("pgrep -fx 'sleep infinity'", check=False).stdout.split(),
+                 else [], "holders": stray_holders(),
                  "scopes": sh("systemctl list-units --plain --no-legend 'gpu-router-*.scope'").stdout.split()}
     counts["leftovers"] = leftovers
     (OUT / "acceptance.json").write_text(json.dumps({"counts": counts, "jobs": rows}, indent=1))
@@ -289,5 +305,5 @@ def test_acceptance_batch():
 
 def test_nothing_is_left_behind():
     wait_for(accounted, timeout=30)
-    wait_for(lambda: not sh("pgrep -fx 'sleep infinity'", check=False).stdout.strip(), timeout=30)
+    wait_for(lambda: not stray_holders(), timeout=30)
     assert not sh("systemctl list-units --plain --no-legend 'gpu-router-*.scope'").stdout.strip()
