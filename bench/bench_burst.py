@@ -7,7 +7,7 @@
 N jobs are started at once; each one's latency is from its launch (just before the fork) to its first instruction
 (the job is `/bin/sh stamp.sh`, which writes `date +%s.%N`). Sides, interleaved round by round:
   systemd-run   `systemd-run --scope --quiet --slice=gpu-router-cpu.slice` as root (a member may not: polkit);
-  gpu-router    `gpu-router run` as a member of group gpu-router, the workload with scope = "required";
+  gpu-router    `gpu-router run` launched by a member of group gpu-router, the workload with scope = "required";
   old           the same with the code of --old (git archive of that commit), when given;
   no-scope      the same workload with scope = "off" (--floor): what the wrapper costs without the broker;
   setting       gpu-router with the agent's unit given --agent-setting (a drop-in, e.g. Nice=-5), when given.
@@ -16,6 +16,7 @@ refused a scope exits 69/75 and writes no stamp).
 """
 
 import argparse
+import json
 import os
 import pathlib
 import subprocess
@@ -57,24 +58,20 @@ STAMP = 'exec date +%s.%N > "$1"\n'
 
 # Runs inside the container as root: launches N at once, waits for all, prints "latency exit" per job.
 DRIVER = r"""
-import os, subprocess, sys, time, pwd
+import os, subprocess, sys, time
 side, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 os.makedirs(out, exist_ok=True)
 os.chmod(out, 0o1777)
-runner = pwd.getpwnam("runner")
 if side == "systemd-run":
     argv = ["systemd-run", "--scope", "--quiet", "--collect", "--slice=gpu-router-cpu.slice", "--",
             "/bin/sh", "/srv/stamp.sh"]
-    kw = {}
 else:
     argv = ["gpu-router", "run", "--workload", "bare" if side == "no-scope" else "burst", "--", "/srv/stamp.sh"]
-    kw = dict(user=runner.pw_uid, group=runner.pw_gid, extra_groups=os.getgrouplist("runner", runner.pw_gid))
 procs = []
 for i in range(n):
     path = f"{out}/{i}"
     t = time.time()
-    procs.append((t, path, subprocess.Popen(argv + [path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                            **kw)))
+    procs.append((t, path, subprocess.Popen(argv + [path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
 for t, path, p in procs:
     err = p.communicate()[1].decode(errors="replace").strip().splitlines()
     try:
@@ -103,6 +100,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3, help="rounds per size (512: one)")
     ap.add_argument("--old", help="a commit to measure side by side (e.g. 939dc14)")
     ap.add_argument("--floor", action="store_true", help="also gpu-router without a scope (no broker)")
+    ap.add_argument("--dump", metavar="FILE", help="also write every latency, per size, side and round, as JSON")
     ap.add_argument("--agent-setting", action="append", default=[], metavar="KEY=VALUE",
                     help="also gpu-router with this [Service] setting in the agent's unit (repeatable)")
     args = ap.parse_args(argv)
@@ -148,29 +146,38 @@ def main(argv=None):
                 current = (tree, setting)
 
         results = {}
+        rounds = {}  # "N side" -> [[latency per job, -1 for a failed one] per round], for --dump
         for n in [int(x) for x in args.sizes.split(",")]:
             for r in range(1 if n >= 512 else args.rounds):
                 for side in sides:
                     use("/old/agent" if side == "old" else "/opt/gpu-router/agent", side == "setting")
+                    # The member's jobs are launched by a process of the member, as a job runner launches them
+                    # (root dropping privileges per job made subprocess fork instead of vfork: ~1 ms more per
+                    # launch under load, on the gpu-router sides alone); systemd-run by root (polkit).
                     out = c.run(["/usr/bin/python3", "/srv/driver.py", side, str(n), f"/tmp/burst-{side}-{n}-{r}"],
-                                timeout=600).stdout.splitlines()
+                                user=None if side == "systemd-run" else "runner", timeout=600).stdout.splitlines()
                     c.wait_for('test -z "$(systemctl list-jobs --no-legend)"', timeout=300, interval=0.2)
                     lat, failed = results.setdefault((n, side), ([], []))
+                    rounds.setdefault(f"{n} {side}", []).append([float(line.split(" ", 1)[0]) for line in out])
                     for line in out:
                         value, code, *why = line.split(" ", 2)
                         if float(value) < 0 or code != "0":
                             failed.append(f"exit {code} {' '.join(why)}".strip())
                         else:
                             lat.append(float(value))
-        print(f"{'N':>5} | {'side':<12} | {'p50 s':>7} | {'p99 s':>7} | {'p99 / systemd-run':>17} | failed")
+        if args.dump:
+            pathlib.Path(args.dump).write_text(json.dumps(rounds))
+        print(f"{'N':>5} | {'side':<12} | {'p50 s':>7} | {'p90 s':>7} | {'p99 s':>7} | {'max s':>7} | "
+              f"{'p99 / systemd-run':>17} | failed")
         for n in sorted({k[0] for k in results}):
             base = results[(n, "systemd-run")][0]
             for side in sides[-1:] + sides[:-1]:
                 lat, failed = results[(n, side)]
-                p50, p99 = (percentile(lat, 50), percentile(lat, 99)) if lat else (float("nan"),) * 2
+                p50, p90, p99, top = ([percentile(lat, q) for q in (50, 90, 99)] + [max(lat)] if lat
+                                      else [float("nan")] * 4)
                 ratio = p99 / percentile(base, 99) if lat and base else float("nan")
-                print(f"{n:>5} | {side:<12} | {p50:7.3f} | {p99:7.3f} | {ratio:16.2f}x | {len(failed)}"
-                      f"{' (' + failed[0] + ')' if failed else ''}")
+                print(f"{n:>5} | {side:<12} | {p50:7.3f} | {p90:7.3f} | {p99:7.3f} | {top:7.3f} | {ratio:16.2f}x | "
+                      f"{len(failed)}{' (' + failed[0] + ')' if failed else ''}")
     finally:
         c.stop()
     return 0

@@ -169,6 +169,7 @@ def broker_server(open_dir):
         created.append((name, dict(props)))
 
     stop = threading.Event()
+    served = threading.Semaphore(0)  # one per connection handled (the reply goes out before its grant is noted)
 
     def serve():
         listener.settimeout(0.2)
@@ -180,6 +181,7 @@ def broker_server(open_dir):
             with conn:
                 g = broker.serve_one(conn, cfg, MEMBER_GID, start_scope=record_scope)
                 grants.append(g)
+            served.release()
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
@@ -191,7 +193,9 @@ def broker_server(open_dir):
         if uid is not None:
             argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}",
                     f"--groups={groups}" if groups else "--clear-groups"] + argv
-        return subprocess.run(argv, capture_output=True, text=True, timeout=20).stdout.split()
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=20).stdout.split()
+        assert served.acquire(timeout=10), "the broker did not finish with the connection"
+        return out
 
     def journal_events():
         journal_sock.setblocking(False)
