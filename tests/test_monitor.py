@@ -114,6 +114,12 @@ def test_the_ledger_is_read_only_for_a_process_no_accounted_job_explains(make_mo
         accounted.append(parent.pid)  # an accounted job; its child holds the VRAM
         g0 = m.sample_once()["gpus"][0]
         assert (g0["ours_mb"], reads) == (3000, []), (g0, reads)
+        accounted.clear()  # its account closed while the backend still lists its process: the last sample knew it
+        m.clock_.t += 1.0
+        g0 = m.sample_once()["gpus"][0]
+        assert (g0["ours_mb"], reads) == (3000, []), (g0, reads)
+        accounted.append(parent.pid)
+        m.clock_.t += 1.0
         procs.append(nvml.start_job(2000, 60, gpu=0))  # another user's
         FakeGpus.wait_for(lambda: len(nvml.claims()) == 2)
         g0 = m.sample_once()["gpus"][0]

@@ -52,7 +52,7 @@ class Monitor:
         self.interval = float(interval)
         self.reserved_pids = reserved_pids or (lambda: ())
         self.known_pids = known_pids or (lambda: ())
-        self._read_reserved = (None, frozenset())  # (monotonic time, PIDs) of the last reserved_pids() read
+        self._recent = (None, frozenset())  # (monotonic time, PIDs) known ours at the last sample (_Ownership)
         self.xid_ignore = frozenset(int(x) for x in xid_ignore)
         self.xid_holdoff_s = float(xid_holdoff_s)
         self.emit = emit or journal.emit
@@ -294,6 +294,38 @@ class Monitor:
         self.backend.close()
 
 
+class _Ownership:
+    """Whose GPU processes are ours, for one sample. The agent's accounted jobs (known_pids) are asked first: the
+    same loop that ends their accounts runs this sample, so a job accounted when the sample began is still one
+    when its processes are classified. The rest (reserved_pids: the ledger and the slot holders) costs a read of
+    /proc/locks, so it is read only for a process no accounted job or scope explains, once, after the backend's
+    sample. What the previous sample knew counts too when it is at most two sample intervals old: a job that ended
+    since (its account closed, its reservation gone) while the backend still lists its process was ours when
+    sampled."""
+
+    def __init__(self, mon):
+        self.mon = mon
+        now = mon.monotonic()
+        at, before = mon._recent
+        known = mon._reserved(mon.known_pids)
+        self.cheap = known | (before if at is not None and now - at <= 2 * mon.interval else frozenset())
+        mon._recent = (now, frozenset(known))
+        self.cache = {}
+        self.full = None
+        self.full_cache = {}
+
+    def classify(self, pid):
+        ours, job = self.mon.classify(pid, self.cheap, self.cache)
+        if ours:
+            return ours, job
+        if self.full is None:
+            fresh = self.mon._reserved()
+            self.full = self.cheap | fresh
+            at, known = self.mon._recent
+            self.mon._recent = (at, known | fresh)
+        return self.mon.classify(pid, self.full, self.full_cache)
+
+
 def describe(snap):
     """One line for systemd's STATUS= and `gpu-router status`: "2 GPUs healthy", "1 of 2 GPUs healthy (GPU 1: …)"."""
     if snap is None:
@@ -309,33 +341,3 @@ def describe(snap):
 
 
 __all__ = ["Monitor", "describe"]
-
-
-class _Ownership:
-    """Whose GPU processes are ours, for one sample. The agent's accounted jobs (known_pids) are asked first: the
-    same loop that ends their accounts runs this sample, so a job accounted when the sample began is still one
-    when its processes are classified. The rest (reserved_pids: the ledger and the slot holders) costs a read of
-    /proc/locks, so it is read only for a process no accounted job or scope explains, once, after the backend's
-    sample; the PIDs of the previous read count too when it was at most two sample intervals ago, so a job that
-    ended between the backend's sample and the read (its reservation gone) was still ours when sampled."""
-
-    def __init__(self, mon):
-        self.mon = mon
-        self.known = mon._reserved(mon.known_pids)
-        self.cache = {}
-        self.full = None
-        self.full_cache = {}
-
-    def classify(self, pid):
-        ours, job = self.mon.classify(pid, self.known, self.cache)
-        if ours:
-            return ours, job
-        if self.full is None:
-            mon = self.mon
-            fresh = mon._reserved()
-            at, last = mon._read_reserved
-            now = mon.monotonic()
-            recent = last if at is not None and now - at <= 2 * mon.interval else frozenset()
-            self.full = self.known | fresh | recent
-            mon._read_reserved = (now, frozenset(fresh))
-        return self.mon.classify(pid, self.full, self.full_cache)
