@@ -1230,6 +1230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for entry in sorted(CACHE_DIR.iterdir()) if CACHE_DIR.is_dir() else []:
             if entry.name.startswith(".lock-") or (entry == current and not args.cache):
                 continue
+            if entry.name.startswith(("vm-", ".tmp-vm-")) and not args.cache:
+                continue  # the cgroup v2 lanes' images (tests/vm/vm.py, which has a clean of its own), not a rootfs
             if f"lowerdir={entry}," in in_use or f"lowerdir={entry}:" in in_use:
                 print(f"keeping {entry}: a running container uses it")
                 continue
