@@ -13,6 +13,7 @@ import pytest
 
 import harness
 import srcinstall
+from gpu_router.daemon.holder import POOL_SIZE
 from harness import require_lane
 
 # No GPU in this lane: a stand-in nvidia-smi reports one healthy 16 GiB GPU, so GPU routing and the GPU slice are
@@ -332,8 +333,8 @@ def test_a_crashed_agent_with_holders_asleep_is_back_at_once_and_leaves_none(box
     under KillMode=control-group, which they ignore) nor leave them behind: KillMode=mixed SIGKILLs what is left
     once the agent has gone. The next agent fills a pool of its own after its first scope."""
     assert gr(box, "gentle", "/srv/alloc.py", "1", "0", user="runner").returncode == 0  # a scope: the pool fills
-    full = box.wait_for(lambda: holders(box)["pool"] if len(holders(box)["pool"]) == 16 else None, timeout=20,
-                        interval=0.2)
+    full = box.wait_for(lambda: holders(box)["pool"] if len(holders(box)["pool"]) == POOL_SIZE else None,
+                        timeout=20, interval=0.2)
     main = box.run(["systemctl", "show", "-P", "MainPID", "gpu-router-agent.service"]).stdout.strip()
     ready = len(events(box, "GPU_ROUTER_EVENT=agent", "GPU_ROUTER_STATE=ready"))
     t0 = time.monotonic()
@@ -346,7 +347,7 @@ def test_a_crashed_agent_with_holders_asleep_is_back_at_once_and_leaves_none(box
     assert not alive.split(), f"the crashed agent's holders outlived it: {alive.split()}"
     assert holders(box) == {"pool": [], "stray": []}  # the new agent has made no scope yet: no pool
     assert gr(box, "gentle", "/srv/alloc.py", "1", "0", user="runner").returncode == 0
-    box.wait_for(lambda: len(holders(box)["pool"]) == 16 or None, timeout=20, interval=0.2)
+    box.wait_for(lambda: len(holders(box)["pool"]) == POOL_SIZE or None, timeout=20, interval=0.2)
     assert not holders(box)["stray"]
 
 
