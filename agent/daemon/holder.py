@@ -188,16 +188,24 @@ class Pool:
                 return h
         return spawn()
 
-    def fill(self, n):
-        """Start holders until ``min(n, size)`` are asleep or on their way; never waits for them to sleep
-        (posix_spawn itself returns once the child has exec'd). A failed spawn ends the filling (take() then
-        tries once more the old way)."""
-        while len(self.ready) + len(self.starting) < min(n, self.size):
+    def _grow(self, target, limit=None):
+        """Start holders until ``target`` are asleep or on their way, at most ``limit`` now; never waits for them
+        to sleep (posix_spawn itself returns once the child has exec'd). False when a spawn failed (it ends the
+        growing)."""
+        started = 0
+        while len(self.ready) + len(self.starting) < target and (limit is None or started < limit):
             h = _start()
             if h is None:
                 self.failed += 1
-                return
+                return False
             self.starting.append(h)
+            started += 1
+        return True
+
+    def fill(self, n):
+        """Start holders until ``min(n, size)`` are asleep or on their way. A failed spawn ends the filling (take()
+        then tries once more the old way)."""
+        self._grow(min(n, self.size))
 
     def top_up(self, limit=TOP_UP_PER_TURN, now=None):
         """Start up to ``limit`` holders towards ``size``; True while more are missing (call again soon), False
@@ -206,15 +214,9 @@ class Pool:
         if now < self.retry_at:
             return False
         self._sort()
-        for _ in range(limit):
-            if len(self.ready) + len(self.starting) >= self.size:
-                return False
-            h = _start()
-            if h is None:
-                self.failed += 1
-                self.retry_at = now + TOP_UP_RETRY_S
-                return False
-            self.starting.append(h)
+        if not self._grow(self.size, limit):
+            self.retry_at = now + TOP_UP_RETRY_S
+            return False
         return len(self.ready) + len(self.starting) < self.size
 
     def pids(self):
