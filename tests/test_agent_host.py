@@ -420,3 +420,38 @@ def test_a_failing_sampling_stage_is_reported_once_and_the_agent_goes_on(tmp_pat
     assert len(errors) == 1, errors
     msg, kw = errors[0]
     assert kw["stage"] == "metrics" and kw["error"].startswith("TypeError: ") and "test_agent_host.py:" in kw["where"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root tries systemd's private socket")
+@pytest.mark.parametrize("scope_setting, expected", [("best-effort", 1), ("off", 0)])
+def test_an_agent_whose_workloads_ask_for_scopes_connects_to_systemd_at_its_start(tmp_path, monkeypatch,
+                                                                                 scope_setting, expected):
+    """The first burst after a start or restart must not pay the agent's connection to systemd (nor the holders
+    that wait for it: _top_up_holders). An agent that may make scopes tries systemd's socket at its start; one
+    whose every workload has scope = "off" never does. No systemd here: a socket of the test's stands in for
+    systemd's private one, counts the attempts and hangs up (the agent then finds no system bus and says so)."""
+    pytest.importorskip("pystemd", reason="python3-pystemd (Debian)")
+    from gpu_router.daemon import service
+
+    path = str(tmp_path / "private")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4)
+    srv.settimeout(0.1)
+    base, cfg = helpers.agent_folder(tmp_path, workload=f'binary = "/bin/true"\nthreshold = 100\n'
+                                                        f'scope = "{scope_setting}"\n')
+    monkeypatch.setenv("GPU_ROUTER_CACHE_DIR", str(base))
+    agent = service.Agent(str(cfg))
+    agent.inflight.bus.private_path = path
+    agent._connect_for_scopes()  # never raises: no systemd is not an error at start
+    attempts = 0
+    while True:
+        try:
+            conn, _ = srv.accept()
+        except (TimeoutError, socket.timeout):
+            break
+        attempts += 1
+        conn.close()
+    agent.inflight.close()
+    srv.close()
+    assert attempts == expected

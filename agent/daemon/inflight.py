@@ -42,6 +42,13 @@ class InFlight:
         self.names[name] = path
         return path
 
+    def connect(self):
+        """Open the connection now (the agent's start) instead of at the first ``begin``; ScopeError when systemd
+        cannot be reached (``begin`` tries again then)."""
+        if self.bus.bus is None:
+            self.bus.open()
+        self._watch()
+
     def connected(self):
         """Whether the connection to systemd is open (a scope was begun on it, and it has not been lost since)."""
         return self.bus.bus is not None
