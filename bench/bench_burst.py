@@ -10,7 +10,9 @@ N jobs are started at once; each one's latency is from its launch (just before t
   gpu-router    `gpu-router run` launched by a member of group gpu-router, the workload with scope = "required";
   old           the same with the code of --old (git archive of that commit), when given;
   no-scope      the same workload with scope = "off" (--floor): what the wrapper costs without the broker;
-  setting       gpu-router with the agent's unit given --agent-setting (a drop-in, e.g. Nice=-5), when given.
+  setting       gpu-router with the agent's unit given --agent-setting (a drop-in, e.g. Nice=-5), when given;
+  restarted     gpu-router with its agent restarted a second before each round, no job in between (--restarted):
+                the first burst after a start or an upgrade (with --old, also old-restarted).
 Reported: p50 / p99 per side, the ratio of gpu-router's p99 to systemd-run's, and every job that failed (a job
 refused a scope exits 69/75 and writes no stamp).
 """
@@ -101,6 +103,8 @@ def main(argv=None):
     ap.add_argument("--old", help="a commit to measure side by side (e.g. 939dc14)")
     ap.add_argument("--floor", action="store_true", help="also gpu-router without a scope (no broker)")
     ap.add_argument("--dump", metavar="FILE", help="also write every latency, per size, side and round, as JSON")
+    ap.add_argument("--restarted", action="store_true",
+                    help="also gpu-router with its agent restarted just before each round (the first burst after it)")
     ap.add_argument("--agent-setting", action="append", default=[], metavar="KEY=VALUE",
                     help="also gpu-router with this [Service] setting in the agent's unit (repeatable)")
     args = ap.parse_args(argv)
@@ -112,7 +116,8 @@ def main(argv=None):
     # systemd-run last in each round: at N = 512 it can leave systemd busy for a while (each process its own bus
     # connection); every side starts with systemd's job queue empty.
     sides = ["gpu-router"] + (["old"] if args.old else []) + (["setting"] if args.agent_setting else []) + \
-        (["no-scope"] if args.floor else []) + ["systemd-run"]
+        (["no-scope"] if args.floor else []) + (["restarted"] if args.restarted else []) + \
+        (["old-restarted"] if args.restarted and args.old else []) + ["systemd-run"]
     dropin = "/etc/systemd/system/gpu-router-agent.service.d/bench.conf"
     c = harness.Container()
     c.start()
@@ -150,7 +155,10 @@ def main(argv=None):
         for n in [int(x) for x in args.sizes.split(",")]:
             for r in range(1 if n >= 512 else args.rounds):
                 for side in sides:
-                    use("/old/agent" if side == "old" else "/opt/gpu-router/agent", side == "setting")
+                    use("/old/agent" if side.startswith("old") else "/opt/gpu-router/agent", side == "setting")
+                    if side.endswith("restarted"):  # what it starts with (its connection, its holders) a second later
+                        c.run("systemctl restart gpu-router-agent.service && "
+                              "systemctl is-active --quiet gpu-router-agent.service && sleep 1", timeout=60)
                     # The member's jobs are launched by a process of the member, as a job runner launches them
                     # (root dropping privileges per job made subprocess fork instead of vfork: ~1 ms more per
                     # launch under load, on the gpu-router sides alone); systemd-run by root (polkit).
@@ -167,7 +175,7 @@ def main(argv=None):
                             lat.append(float(value))
         if args.dump:
             pathlib.Path(args.dump).write_text(json.dumps(rounds))
-        print(f"{'N':>5} | {'side':<12} | {'p50 s':>7} | {'p90 s':>7} | {'p99 s':>7} | {'max s':>7} | "
+        print(f"{'N':>5} | {'side':<13} | {'p50 s':>7} | {'p90 s':>7} | {'p99 s':>7} | {'max s':>7} | "
               f"{'p99 / systemd-run':>17} | failed")
         for n in sorted({k[0] for k in results}):
             base = results[(n, "systemd-run")][0]
@@ -176,7 +184,7 @@ def main(argv=None):
                 p50, p90, p99, top = ([percentile(lat, q) for q in (50, 90, 99)] + [max(lat)] if lat
                                       else [float("nan")] * 4)
                 ratio = p99 / percentile(base, 99) if lat and base else float("nan")
-                print(f"{n:>5} | {side:<12} | {p50:7.3f} | {p90:7.3f} | {p99:7.3f} | {top:7.3f} | {ratio:16.2f}x | "
+                print(f"{n:>5} | {side:<13} | {p50:7.3f} | {p90:7.3f} | {p99:7.3f} | {top:7.3f} | {ratio:16.2f}x | "
                       f"{len(failed)}{' (' + failed[0] + ')' if failed else ''}")
     finally:
         c.stop()
