@@ -801,3 +801,19 @@ def test_the_checker_reports_what_is_wrong_in_a_synthetic_document():
                 "synthetic.md:31: tests/test_nothing.py is no file of the repository",
                 "synthetic.md:31: bench/trace.py has no option --jobz"]
     assert sorted(found) == sorted(expected)
+
+
+def test_the_scripts_of_readmes_first_lines_start_outside_pytest():
+    """README's first lines name scripts run by hand (`python3 tests/systemd/demo.py`), outside pytest, whose
+    conftest puts gpu_router on sys.path: a module-level `from gpu_router …` in a lane module the demo imports
+    (test_scopes.py did, for the pool's size) broke the first command with a ModuleNotFoundError. Each script is
+    started with `--help` in an empty environment from another folder: its imports must all resolve."""
+    import subprocess
+
+    head = "\n".join(doc("README.md").text.splitlines()[:12])
+    scripts = sorted(set(re.findall(r"python3 (\S+\.py)", head)))
+    assert scripts, "README's first lines name no Python script"
+    for script in scripts:
+        r = subprocess.run(["/usr/bin/python3", str(REPO / script), "--help"], env={"PATH": "/usr/bin:/bin"},
+                           cwd="/", capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "usage:" in r.stdout, f"{script}: {r.stderr.strip()[-400:]}"

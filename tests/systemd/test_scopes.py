@@ -13,7 +13,6 @@ import pytest
 
 import harness
 import srcinstall
-from gpu_router.daemon.holder import POOL_SIZE
 from harness import require_lane
 
 # No GPU in this lane: a stand-in nvidia-smi reports one healthy 16 GiB GPU, so GPU routing and the GPU slice are
@@ -333,6 +332,8 @@ def test_a_crashed_agent_with_holders_asleep_is_back_at_once_and_leaves_none(box
     under KillMode=control-group, which they ignore) nor leave them behind: KillMode=mixed SIGKILLs what is left
     once the agent has gone. The next agent fills a pool of its own at its start (its workloads ask for scopes:
     it connects to systemd then), before any job asks: the first burst after a restart waits for no spawn."""
+    from gpu_router.daemon.holder import POOL_SIZE  # here, not at the top: demo.py imports this module outside pytest
+
     assert gr(box, "gentle", "/srv/alloc.py", "1", "0", user="runner").returncode == 0  # a scope: the pool fills
     full = box.wait_for(lambda: holders(box)["pool"] if len(holders(box)["pool"]) == POOL_SIZE else None,
                         timeout=20, interval=0.2)
