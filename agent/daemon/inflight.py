@@ -50,7 +50,7 @@ class InFlight:
         self._watch()
 
     def connected(self):
-        """Whether the connection to systemd is open (a scope was begun on it, and it has not been lost since)."""
+        """Whether the connection to systemd is open (opened at the start or by a scope, not lost since)."""
         return self.bus.bus is not None
 
     def attach(self, name, token):
