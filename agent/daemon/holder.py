@@ -219,6 +219,13 @@ class Pool:
             return False
         return len(self.ready) + len(self.starting) < self.size
 
+    def short(self):
+        return len(self.ready) + len(self.starting) < self.size
+
+    def under_half(self):
+        """Under half full: topped up in any idle turn, not only in a lull (resident.Agent._top_up_holders)."""
+        return len(self.ready) + len(self.starting) < self.size // 2
+
     def pids(self):
         return [h.pid for h in self.ready + self.starting]
 

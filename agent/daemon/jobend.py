@@ -12,10 +12,16 @@ NEIGHBOUR_S = 0.5  # a GPU job that ended this shortly before another's exit cou
 
 
 class JobEnd:
-    def finish(self, pid, wait_status=None):
+    def finish(self, pid, wait_status=None, ended=None):
+        """Account a job that ended (``ended``: time.time() of its end, when it was seen before now); an end put
+        off for a lull (resident.Agent.job_exited) brings its own status and time."""
         job = self.jobs.pop(pid, None)
         if job is None:
             return None
+        put_off = self.lull.take(pid)
+        if put_off is not None:
+            wait_status = put_off[0] if put_off[0] is not None else wait_status
+            ended = put_off[1]
         self._close_fds(job)
         job.wait_status = wait_status
         job.final_read()  # the holder still keeps the cgroup: exact peak and OOM count
@@ -28,7 +34,7 @@ class JobEnd:
                 self._guarded("gpu-evidence", self._gpu_evidence, job, after)
             if job.peak_vram_mb:
                 self._gpu_exits.append((job.device, time.monotonic(), job.peak_vram_mb))
-        fields = job.outcome()
+        fields = job.outcome(ended)
         self._guarded("oom-memory", self._remember, job, fields)
         peaks_known = job.peaks_known(gpu_sampling=self._gpu_sampling())
         # The outcome goes into the job's record before the event: an agent killed between the event and the

@@ -13,11 +13,11 @@ import signal
 import time
 
 from . import accounting, accounting_mode, broker, clients, grants, holder, inflight, jobend, jobrecord, liveness, \
-    metrics, procevents, sdglue
+    lull, metrics, procevents, sdglue
 from .. import journal, oom_memory, procstat, scope, slots
 from .. import config as _config
 
-SAMPLE_DEFER_S = 1.0  # how long the periodic sample may wait for scopes being made
+SAMPLE_DEFER_S = 1.0  # how long the periodic sample may wait for the lull after a burst (lull.py)
 
 
 class Agent(grants.Grants, jobend.JobEnd):
@@ -50,6 +50,7 @@ class Agent(grants.Grants, jobend.JobEnd):
         self._sample_errors = set()  # (stage, exception type, where): each reported once
         self.oom = oom_memory.Memory(self.cfg.agent.state_dir, self.log)  # inputs that ran out of GPU memory
         self._gpu_exits = []  # (device, monotonic time, peak MiB) of the GPU jobs that ended in jobend.NEIGHBOUR_S
+        self.lull = lull.Lull()  # CPU jobs' ends, the pool's top-up and the sample wait for a burst's end
 
     # -- pieces ------------------------------------------------------------------------------------------------
 
@@ -337,9 +338,9 @@ class Agent(grants.Grants, jobend.JobEnd):
             if dog and now >= next_dog:
                 self.notify("WATCHDOG=1")
                 next_dog = now + dog
-            # A sample holds the loop (nvidia-smi: hundreds of ms): not while scopes are being made, whose wrappers
-            # wait for their job's end, unless it is already SAMPLE_DEFER_S late.
-            sample_due = next_sample + (SAMPLE_DEFER_S if self.inflight.jobs else 0.0)
+            # A sample holds the loop (nvidia-smi: hundreds of ms): not while wrappers are asking or waiting for their
+            # scopes (lull.py), unless it is already SAMPLE_DEFER_S late.
+            sample_due = next_sample + (0.0 if self.lull.quiet(self._busy()) else SAMPLE_DEFER_S)
             if now >= sample_due:
                 self.sample()
                 self.notify(f"STATUS={self.status_line()}")
@@ -348,14 +349,17 @@ class Agent(grants.Grants, jobend.JobEnd):
             self.clients.expire()
             self.inflight.expire()
             wake = min(sample_due, next_dog if dog else sample_due, self.clients.next_deadline() or sample_due,
-                       self.inflight.next_deadline() or sample_due)
+                       self.inflight.next_deadline() or sample_due,
+                       self.lull.wake(now >= next_sample or self._pool_short()) or sample_due)
             timeout = 0.0 if topping else max(0.0, wake - time.monotonic())
             # New connections last: the requests already accepted are read (and their scopes begun) first, so a
             # burst is not refused for connections of its own that merely wait to be read.
             for key, events in sorted(self.selector.select(timeout), key=lambda ke: ke[0].data == "broker"):
                 self._dispatch_guarded(key, events, listener)
             self._serve()
+            self._end_put_off(self.lull.due(self._busy()))
             topping = self._top_up_holders()
+        self._end_put_off(self.lull.due(False, everything=True))
         self._answer_accepted(listener)
         self.clients.close_all()
         self.holder_pool.close()
@@ -383,11 +387,44 @@ class Agent(grants.Grants, jobend.JobEnd):
         """Holders for the next burst are started only on an agent that makes scopes (its connection to systemd
         is open: none where every workload has had scope = "off" since the start, or no systemd runs), and only
         when nothing waits on this loop: no request read and not served, no scope in flight (its wrapper waits for
-        the JobRemoved this loop reads); a few per turn (each spawn holds the loop until the holder's exec). True
-        while the pool is still short."""
-        if not self.inflight.connected() or self.clients.pending or self.inflight.jobs or self._waiting:
+        the JobRemoved this loop reads); in the lull after a burst unless the pool is under half full (lull.py); a
+        few per turn (each spawn holds the loop until the holder's exec). True while the pool is still short."""
+        if not self.inflight.connected() or self._busy():
+            return False
+        if not self.lull.quiet(False) and not self.holder_pool.under_half():
             return False
         return bool(self._guarded("holder-pool", self.holder_pool.top_up))
+
+    def _pool_short(self):
+        return self.inflight.connected() and self.holder_pool.short()
+
+    def _busy(self):
+        """Wrappers wait on this loop: a request read and not served, a scope in flight, a PID's later requests."""
+        return bool(self.clients.pending or self.inflight.jobs or self._waiting)
+
+    def job_exited(self, pid, status):
+        """A job's process ended (``status``: its wait status, None when unknown). A GPU job, or any job in a
+        lull, is accounted now; a CPU job's end during a burst is put off (lull.py) with its status and time as
+        seen now, its pidfd out of the selector (still open: liveness sees it ended)."""
+        job = self.jobs[pid]
+        if job.mode == "GPU" or self.lull.quiet(self._busy()):
+            self.finish(pid, status)
+            return
+        if job.pidfd is not None:
+            try:
+                self.selector.unregister(job.pidfd)  # readable from now on: left in, the loop would spin
+            except (KeyError, ValueError):
+                pass
+        self.lull.put_off(pid, status, time.time())
+
+    def _end_put_off(self, ended):
+        for pid, status, wall in ended:
+            if pid not in self.jobs:
+                continue
+            try:
+                self.finish(pid, status, wall)
+            except Exception as exc:  # noqa: BLE001 - as in the loop: one job's trouble stops nothing
+                self.log.error("event handling failed", error=f"{type(exc).__name__}: {exc}")
 
     def _dispatch_guarded(self, key, events, listener):
         try:
@@ -407,6 +444,7 @@ class Agent(grants.Grants, jobend.JobEnd):
             return
         data = key.data
         if data == "broker":
+            self.lull.heard()
             self.clients.accept(listener)
         elif data == "wakeup":
             try:
@@ -419,6 +457,7 @@ class Agent(grants.Grants, jobend.JobEnd):
         elif data == "dbus":
             self.inflight.ready()
         elif isinstance(data, tuple) and data[0] == "client":
+            self.lull.heard()
             self.clients.ready(data[1], events)
         elif isinstance(data, tuple) and data[0] in ("oom", "exited"):
             job = self.jobs.get(data[1])
@@ -432,7 +471,7 @@ class Agent(grants.Grants, jobend.JobEnd):
                 if self.proc is not None:
                     self._drain_exits()  # the kernel's word, if it came with the same wake-up
                 if pid in self.jobs:
-                    self.finish(pid, status)
+                    self.job_exited(pid, status)
         else:
             _drop_fd(self.selector, key.fd)
 
@@ -472,7 +511,7 @@ class Agent(grants.Grants, jobend.JobEnd):
     def _drain_exits(self):
         for pid, status in procevents.drain(self.proc):
             if pid in self.jobs:
-                self.finish(pid, status)
+                self.job_exited(pid, status)
 
     def _stop(self, *_):
         self.stopping = True
