@@ -148,6 +148,25 @@ def test_a_gpu_jobs_end_is_accounted_at_once_even_in_a_burst(agent):
     proc.wait()
 
 
+def test_a_stopping_agent_puts_off_nothing_and_leaves_nothing_put_off(agent):
+    """A restart (every upgrade) must not leave an end heard but not accounted: the next agent would find the job
+    gone and its exit status with it (the kernel's message was read by this one). Ends heard while stopping are
+    accounted at once; those put off before go in the loop's last turn (``due(everything=True)``)."""
+    a, events = agent
+    first, _ = _job(a, "CPU", "sleep 0.1; exit 6")
+    second, _ = _job(a, "CPU", "sleep 0.3; exit 7")
+    a.lull.heard()
+    _exit_heard(a, first.pid)
+    assert first.pid in a.lull.ended
+    a.stopping = True
+    _exit_heard(a, second.pid)
+    assert [f["EXIT_STATUS"] for _, f in events] == [7], "heard while stopping: accounted at once"
+    a._end_put_off(a.lull.due(a._busy(), everything=True))
+    assert [f["EXIT_STATUS"] for _, f in events] == [7, 6] and a.jobs == {}
+    first.wait()
+    second.wait()
+
+
 def test_a_put_off_end_is_taken_by_whoever_accounts_the_job_first(agent):
     """The sample (close_vanished) or a new request from the same PID may close the job before the lull: the
     status seen at its end goes with it, once."""

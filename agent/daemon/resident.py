@@ -403,11 +403,11 @@ class Agent(grants.Grants, jobend.JobEnd):
         return bool(self.clients.pending or self.inflight.jobs or self._waiting)
 
     def job_exited(self, pid, status):
-        """A job's process ended (``status``: its wait status, None when unknown). A GPU job, or any job in a
-        lull, is accounted now; a CPU job's end during a burst is put off (lull.py) with its status and time as
-        seen now, its pidfd out of the selector (still open: liveness sees it ended)."""
+        """A job's process ended (``status``: its wait status, None when unknown). A GPU job, any job in a lull
+        and any job of a stopping agent is accounted now; a CPU job's end during a burst is put off (lull.py) with
+        its status and time as seen now, its pidfd out of the selector (still open: liveness sees it ended)."""
         job = self.jobs[pid]
-        if job.mode == "GPU" or self.lull.quiet(self._busy()):
+        if job.mode == "GPU" or self.stopping or self.lull.quiet(self._busy()):
             self.finish(pid, status)
             return
         if job.pidfd is not None:
