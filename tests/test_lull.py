@@ -81,6 +81,21 @@ def test_everything_goes_when_the_agent_stops_and_wake_says_when_to_look_again()
     assert q.due(busy=True, everything=True) == [(7, 0, 1.0)]
 
 
+def test_wake_never_names_a_time_already_past_so_a_loop_waiting_on_something_else_does_not_spin():
+    """Past the lull's start, work still waiting waits for something with a wake-up of its own (a scope stuck in
+    systemd's queue for up to 5 s, a holder spawn to retry in 5 s): a wake-up now, every turn, was a busy loop."""
+    clock = Clock()
+    q = lull.Lull(clock=clock)
+    q.heard()
+    clock.now += lull.QUIET_S * 3
+    assert q.wake(waiting_work=True) is None
+    q.put_off(8, 0, 1.0)
+    assert q.wake(waiting_work=True) == pytest.approx(clock.now + lull.END_WAIT_MAX_S)
+    clock.now += lull.END_WAIT_MAX_S * 2
+    assert q.wake(waiting_work=False) == clock.now, "an end past its limit: at once (due() takes it this turn)"
+    assert q.due(busy=True) == [(8, 0, 1.0)] and q.wake(waiting_work=True) is None
+
+
 @pytest.fixture
 def agent(tmp_path, monkeypatch):
     from gpu_router import journal

@@ -217,7 +217,7 @@ class Pool:
         if not self._grow(self.size, limit):
             self.retry_at = now + TOP_UP_RETRY_S
             return False
-        return len(self.ready) + len(self.starting) < self.size
+        return self.short()
 
     def short(self):
         return len(self.ready) + len(self.starting) < self.size

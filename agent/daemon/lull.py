@@ -75,10 +75,13 @@ class Lull:
 
     def wake(self, waiting_work):
         """When the loop must look again for put-off work (a clock time), or None: the lull's start when there is
-        any (``waiting_work``: a short holder pool, a sample due; or an end put off), and the oldest end's limit."""
+        any (``waiting_work``: a short holder pool, a sample due; or an end put off), and the oldest end's limit;
+        never a time already past. Past its start, the lull is waiting for something else (a scope in flight, a
+        spawn to retry later) whose own event or deadline wakes the loop: waking for it again would spin."""
+        now = self.clock()
         times = []
-        if waiting_work or self.ended:
+        if (waiting_work or self.ended) and self.heard_at + self.quiet_s > now:
             times.append(self.heard_at + self.quiet_s)
         if self.ended:
-            times.append(next(iter(self.ended.values()))[2] + self.end_wait_max_s)
+            times.append(max(now, next(iter(self.ended.values()))[2] + self.end_wait_max_s))
         return min(times) if times else None

@@ -6,6 +6,7 @@ get a pristine one. Every check reads what systemd, the kernel and journald say.
 """
 
 import json
+import os
 import textwrap
 import time
 
@@ -149,6 +150,13 @@ def holders(box):
         if kind in found and pid.strip().isdigit():
             found[kind].append(int(pid))
     return found
+
+
+def agent_cpu_s(box):
+    """The agent's CPU time so far (user + system, /proc/PID/stat), in seconds."""
+    stat = box.run("cat /proc/$(systemctl show -P MainPID gpu-router-agent.service)/stat").stdout
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def exit_statuses(box):
@@ -442,6 +450,7 @@ def test_a_scope_stuck_in_systemd_holds_up_no_other_request(box):
     systemd's queue (its scope is After= a caller still starting: a oneshot runner whose ExecStart is the wrapper),
     another member's job is granted, runs and ends. On the code that polled the unit inside the request, the
     second request waited for the first to give up (5 s) and the runner was no longer starting by then."""
+    cpu0, t0 = agent_cpu_s(box), time.monotonic()
     box.run(["systemd-run", "--unit=slow-runner.service", "--service-type=oneshot", "--no-block", "--uid=runner",
              "--", "gpu-router", "run", "--workload", "bound", "--", "/srv/alloc.py", "1", "0", "/srv/input"])
     box.wait_for("systemctl list-jobs --no-legend | grep -q 'gpu-router-bound-.*scope.*start.*waiting'",
@@ -457,6 +466,10 @@ def test_a_scope_stuck_in_systemd_holds_up_no_other_request(box):
     assert "did not become active" in told and "Traceback" not in told, told
     # The agent settled it at its deadline by the unit's state, and says so (what the burst test looks for).
     assert "no JobRemoved" in box.run(["journalctl", "-u", "gpu-router-agent.service", "-o", "cat"]).stdout
+    # Waiting those seconds, the agent slept: its holder pool was short and the work put off for the lull waited
+    # for the stuck scope (daemon/lull.py: a wake-up already past would have been a busy loop for all of them).
+    cpu, wall = agent_cpu_s(box) - cpu0, time.monotonic() - t0
+    assert cpu < wall / 4, f"the agent used {cpu:.1f} s of CPU in {wall:.1f} s"
 
 
 def test_a_burst_of_member_jobs_is_granted_with_none_refused(box):
