@@ -10,6 +10,7 @@ import pytest
 
 import helpers
 
+from gpu_router import procstat
 from gpu_router.daemon import accounting, holder, lull
 
 
@@ -132,14 +133,20 @@ def _exit_heard(a, pid):
 
 def test_a_cpu_jobs_end_heard_in_a_burst_is_accounted_in_the_lull_with_its_status_and_time(agent):
     """The job exits while wrappers are asking: nothing is accounted then, its pidfd leaves the selector (no spin
-    on a readable fd), and in the lull its account has the exit status seen at its end and the duration up to it,
-    not up to the lull."""
+    on a readable fd), its holder is ended at once (its scope goes as soon as it always did: the deb lane's
+    upgrade test saw a finished job's scope still listed when the holder waited for the lull), and in the lull
+    its account has the exit status seen at its end and the duration up to it, not up to the lull. A real holder
+    (no scope here: it sits in the test's own cgroup)."""
     a, events = agent
     proc, job = _job(a, "CPU", "sleep 0.1; exit 3")
+    job.holder = holder.spawn()
     a.lull.heard()
     ended = _exit_heard(a, proc.pid)
     assert proc.pid in a.jobs and events == []
     assert a.selector.select(0.05) == [], "the ended job's pidfd is still in the selector"
+    st = procstat.read(job.holder.pid)
+    assert st is not None and st.gone, "the holder still lives: the scope would wait for the lull"
+    held = job.holder.pid
     time.sleep(0.5)
     assert proc.wait() == 3  # the caller reaps it meanwhile: the status was read at the end, from the zombie
     a._end_put_off(a.lull.due(a._busy()))
@@ -147,6 +154,7 @@ def test_a_cpu_jobs_end_heard_in_a_burst_is_accounted_in_the_lull_with_its_statu
     a.lull.clock.now += lull.QUIET_S * 1.01
     a._end_put_off(a.lull.due(a._busy()))
     assert proc.pid not in a.jobs and job.pidfd is None
+    assert procstat.read(held) is None, "the holder was not reaped"
     (name, fields), = events
     assert name == "job-finished" and fields["EXIT_STATUS"] == 3 and fields["RESULT"] == "failed"
     assert fields["DURATION_S"] <= ended - job.started + 0.05, "the time spent waiting for the lull was counted"

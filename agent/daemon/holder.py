@@ -33,6 +33,15 @@ class Holder:
         self.start = start
         self.child = child  # ours to reap (spawned by this agent, not adopted)
 
+    def end(self):
+        """SIGKILL it now; release() reaps it later. Its scope's cgroup empties at once, so systemd removes the
+        scope, and the agent's loop does not wait for the holder to die (release() does)."""
+        if self.child or procstat.is_process(self.pid, self.start):
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
     def release(self):
         """End the holder (SIGKILL: the polite signals are blocked) and reap it when it is our child."""
         if self.child:

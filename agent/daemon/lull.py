@@ -3,8 +3,9 @@
 A burst of wrappers keeps the cores of a small host busy for tens of milliseconds. Every millisecond the agent's one
 loop spends meanwhile on work no wrapper waits for is a millisecond before it reads the next request, and CPU taken
 from the wrappers still starting. That work is:
-- a CPU job's end: its account, event, sample and record (~1–2 ms each). Nothing is lost by waiting: the holder
-  keeps the scope's cgroup and its counters, and the exit status and time are taken when the end is seen;
+- a CPU job's account: its event, calibration sample, record and metrics (~1–2 ms each). Nothing is lost by waiting:
+  what the end itself tells (exit status, time, the cgroup's final counters) is read when it is heard, and then its
+  holder is ended, so its scope goes as soon as it ever did (resident.Agent.job_exited);
 - the holder pool's top-up: a posix_spawn and an exec per holder, 4–9 ms of the loop each in a burst;
 - the periodic sample: 1–23 ms in the lane's container.
 Measured in the lane's container (bench/README.md, "The lull"), 15 rounds of 8 jobs: 1.6–11.9 ms of job ends and

@@ -404,8 +404,9 @@ class Agent(grants.Grants, jobend.JobEnd):
 
     def job_exited(self, pid, status):
         """A job's process ended (``status``: its wait status, None when unknown). A GPU job, any job in a lull
-        and any job of a stopping agent is accounted now; a CPU job's end during a burst is put off (lull.py) with
-        its status and time as seen now, its pidfd out of the selector (still open: liveness sees it ended)."""
+        and any job of a stopping agent is accounted now. A CPU job's end during a burst is read now (its status,
+        time and the cgroup's final counters; then its holder is ended, so the scope goes as it always did) and
+        accounted in the lull (lull.py); its pidfd leaves the selector (still open: liveness sees it ended)."""
         job = self.jobs[pid]
         if job.mode == "GPU" or self.stopping or self.lull.quiet(self._busy()):
             self.finish(pid, status)
@@ -416,6 +417,9 @@ class Agent(grants.Grants, jobend.JobEnd):
             except (KeyError, ValueError):
                 pass
         self.lull.put_off(pid, status, time.time())
+        job.final_read()  # the holder still keeps the cgroup: exact peak and OOM count
+        if job.holder is not None:
+            job.holder.end()  # reaped when the job is accounted (finish: release)
 
     def _end_put_off(self, ended):
         for pid, status, wall in ended:
