@@ -143,8 +143,8 @@ class Agent(grants.Grants, jobend.JobEnd):
         if job is not None:
             self._close_fds(job)
 
-    def _close_fds(self, job):
-        for attr in ("pidfd", "oomfd"):
+    def _close_fds(self, job, which=("pidfd", "oomfd")):
+        for attr in which:
             fd = getattr(job, attr)
             setattr(job, attr, None)
             if fd is not None:
@@ -418,6 +418,8 @@ class Agent(grants.Grants, jobend.JobEnd):
                 pass
         self.lull.put_off(pid, status, time.time())
         job.final_read()  # the holder still keeps the cgroup: exact peak and OOM count
+        # Read: the cgroup's removal must not wake the OOM watch (v1 signals its eventfd then: an OOM count).
+        self._close_fds(job, ("oomfd",))
         if job.holder is not None:
             job.holder.end()  # reaped when the job is accounted (finish: release)
 
