@@ -5,6 +5,7 @@ executable whose own records (start/end times, a counter under its own flock) ar
 and the journald socket is a real AF_UNIX datagram socket speaking the native protocol.
 """
 
+import contextlib
 import fcntl
 import json
 import os
@@ -472,3 +473,42 @@ def agent_folder(tmp_path, **config):
     cfg = base / "config.toml"
     cfg.write_text(agent_config(base, **config))
     return base, cfg
+
+
+@contextlib.contextmanager
+def memory_cgroup(tag):
+    """A memory cgroup of the test's own under this process's (v1 memory controller, or v2), as (path relative to
+    the hierarchy, as a job's control_group says it; absolute path); skips the test where none can be made. Removed
+    afterwards, once its processes are gone (the test may remove it first, as systemd removes a scope's)."""
+    import pytest
+
+    from gpu_router.daemon import accounting
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a memory cgroup")
+    root = own = None
+    for line in pathlib.Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, cg = line.split(":", 2)
+        if "memory" in controllers.split(",") and os.path.isdir(os.path.join(accounting.CGROUP_ROOT, "memory")):
+            root, own = os.path.join(accounting.CGROUP_ROOT, "memory"), cg
+            break
+        if controllers == "" and os.path.exists(os.path.join(accounting.CGROUP_ROOT, "cgroup.controllers")):
+            root, own = accounting.CGROUP_ROOT, cg
+            break
+    if root is None:
+        pytest.skip("no memory cgroup controller here")
+    rel = f"{own.rstrip('/')}/gpu-router-test-{tag}-{os.getpid()}"
+    path = root + rel
+    try:
+        os.mkdir(path)
+    except OSError as exc:
+        pytest.skip(f"cannot make a memory cgroup here: {exc}")
+    try:
+        yield rel, path
+    finally:
+        deadline = time.monotonic() + 5
+        while os.path.isdir(path) and time.monotonic() < deadline:
+            try:
+                os.rmdir(path)
+            except OSError:
+                time.sleep(0.05)

@@ -218,18 +218,6 @@ def test_holder_sleeps_ignores_polite_signals_and_is_released():
     assert not os.path.exists(f"/proc/{h.pid}")  # reaped, not a zombie
 
 
-def _own_memory_cgroup():
-    """(hierarchy root, our own memory cgroup path): v1 memory controller, or v2."""
-    root = accounting.CGROUP_ROOT
-    for line in pathlib.Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(",") and os.path.isdir(os.path.join(root, "memory")):
-            return os.path.join(root, "memory"), path
-        if controllers == "" and os.path.exists(os.path.join(root, "cgroup.controllers")):
-            return root, path
-    return None, None
-
-
 ALLOC = ("import os, sys; os.read(0, 1); b = bytearray(int(sys.argv[1]) << 20); "
          "[b.__setitem__(i, 1) for i in range(0, len(b), 4096)]; sys.exit(3)")
 
@@ -237,39 +225,22 @@ ALLOC = ("import os, sys; os.read(0, 1); b = bytearray(int(sys.argv[1]) << 20); 
 def test_final_read_gives_the_exact_peak_of_a_job_that_has_exited(tmp_path):
     """A 60 MiB job in a memory cgroup of its own, with a holder beside it: after the job has exited (and its
     memory is freed) the cgroup's peak counter still says what it used, and final_read takes it."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to make a memory cgroup")
-    root, own = _own_memory_cgroup()
-    if root is None:
-        pytest.skip("no memory cgroup controller here")
-    rel = f"{own.rstrip('/')}/gpu-router-test-acct-{os.getpid()}"
-    path = root + rel
-    try:
-        os.mkdir(path)
-    except OSError as exc:
-        pytest.skip(f"cannot make a memory cgroup here: {exc}")
-    h = holder.spawn()
-    try:
-        job = subprocess.Popen(["/usr/bin/python3", "-c", ALLOC, "60"], stdin=subprocess.PIPE)
-        for pid in (h.pid, job.pid):
-            with open(os.path.join(path, "cgroup.procs"), "w") as f:
-                f.write(str(pid))
-        job.stdin.write(b"g")
-        job.stdin.close()
-        assert job.wait(30) == 3
-        acct = accounting.JobAccount("tx-1-a", job.pid, "tx", "CPU", None, "1", "s", rel, None)
-        acct.final_read()
-        assert acct.peak_known
-        assert 60 <= acct.peak_ram / 1048576 <= 60 * 1.1 + 12  # the allocation + the interpreter
-    finally:
-        h.release()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                os.rmdir(path)
-                break
-            except OSError:
-                time.sleep(0.05)
+    with helpers.memory_cgroup("acct") as (rel, path):
+        h = holder.spawn()
+        try:
+            job = subprocess.Popen(["/usr/bin/python3", "-c", ALLOC, "60"], stdin=subprocess.PIPE)
+            for pid in (h.pid, job.pid):
+                with open(os.path.join(path, "cgroup.procs"), "w") as f:
+                    f.write(str(pid))
+            job.stdin.write(b"g")
+            job.stdin.close()
+            assert job.wait(30) == 3
+            acct = accounting.JobAccount("tx-1-a", job.pid, "tx", "CPU", None, "1", "s", rel, None)
+            acct.final_read()
+            assert acct.peak_known
+            assert 60 <= acct.peak_ram / 1048576 <= 60 * 1.1 + 12  # the allocation + the interpreter
+        finally:
+            h.release()
 
 
 def test_no_calibration_sample_without_a_known_peak(tmp_path):

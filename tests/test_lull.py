@@ -238,52 +238,38 @@ def test_a_put_off_jobs_scope_going_away_is_no_oom_kill(agent):
     removed"), and read as an OOM count it made the job an oom-kill. The OOM watch is closed once the final
     counters are read, before the holder goes. A real v1 memory cgroup (or v2: memory.events, whose removal
     wakes inotify the same way), a real holder and job in it; the test removes the cgroup as systemd would."""
-    from test_accounting import _own_memory_cgroup
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root to make a memory cgroup")
-    root, own = _own_memory_cgroup()
-    if root is None:
-        pytest.skip("no memory cgroup controller here")
-    rel = f"{own.rstrip('/')}/gpu-router-test-lull-{os.getpid()}"
-    path = root + rel
-    try:
-        os.mkdir(path)
-    except OSError as exc:
-        pytest.skip(f"cannot make a memory cgroup here: {exc}")
     a, events = agent
-    h = holder.spawn()
-    proc = subprocess.Popen(["sh", "-c", "read x; exit 3"], stdin=subprocess.PIPE)
-    try:
-        for pid in (h.pid, proc.pid):
-            with open(os.path.join(path, "cgroup.procs"), "w") as f:
-                f.write(str(pid))
-        job = accounting.JobAccount(f"tx-{proc.pid}-abcdef", proc.pid, "tx", "CPU", "cpu", "150",
-                                    f"gpu-router-tx-{proc.pid}-abcdef.scope", rel, None, started=time.time())
-        job.holder = h
-        a.track(job)
-        assert job.oomfd is not None, "no OOM watch on the job's cgroup"
-        a.lull.heard()
-        proc.stdin.close()
-        _exit_heard(a, proc.pid)
-        assert proc.pid in a.lull.ended and job.oomfd is None
-        deadline = time.monotonic() + 5
-        while True:  # the holder is dead, not yet reaped: the cgroup is empty
-            try:
-                os.rmdir(path)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the cgroup did not empty"
-                time.sleep(0.02)
-        for key, ev in a.selector.select(0.3):
-            a._dispatch(key, ev, None)
-        a.lull.clock.now += lull.QUIET_S * 1.01
-        a._end_put_off(a.lull.due(a._busy()))
-        (name, fields), = events
-        assert (fields["RESULT"], fields["EXIT_STATUS"]) == ("failed", 3), fields
-        assert procstat.read(h.pid) is None, "the holder was not reaped"
-    finally:
-        h.release()
-        proc.wait()
-        if os.path.isdir(path):
-            os.rmdir(path)
+    with helpers.memory_cgroup("lull") as (rel, path):
+        h = holder.spawn()
+        proc = subprocess.Popen(["sh", "-c", "read x; exit 3"], stdin=subprocess.PIPE)
+        try:
+            for pid in (h.pid, proc.pid):
+                with open(os.path.join(path, "cgroup.procs"), "w") as f:
+                    f.write(str(pid))
+            job = accounting.JobAccount(f"tx-{proc.pid}-abcdef", proc.pid, "tx", "CPU", "cpu", "150",
+                                        f"gpu-router-tx-{proc.pid}-abcdef.scope", rel, None, started=time.time())
+            job.holder = h
+            a.track(job)
+            assert job.oomfd is not None, "no OOM watch on the job's cgroup"
+            a.lull.heard()
+            proc.stdin.close()
+            _exit_heard(a, proc.pid)
+            assert proc.pid in a.lull.ended and job.oomfd is None
+            deadline = time.monotonic() + 5
+            while True:  # the holder is dead, not yet reaped: the cgroup is empty
+                try:
+                    os.rmdir(path)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the cgroup did not empty"
+                    time.sleep(0.02)
+            for key, ev in a.selector.select(0.3):
+                a._dispatch(key, ev, None)
+            a.lull.clock.now += lull.QUIET_S * 1.01
+            a._end_put_off(a.lull.due(a._busy()))
+            (name, fields), = events
+            assert (fields["RESULT"], fields["EXIT_STATUS"]) == ("failed", 3), fields
+            assert procstat.read(h.pid) is None, "the holder was not reaped"
+        finally:
+            h.release()
+            proc.wait()
